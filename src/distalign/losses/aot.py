@@ -1,0 +1,482 @@
+"""AOT: Alignment via Optimal Transport (Melnyk et al., NeurIPS 2024, arXiv 2406.05882).
+
+AOT asks the reward distribution of positive samples to first-order stochastically dominate that of
+negative samples, ``Q_U(t) >= Q_V(t)`` for all quantile levels ``t``. The paper relaxes the violation
+of dominance to ``integral_0^1 h(Q_U(t) - Q_V(t)) dt`` with a convex cost ``h``; in one dimension this
+is the optimal-transport cost ``min_coupling E[h(u - v)]``, attained by the sorted (comonotone)
+coupling, so on a batch it is computed by sorting. Rewards are sequence log-ratios
+``r = log pi_theta(y|x) - log pi_ref(y|x)`` in nats; ``beta`` is a parameter of ``h``, not of ``r``.
+
+Everything here is a pure function of tensors. Gradients flow through the sorted values (sorting is
+piecewise linear), so ``dL/du_j = mass_j * h'(u_j - v_matched(j))``: the envelope-theorem gradient.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from distalign.losses.base import LossResult, PairedStats, UnpairedStats, register_loss
+from distalign.losses.softsort import soft_sort as differentiable_sort
+from distalign.registry import Registry
+
+PAPER = "Melnyk et al. 2024, Distributional Preference Alignment of LLMs via Optimal Transport, arXiv 2406.05882"
+
+# ---------------------------------------------------------------------------------------------- costs
+
+
+@dataclass(frozen=True)
+class Cost:
+    """A convex transport cost ``h(z; beta)`` on a reward gap ``z = u - v`` (nats)."""
+
+    name: str
+    function: Callable[[torch.Tensor, float], torch.Tensor]
+    beta_meaning: str
+    beta_must_be_positive: bool
+
+
+COSTS: Registry[Cost] = Registry("AOT cost")
+
+
+def _register_cost(name: str, *, beta_meaning: str, beta_must_be_positive: bool):
+    def decorator(function: Callable[[torch.Tensor, float], torch.Tensor]):
+        COSTS.add(name, Cost(name, function, beta_meaning, beta_must_be_positive))
+        return function
+
+    return decorator
+
+
+@_register_cost(
+    "logistic",
+    beta_meaning="inverse temperature (> 0): the gap is scaled by beta before the logistic loss, as DPO's beta",
+    beta_must_be_positive=True,
+)
+def logistic_cost(gaps: torch.Tensor, beta: float) -> torch.Tensor:
+    """``h(z) = log(1 + exp(-beta z)) = -log sigmoid(beta z)``, elementwise; softplus keeps it finite."""
+    return F.softplus(-beta * gaps)
+
+
+@_register_cost(
+    "squared_hinge",
+    beta_meaning="margin (>= 0, nats): gaps above beta cost nothing",
+    beta_must_be_positive=False,
+)
+def squared_hinge_cost(gaps: torch.Tensor, beta: float) -> torch.Tensor:
+    """``h(z) = max(0, beta - z)^2``, elementwise."""
+    return torch.relu(beta - gaps).square()
+
+
+@_register_cost(
+    "least_squares",
+    beta_meaning="target margin (>= 0, nats): every gap is pulled to beta from both sides (IPO-like)",
+    beta_must_be_positive=False,
+)
+def least_squares_cost(gaps: torch.Tensor, beta: float) -> torch.Tensor:
+    """``h(z) = (beta - z)^2``, elementwise. Not a relaxation of the 0/1 violation: it also penalises
+    gaps larger than ``beta``."""
+    return (beta - gaps).square()
+
+
+def resolve_cost(cost: str, beta: float, label_smoothing: float = 0.0) -> Cost:
+    """Look up ``cost`` and validate ``beta`` and ``label_smoothing`` for it (ValueError names the fix)."""
+    spec = COSTS.get(cost)
+    if spec.beta_must_be_positive and not beta > 0:
+        raise ValueError(f"AOT cost {cost!r} needs beta > 0 ({spec.beta_meaning}); got {beta}")
+    if not spec.beta_must_be_positive and not beta >= 0:
+        raise ValueError(f"AOT cost {cost!r} needs beta >= 0 ({spec.beta_meaning}); got {beta}")
+    if not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"label_smoothing is a label-flip probability and must lie in [0, 0.5); got {label_smoothing}")
+    return spec
+
+
+def cost_values(
+    gaps: torch.Tensor, *, cost: str = "logistic", beta: float = 0.01, label_smoothing: float = 0.0
+) -> torch.Tensor:
+    """Elementwise cost of reward gaps, with optional label smoothing.
+
+    Label smoothing ``eps`` models each preference label as flipped with probability ``eps``:
+    ``h_eps(z) = (1 - eps) h(z) + eps h(-z)`` for every cost (for ``logistic`` this is TRL's
+    conservative DPO / ``aot`` smoothing). ``h_eps`` stays convex, so the sorted coupling stays optimal.
+    For ``least_squares`` it equals least squares with margin ``(1 - 2 eps) beta`` plus a constant.
+
+    Args:
+        gaps: any shape, reward gaps ``u - v`` in nats. Computed in the dtype of ``gaps``.
+
+    Returns:
+        same shape as ``gaps``, non-negative.
+    """
+    spec = resolve_cost(cost, beta, label_smoothing)
+    values = spec.function(gaps, beta)
+    if label_smoothing == 0.0:
+        return values
+    return (1.0 - label_smoothing) * values + label_smoothing * spec.function(-gaps, beta)
+
+
+# ------------------------------------------------------------------------------------- quantile grid
+
+
+@dataclass(frozen=True)
+class QuantileGrid:
+    """Two empirical quantile functions on their merged piecewise-constant grid.
+
+    Interval ``k`` is ``(t[k-1], t[k]]`` (with ``t[-1] := 0``); on it ``Q_U = positive_quantiles[k]`` and
+    ``Q_V = negative_quantiles[k]``. All tensors have shape [K]; ``mass`` sums to 1.
+    """
+
+    t: torch.Tensor
+    mass: torch.Tensor
+    positive_quantiles: torch.Tensor
+    negative_quantiles: torch.Tensor
+
+    @property
+    def gaps(self) -> torch.Tensor:
+        """``Q_U - Q_V`` per interval, shape [K]."""
+        return self.positive_quantiles - self.negative_quantiles
+
+
+@functools.lru_cache(maxsize=128)
+def _uniform_coupling(n: int, m: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Exact merged grid of ``{i/n} U {j/m}`` for uniform weights: (index_u, index_v, mass, t), CPU.
+
+    Breakpoints are kept as integer numerators over ``n * m`` so that shared breakpoints merge exactly;
+    on ``(t[k-1], t[k]]`` the order statistics are ``ceil(t[k] n)`` and ``ceil(t[k] m)`` (1-based).
+    """
+    numerators = torch.unique(torch.cat([torch.arange(1, n + 1) * m, torch.arange(1, m + 1) * n]))
+    index_u = (numerators + m - 1) // m - 1
+    index_v = (numerators + n - 1) // n - 1
+    widths = torch.diff(numerators, prepend=numerators.new_zeros(1))
+    total = float(n * m)
+    return index_u, index_v, widths.double() / total, numerators.double() / total
+
+
+def _weighted_coupling(
+    sorted_u_weights: torch.Tensor, sorted_v_weights: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Merged grid of two weighted empirical CDFs (weights in sorted-value order), float64."""
+    cdf_u = torch.cumsum(sorted_u_weights.double(), 0) / sorted_u_weights.double().sum()
+    cdf_v = torch.cumsum(sorted_v_weights.double(), 0) / sorted_v_weights.double().sum()
+    cdf_u[-1] = cdf_v[-1] = 1.0  # rounding must not leave a sliver of t without a quantile
+    t = torch.unique(torch.cat([cdf_u, cdf_v]))
+    t = t[t > 0]
+    # Q(t) = first order statistic whose CDF reaches t; constant on (t[k-1], t[k]] since CDF values are breakpoints.
+    index_u = torch.searchsorted(cdf_u, t).clamp(max=cdf_u.numel() - 1)
+    index_v = torch.searchsorted(cdf_v, t).clamp(max=cdf_v.numel() - 1)
+    return index_u, index_v, torch.diff(t, prepend=t.new_zeros(1)), t
+
+
+def _checked_weights(weights: torch.Tensor | None, size: int, name: str) -> torch.Tensor | None:
+    if weights is None:
+        return None
+    weights = weights.detach()
+    if weights.shape != (size,):
+        raise ValueError(f"{name} must have shape [{size}], got {tuple(weights.shape)}")
+    if not bool(torch.isfinite(weights).all()) or bool((weights < 0).any()) or not bool(weights.sum() > 0):
+        raise ValueError(f"{name} must be finite, non-negative and not all zero")
+    return weights
+
+
+def quantile_grid(
+    positive: torch.Tensor,
+    negative: torch.Tensor,
+    *,
+    positive_weights: torch.Tensor | None = None,
+    negative_weights: torch.Tensor | None = None,
+    soft_sort: bool = False,
+    soft_sort_strength: float = 1.0,
+) -> QuantileGrid:
+    """Quantile functions of two samples on the merged grid ``{i/n} U {j/m}`` (or weighted CDF levels).
+
+    Args:
+        positive: shape [n], the sample U (rewards in nats). n >= 1.
+        negative: shape [m], the sample V. m >= 1; n != m is allowed.
+        positive_weights / negative_weights: optional shape [n] / [m] non-negative weights (constants)
+            defining weighted empirical distributions; ``None`` = uniform (exact integer grid).
+        soft_sort: replace the hard sort by :func:`distalign.losses.softsort.soft_sort` (no weights).
+        soft_sort_strength: its regularisation strength (reward units; smaller is closer to hard).
+
+    Returns:
+        a :class:`QuantileGrid` with at most ``n + m - 1`` intervals, differentiable in both samples;
+        computed in the common dtype of the inputs, at least float32.
+    """
+    for name, sample in (("positive", positive), ("negative", negative)):
+        if sample.dim() != 1:
+            raise ValueError(f"{name} rewards must be 1-D, got shape {tuple(sample.shape)}")
+    n, m = positive.numel(), negative.numel()
+    if n == 0 or m == 0:
+        raise ValueError(f"AOT needs at least one sample on each side; got {n} positive and {m} negative")
+    dtype = torch.promote_types(torch.promote_types(positive.dtype, negative.dtype), torch.float32)
+    positive, negative = positive.to(dtype), negative.to(dtype)
+    positive_weights = _checked_weights(positive_weights, n, "positive_weights")
+    negative_weights = _checked_weights(negative_weights, m, "negative_weights")
+    weighted = positive_weights is not None or negative_weights is not None
+    if soft_sort:
+        if weighted:
+            raise ValueError("soft sorting with per-sample weights is not supported; use the hard sort")
+        sorted_u = differentiable_sort(positive, strength=soft_sort_strength)
+        sorted_v = differentiable_sort(negative, strength=soft_sort_strength)
+        coupling = _uniform_coupling(n, m)
+    else:
+        sorted_u, order_u = torch.sort(positive)
+        sorted_v, order_v = torch.sort(negative)
+        if weighted:
+            u_weights = positive.new_ones(n) if positive_weights is None else positive_weights
+            v_weights = negative.new_ones(m) if negative_weights is None else negative_weights
+            coupling = _weighted_coupling(u_weights[order_u], v_weights[order_v])
+        else:
+            coupling = _uniform_coupling(n, m)
+    index_u, index_v, mass, t = (part.to(positive.device) for part in coupling)
+    return QuantileGrid(t.to(dtype), mass.to(dtype), sorted_u[index_u], sorted_v[index_v])
+
+
+# ------------------------------------------------------------------------------------------- losses
+
+
+def aot_unpaired_loss(
+    positive_rewards: torch.Tensor,
+    negative_rewards: torch.Tensor,
+    *,
+    cost: str = "logistic",
+    beta: float = 0.01,
+    label_smoothing: float = 0.0,
+    soft_sort: bool = False,
+    soft_sort_strength: float = 1.0,
+    positive_weights: torch.Tensor | None = None,
+    negative_weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Unpaired AOT: ``integral_0^1 h(Q_U(t) - Q_V(t)) dt`` over the merged quantile grid.
+
+    With ``n == m`` and no weights this is ``(1/n) sum_i h(u_(i) - v_(i))`` on sorted samples, the
+    paper's closed form of the relaxed dominance violation; with ``n != m`` it integrates
+    ``h(u_(ceil(tn)) - v_(ceil(tm)))`` exactly (piecewise constant in t). Both samples carry gradient.
+
+    Args:
+        positive_rewards: shape [n], rewards of positive samples (nats).
+        negative_rewards: shape [m], rewards of negative samples (nats).
+        cost, beta, label_smoothing: see :data:`COSTS` and :func:`cost_values`.
+        soft_sort, soft_sort_strength, positive_weights, negative_weights: see :func:`quantile_grid`.
+
+    Returns:
+        scalar loss (dtype at least float32).
+    """
+    resolve_cost(cost, beta, label_smoothing)
+    grid = quantile_grid(
+        positive_rewards,
+        negative_rewards,
+        positive_weights=positive_weights,
+        negative_weights=negative_weights,
+        soft_sort=soft_sort,
+        soft_sort_strength=soft_sort_strength,
+    )
+    return (grid.mass * cost_values(grid.gaps, cost=cost, beta=beta, label_smoothing=label_smoothing)).sum()
+
+
+def aot_paired_loss(
+    policy_margins: torch.Tensor,
+    reference_margins: torch.Tensor,
+    *,
+    cost: str = "logistic",
+    beta: float = 0.01,
+    label_smoothing: float = 0.0,
+    soft_sort: bool = False,
+    soft_sort_strength: float = 1.0,
+    weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Paired AOT: ``Z_theta >=_FSD Z_ref`` relaxed, ``(1/N) sum_i h(Z_theta_(i) - Z_ref_(i))`` sorted.
+
+    Args:
+        policy_margins: shape [N], ``Z_theta = log pi_theta(y+|x) - log pi_theta(y-|x)`` (nats).
+        reference_margins: shape [N], the same under pi_ref; treated as a constant (detached).
+        weights: optional shape [N] per-pair weights, applied to both distributions.
+        other options: as :func:`aot_unpaired_loss`.
+
+    Returns:
+        scalar loss; gradient flows only into ``policy_margins``.
+    """
+    if policy_margins.shape != reference_margins.shape:
+        raise ValueError(
+            f"policy and reference margins must have the same shape, got {tuple(policy_margins.shape)} "
+            f"and {tuple(reference_margins.shape)}"
+        )
+    return aot_unpaired_loss(
+        policy_margins,
+        reference_margins.detach(),
+        cost=cost,
+        beta=beta,
+        label_smoothing=label_smoothing,
+        soft_sort=soft_sort,
+        soft_sort_strength=soft_sort_strength,
+        positive_weights=weights,
+        negative_weights=weights,
+    )
+
+
+def identity_coupling_cost(
+    positive: torch.Tensor,
+    negative: torch.Tensor,
+    *,
+    cost: str = "logistic",
+    beta: float = 0.01,
+    label_smoothing: float = 0.0,
+) -> torch.Tensor:
+    """DPO-style cost of the identity coupling, ``(1/N) sum_i h(u_i - v_i)``: shapes [N], [N] -> scalar.
+
+    With ``cost="logistic"`` and ``u - v`` = DPO's log-ratio margin, this is exactly the DPO loss; AOT
+    replaces this coupling by the sorted one, which is never more expensive for a convex cost.
+    """
+    if positive.shape != negative.shape or positive.dim() != 1:
+        raise ValueError(f"expected two 1-D tensors of one shape, got {tuple(positive.shape)}, {tuple(negative.shape)}")
+    return cost_values(positive - negative, cost=cost, beta=beta, label_smoothing=label_smoothing).mean()
+
+
+def dominance_summary(grid: QuantileGrid, *, cost: str = "logistic", beta: float = 0.01) -> dict[str, torch.Tensor]:
+    """Dominance metrics of a (hard-sorted) quantile grid; detached scalars keyed ``aot/...``.
+
+    ``violation_rate``: mass of t with ``Q_U(t) < Q_V(t)`` (0 iff U dominates V on the sample);
+    ``ot_cost``: ``integral h(Q_U - Q_V)`` without label smoothing (the loss for hard sort, eps = 0);
+    ``w1_gap``: 1-Wasserstein distance ``integral |Q_U - Q_V|``; ``w1_violation``: its violating part
+    ``integral max(0, Q_V - Q_U)``; ``mean_gap``: signed ``integral (Q_U - Q_V) = mean(U) - mean(V)``.
+    """
+    gaps, mass = grid.gaps.detach(), grid.mass
+    return {
+        "aot/violation_rate": (mass * (gaps < 0)).sum(),
+        "aot/ot_cost": (mass * cost_values(gaps, cost=cost, beta=beta)).sum(),
+        "aot/w1_gap": (mass * gaps.abs()).sum(),
+        "aot/w1_violation": (mass * torch.relu(-gaps)).sum(),
+        "aot/mean_gap": (mass * gaps).sum(),
+    }
+
+
+# --------------------------------------------------------------------------------------- objectives
+
+
+def _mean(values: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    values = values.detach().float()
+    return values.mean() if weights is None else (values * weights).sum() / weights.sum()
+
+
+def _pairwise_win_rate(
+    positive: torch.Tensor, negative: torch.Tensor, pos_weights: torch.Tensor | None, neg_weights: torch.Tensor | None
+) -> torch.Tensor:
+    """(Weighted) fraction of all (positive, negative) pairs with positive > negative; O((n+m) log m)."""
+    positive, negative = positive.detach().double(), negative.detach().double()
+    pos_w = torch.ones_like(positive) if pos_weights is None else pos_weights.double()
+    neg_w = torch.ones_like(negative) if neg_weights is None else neg_weights.double()
+    sorted_negative, order = torch.sort(negative)
+    below_weight = torch.cat([neg_w.new_zeros(1), torch.cumsum(neg_w[order], 0)])
+    wins = below_weight[torch.searchsorted(sorted_negative, positive)]  # weight of negatives strictly below
+    return ((pos_w * wins).sum() / (pos_w.sum() * neg_w.sum())).float()
+
+
+def _per_token(logps: torch.Tensor, lengths: torch.Tensor, length_normalize: bool) -> torch.Tensor:
+    # Empty completions would divide by zero; one token is the smallest meaningful length.
+    return logps / lengths.clamp(min=1) if length_normalize else logps
+
+
+@register_loss("aot_paired", data_kind="paired", needs_reference=True, batch_coupled=True, paper=PAPER)
+def aot_paired(
+    stats: PairedStats,
+    *,
+    cost: str = "logistic",
+    beta: float = 0.01,
+    label_smoothing: float = 0.0,
+    soft_sort: bool = False,
+    soft_sort_strength: float = 1.0,
+    length_normalize: bool = False,
+) -> LossResult:
+    """Paired AOT objective on a whole (global) batch of preference pairs; see :func:`aot_paired_loss`.
+
+    ``Z = chosen - rejected`` log-probs (per-token means when ``length_normalize``). Metrics: the
+    ``aot/*`` dominance metrics of Z_theta against Z_ref (hard sort), and unscaled log-ratio rewards
+    ``rewards/chosen|rejected`` (beta is a cost parameter in AOT, so it is not folded in),
+    ``rewards/margins`` = mean of Z_theta - Z_ref, ``rewards/accuracies`` = fraction of pairs with a
+    positive margin.
+    """
+    if stats.ref_chosen_logps is None or stats.ref_rejected_logps is None:
+        raise ValueError("aot_paired needs reference log-probs (ref_chosen_logps / ref_rejected_logps are None)")
+    weights = _checked_weights(stats.weights, len(stats), "weights")
+    chosen = _per_token(stats.policy_chosen_logps, stats.chosen_lengths, length_normalize)
+    rejected = _per_token(stats.policy_rejected_logps, stats.rejected_lengths, length_normalize)
+    ref_chosen = _per_token(stats.ref_chosen_logps, stats.chosen_lengths, length_normalize)
+    ref_rejected = _per_token(stats.ref_rejected_logps, stats.rejected_lengths, length_normalize)
+    policy_margins, reference_margins = chosen - rejected, ref_chosen - ref_rejected
+    loss = aot_paired_loss(
+        policy_margins,
+        reference_margins,
+        cost=cost,
+        beta=beta,
+        label_smoothing=label_smoothing,
+        soft_sort=soft_sort,
+        soft_sort_strength=soft_sort_strength,
+        weights=weights,
+    )
+    grid = quantile_grid(
+        policy_margins.detach(), reference_margins.detach(), positive_weights=weights, negative_weights=weights
+    )
+    chosen_rewards, rejected_rewards = (chosen - ref_chosen).detach(), (rejected - ref_rejected).detach()
+    metrics = dominance_summary(grid, cost=cost, beta=beta)
+    metrics |= {
+        "rewards/chosen": _mean(chosen_rewards, weights),
+        "rewards/rejected": _mean(rejected_rewards, weights),
+        "rewards/margins": _mean(chosen_rewards - rejected_rewards, weights),
+        "rewards/accuracies": _mean((chosen_rewards > rejected_rewards).float(), weights),
+    }
+    return LossResult(loss=loss, metrics=metrics)
+
+
+@register_loss("aot_unpaired", data_kind="unpaired", needs_reference=True, batch_coupled=True, paper=PAPER)
+def aot_unpaired(
+    stats: UnpairedStats,
+    *,
+    cost: str = "logistic",
+    beta: float = 0.01,
+    label_smoothing: float = 0.0,
+    soft_sort: bool = False,
+    soft_sort_strength: float = 1.0,
+    length_normalize: bool = False,
+) -> LossResult:
+    """Unpaired AOT objective: rewards of label-1 rows must dominate those of label-0 rows.
+
+    ``r = log pi_theta - log pi_ref`` per row (per-token means when ``length_normalize``); the counts of
+    positives and negatives may differ (see :func:`aot_unpaired_loss`). Metrics: ``aot/*`` dominance
+    metrics, ``rewards/positive|negative`` (unscaled means), ``rewards/margins`` (their difference) and
+    ``rewards/accuracies`` = fraction of all (positive, negative) pairs ranked correctly.
+    """
+    if stats.ref_logps is None:
+        raise ValueError("aot_unpaired needs reference log-probs (ref_logps is None)")
+    labels = stats.labels.detach()
+    if not bool(((labels == 0) | (labels == 1)).all()):
+        raise ValueError("aot_unpaired labels must be 1.0 (positive) or 0.0 (negative)")
+    weights = _checked_weights(stats.weights, len(stats), "weights")
+    rewards = _per_token(stats.policy_logps, stats.lengths, length_normalize) - _per_token(
+        stats.ref_logps, stats.lengths, length_normalize
+    )
+    is_positive = labels == 1
+    positive, negative = rewards[is_positive], rewards[~is_positive]
+    pos_weights = None if weights is None else weights[is_positive]
+    neg_weights = None if weights is None else weights[~is_positive]
+    options = dict(cost=cost, beta=beta, label_smoothing=label_smoothing)
+    loss = aot_unpaired_loss(
+        positive,
+        negative,
+        **options,
+        soft_sort=soft_sort,
+        soft_sort_strength=soft_sort_strength,
+        positive_weights=pos_weights,
+        negative_weights=neg_weights,
+    )
+    grid = quantile_grid(
+        positive.detach(), negative.detach(), positive_weights=pos_weights, negative_weights=neg_weights
+    )
+    metrics = dominance_summary(grid, cost=cost, beta=beta)
+    mean_positive, mean_negative = _mean(positive, pos_weights), _mean(negative, neg_weights)
+    metrics |= {
+        "rewards/positive": mean_positive,
+        "rewards/negative": mean_negative,
+        "rewards/margins": mean_positive - mean_negative,
+        "rewards/accuracies": _pairwise_win_rate(positive, negative, pos_weights, neg_weights),
+    }
+    return LossResult(loss=loss, metrics=metrics)

@@ -1,0 +1,287 @@
+"""The one engine both training loops run on: accelerate, optimisation, gathering, logging, checkpoints.
+
+The loops (``offline.py``, ``online.py``) own *what* a step computes; the engine owns *how* it is
+executed across processes and saved. Gradient accumulation is managed explicitly (not through
+accelerate's accumulation plugin) because batch-coupled losses need to see every micro-batch of the
+optimizer step before any backward: the loop decides when gradients are synchronised.
+
+Gradient convention: DDP averages gradients over processes, so a process back-propagates
+``world_size x`` its share of the global objective; :meth:`Engine.backward` applies that factor.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration, set_seed
+from tqdm.auto import tqdm
+
+from distalign.config import RunConfig, TrainConfig, dump_config
+
+CHECKPOINT_PREFIX = "step_"
+
+
+def resolve_mixed_precision(setting: str) -> str:
+    """"auto" becomes bf16 on a CUDA device that supports it, otherwise "no"."""
+    if setting != "auto":
+        return setting
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "no"
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int):
+    """Linear warmup then constant / linear / cosine decay to zero, as a LambdaLR."""
+    warmup = int(cfg.warmup_ratio * total_steps)
+
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        if cfg.scheduler == "linear":
+            return max(0.0, 1.0 - progress)
+        if cfg.scheduler == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+class MetricsLog:
+    """Append-only ``metrics.jsonl``: one JSON object per logged step, always with ``step`` and ``loss``."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def write(self, record: dict[str, Any]) -> None:
+        with self.path.open("a") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+    def truncate_after(self, step: int) -> None:
+        """On resume, drop records past the checkpoint so the log matches the resumed trajectory."""
+        if not self.path.exists():
+            return
+        kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        self.path.write_text("".join(line + "\n" for line in kept))
+
+
+class Engine:
+    """Process group, devices, optimiser bookkeeping, gathering, logging and checkpoints for one run."""
+
+    def __init__(self, config: RunConfig) -> None:
+        self.config = config
+        self.run_dir = Path(config.output_dir)
+        cfg = config.train
+        self.accelerator = Accelerator(
+            mixed_precision=resolve_mixed_precision(cfg.mixed_precision),
+            log_with=list(cfg.trackers) or None,
+            project_config=ProjectConfiguration(project_dir=str(self.run_dir), logging_dir=str(self.run_dir / "logs")),
+            step_scheduler_with_optimizer=False,
+        )
+        set_seed(cfg.seed)
+        self.metrics_log = MetricsLog(self.run_dir / "metrics.jsonl")
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(dump_config(config))
+        if cfg.trackers:
+            self.accelerator.init_trackers(self.run_dir.name, config=config.model_dump(mode="json"))
+        self.model: torch.nn.Module | None = None
+        self.optimizer = None
+        self.scheduler = None
+        self._progress = None
+        self._last_log_time = time.perf_counter()
+        self._tokens_since_log = 0
+        self._steps_since_log = 0
+
+    # ----------------------------------------------------------------------------------- processes
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def world_size(self) -> int:
+        return self.accelerator.num_processes
+
+    @property
+    def rank(self) -> int:
+        return self.accelerator.process_index
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    def print(self, message: str) -> None:
+        """Print once (main process), above the progress bar if one is showing."""
+        if self.is_main:
+            (self._progress.write if self._progress is not None else print)(message)
+
+    def barrier(self) -> None:
+        self.accelerator.wait_for_everyone()
+
+    def gather_varlen(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Concatenate a 1-D tensor of any length from every process, in rank order (detached)."""
+        tensor = tensor.detach()
+        if self.world_size == 1:
+            return tensor
+        size = torch.tensor([tensor.shape[0]], device=self.device)
+        sizes = [int(s) for s in self.accelerator.gather(size).tolist()]
+        padded = torch.zeros(max(sizes), dtype=tensor.dtype, device=self.device)
+        padded[: tensor.shape[0]] = tensor
+        gathered = self.accelerator.gather(padded).view(self.world_size, max(sizes))
+        return torch.cat([gathered[r, : sizes[r]] for r in range(self.world_size)])
+
+    def sum_across(self, value: float) -> float:
+        """Sum a Python number over processes."""
+        if self.world_size == 1:
+            return value
+        tensor = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.all_reduce(tensor)
+        return float(tensor.item())
+
+    # ------------------------------------------------------------------------------- optimisation
+    def prepare(self, model: torch.nn.Module, total_steps: int) -> torch.nn.Module:
+        """Wrap ``model`` for the process group and build AdamW + the LR schedule over its trainable weights."""
+        cfg = self.config.train
+        params = [p for p in model.parameters() if p.requires_grad]
+        if not params:
+            raise RuntimeError("the model has no trainable parameters")
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay)
+        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        # The schedule is stepped by hand once per optimizer step; accelerate's prepared scheduler would
+        # step once per process, so it is only registered for checkpointing.
+        self.scheduler = build_scheduler(self.optimizer, cfg, total_steps)
+        self.accelerator.register_for_checkpointing(self.scheduler)
+        return self.model
+
+    def sync_context(self, sync: bool):
+        """Context for one backward: gradients are all-reduced only when ``sync`` (last micro-batch)."""
+        if sync or self.world_size == 1:
+            return contextlib.nullcontext()
+        return self.accelerator.no_sync(self.model)
+
+    def backward(self, share_of_global_loss: torch.Tensor) -> None:
+        """Back-propagate this process's share of the global objective (scaled for DDP's mean)."""
+        self.accelerator.backward(share_of_global_loss * self.world_size)
+
+    def optimizer_step(self) -> float | None:
+        """Clip, step, schedule, zero. Returns the pre-clip gradient norm when clipping is on."""
+        grad_norm = None
+        if self.config.train.max_grad_norm is not None:
+            norm = self.accelerator.clip_grad_norm_(self.model.parameters(), self.config.train.max_grad_norm)
+            grad_norm = float(norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm
+
+    @property
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    # ------------------------------------------------------------------------------------ logging
+    def start_progress(self, total_steps: int, first_step: int, description: str) -> None:
+        if self.is_main and self.config.train.progress:
+            self._progress = tqdm(total=total_steps, initial=first_step, desc=description, dynamic_ncols=True)
+
+    def count_tokens(self, tokens: int) -> None:
+        """Record tokens processed by this process (for throughput)."""
+        self._tokens_since_log += tokens
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        """Record globally reduced ``metrics`` for ``step`` (every process calls this; rank 0 writes)."""
+        self._steps_since_log += 1
+        if self._progress is not None:
+            self._progress.update(1)
+        if step % self.config.train.log_every and step != self._final_step:
+            return
+        tokens = self.sum_across(float(self._tokens_since_log))
+        elapsed = max(time.perf_counter() - self._last_log_time, 1e-9)
+        record = {"step": step, **metrics, "lr": self.lr}
+        record["steps_per_s"] = self._steps_since_log / elapsed
+        record["tokens_per_s"] = tokens / elapsed
+        self._last_log_time, self._tokens_since_log, self._steps_since_log = time.perf_counter(), 0, 0
+        if self.is_main:
+            self.metrics_log.write(record)
+            if self._progress is not None:
+                self._progress.set_postfix(loss=f"{record['loss']:.4f}", it_s=f"{record['steps_per_s']:.2f}")
+        if self.config.train.trackers:
+            self.accelerator.log(record, step=step)
+
+    _final_step = -1
+
+    def set_final_step(self, step: int) -> None:
+        self._final_step = step
+
+    def close(self) -> None:
+        if self._progress is not None:
+            self._progress.close()
+            self._progress = None
+        if self.config.train.trackers:
+            self.accelerator.end_training()
+
+    # -------------------------------------------------------------------------------- checkpoints
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    def save_checkpoint(self, step: int, loop_state: dict[str, Any] | None = None) -> Path:
+        """Write model, optimizer, scheduler and RNG states atomically (temp dir + rename)."""
+        final = self.checkpoint_dir / f"{CHECKPOINT_PREFIX}{step}"
+        temp = self.checkpoint_dir / f".tmp_{CHECKPOINT_PREFIX}{step}"
+        if self.is_main:
+            shutil.rmtree(temp, ignore_errors=True)
+            temp.mkdir(parents=True)
+        self.barrier()
+        self.accelerator.save_state(str(temp))
+        self.barrier()
+        if self.is_main:
+            (temp / "loop_state.json").write_text(json.dumps({"step": step, **(loop_state or {})}))
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(temp, final)
+            self._prune_checkpoints()
+        self.barrier()
+        return final
+
+    def _prune_checkpoints(self) -> None:
+        kept = self.config.train.keep_checkpoints
+        for old in self.list_checkpoints()[:-kept]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def list_checkpoints(self) -> list[Path]:
+        """Complete checkpoints, oldest first (temporary directories are ignored)."""
+        if not self.checkpoint_dir.is_dir():
+            return []
+        found = [p for p in self.checkpoint_dir.glob(f"{CHECKPOINT_PREFIX}*") if (p / "loop_state.json").exists()]
+        return sorted(found, key=lambda p: int(p.name.removeprefix(CHECKPOINT_PREFIX)))
+
+    def resume_latest(self) -> dict[str, Any] | None:
+        """Load the newest complete checkpoint, if any, and return its loop state (with ``step``)."""
+        checkpoints = self.list_checkpoints()
+        if not checkpoints:
+            return None
+        latest = checkpoints[-1]
+        self.accelerator.load_state(str(latest))
+        state = json.loads((latest / "loop_state.json").read_text())
+        if self.is_main:
+            self.metrics_log.truncate_after(state["step"])
+        self.barrier()
+        return state
+
+    def unwrapped(self) -> torch.nn.Module:
+        return self.accelerator.unwrap_model(self.model)
+
+
+def iterate_steps(first_step: int, total_steps: int) -> Iterator[int]:
+    """Optimizer step numbers, 1-based: ``first_step + 1 .. total_steps``."""
+    return iter(range(first_step + 1, total_steps + 1))

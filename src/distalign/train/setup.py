@@ -1,0 +1,287 @@
+"""What a run needs before its first step: the policy, the tokenised data, the reference log-probs.
+
+Kept apart from the loop so ``offline.py`` reads as the step itself.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from distalign.config import RunConfig
+from distalign.data.collate import collate_sequences
+from distalign.data.formats import unpair_rows
+from distalign.data.loading import load_rows
+from distalign.data.tokenize import TokenizationSettings, tokenize_paired, tokenize_unpaired
+from distalign.losses.base import LossSpec
+from distalign.models.fingerprint import data_fingerprint, model_fingerprint
+from distalign.models.loading import LoraSettings, load_model_and_tokenizer, save_final_model
+from distalign.models.logprobs import SequenceLogprobModel
+from distalign.models.reference import ReferenceLogprobCache, adapters_disabled
+from distalign.train.engine import Engine
+
+
+class SetupError(ValueError):
+    """A run that cannot start as configured (the message says which setting to change)."""
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("DISTALIGN_CACHE", Path.home() / ".cache" / "distalign"))
+
+
+def lora_settings(config: RunConfig) -> LoraSettings | None:
+    lora = config.model.lora
+    if not lora.enabled:
+        return None
+    return LoraSettings(r=lora.r, alpha=lora.alpha, dropout=lora.dropout, target_modules=lora.target_modules)
+
+
+def load_policy(config: RunConfig):
+    """The policy model (LoRA-wrapped when configured) and its tokenizer."""
+    m = config.model
+    return load_model_and_tokenizer(
+        m.name,
+        dtype=m.dtype,
+        lora=lora_settings(config),
+        gradient_checkpointing=m.gradient_checkpointing,
+        trust_remote_code=m.trust_remote_code,
+        revision=m.revision,
+    )
+
+
+def tokenization_settings(config: RunConfig) -> TokenizationSettings:
+    d = config.data
+    return TokenizationSettings(
+        max_length=d.max_length,
+        max_prompt_length=d.max_prompt_length,
+        truncation=d.truncation,
+        chat_template=d.chat_template,
+    )
+
+
+@dataclass
+class OfflineData:
+    """Tokenised training rows and how to batch them.
+
+    ``kind`` is "paired" (TokenizedPair items) or "unpaired" (TokenizedCompletion items). For losses
+    that anchor on mismatched pairs (KTO), ``kl_items[i]`` is row i's prompt with another row's
+    completion, fixed once so its reference log-prob can be cached like any other.
+    """
+
+    kind: str
+    items: list
+    pad_token_id: int
+    kl_items: list | None = None
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    @property
+    def needs_kl(self) -> bool:
+        return self.kl_items is not None
+
+    def sequences(self, rows: list[int]) -> tuple[list[list[int]], list[list[int]]]:
+        """(prompt ids, completion ids) of the sequences one forward pass scores, in stats order."""
+        picked = [self.items[i] for i in rows]
+        if self.kind == "paired":
+            prompts = [p.prompt_ids for p in picked] * 2
+            return prompts, [p.chosen_ids for p in picked] + [p.rejected_ids for p in picked]
+        prompts = [c.prompt_ids for c in picked]
+        completions = [c.completion_ids for c in picked]
+        if self.kl_items is not None:
+            mismatched = [self.kl_items[i] for i in rows]
+            prompts += [c.prompt_ids for c in mismatched]
+            completions += [c.completion_ids for c in mismatched]
+        return prompts, completions
+
+    def collate(self, rows: list[int]) -> dict[str, torch.Tensor]:
+        prompts, completions = self.sequences(rows)
+        return collate_sequences(prompts, completions, self.pad_token_id)
+
+    def weights(self, rows: list[int], device) -> torch.Tensor | None:
+        values = [getattr(self.items[i], "weight", None) for i in rows]
+        if all(v is None or v == 1.0 for v in values):
+            return None
+        return torch.tensor([1.0 if v is None else float(v) for v in values], device=device)
+
+    def weight_total(self, rows: list[int]) -> float:
+        return float(sum(1.0 if getattr(self.items[i], "weight", None) is None else self.items[i].weight for i in rows))
+
+    def labels(self, rows: list[int], device) -> torch.Tensor:
+        return torch.tensor([float(self.items[i].label) for i in rows], device=device)
+
+    def plan_labels(self) -> list[float] | None:
+        """Labels for stratified batching (unpaired data only)."""
+        return [float(c.label) for c in self.items] if self.kind == "unpaired" else None
+
+
+def load_offline_data(config: RunConfig, tokenizer, spec: LossSpec, engine: Engine) -> OfflineData:
+    """Load, validate and tokenise the training data for ``spec``; report what was dropped or cut."""
+    d = config.data
+    loaded = load_rows(d.path, format=d.format, split=d.split, limit=d.limit)
+    rows, fmt = loaded.rows, loaded.format
+    if d.unpair:
+        if fmt != "paired":
+            raise SetupError(f"data.unpair=true needs paired rows, but {d.path} is {fmt}")
+        rows, fmt = unpair_rows(rows), "unpaired"
+    if fmt != spec.data_kind:
+        hint = " (set data.unpair=true to split each pair into a positive and a negative)" if fmt == "paired" else ""
+        raise SetupError(f"loss {spec.name!r} trains on {spec.data_kind} rows but {d.path} holds {fmt} rows{hint}")
+    settings = tokenization_settings(config)
+    tokenize = tokenize_paired if fmt == "paired" else tokenize_unpaired
+    items, report = tokenize(rows, tokenizer, settings)
+    engine.print(f"data: {d.path}: {report.summary()}")
+    kl_items = None
+    if spec.name == "kto":
+        kl_items = _mismatched_completions(items, config.train.seed)
+    return OfflineData(kind=fmt, items=items, pad_token_id=tokenizer.pad_token_id, kl_items=kl_items)
+
+
+def _mismatched_completions(items: list, seed: int) -> list:
+    """Row i's prompt with the completion of a different row (a fixed seeded derangement)."""
+    if len(items) < 2:
+        raise SetupError("KTO needs at least two rows to pair prompts with other rows' completions")
+    order = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed)).tolist()
+    partner = {order[i]: order[(i + 1) % len(order)] for i in range(len(order))}
+    return [dataclasses.replace(items[i], completion_ids=items[partner[i]].completion_ids) for i in range(len(items))]
+
+
+def wrap_for_training(policy, config: RunConfig) -> SequenceLogprobModel:
+    return SequenceLogprobModel(policy, chunk_size=config.model.logprob_chunk_size)
+
+
+class ReferenceLogps:
+    """Reference log-probs per training row: looked up from a precomputed cache, or computed per batch.
+
+    The reference is ``reference.model`` when set; otherwise the policy's initial weights — for LoRA
+    the base with adapters disabled; for a full fine-tune, precomputed before the first step (when the
+    policy still *is* the reference) or, on the fly, a frozen copy.
+    """
+
+    def __init__(self, data: OfflineData, engine: Engine, table: dict[str, torch.Tensor] | None, model=None):
+        self.data = data
+        self.engine = engine
+        self.table = table
+        self.model = model
+
+    @classmethod
+    def build(cls, config: RunConfig, spec: LossSpec, policy, data: OfflineData, engine: Engine) -> ReferenceLogps:
+        ref_model, adapters_off = _reference_model(config, policy)
+        if not config.reference.precompute:
+            if ref_model is policy and not adapters_off:
+                ref_model = copy.deepcopy(policy).requires_grad_(False)
+            return cls(data, engine, None, _ReferenceScorer(ref_model, adapters_off, config))
+        scorer = _ReferenceScorer(ref_model, adapters_off, config)
+        key = {
+            "reference_model": model_fingerprint(ref_model, exclude_adapters=True),
+            "data": data_fingerprint([s for pair in zip(*data.sequences(range(len(data)))) for s in pair]),
+            "tokenization": tokenization_settings(config).as_dict(),
+            "kind": data.kind,
+            "logprobs": "sum_over_completion_tokens_float32",
+        }
+        cache_dir = Path(config.reference.cache_dir) if config.reference.cache_dir else default_cache_dir() / "reference_logps"
+        cache = ReferenceLogprobCache(cache_dir)
+        table = _cached_or_sharded(cache, key, scorer, data, engine, config.train.micro_batch_size)
+        return cls(data, engine, table)
+
+    def for_rows(self, rows: list[int]) -> dict[str, torch.Tensor]:
+        if self.table is not None:
+            index = torch.tensor(rows)
+            return {name: values[index].to(self.engine.device) for name, values in self.table.items()}
+        return _split(self.data, rows, self.model(self.data.collate(rows), self.engine.device))
+
+
+def _reference_model(config: RunConfig, policy):
+    """(model to score with, whether to disable its adapters while scoring)."""
+    if config.reference.model is not None:
+        model, _ = load_model_and_tokenizer(
+            config.reference.model, dtype=config.model.dtype, trust_remote_code=config.model.trust_remote_code
+        )
+        return model.requires_grad_(False), False
+    return policy, config.model.lora.enabled
+
+
+class _ReferenceScorer:
+    """Summed completion log-probs of a batch under the reference, without gradients."""
+
+    def __init__(self, model, adapters_off: bool, config: RunConfig) -> None:
+        self.model = model
+        self.adapters_off = adapters_off
+        self.wrapper = SequenceLogprobModel(model, chunk_size=config.model.logprob_chunk_size)
+
+    @torch.no_grad()
+    def __call__(self, batch: dict[str, torch.Tensor], device) -> torch.Tensor:
+        self.model.to(device)
+        was_training = self.model.training
+        self.model.eval()
+        context = adapters_disabled(self.model) if self.adapters_off else nullcontext()
+        with context:
+            batch = {k: v.to(device) for k, v in batch.items()}
+            logps, _ = self.wrapper(batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+        self.model.train(was_training)
+        return logps.float()
+
+
+def _split(data: OfflineData, rows: list[int], logps: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Name the slices of one forward's log-probs (layout of ``OfflineData.sequences``)."""
+    n = len(rows)
+    if data.kind == "paired":
+        return {"chosen": logps[:n], "rejected": logps[n:]}
+    named = {"completion": logps[:n]}
+    if data.needs_kl:
+        named["kl"] = logps[n:]
+    return named
+
+
+def _cached_or_sharded(cache, key, scorer, data, engine, micro_batch_size) -> dict[str, torch.Tensor]:
+    """Look the table up in the cache; on a miss every process scores its shard, the main process
+    writes the cache, the others read it."""
+    if engine.is_main:
+        table = cache.load(key)
+        hit = table is not None
+    else:
+        hit = None
+    hit = bool(engine.sum_across(1.0 if (engine.is_main and hit) else 0.0))
+    if hit:
+        engine.print("reference log-probs: reusing cache")
+        engine.barrier()
+        return cache.load(key)
+    engine.print(f"reference log-probs: computing for {len(data)} rows")
+    shard = list(range(engine.rank, len(data), engine.world_size))
+    parts: dict[str, list[torch.Tensor]] = {}
+    for start in range(0, len(shard), micro_batch_size):
+        rows = shard[start : start + micro_batch_size]
+        for name, values in _split(data, rows, scorer(data.collate(rows), engine.device)).items():
+            parts.setdefault(name, []).append(values)
+    table = {}
+    for name, chunks in parts.items():
+        local = torch.cat(chunks) if chunks else torch.zeros(0, device=engine.device)
+        gathered = engine.gather_varlen(local).cpu()
+        # Process r scored rows r, r + W, r + 2W, ...: undo the interleaving.
+        ordered = torch.empty(len(data))
+        cursor = 0
+        for rank in range(engine.world_size):
+            rank_rows = list(range(rank, len(data), engine.world_size))
+            ordered[rank_rows] = gathered[cursor : cursor + len(rank_rows)]
+            cursor += len(rank_rows)
+        table[name] = ordered
+    if engine.is_main:
+        cache.store(key, table)
+    engine.barrier()
+    return table
+
+
+def save_final(engine: Engine, tokenizer, config: RunConfig) -> Path:
+    """Save the trained policy to ``RUN_DIR/final`` (merged weights; adapter in final/adapter)."""
+    target = engine.run_dir / "final"
+    engine.barrier()
+    if engine.is_main:
+        save_final_model(engine.unwrapped().model, tokenizer, target, merge_lora=True)
+    engine.barrier()
+    return target
