@@ -208,7 +208,9 @@ def test_simpo_hand_value() -> None:
 @settings(max_examples=40, deadline=None)
 @given(w=finite_floats, r=finite_floats, beta=betas)
 def test_simpo_without_margin_is_dpo_shape(w: float, r: float, beta: float) -> None:
-    torch.testing.assert_close(simpo_loss(t64(w), t64(r), beta=beta, gamma=0.0), dpo_loss(t64(w), t64(r), beta=beta))
+    torch.testing.assert_close(
+        simpo_loss(t64(w), t64(r), beta=beta, gamma=0.0), dpo_loss(t64(w), t64(r), beta=beta)
+    )
 
 
 # ---------------------------------------------------------------------------------------------- KTO

@@ -168,7 +168,9 @@ def test_kto_objective_clamps_negative_kl_and_handles_one_sided_batch() -> None:
     expected = (1 / (1 + 3 * math.exp(0.5)) + 1 / (1 + math.exp(0.5))) / 2
     assert result.loss.item() == pytest.approx(expected, rel=1e-12)
     assert result.metrics["kl"].item() == 0.0
-    assert result.metrics["rewards/rejected"].item() == 0.0 and result.metrics["count/undesirable"].item() == 0
+    assert (
+        result.metrics["rewards/rejected"].item() == 0.0 and result.metrics["count/undesirable"].item() == 0
+    )
 
 
 def test_kto_objective_without_kl_rows_raises() -> None:
@@ -215,7 +217,10 @@ def test_training_increases_the_chosen_margin(name: str) -> None:
     assert final["rewards/accuracies"].item() == 1.0
 
 
-@pytest.mark.parametrize(("name", "options", "optimum"), [("ipo", {"beta": 0.5}, 1.0), ("dpo", {"beta": 1.0, "label_smoothing": 0.2}, math.log(4))])
+@pytest.mark.parametrize(
+    ("name", "options", "optimum"),
+    [("ipo", {"beta": 0.5}, 1.0), ("dpo", {"beta": 1.0, "label_smoothing": 0.2}, math.log(4))],
+)
 def test_training_converges_to_the_analytic_optimum_margin(name: str, options: dict, optimum: float) -> None:
     # IPO: m* = 1 / (2 beta) = 1. cDPO: sigmoid(beta m*) = 1 - eps -> m* = logit(0.8) = ln 4.
     theta, _ = train_categorical(name, steps=400, **options)

@@ -183,7 +183,7 @@ def simpo_loss(
         [B] per-pair loss in nats.
     """
     _check_positive("beta", beta)
-    return -F.logsigmoid(beta * (chosen_avg_logps - rejected_avg_logps - gamma))
+    return -F.logsigmoid(beta * (chosen_avg_logps - rejected_avg_logps) - gamma)
 
 
 def kto_loss(
@@ -297,7 +297,9 @@ def preference_metrics(
 
 def _paired_logratios(stats: PairedStats, loss_name: str) -> tuple[torch.Tensor, torch.Tensor]:
     if stats.ref_chosen_logps is None or stats.ref_rejected_logps is None:
-        raise ValueError(f"loss {loss_name!r} needs reference log-probs (ref_chosen_logps / ref_rejected_logps)")
+        raise ValueError(
+            f"loss {loss_name!r} needs reference log-probs (ref_chosen_logps / ref_rejected_logps)"
+        )
     return (
         stats.policy_chosen_logps - stats.ref_chosen_logps,
         stats.policy_rejected_logps - stats.ref_rejected_logps,
@@ -307,7 +309,9 @@ def _paired_logratios(stats: PairedStats, loss_name: str) -> tuple[torch.Tensor,
 def _paired_result(
     stats: PairedStats, per_pair: torch.Tensor, chosen: torch.Tensor, rejected: torch.Tensor, beta: float
 ) -> LossResult:
-    metrics = preference_metrics(chosen, rejected, beta, stats.policy_chosen_logps, stats.policy_rejected_logps)
+    metrics = preference_metrics(
+        chosen, rejected, beta, stats.policy_chosen_logps, stats.policy_rejected_logps
+    )
     return LossResult(loss=weighted_batch_mean(per_pair, stats.weights), metrics=metrics)
 
 
@@ -441,7 +445,9 @@ def kto_objective(
     )
 
 
-@register_loss("sft", data_kind="paired", needs_reference=False, paper="supervised fine-tuning (token-mean NLL)")
+@register_loss(
+    "sft", data_kind="paired", needs_reference=False, paper="supervised fine-tuning (token-mean NLL)"
+)
 def sft_objective(stats: PairedStats) -> LossResult:
     """Batch token-mean NLL of the chosen completion (:func:`sft_loss`); the rejected one is unused.
 
