@@ -24,7 +24,9 @@ from distalign.losses.base import LossResult, PairedStats, UnpairedStats, regist
 from distalign.losses.softsort import soft_sort as differentiable_sort
 from distalign.registry import Registry
 
-PAPER = "Melnyk et al. 2024, Distributional Preference Alignment of LLMs via Optimal Transport, arXiv 2406.05882"
+PAPER = (
+    "Melnyk et al. 2024, Distributional Preference Alignment of LLMs via Optimal Transport, arXiv 2406.05882"
+)
 
 # ---------------------------------------------------------------------------------------------- costs
 
@@ -89,7 +91,9 @@ def resolve_cost(cost: str, beta: float, label_smoothing: float = 0.0) -> Cost:
     if not spec.beta_must_be_positive and not beta >= 0:
         raise ValueError(f"AOT cost {cost!r} needs beta >= 0 ({spec.beta_meaning}); got {beta}")
     if not 0.0 <= label_smoothing < 0.5:
-        raise ValueError(f"label_smoothing is a label-flip probability and must lie in [0, 0.5); got {label_smoothing}")
+        raise ValueError(
+            f"label_smoothing is a label-flip probability and must lie in [0, 0.5); got {label_smoothing}"
+        )
     return spec
 
 
@@ -196,7 +200,8 @@ def quantile_grid(
         positive_weights / negative_weights: optional shape [n] / [m] non-negative weights (constants)
             defining weighted empirical distributions; ``None`` = uniform (exact integer grid).
         soft_sort: replace the hard sort by :func:`distalign.losses.softsort.soft_sort` (no weights).
-        soft_sort_strength: its regularisation strength (reward units; smaller is closer to hard).
+        soft_sort_strength: its regularisation strength ``eps`` (1 / reward units): sorted neighbours
+            further apart than ``1 / eps`` are pulled together; smaller is closer to the hard sort.
 
     Returns:
         a :class:`QuantileGrid` with at most ``n + m - 1`` intervals, differentiable in both samples;
@@ -228,7 +233,8 @@ def quantile_grid(
             coupling = _weighted_coupling(u_weights[order_u], v_weights[order_v])
         else:
             coupling = _uniform_coupling(n, m)
-    index_u, index_v, mass, t = (part.to(positive.device) for part in coupling)
+    # Copy: the uniform coupling is cached and callers may modify the grid they get.
+    index_u, index_v, mass, t = (part.to(positive.device, copy=True) for part in coupling)
     return QuantileGrid(t.to(dtype), mass.to(dtype), sorted_u[index_u], sorted_v[index_v])
 
 
@@ -328,11 +334,15 @@ def identity_coupling_cost(
     replaces this coupling by the sorted one, which is never more expensive for a convex cost.
     """
     if positive.shape != negative.shape or positive.dim() != 1:
-        raise ValueError(f"expected two 1-D tensors of one shape, got {tuple(positive.shape)}, {tuple(negative.shape)}")
+        raise ValueError(
+            f"expected two 1-D tensors of one shape, got {tuple(positive.shape)}, {tuple(negative.shape)}"
+        )
     return cost_values(positive - negative, cost=cost, beta=beta, label_smoothing=label_smoothing).mean()
 
 
-def dominance_summary(grid: QuantileGrid, *, cost: str = "logistic", beta: float = 0.01) -> dict[str, torch.Tensor]:
+def dominance_summary(
+    grid: QuantileGrid, *, cost: str = "logistic", beta: float = 0.01
+) -> dict[str, torch.Tensor]:
     """Dominance metrics of a (hard-sorted) quantile grid; detached scalars keyed ``aot/...``.
 
     ``violation_rate``: mass of t with ``Q_U(t) < Q_V(t)`` (0 iff U dominates V on the sample);
@@ -359,7 +369,10 @@ def _mean(values: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
 
 
 def _pairwise_win_rate(
-    positive: torch.Tensor, negative: torch.Tensor, pos_weights: torch.Tensor | None, neg_weights: torch.Tensor | None
+    positive: torch.Tensor,
+    negative: torch.Tensor,
+    pos_weights: torch.Tensor | None,
+    neg_weights: torch.Tensor | None,
 ) -> torch.Tensor:
     """(Weighted) fraction of all (positive, negative) pairs with positive > negative; O((n+m) log m)."""
     positive, negative = positive.detach().double(), negative.detach().double()
@@ -374,6 +387,26 @@ def _pairwise_win_rate(
 def _per_token(logps: torch.Tensor, lengths: torch.Tensor, length_normalize: bool) -> torch.Tensor:
     # Empty completions would divide by zero; one token is the smallest meaningful length.
     return logps / lengths.clamp(min=1) if length_normalize else logps
+
+
+def _loss_and_dominance(
+    positive: torch.Tensor,
+    negative: torch.Tensor,
+    positive_weights: torch.Tensor | None,
+    negative_weights: torch.Tensor | None,
+    **options,
+) -> LossResult:
+    """The AOT loss with its ``aot/*`` metrics, which always use the hard sort and no smoothing."""
+    loss = aot_unpaired_loss(
+        positive, negative, positive_weights=positive_weights, negative_weights=negative_weights, **options
+    )
+    grid = quantile_grid(
+        positive.detach(),
+        negative.detach(),
+        positive_weights=positive_weights,
+        negative_weights=negative_weights,
+    )
+    return LossResult(loss, dominance_summary(grid, cost=options["cost"], beta=options["beta"]))
 
 
 @register_loss("aot_paired", data_kind="paired", needs_reference=True, batch_coupled=True, paper=PAPER)
@@ -396,35 +429,34 @@ def aot_paired(
     positive margin.
     """
     if stats.ref_chosen_logps is None or stats.ref_rejected_logps is None:
-        raise ValueError("aot_paired needs reference log-probs (ref_chosen_logps / ref_rejected_logps are None)")
+        raise ValueError(
+            "aot_paired needs reference log-probs (ref_chosen_logps / ref_rejected_logps are None)"
+        )
     weights = _checked_weights(stats.weights, len(stats), "weights")
     chosen = _per_token(stats.policy_chosen_logps, stats.chosen_lengths, length_normalize)
     rejected = _per_token(stats.policy_rejected_logps, stats.rejected_lengths, length_normalize)
     ref_chosen = _per_token(stats.ref_chosen_logps, stats.chosen_lengths, length_normalize)
     ref_rejected = _per_token(stats.ref_rejected_logps, stats.rejected_lengths, length_normalize)
-    policy_margins, reference_margins = chosen - rejected, ref_chosen - ref_rejected
-    loss = aot_paired_loss(
+    policy_margins, reference_margins = chosen - rejected, (ref_chosen - ref_rejected).detach()
+    result = _loss_and_dominance(
         policy_margins,
         reference_margins,
+        weights,
+        weights,
         cost=cost,
         beta=beta,
         label_smoothing=label_smoothing,
         soft_sort=soft_sort,
         soft_sort_strength=soft_sort_strength,
-        weights=weights,
-    )
-    grid = quantile_grid(
-        policy_margins.detach(), reference_margins.detach(), positive_weights=weights, negative_weights=weights
     )
     chosen_rewards, rejected_rewards = (chosen - ref_chosen).detach(), (rejected - ref_rejected).detach()
-    metrics = dominance_summary(grid, cost=cost, beta=beta)
-    metrics |= {
+    result.metrics |= {
         "rewards/chosen": _mean(chosen_rewards, weights),
         "rewards/rejected": _mean(rejected_rewards, weights),
         "rewards/margins": _mean(chosen_rewards - rejected_rewards, weights),
         "rewards/accuracies": _mean((chosen_rewards > rejected_rewards).float(), weights),
     }
-    return LossResult(loss=loss, metrics=metrics)
+    return result
 
 
 @register_loss("aot_unpaired", data_kind="unpaired", needs_reference=True, batch_coupled=True, paper=PAPER)
@@ -458,25 +490,22 @@ def aot_unpaired(
     positive, negative = rewards[is_positive], rewards[~is_positive]
     pos_weights = None if weights is None else weights[is_positive]
     neg_weights = None if weights is None else weights[~is_positive]
-    options = dict(cost=cost, beta=beta, label_smoothing=label_smoothing)
-    loss = aot_unpaired_loss(
+    result = _loss_and_dominance(
         positive,
         negative,
-        **options,
+        pos_weights,
+        neg_weights,
+        cost=cost,
+        beta=beta,
+        label_smoothing=label_smoothing,
         soft_sort=soft_sort,
         soft_sort_strength=soft_sort_strength,
-        positive_weights=pos_weights,
-        negative_weights=neg_weights,
     )
-    grid = quantile_grid(
-        positive.detach(), negative.detach(), positive_weights=pos_weights, negative_weights=neg_weights
-    )
-    metrics = dominance_summary(grid, cost=cost, beta=beta)
     mean_positive, mean_negative = _mean(positive, pos_weights), _mean(negative, neg_weights)
-    metrics |= {
+    result.metrics |= {
         "rewards/positive": mean_positive,
         "rewards/negative": mean_negative,
         "rewards/margins": mean_positive - mean_negative,
         "rewards/accuracies": _pairwise_win_rate(positive, negative, pos_weights, neg_weights),
     }
-    return LossResult(loss=loss, metrics=metrics)
+    return result

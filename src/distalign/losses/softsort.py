@@ -6,15 +6,18 @@ permutations of ``theta``); adding ``(eps / 2) ||y||^2`` turns it into a Euclide
 
     soft_sort_eps(theta) = argmin_{y in P(theta)} || y - rho / eps ||^2,    rho = (n, n-1, ..., 1)
 
-which the paper reduces to one isotonic regression (their Prop. 3): with ``w`` = theta sorted
-descending,
+which the paper reduces to one isotonic regression: with ``w`` = theta sorted descending,
 
     soft_sort_eps(theta) = rho / eps - isotonic_decreasing(rho / eps - w)
 
-solved exactly in O(n) by pool-adjacent-violators (PAV). We chose this relaxation over
-Sinkhorn-based soft sorts (Cuturi et al. 2019) because it is exact (no inner iterations or
-tolerance), O(n log n), and becomes the hard sort *exactly* once ``eps`` is below the smallest
-gap scale of the input, not just in the limit.
+solved exactly in O(n) by pool-adjacent-violators (PAV). Reading the formula: a run of sorted values
+whose consecutive gaps exceed ``1 / eps`` is pooled, and a pooled run comes out evenly spaced with step
+``1 / eps`` around its mean; so ``eps`` caps how far apart sorted neighbours can be, and the output is
+the hard sort *exactly* once ``eps <= 1 / (largest gap between neighbours)``.
+
+We chose this relaxation over Sinkhorn-based soft sorts (Cuturi et al. 2019) because it is exact (no
+inner iterations or tolerance), O(n log n), sum-preserving and order-preserving, and it reaches the
+hard sort at a finite ``eps`` rather than only in the limit.
 
 Gradients: PAV fixes a partition of the positions into blocks, and the isotonic solution is the
 block mean of its input; we compute that mean with differentiable torch ops on a partition found from
@@ -38,12 +41,28 @@ def _decreasing_isotonic_blocks(targets: list[float]) -> list[int]:
         block_sizes.append(1)
         # A decreasing fit needs mean(previous block) >= mean(last block); pool while violated.
         while len(block_sums) > 1 and block_sums[-2] * block_sizes[-1] < block_sums[-1] * block_sizes[-2]:
-            block_sums[-2] += block_sums.pop()
-            block_sizes[-2] += block_sizes.pop()
+            last_sum, last_size = block_sums.pop(), block_sizes.pop()
+            block_sums[-1] += last_sum
+            block_sizes[-1] += last_size
     block_ids: list[int] = []
     for block_id, size in enumerate(block_sizes):
         block_ids.extend([block_id] * size)
     return block_ids
+
+
+def _pav_block_ids(targets: torch.Tensor) -> torch.Tensor:
+    """PAV blocks of the decreasing isotonic regression of ``targets`` [n], as a long tensor [n]."""
+    return torch.tensor(
+        _decreasing_isotonic_blocks(targets.detach().double().tolist()), device=targets.device
+    )
+
+
+def _block_means(values: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
+    """Mean of ``values`` [n] over each position's block, shape [n]; differentiable in ``values``."""
+    num_blocks = int(block_ids[-1]) + 1
+    block_sums = values.new_zeros(num_blocks).index_add(0, block_ids, values)
+    block_sizes = torch.bincount(block_ids, minlength=num_blocks).to(values.dtype)
+    return (block_sums / block_sizes)[block_ids]
 
 
 def decreasing_isotonic_regression(targets: torch.Tensor) -> torch.Tensor:
@@ -59,24 +78,18 @@ def decreasing_isotonic_regression(targets: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"isotonic regression expects a 1-D tensor, got shape {tuple(targets.shape)}")
     if targets.numel() == 0:
         return targets.clone()
-    block_ids = torch.tensor(
-        _decreasing_isotonic_blocks(targets.detach().double().tolist()), device=targets.device
-    )
-    num_blocks = int(block_ids[-1]) + 1
-    block_sums = targets.new_zeros(num_blocks).index_add(0, block_ids, targets)
-    block_sizes = torch.bincount(block_ids, minlength=num_blocks).to(targets.dtype)
-    return (block_sums / block_sizes)[block_ids]
+    return _block_means(targets, _pav_block_ids(targets))
 
 
 def soft_sort(values: torch.Tensor, *, strength: float = 1.0, descending: bool = False) -> torch.Tensor:
-    """L2-regularised soft sort (Blondel et al. 2020, soft sort with Q regularisation).
+    """L2-regularised soft sort (Blondel et al. 2020, ``s_{eps Q}``).
 
     Args:
         values: shape [n], floating point (same units as the output).
-        strength: regularisation strength ``eps > 0``, in the units of ``values``. Values closer than
-            about ``eps`` are pooled towards their mean; as ``eps -> 0`` the output is the hard sort
-            (exactly, once ``eps`` is small against the gaps), as ``eps -> inf`` every entry tends to
-            ``values.mean()``.
+        strength: regularisation strength ``eps > 0``, in inverse units of ``values``. Sorted
+            neighbours further apart than ``1 / eps`` are pulled together; the output is exactly the
+            hard sort once ``eps <= 1 / max_gap`` (so as ``eps -> 0``), and every entry tends to
+            ``values.mean()`` as ``eps -> inf``.
         descending: order of the output; ascending by default, like ``torch.sort``.
 
     Returns:
@@ -91,8 +104,12 @@ def soft_sort(values: torch.Tensor, *, strength: float = 1.0, descending: bool =
     if n == 0:
         return values.clone()
     sorted_descending = torch.sort(values, descending=True).values
-    # rho / eps, rho = (n, ..., 1): the linear objective that hard sorting maximises, scaled by 1/eps.
-    anchor = torch.arange(n, 0, -1, device=values.device, dtype=values.dtype) / strength
-    result = anchor - decreasing_isotonic_regression(anchor - sorted_descending)
+    # rho = (n, ..., 1): the linear objective hard sorting maximises; the projection target is rho / eps.
+    rho = torch.arange(n, 0, -1, device=values.device, dtype=torch.float64)
+    block_ids = _pav_block_ids(rho / strength - sorted_descending.detach().double())
+    # rho/eps - mean_B(rho/eps - w) rearranged as mean_B(w) + (rho - mean_B(rho)) / eps: the same value
+    # without subtracting two numbers of size n / eps, which loses all precision for small eps.
+    offsets = ((rho - _block_means(rho, block_ids)) / strength).to(values.dtype)
+    result = _block_means(sorted_descending, block_ids) + offsets
     # The permutahedron is symmetric under permutations, so the ascending projection is the reversal.
     return result if descending else result.flip(0)
