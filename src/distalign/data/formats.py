@@ -140,7 +140,9 @@ def _messages(value: Any, where: dict[str, Any], field: str) -> list[dict[str, A
     for index, message in enumerate(value):
         if not isinstance(message, Mapping):
             got = type(message).__name__
-            raise DataError(f"message {index}: expected a dict with role and content, got {got}", field=field, **where)
+            raise DataError(
+                f"message {index}: expected a dict with role and content, got {got}", field=field, **where
+            )
         role, content = message.get("role"), message.get("content")
         if role not in MESSAGE_ROLES:
             roles = ", ".join(sorted(MESSAGE_ROLES))
@@ -169,10 +171,14 @@ def _completion(value: Any, conversational: bool, where: dict[str, Any], field: 
         return [{"role": "assistant", "content": value}] if conversational else value
     if isinstance(value, list):
         if not conversational:
-            raise DataError("a list of messages needs a conversational prompt (list of messages)", field=field, **where)
+            raise DataError(
+                "a list of messages needs a conversational prompt (list of messages)", field=field, **where
+            )
         messages = _messages(value, where, field)
         if messages[-1]["role"] != "assistant":
-            raise DataError("the last message of a completion must have role 'assistant'", field=field, **where)
+            raise DataError(
+                "the last message of a completion must have role 'assistant'", field=field, **where
+            )
         if not any(m["content"].strip() for m in messages):
             raise DataError("empty completion", field=field, **where)
         return messages
@@ -213,19 +219,25 @@ def _tag(value: Any, where: dict[str, Any], field: str) -> str | None:
     return value
 
 
-def _reward_dict(row: Mapping[str, Any], dict_field: str, prefix: str, where: dict[str, Any]) -> dict[str, float]:
+def _reward_dict(
+    row: Mapping[str, Any], dict_field: str, prefix: str, where: dict[str, Any]
+) -> dict[str, float]:
     rewards: dict[str, float] = {}
     given = row.get(dict_field)
     if given is not None and given != "":
         if not isinstance(given, Mapping):
-            raise DataError(f"expected a dict of name -> number, got {type(given).__name__}", field=dict_field, **where)
+            raise DataError(
+                f"expected a dict of name -> number, got {type(given).__name__}", field=dict_field, **where
+            )
         for name, value in given.items():
             rewards[str(name)] = _number(value, where, f"{dict_field}.{name}")
     for column, value in row.items():
         if column.startswith(prefix) and len(column) > len(prefix):
             name = column[len(prefix) :]
             if name in rewards:
-                raise DataError(f"reward {name!r} given twice (also in {dict_field!r})", field=column, **where)
+                raise DataError(
+                    f"reward {name!r} given twice (also in {dict_field!r})", field=column, **where
+                )
             rewards[name] = _number(value, where, column)
     return rewards
 
@@ -240,7 +252,9 @@ def _listwise(row: Mapping[str, Any], conversational: bool, where: dict[str, Any
         reason = f"{len(scores)} scores for {len(responses)} responses; expected one score per response"
         raise DataError(reason, field="scores", **where)
     out: dict[str, Any] = {
-        "responses": [_completion(r, conversational, where, f"responses[{i}]") for i, r in enumerate(responses)],
+        "responses": [
+            _completion(r, conversational, where, f"responses[{i}]") for i, r in enumerate(responses)
+        ],
         "scores": [_number(s, where, f"scores[{i}]") for i, s in enumerate(scores)],
     }
     rewards = row.get("rewards")
@@ -250,7 +264,9 @@ def _listwise(row: Mapping[str, Any], conversational: bool, where: dict[str, Any
         out["rewards"] = {}
         for name, values in rewards.items():
             if not isinstance(values, list) or len(values) != len(responses):
-                raise DataError(f"reward {name!r}: expected one number per response", field="rewards", **where)
+                raise DataError(
+                    f"reward {name!r}: expected one number per response", field="rewards", **where
+                )
             out["rewards"][str(name)] = [_number(v, where, f"rewards.{name}") for v in values]
     return out
 

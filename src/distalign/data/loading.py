@@ -38,7 +38,17 @@ BUILTIN_PREFIX = "builtin:"
 FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 # CSV cells are strings; these columns may hold JSON (message lists, lists of responses or scores, dicts).
 _CSV_JSON_COLUMNS = frozenset(
-    {"prompt", "chosen", "rejected", "completion", "responses", "scores", "rewards", "chosen_rewards", "rejected_rewards"}
+    {
+        "prompt",
+        "chosen",
+        "rejected",
+        "completion",
+        "responses",
+        "scores",
+        "rewards",
+        "chosen_rewards",
+        "rejected_rewards",
+    }
 )
 _DATASET_DIR_MARKERS = ("dataset_info.json", "dataset_dict.json", "state.json")
 
@@ -99,7 +109,12 @@ def _read_jsonl(path: Path, limit: int | None) -> Iterator[RawRow]:
             try:
                 yield line_number, json.loads(line)
             except json.JSONDecodeError as exc:
-                yield line_number, DataError(f"invalid JSON: {exc.msg} (column {exc.colno})", file=str(path), row=line_number)
+                yield (
+                    line_number,
+                    DataError(
+                        f"invalid JSON: {exc.msg} (column {exc.colno})", file=str(path), row=line_number
+                    ),
+                )
 
 
 def _read_json(path: Path, limit: int | None) -> Iterator[RawRow]:
@@ -110,7 +125,9 @@ def _read_json(path: Path, limit: int | None) -> Iterator[RawRow]:
     try:
         records = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise DataError(f"invalid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})", file=str(path)) from None
+        raise DataError(
+            f"invalid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})", file=str(path)
+        ) from None
     yield from enumerate(records[:limit] if limit is not None else records, start=1)
 
 
@@ -139,7 +156,10 @@ def _read_csv(path: Path, limit: int | None) -> Iterator[RawRow]:
                 extra = DataError("more cells than header columns", file=str(path), row=row_number)
                 yield row_number, extra
                 continue
-            yield row_number, {col: (None if val is None else _decode_csv_cell(col, val)) for col, val in record.items()}
+            yield (
+                row_number,
+                {col: (None if val is None else _decode_csv_cell(col, val)) for col, val in record.items()},
+            )
 
 
 def _read_parquet(path: Path, limit: int | None) -> Iterator[RawRow]:
@@ -169,7 +189,9 @@ def _load_saved_dataset(path: Path, split: str) -> Any:
         loaded = datasets.load_dataset(str(path), split=None)
     if isinstance(loaded, (datasets.DatasetDict, dict)):
         if split not in loaded:
-            raise DataError(f"no split {split!r}; available splits: {', '.join(sorted(loaded))}", file=str(path))
+            raise DataError(
+                f"no split {split!r}; available splits: {', '.join(sorted(loaded))}", file=str(path)
+            )
         return loaded[split]
     return loaded
 
@@ -188,7 +210,12 @@ def _load_hub_dataset(name: str, split: str) -> Any:
 
 
 def _looks_like_local_path(text: str) -> bool:
-    return text.endswith(FILE_SUFFIXES) or text.startswith((".", "/", "~")) or "\\" in text or text.count("/") > 1
+    return (
+        text.endswith(FILE_SUFFIXES)
+        or text.startswith((".", "/", "~"))
+        or "\\" in text
+        or text.count("/") > 1
+    )
 
 
 def _raw_rows(path_text: str, split: str, limit: int | None) -> Iterator[RawRow]:
@@ -202,7 +229,10 @@ def _raw_rows(path_text: str, split: str, limit: int | None) -> Iterator[RawRow]
         readers = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}
         reader = readers.get(path.suffix.lower())
         if reader is None:
-            raise DataError(f"unsupported file type {path.suffix!r}; supported: {', '.join(FILE_SUFFIXES)}", file=path_text)
+            raise DataError(
+                f"unsupported file type {path.suffix!r}; supported: {', '.join(FILE_SUFFIXES)}",
+                file=path_text,
+            )
         return reader(path, limit)
     if _looks_like_local_path(path_text):
         raise DataError("file not found", file=path_text)
@@ -219,11 +249,16 @@ def _resolve_format(format: str, columns: set[str], file: str) -> DataFormat:
         raise DataError(f"unknown data format {format!r}; valid: auto, {', '.join(DATA_FORMATS)}", file=file)
     missing = [c for c in REQUIRED_COLUMNS[format] if c not in columns]
     if missing:
-        raise DataError(f"format {format!r} needs columns {', '.join(missing)}; found: {', '.join(sorted(columns))}", file=file)
+        raise DataError(
+            f"format {format!r} needs columns {', '.join(missing)}; found: {', '.join(sorted(columns))}",
+            file=file,
+        )
     return format  # type: ignore[return-value]
 
 
-def load_rows(path: str | Path, *, format: str = "auto", split: str = "train", limit: int | None = None) -> LoadedData:
+def load_rows(
+    path: str | Path, *, format: str = "auto", split: str = "train", limit: int | None = None
+) -> LoadedData:
     """Read, validate and normalise a dataset.
 
     ``format`` is ``"auto"`` (detected from the columns) or one of ``paired``, ``unpaired``,
@@ -255,7 +290,9 @@ def load_rows(path: str | Path, *, format: str = "auto", split: str = "train", l
     )
 
 
-def _validate_all(raw: list[RawRow], fmt: DataFormat, file: str) -> tuple[list[dict[str, Any]], list[DataError], bool | None]:
+def _validate_all(
+    raw: list[RawRow], fmt: DataFormat, file: str
+) -> tuple[list[dict[str, Any]], list[DataError], bool | None]:
     rows: list[dict[str, Any]] = []
     errors: list[DataError] = []
     conversational: bool | None = None
