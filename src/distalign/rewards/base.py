@@ -104,7 +104,7 @@ class Normalization:
 class RewardFn:
     """A batched reward: ``reward(prompts, completions) -> torch.Tensor [N] float32``, higher is better.
 
-    ``name`` is the registry name; ``label`` a display name (defaults to ``name``); ``settings`` the
+    ``name`` is the registry name; ``alias`` a display name (defaults to ``name``); ``settings`` the
     resolved factory settings (JSON-serialisable; they form the cache fingerprint).
     """
 
@@ -117,11 +117,11 @@ class RewardFn:
         direction: Direction = "maximize",
         normalization: Normalization | None = None,
         cache: RewardCache | None = None,
-        label: str | None = None,
+        alias: str | None = None,
     ) -> None:
         check_choice("direction", direction, ("maximize", "minimize"))
         self.name = name
-        self.label = label or name
+        self.alias = alias or name
         self.scorer = scorer
         self.settings = dict(settings or {})
         self.direction: Direction = direction
@@ -141,7 +141,9 @@ class RewardFn:
         """Raw scores ([N] float64, the scorer's own units, before direction and normalisation), cached."""
         prompts, completions = list(prompts), list(completions)
         if len(prompts) != len(completions):
-            raise ValueError(f"reward {self.label!r}: {len(prompts)} prompts but {len(completions)} completions")
+            raise ValueError(
+                f"reward {self.alias!r}: {len(prompts)} prompts but {len(completions)} completions"
+            )
         if not prompts:
             return np.zeros(0, dtype=np.float64)
         if self.cache is None:
@@ -167,10 +169,14 @@ class RewardFn:
             out = out.detach().cpu().double().numpy()
         values = np.asarray(out, dtype=np.float64).reshape(-1)
         if values.shape[0] != len(prompts):
-            raise ValueError(f"reward {self.label!r} returned {values.shape[0]} scores for {len(prompts)} texts")
+            raise ValueError(
+                f"reward {self.alias!r} returned {values.shape[0]} scores for {len(prompts)} texts"
+            )
         bad = np.flatnonzero(~np.isfinite(values))
         if bad.size:
-            raise ValueError(f"reward {self.label!r} returned a non-finite score at batch index {int(bad[0])}")
+            raise ValueError(
+                f"reward {self.alias!r} returned a non-finite score at batch index {int(bad[0])}"
+            )
         return values
 
     def oriented(self, prompts: Sequence[str], completions: Sequence[str]) -> np.ndarray:
@@ -183,22 +189,27 @@ class RewardFn:
     ) -> Normalization:
         """Fit the normalisation statistics on a dataset (``kind`` defaults to the configured one)."""
         kind = kind or self.normalization.kind
-        self.normalization = Normalization.fit(kind, self.oriented(prompts, completions), self.normalization.clip)
+        self.normalization = Normalization.fit(
+            kind, self.oriented(prompts, completions), self.normalization.clip
+        )
         return self.normalization
+
+    def scores(self, prompts: Sequence[str], completions: Sequence[str]) -> np.ndarray:
+        """Rewards for N pairs as float64 numpy [N]: oriented (higher is better) and normalised."""
+        return self.normalization.apply(self.oriented(prompts, completions))
 
     def __call__(self, prompts: Sequence[str], completions: Sequence[str]) -> torch.Tensor:
         """Rewards for N pairs: float32 tensor [N], oriented (higher is better) and normalised."""
-        values = self.normalization.apply(self.oriented(prompts, completions))
-        return torch.as_tensor(values, dtype=torch.float32)
+        return torch.as_tensor(self.scores(prompts, completions), dtype=torch.float32)
 
     def spec(self) -> dict[str, Any]:
         """A spec that :func:`distalign.rewards.build_reward` turns back into an equivalent reward."""
         norm = {k: v for k, v in asdict(self.normalization).items() if v is not None}
         out: dict[str, Any] = {"name": self.name, **self.settings, "direction": self.direction}
         out["normalize"] = norm
-        if self.label != self.name:
-            out["label"] = self.label
+        if self.alias != self.name:
+            out["alias"] = self.alias
         return out
 
     def __repr__(self) -> str:
-        return f"RewardFn({self.label!r}, name={self.name!r}, direction={self.direction!r})"
+        return f"RewardFn({self.alias!r}, name={self.name!r}, direction={self.direction!r})"

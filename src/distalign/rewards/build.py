@@ -11,7 +11,7 @@ from distalign.rewards.base import REWARDS, Normalization, RewardFn
 from distalign.rewards.cache import RewardCache
 
 #: Spec keys that configure the wrapper rather than the factory.
-WRAPPER_KEYS = ("name", "label", "direction", "normalize", "cache", "cache_dir")
+WRAPPER_KEYS = ("name", "alias", "direction", "normalize", "cache", "cache_dir")
 
 _SHARED_CACHES: dict[str | None, RewardCache] = {}
 
@@ -41,20 +41,26 @@ def _normalization(spec: Any) -> Normalization:
 def resolve_settings(name: str, factory: Any, settings: dict[str, Any]) -> dict[str, Any]:
     """``settings`` checked against the factory's keyword-only parameters, with defaults filled in."""
     params = {
-        p.name: p for p in inspect.signature(factory).parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY
+        p.name: p
+        for p in inspect.signature(factory).parameters.values()
+        if p.kind is inspect.Parameter.KEYWORD_ONLY
     }
     unknown = sorted(set(settings) - set(params))
     if unknown:
         valid = ", ".join(sorted(params)) or "(none)"
         raise ValueError(f"reward {name!r} has no setting(s) {unknown}; its settings: {valid}")
-    missing = sorted(k for k, p in params.items() if p.default is inspect.Parameter.empty and k not in settings)
+    missing = sorted(
+        k for k, p in params.items() if p.default is inspect.Parameter.empty and k not in settings
+    )
     if missing:
         raise ValueError(f"reward {name!r} needs setting(s) {missing}")
     resolved = {k: settings.get(k, p.default) for k, p in params.items()}
     try:  # the fingerprint hashes the settings as JSON, so they must survive a round trip
         return json.loads(json.dumps(resolved))
     except TypeError as err:
-        raise ValueError(f"reward {name!r}: settings must be plain data (numbers, strings, lists, maps): {err}") from None
+        raise ValueError(
+            f"reward {name!r}: settings must be plain data (numbers, strings, lists, maps): {err}"
+        ) from None
 
 
 def build_reward(spec: dict[str, Any] | str, *, cache_dir: str | Path | None = None) -> RewardFn:
@@ -64,7 +70,7 @@ def build_reward(spec: dict[str, Any] | str, *, cache_dir: str | Path | None = N
     shorthand for ``{"name": "callable", "path": ...}``) or a dict::
 
         {"name": "length", "target": 20,            # registry name + the factory's settings
-         "label": "brevity",                        # optional display name
+         "alias": "brevity",                        # optional display name
          "direction": "maximize" | "minimize",      # minimize negates the raw score
          "normalize": "none" | "zscore" | "minmax" | {"kind": ..., "mean": ..., "std": ..., "low": ...,
                                                       "high": ..., "clip": false},
@@ -91,5 +97,5 @@ def build_reward(spec: dict[str, Any] | str, *, cache_dir: str | Path | None = N
         direction=spec.get("direction", "maximize"),
         normalization=_normalization(spec.get("normalize")),
         cache=cache,
-        label=spec.get("label"),
+        alias=spec.get("alias"),
     )

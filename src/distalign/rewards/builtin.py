@@ -181,7 +181,9 @@ def import_callable(path: str) -> Any:
     try:
         target: Any = importlib.import_module(module_name)
     except ImportError as err:
-        raise ValueError(f"cannot import module {module_name!r} for reward callable {path!r}: {err}") from None
+        raise ValueError(
+            f"cannot import module {module_name!r} for reward callable {path!r}: {err}"
+        ) from None
     for attr in attr_path.split("."):
         if not hasattr(target, attr):
             raise ValueError(f"reward callable {path!r}: {module_name!r} has no attribute {attr_path!r}")

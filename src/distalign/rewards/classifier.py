@@ -25,7 +25,9 @@ def resolve_label(label: int | str | None, id2label: dict[int, str], num_labels:
     if label is None:
         if num_labels == 1:
             return None
-        raise ValueError(f"the classifier has {num_labels} labels; set label to one of {sorted(names)} or an index")
+        raise ValueError(
+            f"the classifier has {num_labels} labels; set label to one of {sorted(names)} or an index"
+        )
     if isinstance(label, str) and not label.lstrip("-").isdigit():
         if label not in names:
             raise ValueError(f"label {label!r} is not a label of the classifier; its labels: {sorted(names)}")
@@ -34,6 +36,62 @@ def resolve_label(label: int | str | None, id2label: dict[int, str], num_labels:
     if not 0 <= index < num_labels:
         raise ValueError(f"label index {index} is out of range for a classifier with {num_labels} labels")
     return index
+
+
+class ClassifierScorer:
+    """Batched scorer over a local sequence classifier, loaded on first use (building a spec stays cheap)."""
+
+    def __init__(
+        self,
+        model_dir: Path,
+        label_index: int | None,
+        *,
+        score: str,
+        input: str,
+        batch_size: int,
+        max_length: int,
+        device: str,
+    ) -> None:
+        self.model_dir, self.label_index, self.score, self.input = model_dir, label_index, score, input
+        self.batch_size, self.max_length, self.device = batch_size, max_length, device
+        self.fingerprint_extra = {"files": _directory_fingerprint(model_dir)}
+        self._loaded: tuple[Any, Any] | None = None
+
+    def _load(self) -> tuple[Any, Any]:
+        if self._loaded is None:
+            from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(self.model_dir, local_files_only=True)
+            model = AutoModelForSequenceClassification.from_pretrained(self.model_dir, local_files_only=True)
+            self._loaded = (tokenizer, model.to(self.device).eval())
+        return self._loaded
+
+    def _select(self, logits: torch.Tensor) -> torch.Tensor:
+        """[B, num_labels] logits -> [B] scores of the chosen label."""
+        if self.label_index is None:
+            return logits[:, 0]
+        if self.score == "probability":
+            logits = logits.softmax(-1)
+        elif self.score == "log_probability":
+            logits = logits.log_softmax(-1)
+        return logits[:, self.label_index]
+
+    @torch.no_grad()
+    def __call__(self, prompts: list[str], completions: list[str]) -> torch.Tensor:
+        tokenizer, model = self._load()
+        outputs = []
+        for start in range(0, len(completions), self.batch_size):
+            texts = completions[start : start + self.batch_size]
+            first, second = (
+                (prompts[start : start + self.batch_size], texts)
+                if self.input == "prompt_completion"
+                else (texts, None)
+            )
+            enc = tokenizer(
+                first, second, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+            )
+            outputs.append(self._select(model(**enc.to(self.device)).logits.float()))
+        return torch.cat(outputs).cpu()
 
 
 @REWARDS.register("hf_classifier")
@@ -58,47 +116,19 @@ def hf_classifier(
     check_choice("input", input, ("completion", "prompt_completion"))
     model_dir = Path(path).expanduser()
     if not model_dir.is_dir():
-        raise ValueError(f"hf_classifier path {path!r} is not a local directory (models are never downloaded)")
+        raise ValueError(
+            f"hf_classifier path {path!r} is not a local directory (models are never downloaded)"
+        )
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
     label_index = resolve_label(label, dict(config.id2label or {}), int(config.num_labels))
-    loaded: dict[str, Any] = {}
-
-    def load() -> tuple[Any, Any]:
-        if not loaded:
-            from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-            loaded["tokenizer"] = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-            model = AutoModelForSequenceClassification.from_pretrained(model_dir, local_files_only=True)
-            loaded["model"] = model.to(device).eval()
-        return loaded["tokenizer"], loaded["model"]
-
-    @torch.no_grad()
-    def scorer(prompts: list[str], completions: list[str]) -> torch.Tensor:
-        tokenizer, model = load()
-        outputs = []
-        for start in range(0, len(completions), batch_size):
-            texts = completions[start : start + batch_size]
-            pair = prompts[start : start + batch_size] if input == "prompt_completion" else None
-            enc = tokenizer(
-                pair if pair is not None else texts,
-                texts if pair is not None else None,
-                padding=True,
-                truncation=True,
-                max_length=max_length,
-                return_tensors="pt",
-            ).to(device)
-            logits = model(**enc).logits.float()  # [B, num_labels]
-            if label_index is None:
-                outputs.append(logits[:, 0])
-                continue
-            if score == "probability":
-                logits = logits.softmax(-1)
-            elif score == "log_probability":
-                logits = logits.log_softmax(-1)
-            outputs.append(logits[:, label_index])
-        return torch.cat(outputs).cpu()
-
-    scorer.fingerprint_extra = {"files": _directory_fingerprint(model_dir)}  # type: ignore[attr-defined]
-    return scorer
+    return ClassifierScorer(
+        model_dir,
+        label_index,
+        score=score,
+        input=input,
+        batch_size=batch_size,
+        max_length=max_length,
+        device=device,
+    )

@@ -1,0 +1,370 @@
+"""Evaluation metrics: gold-reward win rate and means with bootstrap CIs, KL estimates, diversity, length.
+
+Everything here is pure numpy on arrays or lists of texts. Rewards of policy and reference are *paired by
+prompt*: index i of both arrays belongs to the same held-out prompt, and the bootstrap resamples prompts
+(indices) jointly across arrays so the pairing survives resampling. Texts are tokenised by splitting on
+whitespace (``str.split()``), case and punctuation kept: the metrics compare models on equal footing
+without depending on any model's tokenizer. :class:`EvalResult` is the schema of ``RUN_DIR/eval/eval.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ArrayLike = Any  # list[float] | np.ndarray | torch.Tensor, 1-D
+
+
+def as_array(values: ArrayLike) -> np.ndarray:
+    """``values`` as a 1-D float64 numpy array (accepts lists, numpy arrays and CPU/GPU tensors)."""
+    if hasattr(values, "detach"):
+        values = values.detach().cpu().double().numpy()
+    return np.asarray(values, dtype=np.float64).reshape(-1)
+
+
+@dataclass
+class Estimate:
+    """A point estimate with a percentile-bootstrap confidence interval [low, high] from n samples."""
+
+    value: float
+    low: float
+    high: float
+    n: int
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Estimate:
+        return cls(float(data["value"]), float(data["low"]), float(data["high"]), int(data["n"]))
+
+
+def win_rate(policy_rewards: ArrayLike, reference_rewards: ArrayLike, *, ties: str = "half") -> float:
+    """Share of prompts where the policy's gold reward beats the reference's (arrays [N], paired by index).
+
+    ``ties``: "half" counts a tie as 1/2 win; "loss" as 0; "exclude" drops tied prompts (NaN if all tie).
+    """
+    policy, reference = as_array(policy_rewards), as_array(reference_rewards)
+    if policy.shape != reference.shape or policy.size == 0:
+        raise ValueError(
+            f"win_rate needs two non-empty arrays of equal length, got {policy.size} and {reference.size}"
+        )
+    wins, tied = (policy > reference).astype(np.float64), policy == reference
+    if ties == "half":
+        return float(np.mean(wins + 0.5 * tied))
+    if ties == "loss":
+        return float(np.mean(wins))
+    if ties == "exclude":
+        return float(np.mean(wins[~tied])) if (~tied).any() else float("nan")
+    raise ValueError(f"ties={ties!r} is not valid; choose 'half', 'loss' or 'exclude'")
+
+
+def bootstrap_ci(
+    stat_fn: Callable[..., float], *arrays: ArrayLike, n_boot: int = 1000, alpha: float = 0.05, seed: int = 0
+) -> tuple[float, float]:
+    """Percentile-bootstrap ``1 - alpha`` interval of ``stat_fn(*arrays)``.
+
+    Each of ``n_boot`` resamples draws N indices with replacement and applies them to *all* arrays
+    (each [N]) together. The bounds are the ``alpha/2`` and ``1 - alpha/2`` quantiles (linear
+    interpolation) of the resampled statistics, ignoring NaN resamples.
+    """
+    data = [as_array(a) for a in arrays]
+    if not data or len({a.size for a in data}) != 1 or data[0].size == 0:
+        raise ValueError("bootstrap_ci needs one or more non-empty arrays of equal length")
+    if not 0 < alpha < 1 or n_boot < 1:
+        raise ValueError(f"need 0 < alpha < 1 and n_boot >= 1, got alpha={alpha}, n_boot={n_boot}")
+    rng = np.random.default_rng(seed)
+    indices = rng.integers(0, data[0].size, size=(n_boot, data[0].size))
+    stats = np.array([stat_fn(*(a[idx] for a in data)) for idx in indices], dtype=np.float64)
+    low, high = np.nanquantile(stats, [alpha / 2, 1 - alpha / 2])
+    return float(low), float(high)
+
+
+def mean_with_ci(values: ArrayLike, *, n_boot: int = 1000, alpha: float = 0.05, seed: int = 0) -> Estimate:
+    """Mean of ``values`` ([N]) with its bootstrap interval."""
+    data = as_array(values)
+    low, high = bootstrap_ci(np.mean, data, n_boot=n_boot, alpha=alpha, seed=seed)
+    return Estimate(float(data.mean()), low, high, int(data.size))
+
+
+def win_rate_with_ci(
+    policy_rewards: ArrayLike,
+    reference_rewards: ArrayLike,
+    *,
+    ties: str = "half",
+    n_boot: int = 1000,
+    alpha: float = 0.05,
+    seed: int = 0,
+) -> Estimate:
+    """:func:`win_rate` with its bootstrap interval (prompts resampled jointly for both models)."""
+    policy, reference = as_array(policy_rewards), as_array(reference_rewards)
+    value = win_rate(policy, reference, ties=ties)
+    low, high = bootstrap_ci(
+        lambda p, r: win_rate(p, r, ties=ties), policy, reference, n_boot=n_boot, alpha=alpha, seed=seed
+    )
+    return Estimate(value, low, high, int(policy.size))
+
+
+@dataclass
+class KLEstimate:
+    """Monte-Carlo estimates of KL(pi || ref) in nats per sequence, from samples y ~ pi.
+
+    ``k1`` = mean of ``log pi(y) - log ref(y)``: unbiased, but single samples can be negative and noisy.
+    ``k3`` = mean of ``(r - 1) - log r`` with ``r = ref(y) / pi(y)``: also unbiased (E_pi[r] = 1) and
+    non-negative per sample, with lower variance when pi is close to ref; far from it, ``r`` has a heavy
+    right tail (``log r`` is clipped at 700 to stay finite), so prefer ``k1`` there. (Schulman, 2020,
+    "Approximating KL divergence".)
+    """
+
+    k1: Estimate
+    k3: Estimate
+
+
+def kl_estimate(
+    policy_logprobs: ArrayLike,
+    reference_logprobs: ArrayLike,
+    *,
+    n_boot: int = 1000,
+    alpha: float = 0.05,
+    seed: int = 0,
+) -> KLEstimate:
+    """KL(pi || ref) from sequence log-probs ([N] each, nats, summed over completion tokens) of N samples
+    drawn from the policy, scored by the policy and by the reference; see :class:`KLEstimate`."""
+    log_pi, log_ref = as_array(policy_logprobs), as_array(reference_logprobs)
+    if log_pi.shape != log_ref.shape or log_pi.size == 0:
+        raise ValueError("kl_estimate needs two non-empty log-prob arrays of equal length")
+    log_ratio = np.minimum(log_ref - log_pi, 700.0)  # log r
+    per_sample_k3 = np.expm1(log_ratio) - log_ratio
+    k1 = mean_with_ci(log_pi - log_ref, n_boot=n_boot, alpha=alpha, seed=seed)
+    k3 = mean_with_ci(per_sample_k3, n_boot=n_boot, alpha=alpha, seed=seed)
+    return KLEstimate(k1=k1, k3=k3)
+
+
+def quantile_curve(values: ArrayLike, levels: Sequence[float] | int = 21) -> tuple[list[float], list[float]]:
+    """``(levels, quantiles)`` of ``values`` ([N]); an int means that many evenly spaced levels in [0, 1].
+
+    Quantile curves of policy vs reference rewards show first-order dominance: the policy dominates
+    when its curve lies on or above the reference's at every level.
+    """
+    grid = np.linspace(0.0, 1.0, levels) if isinstance(levels, int) else np.asarray(levels, dtype=np.float64)
+    return grid.tolist(), np.quantile(as_array(values), grid).tolist()
+
+
+def _tokens(text: str) -> list[str]:
+    return text.split()
+
+
+def _ngrams(tokens: Sequence[str], n: int) -> list[tuple[str, ...]]:
+    return [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
+
+
+def distinct_n(texts: Sequence[str], n: int) -> float:
+    """Distinct-n: unique n-grams / total n-grams over the whole set (n-grams do not cross texts).
+
+    In [0, 1]; 1.0 means no n-gram repeats anywhere. 0.0 when no text has n tokens.
+    """
+    if n < 1:
+        raise ValueError(f"n={n} must be at least 1")
+    grams = [g for text in texts for g in _ngrams(_tokens(text), n)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def _ngram_counts(tokens: Sequence[str], max_n: int) -> list[Counter]:
+    """Counts of the n-grams of ``tokens`` for n = 1..max_n (index n - 1)."""
+    return [Counter(_ngrams(tokens, n)) for n in range(1, max_n + 1)]
+
+
+def _bleu(hyp: list[Counter], hyp_len: int, refs: Sequence[list[Counter]], ref_lens: Sequence[int]) -> float:
+    log_precisions = []
+    for n in range(1, min(len(hyp), hyp_len) + 1):
+        counts = hyp[n - 1]
+        clipped = sum(min(c, max(ref[n - 1].get(g, 0) for ref in refs)) for g, c in counts.items())
+        total = sum(counts.values())
+        if n == 1 and clipped == 0:
+            return 0.0
+        precision = clipped / total if n == 1 else (clipped + 1) / (total + 1)
+        log_precisions.append(math.log(precision))
+    r = min(ref_lens, key=lambda length: (abs(length - hyp_len), length))
+    brevity = 1.0 if hyp_len >= r else math.exp(1 - r / hyp_len)
+    return brevity * math.exp(sum(log_precisions) / len(log_precisions))
+
+
+def sentence_bleu(hypothesis: Sequence[str], references: Sequence[Sequence[str]], max_n: int = 4) -> float:
+    """BLEU of one tokenised hypothesis against tokenised references, in [0, 1].
+
+    Clipped n-gram precisions p_n for n = 1..min(max_n, len(hypothesis)) (orders longer than the
+    hypothesis are dropped and the uniform weights renormalised, so short texts are not scored 0 by
+    construction). Smoothing: add-one on numerator and denominator for n >= 2 (Lin & Och, 2004); p_1 is
+    unsmoothed, so no shared unigram gives 0. Brevity penalty exp(1 - r/c) when the hypothesis length c
+    is below the closest reference length r (ties to the shorter).
+    """
+    if not hypothesis or not references:
+        return 0.0
+    refs = [_ngram_counts(ref, max_n) for ref in references]
+    return _bleu(_ngram_counts(hypothesis, max_n), len(hypothesis), refs, [len(ref) for ref in references])
+
+
+def self_bleu(texts: Sequence[str], max_n: int = 4, seed: int = 0, max_refs: int | None = 100) -> float:
+    """Self-BLEU: mean :func:`sentence_bleu` of each text against the other texts (higher = less diverse).
+
+    With more than ``max_refs`` other texts, a seeded random subset of ``max_refs`` is used as the
+    references of each hypothesis (cost O(N * max_refs)). Empty texts are skipped as hypotheses.
+    """
+    tokenised = [_tokens(t) for t in texts]
+    if len(tokenised) < 2:
+        raise ValueError("self_bleu needs at least 2 texts")
+    counts = [_ngram_counts(tokens, max_n) for tokens in tokenised]
+    rng = np.random.default_rng(seed)
+    scores = []
+    for i, hypothesis in enumerate(tokenised):
+        if not hypothesis:
+            continue
+        others = [j for j in range(len(tokenised)) if j != i]
+        if max_refs is not None and len(others) > max_refs:
+            others = sorted(rng.choice(others, size=max_refs, replace=False).tolist())
+        scores.append(
+            _bleu(
+                counts[i], len(hypothesis), [counts[j] for j in others], [len(tokenised[j]) for j in others]
+            )
+        )
+    return float(np.mean(scores)) if scores else 0.0
+
+
+def token_entropy(texts: Sequence[str]) -> float:
+    """Entropy (bits) of the unigram distribution of whitespace tokens pooled over all texts; 0.0 if empty."""
+    counts = np.array(
+        list(Counter(tok for text in texts for tok in _tokens(text)).values()), dtype=np.float64
+    )
+    if counts.size == 0:
+        return 0.0
+    p = counts / counts.sum()
+    return float(-(p * np.log2(p)).sum())
+
+
+def diversity_stats(texts: Sequence[str], *, seed: int = 0, max_refs: int | None = 100) -> dict[str, float]:
+    """distinct_1, distinct_2, self_bleu (NaN-free: 0.0 for fewer than 2 texts) and token_entropy (bits)."""
+    return {
+        "distinct_1": distinct_n(texts, 1),
+        "distinct_2": distinct_n(texts, 2),
+        "self_bleu": self_bleu(texts, seed=seed, max_refs=max_refs) if len(texts) >= 2 else 0.0,
+        "token_entropy": token_entropy(texts),
+    }
+
+
+def length_stats(texts: Sequence[str]) -> dict[str, dict[str, float]]:
+    """Mean, median and 90th percentile (linear interpolation) of lengths in ``words`` (whitespace
+    tokens) and ``chars`` (characters)."""
+    if not texts:
+        raise ValueError("length_stats needs at least one text")
+    out = {}
+    for unit, lengths in (("words", [len(_tokens(t)) for t in texts]), ("chars", [len(t) for t in texts])):
+        arr = np.asarray(lengths, dtype=np.float64)
+        out[unit] = {
+            "mean": float(arr.mean()),
+            "median": float(np.median(arr)),
+            "p90": float(np.percentile(arr, 90)),
+        }
+    return out
+
+
+@dataclass
+class EvalResult:
+    """Schema of ``RUN_DIR/eval/eval.json`` (``schema_version`` 1), written by ``distalign eval``.
+
+    * ``task``, ``reward``: task name and gold-reward label; ``num_prompts``: held-out prompts evaluated.
+    * ``gold_reward``: ``{"policy": Estimate, "reference": Estimate}``, mean gold reward with CI.
+    * ``win_rate``: policy vs reference, paired by prompt, ties 1/2, with CI (``None`` without a reference).
+    * ``kl``: :class:`KLEstimate` of KL(policy || reference) in nats per sequence (``None`` without log-probs).
+    * ``quantiles``: ``{"levels": [...], "policy": [...], "reference": [...]}`` gold-reward quantile curves.
+    * ``diversity``: per model, :func:`diversity_stats`; ``length``: per model, :func:`length_stats`.
+    * ``settings``: how the numbers were made (models, generation settings, seeds, n_boot, alpha).
+    * ``samples_file``: path, relative to the JSON, of the per-sample JSONL, if one was written.
+    """
+
+    task: str
+    reward: str
+    num_prompts: int
+    gold_reward: dict[str, Estimate]
+    win_rate: Estimate | None = None
+    kl: KLEstimate | None = None
+    quantiles: dict[str, list[float]] = field(default_factory=dict)
+    diversity: dict[str, dict[str, float]] = field(default_factory=dict)
+    length: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)
+    samples_file: str | None = None
+    schema_version: int = 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> EvalResult:
+        """Inverse of :meth:`to_dict`; unknown keys are ignored so newer files stay readable."""
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        known["gold_reward"] = {k: Estimate.from_dict(v) for k, v in data["gold_reward"].items()}
+        if data.get("win_rate") is not None:
+            known["win_rate"] = Estimate.from_dict(data["win_rate"])
+        if data.get("kl") is not None:
+            known["kl"] = KLEstimate(
+                Estimate.from_dict(data["kl"]["k1"]), Estimate.from_dict(data["kl"]["k3"])
+            )
+        return cls(**known)
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> EvalResult:
+        return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
+
+
+def evaluate_samples(
+    policy_texts: Sequence[str],
+    policy_rewards: ArrayLike,
+    reference_texts: Sequence[str] | None = None,
+    reference_rewards: ArrayLike | None = None,
+    *,
+    policy_logprobs: ArrayLike | None = None,
+    reference_logprobs: ArrayLike | None = None,
+    task: str = "",
+    reward: str = "",
+    settings: dict[str, Any] | None = None,
+    n_boot: int = 1000,
+    alpha: float = 0.05,
+    seed: int = 0,
+) -> EvalResult:
+    """All metrics for one completion per held-out prompt from each model (arrays [N], paired by prompt).
+
+    ``policy_logprobs`` / ``reference_logprobs``: log-probs of the *policy's* samples under the policy and
+    the reference (nats per sequence), for the KL estimate.
+    """
+    boot = {"n_boot": n_boot, "alpha": alpha, "seed": seed}
+    models: dict[str, tuple[Sequence[str], np.ndarray]] = {"policy": (policy_texts, as_array(policy_rewards))}
+    if reference_texts is not None and reference_rewards is not None:
+        models["reference"] = (reference_texts, as_array(reference_rewards))
+    levels = np.linspace(0.0, 1.0, 21).tolist()
+    result = EvalResult(
+        task=task,
+        reward=reward,
+        num_prompts=len(policy_texts),
+        gold_reward={name: mean_with_ci(r, **boot) for name, (_, r) in models.items()},
+        quantiles={
+            "levels": levels,
+            **{name: quantile_curve(r, levels)[1] for name, (_, r) in models.items()},
+        },
+        diversity={name: diversity_stats(texts, seed=seed) for name, (texts, _) in models.items()},
+        length={name: length_stats(texts) for name, (texts, _) in models.items()},
+        settings={**(settings or {}), **boot},
+    )
+    if "reference" in models:
+        result.win_rate = win_rate_with_ci(models["policy"][1], models["reference"][1], **boot)
+    if policy_logprobs is not None and reference_logprobs is not None:
+        result.kl = kl_estimate(policy_logprobs, reference_logprobs, **boot)
+    return result

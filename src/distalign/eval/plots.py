@@ -1,0 +1,238 @@
+"""Evaluation and training plots as PNG files (matplotlib, no display needed).
+
+Figures are built with ``matplotlib.figure.Figure`` directly rather than ``pyplot``: no global figure
+state and no GUI backend, so plotting is safe in headless jobs, threads and tests. Every function
+writes one PNG and returns its path.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from distalign.eval.metrics import Estimate
+
+#: Keys of metrics.jsonl rows that are bookkeeping, not curves.
+NON_CURVE_KEYS = frozenset(
+    {"step", "epoch", "time", "timestamp", "wall_time", "elapsed", "samples_seen", "tokens_seen"}
+)
+DPI = 110
+
+
+def read_metrics_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """Rows of a run's metrics.jsonl; malformed lines (e.g. a last line cut off by a crash) are skipped
+    with one warning giving their count."""
+    rows, bad = [], 0
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            bad += 1
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+        else:
+            bad += 1
+    if bad:
+        warnings.warn(f"{path}: skipped {bad} malformed line(s)", stacklevel=2)
+    return rows
+
+
+def curve_keys(rows: Sequence[Mapping[str, Any]], limit: int = 12) -> list[str]:
+    """Numeric metric keys in first-seen order, ``loss`` first, at most ``limit``."""
+    keys: dict[str, None] = {}
+    for row in rows:
+        for key, value in row.items():
+            if key not in NON_CURVE_KEYS and isinstance(value, int | float) and not isinstance(value, bool):
+                keys.setdefault(key)
+    ordered = (["loss"] if "loss" in keys else []) + [k for k in keys if k != "loss"]
+    return ordered[:limit]
+
+
+def _save(fig: Figure, output: str | Path) -> Path:
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(output, format="png", dpi=DPI, bbox_inches="tight")
+    return output
+
+
+def _moving_average(values: np.ndarray, window: int) -> np.ndarray:
+    kernel = np.ones(window) / window
+    return np.convolve(values, kernel, mode="valid")
+
+
+def plot_training_curves(
+    rows: Sequence[Mapping[str, Any]],
+    output: str | Path,
+    *,
+    keys: Sequence[str] | None = None,
+    title: str = "",
+) -> Path | None:
+    """One panel per metric key against ``step`` (``keys`` default: :func:`curve_keys`); with more than
+    20 points a moving average over 1/20 of the run is drawn over the raw curve. ``None`` if nothing to plot."""
+    keys = list(keys) if keys is not None else curve_keys(rows)
+    series = {}
+    for key in keys:
+        points = [(row.get("step", i), row[key]) for i, row in enumerate(rows) if _is_number(row.get(key))]
+        if points:
+            series[key] = np.asarray(points, dtype=np.float64)
+    if not series:
+        return None
+    ncols = min(3, len(series))
+    nrows = math.ceil(len(series) / ncols)
+    fig = Figure(figsize=(4.2 * ncols, 3.0 * nrows))
+    for index, (key, points) in enumerate(series.items()):
+        ax = fig.add_subplot(nrows, ncols, index + 1)
+        steps, values = points[:, 0], points[:, 1]
+        window = max(1, len(values) // 20)
+        ax.plot(steps, values, color="tab:blue", alpha=0.35 if window > 1 else 1.0, linewidth=1)
+        if window > 1:
+            ax.plot(steps[window - 1 :], _moving_average(values, window), color="tab:blue", linewidth=1.8)
+        ax.set_title(key, fontsize=10)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return _save(fig, output)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def plot_estimates(
+    labels: Sequence[str],
+    estimates: Sequence[Estimate],
+    output: str | Path,
+    *,
+    title: str,
+    ylabel: str,
+    reference_line: float | None = None,
+    ylim: tuple[float, float] | None = None,
+) -> Path:
+    """Bar chart of point estimates with their confidence intervals as error bars (one bar per label)."""
+    values = np.array([e.value for e in estimates])
+    errors = np.array([[e.value - e.low for e in estimates], [e.high - e.value for e in estimates]])
+    fig = Figure(figsize=(max(4.0, 1.1 * len(labels) + 2), 3.6))
+    ax = fig.add_subplot(1, 1, 1)
+    positions = np.arange(len(labels))
+    ax.bar(positions, values, yerr=np.clip(errors, 0, None), capsize=5, color="tab:blue", alpha=0.8)
+    ax.set_xticks(
+        positions,
+        list(labels),
+        rotation=20 if len(labels) > 3 else 0,
+        ha="right" if len(labels) > 3 else "center",
+    )
+    if reference_line is not None:
+        ax.axhline(reference_line, color="gray", linestyle="--", linewidth=1)
+    if ylim is not None:
+        ax.set_ylim(*ylim)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    return _save(fig, output)
+
+
+def plot_gold_rewards(labels: Sequence[str], estimates: Sequence[Estimate], output: str | Path) -> Path:
+    """Mean gold reward per model with its CI."""
+    return plot_estimates(
+        labels, estimates, output, title="Gold reward (mean, bootstrap CI)", ylabel="gold reward"
+    )
+
+
+def plot_win_rates(labels: Sequence[str], estimates: Sequence[Estimate], output: str | Path) -> Path:
+    """Win rate against the reference per model, with CI and the 0.5 line of no improvement."""
+    return plot_estimates(
+        labels,
+        estimates,
+        output,
+        title="Win rate vs reference (bootstrap CI)",
+        ylabel="win rate",
+        reference_line=0.5,
+        ylim=(0, 1),
+    )
+
+
+@dataclass
+class FrontierPoint:
+    """One run on the reward-vs-KL plane: KL(pi || ref) in nats and mean gold reward, with optional CIs."""
+
+    label: str
+    kl: float
+    reward: float
+    kl_ci: tuple[float, float] | None = None
+    reward_ci: tuple[float, float] | None = None
+
+
+def pareto_front(points: Sequence[FrontierPoint]) -> list[FrontierPoint]:
+    """Points no other point beats on both axes (lower KL and higher reward), sorted by KL."""
+    front = []
+    for p in points:
+        dominated = any(
+            q.kl <= p.kl and q.reward >= p.reward and (q.kl < p.kl or q.reward > p.reward) for q in points
+        )
+        if not dominated:
+            front.append(p)
+    return sorted(front, key=lambda p: p.kl)
+
+
+def plot_frontier(
+    points: Sequence[FrontierPoint], output: str | Path, *, title: str = "Gold reward vs KL"
+) -> Path:
+    """Scatter of gold reward against KL(pi || ref), one labelled point per run, CIs as error bars; the
+    Pareto front (less KL, more reward) is joined by a dashed line."""
+    fig = Figure(figsize=(5.6, 4.2))
+    ax = fig.add_subplot(1, 1, 1)
+    for p in points:
+        xerr = None if p.kl_ci is None else [[max(p.kl - p.kl_ci[0], 0)], [max(p.kl_ci[1] - p.kl, 0)]]
+        yerr = (
+            None
+            if p.reward_ci is None
+            else [[max(p.reward - p.reward_ci[0], 0)], [max(p.reward_ci[1] - p.reward, 0)]]
+        )
+        ax.errorbar([p.kl], [p.reward], xerr=xerr, yerr=yerr, fmt="o", capsize=3)
+        ax.annotate(p.label, (p.kl, p.reward), textcoords="offset points", xytext=(5, 5), fontsize=9)
+    front = pareto_front(points)
+    if len(front) > 1:
+        ax.plot([p.kl for p in front], [p.reward for p in front], linestyle="--", color="gray", linewidth=1)
+    ax.set_xlabel("KL(policy || reference) [nats / sequence]")
+    ax.set_ylabel("mean gold reward")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return _save(fig, output)
+
+
+def plot_quantile_curves(
+    levels: Sequence[float],
+    curves: Mapping[str, Sequence[float]],
+    output: str | Path,
+    *,
+    title: str = "Gold-reward quantiles",
+    ylabel: str = "gold reward",
+) -> Path:
+    """Quantile functions (level on x, reward quantile on y), one line per model. A curve lying on or
+    above another at every level dominates it in the first-order stochastic sense."""
+    fig = Figure(figsize=(5.6, 4.0))
+    ax = fig.add_subplot(1, 1, 1)
+    for label, values in curves.items():
+        ax.plot(list(levels), list(values), marker=".", label=label)
+    ax.set_xlabel("quantile level")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return _save(fig, output)
