@@ -1,1 +1,56 @@
-"""distalign.models"""
+"""Models: loading (HF / LoRA / GGUF / embedded defaults), exact sequence log-probs, reference log-probs."""
+
+from distalign.models.cache import build_once, cache_root
+from distalign.models.fingerprint import data_fingerprint, model_fingerprint
+from distalign.models.gguf import EmbeddedModelUnavailableError, convert_gguf, smollm2_path
+from distalign.models.loading import (
+    LoraSettings,
+    ModelLoadError,
+    apply_lora,
+    load_model_and_tokenizer,
+    save_final_model,
+    unwrap_model,
+)
+from distalign.models.logprobs import (
+    SequenceLogprobModel,
+    SequenceLogprobs,
+    naive_sequence_logprobs,
+    sequence_logprobs,
+    split_pairs,
+)
+from distalign.models.reference import (
+    ReferenceLogprobCache,
+    adapters_disabled,
+    compute_reference_logprobs,
+    load_reference_model,
+    reference_key_parts,
+)
+from distalign.models.tiny import build_tiny_model, tiny_model_path
+
+__all__ = [
+    "EmbeddedModelUnavailableError",
+    "LoraSettings",
+    "ModelLoadError",
+    "ReferenceLogprobCache",
+    "SequenceLogprobModel",
+    "SequenceLogprobs",
+    "adapters_disabled",
+    "apply_lora",
+    "build_once",
+    "build_tiny_model",
+    "cache_root",
+    "compute_reference_logprobs",
+    "convert_gguf",
+    "data_fingerprint",
+    "load_model_and_tokenizer",
+    "load_reference_model",
+    "model_fingerprint",
+    "naive_sequence_logprobs",
+    "reference_key_parts",
+    "save_final_model",
+    "sequence_logprobs",
+    "smollm2_path",
+    "split_pairs",
+    "tiny_model_path",
+    "unwrap_model",
+]

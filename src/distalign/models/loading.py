@@ -1,0 +1,279 @@
+"""Loading causal LMs (local path, hub id, GGUF, embedded defaults), LoRA through peft, and saving.
+
+``load_model_and_tokenizer`` accepts ``"tiny"`` (the locally built test model), ``"smollm2"`` (the
+embedded SmolLM2-135M-Instruct), a local model directory, a ``.gguf`` file, or a Hugging Face hub id.
+Remote code is never trusted unless asked for, and weights are read with transformers' safe loaders
+(safetensors, or ``torch.load(weights_only=True)`` for legacy ``.bin`` files).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import transformers
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from distalign.models.cache import publish_directory
+from distalign.models.gguf import cached_gguf_conversion, smollm2_path
+from distalign.models.tiny import tiny_model_path
+
+DtypeName = Literal["auto", "float32", "bfloat16", "float16"]
+_DTYPES: dict[str, torch.dtype | str] = {
+    "auto": "auto",
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
+
+class ModelLoadError(RuntimeError):
+    """A model name could not be resolved to weights (missing path, unknown hub id, offline hub)."""
+
+
+@dataclass
+class LoraSettings:
+    """LoRA adapter settings passed to peft.
+
+    ``r``: adapter rank. ``alpha``: scaling numerator (the update is scaled by ``alpha / r``).
+    ``dropout``: dropout on the adapter input. ``target_modules``: module-name suffixes to adapt, or
+    ``"all-linear"`` for every linear layer except the output head.
+    """
+
+    r: int = 8
+    alpha: float = 16
+    dropout: float = 0.0
+    target_modules: list[str] | Literal["all-linear"] = field(default_factory=lambda: ["q_proj", "v_proj"])
+
+    def __post_init__(self) -> None:
+        if self.r <= 0:
+            raise ValueError(f"lora.r must be positive, got {self.r}")
+        if self.alpha <= 0:
+            raise ValueError(f"lora.alpha must be positive, got {self.alpha}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"lora.dropout must be in [0, 1), got {self.dropout}")
+        if isinstance(self.target_modules, str) and self.target_modules != "all-linear":
+            raise ValueError(
+                f"lora.target_modules must be a list of names or 'all-linear', got {self.target_modules!r}"
+            )
+        if not self.target_modules:
+            raise ValueError("lora.target_modules must not be empty")
+
+
+def resolve_model_source(name: str, cache_dir: str | os.PathLike[str] | None = None) -> tuple[str, bool]:
+    """Map a model name to ``(path_or_hub_id, is_local)``, building or converting cached copies as needed."""
+    if name == "tiny":
+        return str(tiny_model_path(cache_dir)), True
+    if name == "smollm2":
+        return str(smollm2_path(cache_dir)), True
+    path = Path(name).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return str(cached_gguf_conversion(path, cache_dir)), True
+    if path.is_dir():
+        return str(path), True
+    if path.exists():
+        raise ModelLoadError(f"model path {name!r} is a file but not a .gguf file; pass a model directory")
+    # Hub ids are "name" or "org/name"; anything else that names no existing file is a missing path.
+    if name.startswith((".", "/", "~")) or name.endswith(".gguf") or name.count("/") > 1 or "\\" in name:
+        raise ModelLoadError(f"model path {name!r} does not exist")
+    return name, False
+
+
+def _dtype_kwargs(dtype: str) -> dict[str, Any]:
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+    # transformers renamed torch_dtype to dtype in 4.56.
+    major, minor = (int(part) for part in transformers.__version__.split(".")[:2])
+    keyword = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
+    return {keyword: _DTYPES[dtype]}
+
+
+def apply_lora(model: PreTrainedModel, settings: LoraSettings) -> Any:
+    """Wrap ``model`` in a peft ``PeftModelForCausalLM`` with freshly initialised LoRA adapters.
+
+    The base weights are frozen; only adapter weights train. The update starts at zero (B = 0), so
+    the wrapped model computes exactly what ``model`` did.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=settings.r,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules=settings.target_modules,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
+
+
+def load_model_and_tokenizer(
+    name: str,
+    *,
+    dtype: DtypeName = "auto",
+    lora: LoraSettings | None = None,
+    gradient_checkpointing: bool = False,
+    trust_remote_code: bool = False,
+    revision: str | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+) -> tuple[Any, Any]:
+    """Load a causal LM and its tokenizer.
+
+    Args:
+        name: ``"tiny"``, ``"smollm2"``, a local model directory, a ``.gguf`` file, or a hub id.
+        dtype: parameter dtype; ``"auto"`` keeps the checkpoint's.
+        lora: wrap the model with LoRA adapters (peft) when given.
+        gradient_checkpointing: recompute activations in backward (non-reentrant), disabling the KV cache.
+        trust_remote_code: allow the checkpoint's own Python code; off unless the config says so.
+        revision: hub revision (branch, tag or commit) for hub ids.
+        cache_dir: distalign cache for built/converted models (the hub cache follows ``HF_HOME``).
+
+    Returns:
+        ``(model, tokenizer)``; the tokenizer always has a pad token (its EOS when it had none), and the
+        model config's ``pad_token_id`` matches it.
+    """
+    dtype_kwargs = _dtype_kwargs(dtype)  # validate before any expensive build or conversion
+    source, is_local = resolve_model_source(name, cache_dir)
+    common: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    if revision is not None and not is_local:
+        common["revision"] = revision
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **common)
+        model = AutoModelForCausalLM.from_pretrained(source, **common, **dtype_kwargs)
+    except (OSError, ValueError) as error:
+        where = "local directory" if is_local else "Hugging Face hub id (needs network or a warm HF cache)"
+        raise ModelLoadError(f"could not load model {name!r} as a {where}: {error}") from error
+    _ensure_pad_token(model, tokenizer)
+    if gradient_checkpointing:
+        _enable_activation_checkpointing(model)
+    if lora is not None:
+        model = apply_lora(model, lora)
+    return model, tokenizer
+
+
+def _enable_activation_checkpointing(model: PreTrainedModel) -> None:
+    # Non-reentrant checkpointing needs no input grads, which matters when LoRA freezes the embeddings.
+    options = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 (old name warns)
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
+    model.config.use_cache = False
+
+
+def _ensure_pad_token(model: PreTrainedModel, tokenizer: Any) -> None:
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ModelLoadError("the tokenizer has neither a pad token nor an EOS token to pad with")
+        tokenizer.pad_token = tokenizer.eos_token
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if getattr(model, "generation_config", None) is not None and model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+
+
+def is_peft_model(model: Any) -> bool:
+    """Whether ``model`` is a peft ``PeftModel`` (checked without importing peft)."""
+    return callable(getattr(model, "get_base_model", None)) and hasattr(model, "peft_config")
+
+
+def unwrap_model(model: Any) -> Any:
+    """Strip DDP-style ``.module`` wrappers and distalign's ``SequenceLogprobModel`` to reach the LM."""
+    from distalign.models.logprobs import SequenceLogprobModel
+
+    while True:
+        if isinstance(model, SequenceLogprobModel):
+            model = model.model
+        elif isinstance(model, torch.nn.Module) and isinstance(
+            getattr(model, "module", None), torch.nn.Module
+        ):
+            model = model.module
+        else:
+            return model
+
+
+def _plain_state_key(peft_key: str) -> str | None:
+    """Key of a peft-injected base-model parameter in the plain model, or None for adapter-only entries."""
+    parts = peft_key.split(".")
+    if any(part.startswith("lora_") for part in parts) or "original_module" in parts:
+        return None
+    plain: list[str] = []
+    skip_next = False
+    for part in parts:
+        if skip_next:  # the adapter name after "modules_to_save"
+            skip_next = False
+        elif part == "modules_to_save":
+            skip_next = True
+        elif part != "base_layer":
+            plain.append(part)
+    return ".".join(plain)
+
+
+def _save_merged_copy(peft_model: Any, directory: Path) -> None:
+    """Save base + merged adapters as a plain transformers model, leaving ``peft_model`` bit-identical.
+
+    Merging in place and then unmerging would leave ``W + BA - BA``, which differs from ``W`` in the
+    last bits; instead the touched base weights are backed up (to CPU) and copied back afterwards.
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    base = peft_model.get_base_model()
+    tuner_layers = [module for module in base.modules() if isinstance(module, BaseTunerLayer)]
+    backups = [
+        (param, param.detach().to("cpu", copy=True))
+        for layer in tuner_layers
+        for param in layer.get_base_layer().parameters(recurse=False)
+    ]
+    peft_model.base_model.merge_adapter()
+    try:
+        plain_state = {}
+        for key, tensor in base.state_dict().items():
+            plain_key = _plain_state_key(key)
+            if plain_key is not None:
+                plain_state[plain_key] = tensor
+        with torch.device("meta"):
+            plain = type(base)(copy.deepcopy(base.config))
+        plain.load_state_dict(plain_state, strict=True, assign=True)
+        plain.tie_weights()
+        if getattr(base, "generation_config", None) is not None:
+            plain.generation_config = copy.deepcopy(base.generation_config)
+        plain.save_pretrained(directory)
+    finally:
+        peft_model.base_model.unmerge_adapter()
+        with torch.no_grad():
+            for param, saved in backups:
+                param.copy_(saved.to(param.device))
+
+
+def save_final_model(
+    model: Any, tokenizer: Any, output_dir: str | os.PathLike[str], *, merge_lora: bool = True
+) -> Path:
+    """Save the trained model (and tokenizer) to ``output_dir``, replacing it atomically.
+
+    A full fine-tune is saved with ``save_pretrained``. A LoRA model saves its adapter to
+    ``output_dir/adapter`` and, with ``merge_lora``, a merged copy to ``output_dir`` itself that plain
+    ``AutoModelForCausalLM.from_pretrained`` loads; the live model is not changed. Call it on one
+    process only, with full (not sharded) parameters.
+    """
+    model = unwrap_model(model)
+    output_dir = Path(output_dir)
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
+    try:
+        if is_peft_model(model):
+            model.save_pretrained(staging / "adapter")
+            if merge_lora:
+                _save_merged_copy(model, staging)
+        else:
+            model.save_pretrained(staging)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+        publish_directory(staging, output_dir, replace=True)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return output_dir

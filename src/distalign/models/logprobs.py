@@ -1,0 +1,342 @@
+"""Exact sequence log-probabilities of completions under a causal LM, without full-vocabulary blow-up.
+
+Convention (the data layer's): ``completion_mask[b, t] = 1`` iff ``input_ids[b, t]`` is a completion
+token. Position ``t - 1`` predicts token ``t``, so position 0 is never a completion token.
+
+A naive implementation materialises ``log_softmax`` over the whole ``[B, T, V]`` logits in float32 —
+for a 150k vocabulary and 8k tokens that is gigabytes per sequence. :func:`sequence_logprobs` instead
+runs the decoder to its final hidden states, keeps only the ``N`` positions that predict completion
+tokens, and pushes them through the output head in chunks: each chunk's ``[chunk, V]`` logits are
+reduced at once to ``target_logit - logsumexp`` in float32 and discarded. Every chunk runs under
+``torch.utils.checkpoint``, so backward recomputes the chunk's logits instead of keeping them: peak
+extra memory is one ``[chunk, V]`` block, forward and backward.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+logger = logging.getLogger(__name__)
+
+# Architectures whose causal-LM head is exactly ``lm_head(final_hidden_states)``. Others are probed
+# once (lean path vs. the model's own logits) and fall back to full logits on a mismatch.
+_PLAIN_HEAD_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3", "olmo2", "smollm3"})
+_lean_decisions: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
+
+
+@dataclass
+class SequenceLogprobs:
+    """Per-sequence completion log-probabilities.
+
+    ``summed``: [B] sum of log p(token) over completion tokens (nats; float32, float64 for a float64
+    model). ``counts``: [B] number of completion tokens (float).
+    """
+
+    summed: Tensor
+    counts: Tensor
+
+    @property
+    def mean(self) -> Tensor:
+        """[B] average log-probability per completion token (0 for a sequence without any)."""
+        return self.summed / self.counts.clamp_min(1)
+
+
+def default_position_ids(attention_mask: Tensor) -> Tensor:
+    """[B, T] positions counting attended tokens only, so left padding does not shift them.
+
+    This is what ``generate`` uses; for right padding it equals ``arange(T)`` on every real token.
+    """
+    return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+
+
+def _check_masks(input_ids: Tensor, attention_mask: Tensor, completion_mask: Tensor) -> None:
+    if (
+        input_ids.dim() != 2
+        or input_ids.shape != attention_mask.shape
+        or input_ids.shape != completion_mask.shape
+    ):
+        raise ValueError(
+            "input_ids, attention_mask and completion_mask must all be [B, T]; got "
+            f"{tuple(input_ids.shape)}, {tuple(attention_mask.shape)}, {tuple(completion_mask.shape)}"
+        )
+    if bool(completion_mask[:, 0].any()):
+        raise ValueError("completion_mask[:, 0] must be 0: no position predicts the first token")
+    if bool((completion_mask.bool() & ~attention_mask.bool()).any()):
+        raise ValueError(
+            "every completion token must be attended (attention_mask = 1 where completion_mask = 1)"
+        )
+
+
+def _accepts(module: nn.Module, argument: str) -> bool:
+    parameters = inspect.signature(module.forward).parameters
+    return argument in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values())
+
+
+def _model_inputs(
+    module: nn.Module, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor | None
+) -> dict:
+    inputs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
+    if _accepts(module, "position_ids"):
+        inputs["position_ids"] = (
+            default_position_ids(attention_mask) if position_ids is None else position_ids
+        )
+    return inputs
+
+
+def naive_sequence_logprobs(
+    model: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    completion_mask: Tensor,
+    position_ids: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Reference implementation: full [B, T, V] logits, float64 log-softmax, gather.
+
+    Returns ``(summed [B] float64, counts [B] float64)``. Memory-hungry by design; for tests only.
+    """
+    _check_masks(input_ids, attention_mask, completion_mask)
+    logits = model(**_model_inputs(model, input_ids, attention_mask, position_ids)).logits
+    token_logps = torch.log_softmax(logits[:, :-1].double(), dim=-1)
+    token_logps = token_logps.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+    mask = completion_mask[:, 1:].double()
+    return (token_logps * mask).sum(-1), mask.sum(-1)
+
+
+def _logit_postprocess(config: Any) -> Callable[[Tensor], Tensor] | None:
+    """The transform some architectures apply after the output head (scaling, soft-capping)."""
+    transforms: list[Callable[[Tensor], Tensor]] = []
+    logit_scale = getattr(config, "logit_scale", None)  # Cohere multiplies
+    if isinstance(logit_scale, (int, float)) and logit_scale != 1:
+        transforms.append(lambda logits: logits * logit_scale)
+    logits_scaling = getattr(config, "logits_scaling", None)  # Granite divides
+    if isinstance(logits_scaling, (int, float)) and logits_scaling != 1:
+        transforms.append(lambda logits: logits / logits_scaling)
+    softcap = getattr(config, "final_logit_softcapping", None)  # Gemma 2/3
+    if isinstance(softcap, (int, float)) and softcap > 0:
+        transforms.append(lambda logits: torch.tanh(logits / softcap) * softcap)
+    if not transforms:
+        return None
+
+    def apply(logits: Tensor) -> Tensor:
+        for transform in transforms:
+            logits = transform(logits)
+        return logits
+
+    return apply
+
+
+def _causal_lm(model: nn.Module) -> nn.Module:
+    """The transformers ``*ForCausalLM`` inside a peft model (adapters stay injected in it)."""
+    if callable(getattr(model, "get_base_model", None)) and hasattr(model, "peft_config"):
+        if getattr(model.active_peft_config, "is_prompt_learning", False):
+            raise NotImplementedError("prompt-learning peft methods are not supported; use LoRA")
+        return model.get_base_model()
+    return model
+
+
+def _decoder_and_head(causal_lm: nn.Module) -> tuple[nn.Module, nn.Module] | None:
+    get_decoder = getattr(causal_lm, "get_decoder", None)
+    get_head = getattr(causal_lm, "get_output_embeddings", None)
+    if not callable(get_decoder) or not callable(get_head):
+        return None
+    try:
+        decoder, head = get_decoder(), get_head()
+    except (AttributeError, NotImplementedError):
+        return None
+    if decoder is None or head is None or decoder is causal_lm:
+        return None
+    return decoder, head
+
+
+def _lean_matches_full(causal_lm: nn.Module, decoder: nn.Module, head: nn.Module) -> bool:
+    """Probe: do decoder + head (+ known post-processing) reproduce the model's own logits?"""
+    parameter = next(causal_lm.parameters())
+    vocab_size = int(getattr(causal_lm.config, "vocab_size", 2))
+    input_ids = (torch.arange(1, 9, device=parameter.device) % vocab_size)[None]
+    attention_mask = torch.ones_like(input_ids)
+    modes = {module: module.training for module in causal_lm.modules()}
+    causal_lm.eval()  # dropout would make the two passes differ
+    try:
+        with torch.no_grad():
+            full = causal_lm(**_model_inputs(causal_lm, input_ids, attention_mask, None)).logits.float()
+            hidden = decoder(**_model_inputs(decoder, input_ids, attention_mask, None))[0]
+            lean = head(hidden).float()
+            postprocess = _logit_postprocess(causal_lm.config)
+            if postprocess is not None:
+                lean = postprocess(lean)
+    finally:
+        for module, training in modes.items():
+            module.training = training
+    tolerance = 1e-4 if parameter.dtype in (torch.float32, torch.float64) else 5e-2
+    return full.shape == lean.shape and torch.allclose(lean, full, atol=tolerance, rtol=tolerance)
+
+
+def lean_path_supported(model: nn.Module) -> bool:
+    """Whether :func:`sequence_logprobs` can use the decoder + chunked head path for ``model``.
+
+    Decided once per model (known plain-head architecture, or a one-off probe against its own logits)
+    and remembered.
+    """
+    causal_lm = _causal_lm(model)
+    if causal_lm in _lean_decisions:
+        return _lean_decisions[causal_lm]
+    parts = _decoder_and_head(causal_lm)
+    config = getattr(causal_lm, "config", None)
+    if parts is None:
+        decision = False
+    elif (
+        getattr(config, "model_type", None) in _PLAIN_HEAD_MODEL_TYPES and _logit_postprocess(config) is None
+    ):
+        decision = True
+    else:
+        decision = _lean_matches_full(causal_lm, *parts)
+    if not decision:
+        logger.warning(
+            "%s: computing log-probs from full logits (the output head could not be reproduced in chunks)",
+            type(causal_lm).__name__,
+        )
+    _lean_decisions[causal_lm] = decision
+    return decision
+
+
+def _chunk_token_logprobs(
+    head: nn.Module | None, postprocess: Callable[[Tensor], Tensor] | None, features: Tensor, targets: Tensor
+) -> Tensor:
+    """[n] log p(target) for one chunk: features [n, H] (or logits [n, V] when head is None)."""
+    logits = features if head is None else head(features)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    if postprocess is not None:
+        logits = postprocess(logits)
+    return logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def _chunked_token_logprobs(
+    head: nn.Module | None,
+    postprocess: Callable[[Tensor], Tensor] | None,
+    features: Tensor,
+    targets: Tensor,
+    chunk_size: int,
+) -> Tensor:
+    """[N] token log-probs from features [N, H] (or [N, V] logits), one [chunk, V] block at a time."""
+    recompute = torch.is_grad_enabled() and features.requires_grad
+    chunk_fn = partial(_chunk_token_logprobs, head, postprocess)
+    pieces = []
+    for start in range(0, features.shape[0], chunk_size):
+        chunk = (features[start : start + chunk_size], targets[start : start + chunk_size])
+        if recompute:  # keep no [chunk, V] tensor alive for backward; recompute it there instead
+            pieces.append(checkpoint(chunk_fn, *chunk, use_reentrant=False))
+        else:
+            pieces.append(chunk_fn(*chunk))
+    if not pieces:
+        return features.new_zeros(0, dtype=torch.promote_types(features.dtype, torch.float32))
+    return torch.cat(pieces)
+
+
+def sequence_logprobs(
+    model: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    completion_mask: Tensor,
+    *,
+    position_ids: Tensor | None = None,
+    chunk_size: int = 1024,
+    lean: bool | None = None,
+) -> SequenceLogprobs:
+    """Exact summed log-probability of each row's completion tokens, memory-lean.
+
+    Args:
+        model: a transformers causal LM, optionally peft-wrapped (not a DDP/FSDP wrapper: see
+            :class:`SequenceLogprobModel`).
+        input_ids, attention_mask, completion_mask: [B, T]; padding may be on either side.
+        position_ids: [B, T]; default counts attended tokens (see :func:`default_position_ids`).
+        chunk_size: completion positions per output-head chunk; peak extra memory ~ chunk_size x V floats.
+        lean: force (True) or forbid (False) the decoder + chunked-head path; None decides per model.
+
+    Returns:
+        :class:`SequenceLogprobs` with ``summed`` [B] and ``counts`` [B].
+    """
+    if chunk_size <= 0:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    _check_masks(input_ids, attention_mask, completion_mask)
+    predicts = completion_mask[:, 1:].bool()  # [B, T-1]: position t predicts token t + 1
+    batch_index = predicts.nonzero(as_tuple=True)[0]  # [N], row-major like the boolean selections below
+    targets = input_ids[:, 1:][predicts]  # [N]
+    causal_lm = _causal_lm(model)
+    if lean is None:
+        lean = lean_path_supported(model)
+    if lean:
+        parts = _decoder_and_head(causal_lm)
+        if parts is None:
+            raise ValueError(f"{type(causal_lm).__name__} exposes no decoder/output head for the lean path")
+        decoder, head = parts
+        hidden = decoder(**_model_inputs(decoder, input_ids, attention_mask, position_ids))[0]  # [B, T, H]
+        features = hidden[:, :-1][predicts]  # [N, H]
+        postprocess = _logit_postprocess(causal_lm.config)
+    else:
+        logits = causal_lm(**_model_inputs(causal_lm, input_ids, attention_mask, position_ids)).logits
+        features, head, postprocess = logits[:, :-1][predicts], None, None  # [N, V], already post-processed
+    token_logps = _chunked_token_logprobs(head, postprocess, features, targets, chunk_size)
+    # Accumulate in float64 so a long completion's sum carries only the final float32 rounding.
+    accumulated = token_logps.new_zeros(input_ids.shape[0], dtype=torch.float64)
+    summed = accumulated.index_add(0, batch_index, token_logps.double()).to(token_logps.dtype)
+    counts = predicts.sum(-1).to(summed.dtype)
+    return SequenceLogprobs(summed=summed, counts=counts)
+
+
+class SequenceLogprobModel(nn.Module):
+    """A causal LM whose ``forward`` returns per-sequence completion log-probs (memory-lean).
+
+    This is the module the training loop hands to ``accelerator.prepare``. The lean computation calls
+    the LM's decoder and output head separately; done from outside, on a DDP/FSDP/DeepSpeed-wrapped
+    LM, those calls would bypass the wrapper's forward and with it gradient synchronisation, parameter
+    all-gathers and resharding. Running them inside this module's ``forward`` keeps the whole
+    computation under the wrapper, whatever the strategy.
+
+    ``forward(input_ids, attention_mask, completion_mask, position_ids=None) -> (summed [B], counts [B])``.
+    """
+
+    def __init__(self, model: nn.Module, *, chunk_size: int = 1024, lean: bool | None = None) -> None:
+        super().__init__()
+        self.model = model
+        self.chunk_size = chunk_size
+        # Decided now, on the plain model, rather than inside a sharded forward later.
+        self.lean = lean_path_supported(model) if lean is None else lean
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        completion_mask: Tensor,
+        position_ids: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        result = sequence_logprobs(
+            self.model,
+            input_ids,
+            attention_mask,
+            completion_mask,
+            position_ids=position_ids,
+            chunk_size=self.chunk_size,
+            lean=self.lean,
+        )
+        return result.summed, result.counts
+
+
+def split_pairs(values: Tensor) -> tuple[Tensor, Tensor]:
+    """Split a [2B, ...] result of one chosen+rejected forward into (chosen [B, ...], rejected [B, ...]).
+
+    Matches ``distalign.data.collate.collate_pairs``: rows ``0..B-1`` chosen, ``B..2B-1`` rejected.
+    """
+    if values.shape[0] % 2:
+        raise ValueError(f"expected an even leading dimension, got {values.shape[0]}")
+    chosen, rejected = values.chunk(2, dim=0)
+    return chosen, rejected
