@@ -16,6 +16,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from distalign.configs.evaluation import EvalConfig
+from distalign.configs.online import OnlineConfig
+
 
 class ConfigError(ValueError):
     """A configuration that cannot be used; the message names the field path."""
@@ -192,6 +195,9 @@ class RunConfig(Section):
     loss: LossConfig = LossConfig()
     reference: ReferenceConfig = ReferenceConfig()
     train: TrainConfig = TrainConfig()
+    online: OnlineConfig | None = None
+    """Present => the online loop (sample -> score -> step) instead of the offline one."""
+    eval: EvalConfig = EvalConfig()
 
     @field_validator("output_dir")
     @classmethod

@@ -1,1 +1,14 @@
-"""distalign.train"""
+"""Training loops: ``offline`` (preference / labelled data) and ``online`` (sample -> score -> step)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from distalign.config import RunConfig
+
+
+def run_training(config: RunConfig) -> Path:
+    """Run the loop the config asks for and return the run directory."""
+    from distalign.train.offline import train_offline
+
+    return train_offline(config)

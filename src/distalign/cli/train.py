@@ -1,0 +1,66 @@
+"""``distalign train``, ``distalign config show`` and ``distalign losses``."""
+
+from __future__ import annotations
+
+import argparse
+
+from distalign.cli.common import EPILOG_OVERRIDES, load_run_config
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    config = load_run_config(args.config_and_overrides)
+    from distalign.train import run_training
+
+    run_dir = run_training(config)
+    print(f"run saved to {run_dir} (final model: {run_dir / 'final'})")
+    return 0
+
+
+def cmd_config_show(args: argparse.Namespace) -> int:
+    from distalign.config import dump_config
+
+    print(dump_config(load_run_config(args.config_and_overrides)), end="")
+    return 0
+
+
+def cmd_losses(args: argparse.Namespace) -> int:
+    from distalign.losses import LOSSES
+
+    for name in LOSSES:
+        spec = LOSSES.get(name)
+        flags = [spec.data_kind, "reference" if spec.needs_reference else "reference-free"]
+        if spec.batch_coupled:
+            flags.append("batch-coupled")
+        options = ", ".join(f"{k}={v}" for k, v in spec.options.items()) or "-"
+        print(f"{name:14s} [{', '.join(flags)}]  options: {options}\n{'':14s} {spec.paper}")
+    return 0
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    train = commands.add_parser(
+        "train",
+        help="train a policy from a YAML config (offline losses, or the online loop when the config has `online`)",
+        description="Train with the config's loss on its data. Writes config.yaml, metrics.jsonl, checkpoints/ "
+        "and final/ (a folder transformers.AutoModelForCausalLM.from_pretrained loads) into output_dir, "
+        "and resumes from the newest checkpoint there if one exists. Runs on several processes under "
+        "`accelerate launch -m distalign train ...` or torchrun.",
+        epilog=EPILOG_OVERRIDES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    train.add_argument("config_and_overrides", nargs="*", metavar="[CONFIG] [KEY=VALUE ...]")
+    train.set_defaults(handler=cmd_train)
+
+    config = commands.add_parser("config", help="inspect configurations")
+    config_commands = config.add_subparsers(dest="config_command", required=True, metavar="SUBCOMMAND")
+    show = config_commands.add_parser(
+        "show",
+        help="print the resolved configuration",
+        description="Validate CONFIG with the overrides applied and print every field, defaults included.",
+        epilog=EPILOG_OVERRIDES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    show.add_argument("config_and_overrides", nargs="*", metavar="[CONFIG] [KEY=VALUE ...]")
+    show.set_defaults(handler=cmd_config_show)
+
+    losses = commands.add_parser("losses", help="list the registered losses, their options and papers")
+    losses.set_defaults(handler=cmd_losses)
