@@ -36,7 +36,14 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from distalign.registry import UnknownNameError
     from distalign.train.setup import SetupError
 
-    return (ConfigError, DataError, SetupError, UnknownNameError, ModelLoadError, EmbeddedModelUnavailableError)
+    return (
+        ConfigError,
+        DataError,
+        SetupError,
+        UnknownNameError,
+        ModelLoadError,
+        EmbeddedModelUnavailableError,
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

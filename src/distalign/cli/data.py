@@ -22,7 +22,12 @@ def cmd_data_check(args: argparse.Namespace) -> int:
             chat_template=args.chat_template,
         )
     summary = summarize_dataset(
-        args.file, tokenizer=tokenizer, settings=settings, format=args.format, split=args.split, limit=args.limit
+        args.file,
+        tokenizer=tokenizer,
+        settings=settings,
+        format=args.format,
+        split=args.split,
+        limit=args.limit,
     )
     print(summary.to_text())
     return 0
@@ -39,7 +44,9 @@ def register(commands: argparse._SubParsersAction) -> None:
         "what truncation would do. A malformed row is reported with file, row, field and reason (exit 2).",
     )
     check.add_argument("file")
-    check.add_argument("--format", default="auto", choices=["auto", "paired", "unpaired", "listwise", "prompt"])
+    check.add_argument(
+        "--format", default="auto", choices=["auto", "paired", "unpaired", "listwise", "prompt"]
+    )
     check.add_argument("--split", default="train", help="split of a `datasets` dataset")
     check.add_argument("--limit", type=int, default=None, help="check only the first N rows")
     check.add_argument("--model", help="tokenizer to measure lengths with (tiny, smollm2, a path)")

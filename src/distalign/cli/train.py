@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 from distalign.cli.common import EPILOG_OVERRIDES, load_run_config
 
@@ -12,7 +13,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from distalign.train import run_training
 
     run_dir = run_training(config)
-    print(f"run saved to {run_dir} (final model: {run_dir / 'final'})")
+    if os.environ.get("RANK", "0") == "0":  # one line, not one per process
+        print(f"run saved to {run_dir} (final model: {run_dir / 'final'})")
     return 0
 
 

@@ -81,7 +81,11 @@ GRAD_FIELDS = ("policy_chosen_logps", "policy_rejected_logps", "policy_logps")
 
 def stats_fields(stats: Stats) -> dict[str, torch.Tensor]:
     """The non-``None`` tensor fields of ``stats`` by name."""
-    return {f.name: getattr(stats, f.name) for f in dataclasses.fields(stats) if getattr(stats, f.name) is not None}
+    return {
+        f.name: getattr(stats, f.name)
+        for f in dataclasses.fields(stats)
+        if getattr(stats, f.name) is not None
+    }
 
 
 @dataclass

@@ -64,7 +64,9 @@ class BatchPlan:
                 f"and {len(negatives)} negative"
             )
         if batch_size < 2:
-            raise ValueError("unpaired training needs train.batch_size >= 2 to hold a positive and a negative")
+            raise ValueError(
+                "unpaired training needs train.batch_size >= 2 to hold a positive and a negative"
+            )
         share = len(positives) / num_rows
         self.positives_per_batch = min(batch_size - 1, max(1, round(batch_size * share)))
         self._streams = [_Stream(positives, seed), _Stream(negatives, seed + 1)]
@@ -78,7 +80,9 @@ class BatchPlan:
             return self._streams[0].take((step - 1) * self.batch_size, self.batch_size)
         n_pos = self.positives_per_batch
         n_neg = self.batch_size - n_pos
-        rows = self._streams[0].take((step - 1) * n_pos, n_pos) + self._streams[1].take((step - 1) * n_neg, n_neg)
+        rows = self._streams[0].take((step - 1) * n_pos, n_pos) + self._streams[1].take(
+            (step - 1) * n_neg, n_neg
+        )
         order = _permutation(len(rows), self.seed + 2, step)  # mix sides across processes and micro-batches
         return [rows[i] for i in order]
 

@@ -33,12 +33,23 @@ CHECKPOINT_PREFIX = "step_"
 
 
 def resolve_mixed_precision(setting: str) -> str:
-    """"auto" becomes bf16 on a CUDA device that supports it, otherwise "no"."""
+    """ "auto" becomes bf16 on a CUDA device that supports it, otherwise "no"."""
     if setting != "auto":
         return setting
     if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
         return "bf16"
     return "no"
+
+
+def no_accelerator_present() -> bool:
+    """True on a CPU-only machine. accelerate then needs ``cpu=True`` to form a gloo process group
+    under torchrun (otherwise each process silently trains alone)."""
+    xpu = getattr(torch, "xpu", None)
+    return not (
+        torch.cuda.is_available()
+        or (xpu is not None and xpu.is_available())
+        or torch.backends.mps.is_available()
+    )
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int):
@@ -72,7 +83,9 @@ class MetricsLog:
         """On resume, drop records past the checkpoint so the log matches the resumed trajectory."""
         if not self.path.exists():
             return
-        kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        kept = [
+            line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step
+        ]
         self.path.write_text("".join(line + "\n" for line in kept))
 
 
@@ -86,16 +99,14 @@ class Engine:
         self.accelerator = Accelerator(
             mixed_precision=resolve_mixed_precision(cfg.mixed_precision),
             log_with=list(cfg.trackers) or None,
-            project_config=ProjectConfiguration(project_dir=str(self.run_dir), logging_dir=str(self.run_dir / "logs")),
+            project_config=ProjectConfiguration(
+                project_dir=str(self.run_dir), logging_dir=str(self.run_dir / "logs")
+            ),
             step_scheduler_with_optimizer=False,
+            cpu=no_accelerator_present(),
         )
         set_seed(cfg.seed)
         self.metrics_log = MetricsLog(self.run_dir / "metrics.jsonl")
-        if self.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(dump_config(config))
-        if cfg.trackers:
-            self.accelerator.init_trackers(self.run_dir.name, config=config.model_dump(mode="json"))
         self.model: torch.nn.Module | None = None
         self.optimizer = None
         self.scheduler = None
@@ -103,6 +114,17 @@ class Engine:
         self._last_log_time = time.perf_counter()
         self._tokens_since_log = 0
         self._steps_since_log = 0
+        self._final_step = -1
+
+    def open_run_dir(self) -> None:
+        """Create the run directory and save the resolved config. Called only once the model and data
+        have loaded and validated, so a bad input leaves nothing half-written behind."""
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(dump_config(self.config))
+        self.barrier()
+        if self.config.train.trackers:
+            self.accelerator.init_trackers(self.run_dir.name, config=self.config.model_dump(mode="json"))
 
     # ----------------------------------------------------------------------------------- processes
     @property
@@ -218,8 +240,6 @@ class Engine:
         if self.config.train.trackers:
             self.accelerator.log(record, step=step)
 
-    _final_step = -1
-
     def set_final_step(self, step: int) -> None:
         self._final_step = step
 
@@ -262,7 +282,9 @@ class Engine:
         """Complete checkpoints, oldest first (temporary directories are ignored)."""
         if not self.checkpoint_dir.is_dir():
             return []
-        found = [p for p in self.checkpoint_dir.glob(f"{CHECKPOINT_PREFIX}*") if (p / "loop_state.json").exists()]
+        found = [
+            p for p in self.checkpoint_dir.glob(f"{CHECKPOINT_PREFIX}*") if (p / "loop_state.json").exists()
+        ]
         return sorted(found, key=lambda p: int(p.name.removeprefix(CHECKPOINT_PREFIX)))
 
     def resume_latest(self) -> dict[str, Any] | None:

@@ -25,10 +25,17 @@ from distalign.train.coupling import (
     coupling_coefficients,
     detach_stats,
     linear_surrogate,
-    slice_stats,
 )
 from distalign.train.engine import Engine, iterate_steps
-from distalign.train.setup import ReferenceLogps, load_offline_data, load_policy, save_final, wrap_for_training
+from distalign.train.setup import (
+    OfflineData,
+    ReferenceLogps,
+    load_offline_data,
+    load_policy,
+    save_final,
+    wrap_for_training,
+)
+from distalign.train.summary import write_dominance_summary
 
 
 def with_sft_term(objective, weight: float):
@@ -60,7 +67,9 @@ class StatsComputer:
     def __call__(self, rows: list[int]) -> Stats:
         batch = {k: v.to(self.engine.device) for k, v in self.data.collate(rows).items()}
         with self.engine.accelerator.autocast():
-            logps, counts = self.engine.model(batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+            logps, counts = self.engine.model(
+                batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
+            )
         self.engine.count_tokens(int(batch["attention_mask"].sum()))
         logps, counts = logps.float(), counts.float()
         ref = self.reference.for_rows(rows) if self.reference is not None else {}
@@ -162,10 +171,13 @@ def train_offline(config: RunConfig, *, stop_after_step: int | None = None) -> P
     ``output_dir`` when there is one. ``stop_after_step`` interrupts the run (used to test resume)."""
     engine = Engine(config)
     spec = get_loss(config.loss.name)
-    objective = with_sft_term(functools.partial(spec.objective, **config.loss.loss_options()), config.loss.sft_weight)
+    objective = with_sft_term(
+        functools.partial(spec.objective, **config.loss.loss_options()), config.loss.sft_weight
+    )
     policy, tokenizer = load_policy(config)
     data = load_offline_data(config, tokenizer, spec, engine)
     reference = ReferenceLogps.build(config, spec, policy, data, engine) if spec.needs_reference else None
+    engine.open_run_dir()
 
     plan = BatchPlan(len(data), config.train.batch_size, config.train.seed, data.plan_labels())
     total_steps = config.train.max_steps or plan.steps_for_epochs(config.train.epochs)
@@ -174,6 +186,8 @@ def train_offline(config: RunConfig, *, stop_after_step: int | None = None) -> P
     first_step = state["step"] if state else 0
     if state:
         engine.print(f"resumed from step {first_step}")
+    elif engine.is_main:
+        engine.metrics_log.truncate_after(0)  # a fresh run replaces an earlier run's log
     compute = StatsComputer(engine, data, reference)
     engine.set_final_step(total_steps)
     engine.start_progress(total_steps, first_step, f"{spec.name}")
@@ -189,5 +203,7 @@ def train_offline(config: RunConfig, *, stop_after_step: int | None = None) -> P
             engine.close()
             return engine.run_dir
     engine.close()
+    if reference is not None:
+        write_dominance_summary(engine, compute, len(data), config.train.micro_batch_size)
     save_final(engine, tokenizer, config)
     return engine.run_dir

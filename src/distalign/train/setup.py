@@ -111,7 +111,9 @@ class OfflineData:
         return torch.tensor([1.0 if v is None else float(v) for v in values], device=device)
 
     def weight_total(self, rows: list[int]) -> float:
-        return float(sum(1.0 if getattr(self.items[i], "weight", None) is None else self.items[i].weight for i in rows))
+        return float(
+            sum(1.0 if getattr(self.items[i], "weight", None) is None else self.items[i].weight for i in rows)
+        )
 
     def labels(self, rows: list[int], device) -> torch.Tensor:
         return torch.tensor([float(self.items[i].label) for i in rows], device=device)
@@ -131,8 +133,14 @@ def load_offline_data(config: RunConfig, tokenizer, spec: LossSpec, engine: Engi
             raise SetupError(f"data.unpair=true needs paired rows, but {d.path} is {fmt}")
         rows, fmt = unpair_rows(rows), "unpaired"
     if fmt != spec.data_kind:
-        hint = " (set data.unpair=true to split each pair into a positive and a negative)" if fmt == "paired" else ""
-        raise SetupError(f"loss {spec.name!r} trains on {spec.data_kind} rows but {d.path} holds {fmt} rows{hint}")
+        hint = (
+            " (set data.unpair=true to split each pair into a positive and a negative)"
+            if fmt == "paired"
+            else ""
+        )
+        raise SetupError(
+            f"loss {spec.name!r} trains on {spec.data_kind} rows but {d.path} holds {fmt} rows{hint}"
+        )
     settings = tokenization_settings(config)
     tokenize = tokenize_paired if fmt == "paired" else tokenize_unpaired
     items, report = tokenize(rows, tokenizer, settings)
@@ -149,7 +157,10 @@ def _mismatched_completions(items: list, seed: int) -> list:
         raise SetupError("KTO needs at least two rows to pair prompts with other rows' completions")
     order = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed)).tolist()
     partner = {order[i]: order[(i + 1) % len(order)] for i in range(len(order))}
-    return [dataclasses.replace(items[i], completion_ids=items[partner[i]].completion_ids) for i in range(len(items))]
+    return [
+        dataclasses.replace(items[i], completion_ids=items[partner[i]].completion_ids)
+        for i in range(len(items))
+    ]
 
 
 def wrap_for_training(policy, config: RunConfig) -> SequenceLogprobModel:
@@ -171,7 +182,9 @@ class ReferenceLogps:
         self.model = model
 
     @classmethod
-    def build(cls, config: RunConfig, spec: LossSpec, policy, data: OfflineData, engine: Engine) -> ReferenceLogps:
+    def build(
+        cls, config: RunConfig, spec: LossSpec, policy, data: OfflineData, engine: Engine
+    ) -> ReferenceLogps:
         ref_model, adapters_off = _reference_model(config, policy)
         if not config.reference.precompute:
             if ref_model is policy and not adapters_off:
@@ -185,7 +198,11 @@ class ReferenceLogps:
             "kind": data.kind,
             "logprobs": "sum_over_completion_tokens_float32",
         }
-        cache_dir = Path(config.reference.cache_dir) if config.reference.cache_dir else default_cache_dir() / "reference_logps"
+        cache_dir = (
+            Path(config.reference.cache_dir)
+            if config.reference.cache_dir
+            else default_cache_dir() / "reference_logps"
+        )
         cache = ReferenceLogprobCache(cache_dir)
         table = _cached_or_sharded(cache, key, scorer, data, engine, config.train.micro_batch_size)
         return cls(data, engine, table)
