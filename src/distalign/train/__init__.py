@@ -8,7 +8,11 @@ from distalign.config import RunConfig
 
 
 def run_training(config: RunConfig) -> Path:
-    """Run the loop the config asks for and return the run directory."""
+    """Run the loop the config asks for (online when it has an ``online`` section) and return the run directory."""
+    if config.online is not None:
+        from distalign.train.online import train_online
+
+        return train_online(config)
     from distalign.train.offline import train_offline
 
     return train_offline(config)

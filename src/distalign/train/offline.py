@@ -71,7 +71,9 @@ class StatsComputer:
                 batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
             )
         self.engine.count_tokens(int(batch["attention_mask"].sum()))
-        logps, counts = logps.float(), counts.float()
+        # Losses run in at least float32 (float64 models keep float64, for exactness checks).
+        precision = torch.promote_types(logps.dtype, torch.float32)
+        logps, counts = logps.to(precision), counts.to(precision)
         ref = self.reference.for_rows(rows) if self.reference is not None else {}
         weights = self.data.weights(rows, self.engine.device)
         n = len(rows)

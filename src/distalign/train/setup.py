@@ -242,7 +242,7 @@ class _ReferenceScorer:
             batch = {k: v.to(device) for k, v in batch.items()}
             logps, _ = self.wrapper(batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
         self.model.train(was_training)
-        return logps.float()
+        return logps.to(torch.promote_types(logps.dtype, torch.float32))
 
 
 def _split(data: OfflineData, rows: list[int], logps: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -281,7 +281,7 @@ def _cached_or_sharded(cache, key, scorer, data, engine, micro_batch_size) -> di
         local = torch.cat(chunks) if chunks else torch.zeros(0, device=engine.device)
         gathered = engine.gather_varlen(local).cpu()
         # Process r scored rows r, r + W, r + 2W, ...: undo the interleaving.
-        ordered = torch.empty(len(data))
+        ordered = torch.empty(len(data), dtype=gathered.dtype)
         cursor = 0
         for rank in range(engine.world_size):
             rank_rows = list(range(rank, len(data), engine.world_size))

@@ -1,0 +1,79 @@
+"""Helpers for tests that train the tiny model: configs, final weights, metrics, multi-process runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+#: Overrides shared by tiny-model test runs (short sequences, fixed seed, no progress bar).
+TINY_BASE = [
+    "model.name=tiny",
+    "data.max_length=64",
+    "data.max_prompt_length=32",
+    "train.progress=false",
+    "train.lr=1e-3",
+    "train.seed=0",
+]
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    """The saved final model's tensors."""
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(run_dir) / "final" / "model.safetensors"))
+
+
+def max_weight_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    """The records of ``RUN_DIR/metrics.jsonl``."""
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if line]
+
+
+def torchrun(args: list[str], nproc: int = 2, timeout: int = 600) -> subprocess.CompletedProcess:
+    """``python -m torch.distributed.run --nproc_per_node N ARGS`` on CPU; raises with its output on failure."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), *args]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
+    if result.returncode != 0:
+        raise AssertionError(
+            f"torchrun failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+        )
+    return result
+
+
+def capture_gradient(overrides: list[str], step: int = 1) -> torch.Tensor:
+    """Train ``step`` steps with ``overrides`` and return the synchronised gradient the last one applies
+    (all trainable parameters, flattened, float64). Under torchrun every process returns the same.
+
+    At step 1 the policy equals its reference, which makes some objectives degenerate (every AOT gap
+    is 0), so tests of coupling use a later step."""
+    from distalign.config import load_config
+    from distalign.train import engine as engine_module
+    from distalign.train.offline import train_offline
+
+    captured: list[torch.Tensor] = []
+    original = engine_module.Engine.optimizer_step
+
+    def probe(self):
+        if len(captured) < step:
+            grads = [
+                p.grad.detach().double().flatten() for p in self.model.parameters() if p.grad is not None
+            ]
+            captured.append(torch.cat(grads).cpu().clone())
+        return original(self)
+
+    engine_module.Engine.optimizer_step = probe
+    try:
+        train_offline(load_config(None, overrides), stop_after_step=step)
+    finally:
+        engine_module.Engine.optimizer_step = original
+    return captured[step - 1]

@@ -1,0 +1,233 @@
+"""Monitors of the online loop: per-sample target / reward values, and the periodic evaluation.
+
+An evaluation draws ``eval_samples_per_prompt`` samples from the current policy for a fixed, seeded set
+of prompts (the same prompts and sampling seed at every evaluation) and estimates, with the policy as
+the importance-sampling proposal (fdpg.md, "Monitors"):
+
+* divergences to the target: KL(p || pi), KL(pi || p), TV(pi, p) and JS (``jensen_shannon``, the
+  unscaled generator: 2 x the textbook JS, in [0, 2 log 2]), each with a CI and the ESS of P / pi;
+  Z is self-normalised on the evaluation samples (per prompt for a conditional target);
+* alignment E_pi[b] (all pointwise constraints hold), feature moments E_pi[phi], mean reward;
+* KL(pi || a); diversity (distinct-1/2, self-BLEU, token entropy);
+* optionally, quasi-rejection sampling with the policy as proposal: the beta giving each requested
+  acceptance rate and the resulting TV(p_beta, p).
+
+Results go to ``RUN_DIR/evals.jsonl`` (one record per evaluation, step 0 = before training) and, with an
+``eval/`` prefix, into that step's metrics.jsonl record.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from distalign.eval.metrics import diversity_stats
+from distalign.targets import (
+    BooleanConstraint,
+    MomentTilt,
+    RewardTilt,
+    Target,
+    estimate_divergence,
+    estimate_kl_to_base,
+    importance_weighted_mean,
+    log_beta_for_acceptance_rate,
+    qrs_diagnostics,
+)
+from distalign.targets.features import as_feature_values, evaluate_features
+from distalign.train.online_setup import (
+    BaseScorer,
+    PromptSet,
+    draw_rollout,
+    gather,
+    gather_texts,
+    seeded_generator,
+)
+
+#: Reported name -> registered f-divergence.
+DIVERGENCE_MONITORS = {
+    "kl_p_pi": "forward_kl",
+    "kl_pi_p": "reverse_kl",
+    "tv": "total_variation",
+    "js": "jensen_shannon",
+}
+
+
+def sample_monitors(
+    target: Target | None, reward, texts: list[str], contexts: list[str]
+) -> dict[str, torch.Tensor]:
+    """Per-sample values whose mean under pi is worth watching, each [N] float64.
+
+    ``alignment``: 1 when every pointwise constraint of the target holds (soft ones included);
+    ``moment/<k>``: the k-th moment-constrained feature; ``reward``: a reward tilt's or RLOO's reward.
+    """
+    values: dict[str, torch.Tensor] = {}
+    if reward is not None:
+        values["reward"] = as_feature_values(reward(contexts, texts), len(texts), "reward")
+    if target is None:
+        return values
+    constraints = [s for s in target.scorers if isinstance(s, BooleanConstraint)]
+    if constraints:
+        satisfied = torch.stack([c.satisfied(texts, contexts) for c in constraints]).all(dim=0)
+        values["alignment"] = satisfied.double()
+    features = [f for s in target.scorers if isinstance(s, MomentTilt) for f in s.features]
+    if features:
+        for k, column in enumerate(evaluate_features(features, texts, contexts).T):
+            values[f"moment/{k}"] = column
+    for scorer in target.scorers:
+        if isinstance(scorer, RewardTilt):
+            values["reward"] = as_feature_values(scorer.reward(contexts, texts), len(texts), "reward")
+    return values
+
+
+def divergence_metrics(
+    policy_logps: torch.Tensor,
+    target_log_unnormalized: torch.Tensor,
+    prompt_index: torch.Tensor | None,
+    generator: torch.Generator,
+    prefix: str = "eval/",
+) -> dict[str, float]:
+    """The four divergences to the target from samples of pi, Z self-normalised (per prompt when
+    ``prompt_index`` is given; prompts whose samples all have P = 0 carry no estimate and are dropped)."""
+    keep = torch.ones_like(policy_logps, dtype=torch.bool)
+    metrics: dict[str, float] = {}
+    if prompt_index is not None:
+        has_mass = torch.zeros(int(prompt_index.max()) + 1, dtype=torch.bool)
+        has_mass[prompt_index[torch.isfinite(target_log_unnormalized)]] = True
+        keep = has_mass[prompt_index]
+        metrics[f"{prefix}contexts_without_target_mass"] = float(
+            len(set(prompt_index.tolist())) - len(set(prompt_index[keep].tolist()))
+        )
+    metrics[f"{prefix}target_mass_samples"] = float(torch.isfinite(target_log_unnormalized).sum())
+    if not bool(torch.isfinite(target_log_unnormalized[keep]).any()):
+        return metrics  # no sample of pi has P > 0: nothing to weight
+    for label, name in DIVERGENCE_MONITORS.items():
+        estimate = estimate_divergence(
+            name,
+            policy_logps[keep],
+            target_log_unnormalized[keep],
+            policy_logps[keep],
+            context_index=None if prompt_index is None else prompt_index[keep],
+            generator=generator,
+        )
+        metrics.update(estimate.as_dict(f"{prefix}{label}"))
+    return metrics
+
+
+def qrs_metrics(
+    policy_logps: torch.Tensor,
+    target_log_unnormalized: torch.Tensor,
+    rates: list[float],
+    prefix: str = "eval/",
+) -> dict[str, float]:
+    """For each acceptance rate: log beta of QRS with pi as proposal, and TV(p_beta, p) there."""
+    metrics: dict[str, float] = {}
+    if not rates or not bool(torch.isfinite(target_log_unnormalized).any()):
+        return metrics
+    for rate in rates:
+        log_beta = log_beta_for_acceptance_rate(target_log_unnormalized, policy_logps, rate)
+        diagnostics = qrs_diagnostics(target_log_unnormalized, policy_logps, [log_beta])
+        metrics[f"{prefix}qrs/{rate:g}/log_beta"] = log_beta
+        metrics[f"{prefix}qrs/{rate:g}/tv_to_target"] = float(diagnostics["tv_to_target"][0])
+    return metrics
+
+
+class OnlineEvaluator:
+    """Periodic evaluation of the policy on a fixed seeded prompt set (see the module docstring)."""
+
+    def __init__(
+        self, config, engine, tokenizer, prompts: PromptSet, base: BaseScorer, target, reward
+    ) -> None:
+        self.cfg = config.online
+        self.seed = config.train.seed
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.prompts = prompts
+        self.base = base
+        self.target = target
+        self.reward = reward
+        order = torch.randperm(
+            len(prompts), generator=seeded_generator(torch.device("cpu"), self.seed, "eval")
+        )
+        chosen = order[: self.cfg.eval_prompts].tolist()
+        bounds = torch.linspace(0, len(chosen), engine.world_size + 1).round().long().tolist()
+        self.local_prompts = chosen[bounds[engine.rank] : bounds[engine.rank + 1]]
+
+    @torch.no_grad()
+    def __call__(self, policy_model) -> dict[str, float]:
+        """Evaluate ``policy_model`` (the plain HF model); returns globally reduced ``eval/...`` metrics."""
+        engine = self.engine
+        local = self._local_samples(policy_model)
+        merged = {name: gather(engine, values) for name, values in local.items() if name != "ids"}
+        texts = gather_texts(engine, self.tokenizer, local["ids"])
+        log_q, log_a = merged.pop("log_q"), merged.pop("log_a")
+        log_p, prompt_index = merged.pop("log_p", None), merged.pop("prompt_index").long()
+        metrics: dict[str, float] = {}
+        for name, values in merged.items():
+            metrics.update(importance_weighted_mean(values).as_dict(f"eval/{name}"))
+        metrics.update(estimate_kl_to_base(log_q, log_a).as_dict("eval/kl_pi_a"))
+        metrics.update({f"eval/{k}": v for k, v in diversity_stats(texts, seed=self.seed).items()})
+        if log_p is not None:
+            conditional = self.target.conditional
+            generator = seeded_generator(torch.device("cpu"), self.seed, "eval-bootstrap")
+            metrics.update(divergence_metrics(log_q, log_p, prompt_index if conditional else None, generator))
+            if not conditional:  # QRS is per context; pooled over contexts it would mix Z_c's
+                metrics.update(qrs_metrics(log_q, log_p, self.cfg.qrs_acceptance_rates))
+        return metrics
+
+    def _local_samples(self, policy_model) -> dict:
+        engine = self.engine
+        rollout = draw_rollout(
+            policy_model,
+            self.tokenizer,
+            self.prompts,
+            self.local_prompts,
+            0,
+            self.cfg.eval_samples_per_prompt,
+            max_new_tokens=self.cfg.max_new_tokens,
+            batch_size=self.cfg.sampling_batch_size,
+            generator=seeded_generator(engine.device, self.seed, "eval", engine.rank),
+        )
+        log_a = self.base(rollout.prompt_ids, rollout.completion_ids, engine.device)
+        local = {
+            "ids": rollout.completion_ids,
+            "log_q": rollout.proposal_logps,
+            "log_a": log_a,
+            "prompt_index": rollout.prompt_index.double(),
+            **sample_monitors(self.target, self.reward, rollout.texts, rollout.contexts),
+        }
+        if self.target is not None:
+            local["log_p"] = self.target.log_unnormalized(log_a, rollout.texts, rollout.contexts)
+        return local
+
+
+class EvalLog:
+    """``RUN_DIR/evals.jsonl``: one JSON record per evaluation ({"step": k, ...}), written by rank 0."""
+
+    def __init__(self, run_dir: Path, is_main: bool) -> None:
+        self.path = Path(run_dir) / "evals.jsonl"
+        self.is_main = is_main
+
+    def write(self, step: int, metrics: dict[str, float]) -> None:
+        if self.is_main:
+            with self.path.open("a") as handle:
+                handle.write(json.dumps({"step": step, **metrics}) + "\n")
+
+    def reset(self) -> None:
+        if self.is_main:
+            self.path.unlink(missing_ok=True)
+
+    def truncate_after(self, step: int) -> None:
+        """On resume, drop evaluations past the checkpoint (they will be redone)."""
+        if not self.is_main or not self.path.exists():
+            return
+        kept = [
+            line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step
+        ]
+        self.path.write_text("".join(line + "\n" for line in kept))
+
+    def read(self) -> list[dict[str, float]]:
+        if not self.path.exists():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line]

@@ -1,0 +1,312 @@
+"""What the online loop needs around its step: prompts, log a(x|c), the proposal, rollouts, gathering.
+
+Kept apart from ``online.py`` so that the loop reads as the step itself. Exactness conventions:
+every context is conditioned on by the *same token ids* when sampling, when scoring under the base
+and when computing the policy's log-probs with gradients (``PromptSet.ids``), and samples are drawn by
+plain ancestral sampling, so log q is the exact log-probability of what was drawn.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+
+from distalign.config import RunConfig
+from distalign.data.formats import DataError
+from distalign.data.loading import load_rows
+from distalign.data.tokenize import TokenizationSettings, tokenize_prompts
+from distalign.models.loading import load_model_and_tokenizer
+from distalign.models.reference import adapters_disabled
+from distalign.models.sampling import sample_completions, score_completions
+from distalign.targets import Target
+from distalign.train.engine import Engine
+from distalign.train.setup import SetupError
+
+
+def seeded_generator(device: torch.device, *parts: object) -> torch.Generator:
+    """A generator seeded from ``parts`` (e.g. seed, purpose, step, rank): the same parts give the same
+    stream in any run, so resuming needs no saved sampler state."""
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return torch.Generator(device=device).manual_seed(int.from_bytes(digest, "big") >> 1)
+
+
+# --- prompts -----------------------------------------------------------------------------------------
+@dataclass
+class PromptSet:
+    """Contexts to sample from. ``ids[i]``: the exact token ids conditioned on; ``keys[i]``: the rendered
+    text (identifies the context for log Z_c); ``contexts[i]``: the prompt text scorers and rewards see."""
+
+    ids: list[list[int]]
+    keys: list[str]
+    contexts: list[str]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def _raw_text(prompt: str | list[dict]) -> str:
+    return prompt if isinstance(prompt, str) else str(prompt[-1].get("content", ""))
+
+
+def load_prompts(config: RunConfig, tokenizer, split: str, engine: Engine | None = None) -> PromptSet:
+    """The prompts of ``online.prompts`` (a task's ``split``, a file, or one BOS context), tokenised."""
+    cfg = config.online.prompts
+    template = cfg.chat_template
+    if cfg.task is not None:
+        from distalign.tasks import get_task
+
+        try:
+            task = get_task(cfg.task, **cfg.task_settings)
+        except ValueError as err:
+            raise SetupError(f"online.prompts.task_settings: {err}") from None
+        texts = task.prompts(split if split in ("train", "heldout") else "train")
+        if not texts:
+            raise SetupError(f"task {cfg.task!r} has no {split} prompts")
+        chat = template == "on" or (template == "auto" and bool(getattr(tokenizer, "chat_template", None)))
+        rows = [{"prompt": task.messages(t) if chat else t} for t in texts]
+        settings_template = "on" if chat else "off"
+    elif cfg.path is not None:
+        rows = load_rows(cfg.path, split=cfg.split, limit=cfg.limit).rows
+        settings_template = template
+    else:  # unconditional: the empty prompt tokenises to one BOS (EOS without BOS) token
+        rows, settings_template = [{"prompt": ""}], "off"
+    if cfg.limit is not None:
+        rows = rows[: cfg.limit]
+    settings = TokenizationSettings(
+        max_length=cfg.max_prompt_length + config.online.max_new_tokens,
+        max_prompt_length=cfg.max_prompt_length,
+        chat_template=settings_template,
+    )
+    try:
+        tokenized, report = tokenize_prompts(rows, tokenizer, settings)
+    except DataError:
+        raise
+    except ValueError as err:
+        raise SetupError(f"online.prompts: {err}") from None
+    if engine is not None:
+        engine.print(f"prompts ({split}): {report.summary()}")
+    if not tokenized:
+        raise SetupError("online.prompts: no prompts left after tokenisation")
+    return PromptSet(
+        ids=[t.prompt_ids for t in tokenized],
+        keys=[t.prompt_text for t in tokenized],
+        contexts=[_raw_text(rows[t.row_index]["prompt"]) for t in tokenized],
+    )
+
+
+# --- the base model a ---------------------------------------------------------------------------------
+class BaseScorer:
+    """log a(x|c) of samples, a = the policy's initial weights (or ``reference.model`` when set).
+
+    With LoRA it is the policy with adapters off (no copy, one no-grad forward); a full fine-tune keeps
+    a frozen copy made before the first step, when the policy still *is* the base.
+    """
+
+    def __init__(self, config: RunConfig, policy, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.batch_size = config.online.sampling_batch_size
+        self.adapters_off = False
+        if config.reference.model is not None:
+            self.model, _ = load_model_and_tokenizer(
+                config.reference.model,
+                dtype=config.model.dtype,
+                trust_remote_code=config.model.trust_remote_code,
+            )
+        elif config.model.lora.enabled:
+            self.model, self.adapters_off = policy, True
+        else:
+            self.model = copy.deepcopy(policy)
+        if not self.adapters_off:
+            self.model.requires_grad_(False).eval()
+
+    def __call__(self, prompt_ids: list[list[int]], completion_ids: list[list[int]], device) -> torch.Tensor:
+        """[N] float64 log a(completion | prompt), nats, summed over completion tokens (incl. EOS)."""
+        if not self.adapters_off:
+            self.model.to(device)
+        context = adapters_disabled(self.model) if self.adapters_off else nullcontext()
+        with context:
+            scores = score_completions(
+                self.model,
+                self.tokenizer,
+                [""] * len(prompt_ids),
+                completion_ids,
+                self.batch_size,
+                prompt_ids=prompt_ids,
+            )
+        return scores.double()
+
+
+# --- the proposal q -----------------------------------------------------------------------------------
+class FrozenProposal:
+    """Off-policy proposal q: a frozen copy of the policy, initially the base, replaced by the current
+    policy when the refresh rule fires. Its weights are checkpointed through the engine's accelerator."""
+
+    def __init__(self, policy) -> None:
+        self.model = copy.deepcopy(policy).requires_grad_(False).eval()
+        self.is_base = True
+        self.refreshes = 0
+        self.last_refresh_step = 0
+
+    def refresh(self, policy, step: int) -> None:
+        self.model.load_state_dict(policy.state_dict())
+        self.is_base = False
+        self.refreshes += 1
+        self.last_refresh_step = step
+
+    def loop_state(self) -> dict:
+        return {
+            "is_base": self.is_base,
+            "refreshes": self.refreshes,
+            "last_refresh_step": self.last_refresh_step,
+        }
+
+    def load_loop_state(self, state: dict) -> None:
+        self.is_base = bool(state["is_base"])
+        self.refreshes = int(state["refreshes"])
+        self.last_refresh_step = int(state["last_refresh_step"])
+
+
+# --- rollouts -----------------------------------------------------------------------------------------
+@dataclass
+class Rollout:
+    """This process's samples of one step (prompt-major: the n samples of each local prompt in a row).
+
+    ``prompt_index`` [N] indexes the PromptSet; ``group`` [N] is the prompt's position in the step's
+    global prompt list (the leave-one-out groups); ``proposal_logps`` [N] float64 is log q."""
+
+    prompt_index: torch.Tensor
+    group: torch.Tensor
+    prompt_ids: list[list[int]]
+    completion_ids: list[list[int]]
+    texts: list[str]
+    contexts: list[str]
+    keys: list[str]
+    proposal_logps: torch.Tensor
+    ended_with_eos: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+
+def draw_rollout(
+    model,
+    tokenizer,
+    prompts: PromptSet,
+    prompt_indices: list[int],
+    first_group: int,
+    samples_per_prompt: int,
+    *,
+    max_new_tokens: int,
+    batch_size: int,
+    generator: torch.Generator,
+) -> Rollout:
+    """``samples_per_prompt`` exact ancestral samples from ``model`` for each of ``prompt_indices``."""
+    samples = sample_completions(
+        model,
+        tokenizer,
+        [prompts.keys[i] for i in prompt_indices],
+        prompt_ids=[prompts.ids[i] for i in prompt_indices],
+        num_samples=samples_per_prompt,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        generator=generator,
+    )
+    owner = [i for i in prompt_indices for _ in range(samples_per_prompt)]
+    positions = [first_group + k for k in range(len(prompt_indices)) for _ in range(samples_per_prompt)]
+    return Rollout(
+        prompt_index=torch.tensor(owner, dtype=torch.long),
+        group=torch.tensor(positions, dtype=torch.long),
+        prompt_ids=[prompts.ids[i] for i in owner],
+        completion_ids=samples.completion_ids,
+        texts=samples.completion_texts,
+        contexts=[prompts.contexts[i] for i in owner],
+        keys=[prompts.keys[i] for i in owner],
+        proposal_logps=samples.logprobs.double(),
+        ended_with_eos=samples.ended_with_eos,
+    )
+
+
+def gather(engine: Engine, values: torch.Tensor) -> torch.Tensor:
+    """A 1-D tensor from every process, concatenated in rank order, on the CPU."""
+    return engine.gather_varlen(values.to(engine.device)).cpu()
+
+
+def gather_texts(engine: Engine, tokenizer, token_lists: list[list[int]]) -> list[str]:
+    """Decoded completions of every process in rank order (token ids travel, not strings)."""
+    if engine.world_size == 1:
+        return tokenizer.batch_decode(token_lists, skip_special_tokens=True)
+    lengths = gather(engine, torch.tensor([len(t) for t in token_lists], dtype=torch.long))
+    flat = gather(engine, torch.tensor([i for t in token_lists for i in t], dtype=torch.long))
+    rows = torch.split(flat, lengths.tolist())
+    return tokenizer.batch_decode([r.tolist() for r in rows], skip_special_tokens=True)
+
+
+def shard(items: list, engine: Engine) -> list:
+    """This process's contiguous share of ``items`` (sizes differ by at most one)."""
+    bounds = torch.linspace(0, len(items), engine.world_size + 1).round().long().tolist()
+    return items[bounds[engine.rank] : bounds[engine.rank + 1]]
+
+
+def build_target(config: RunConfig) -> Target:
+    """The f-DPG target from ``online.target``; a bad scorer spec is a SetupError naming it."""
+    spec = config.online.target
+    try:
+        return Target.from_config({"scorers": spec.scorers, "conditional": spec.conditional})
+    except (ValueError, KeyError) as err:
+        raise SetupError(f"online.target.scorers: {err}") from None
+
+
+def build_online_reward(config: RunConfig):
+    """The RLOO / REINFORCE reward from ``online.reward``."""
+    from distalign.rewards import build_reward
+
+    try:
+        return build_reward(config.online.reward)
+    except (ValueError, KeyError) as err:
+        raise SetupError(f"online.reward: {err}") from None
+
+
+def fit_target_moments(
+    target: Target, policy, tokenizer, prompts: PromptSet, config: RunConfig, engine: Engine
+) -> list[list[float]]:
+    """Fit every moment tilt on samples of the base (the untrained policy); returns the lambdas.
+
+    Every process draws the same samples (same seed), so all get the same lambdas without a gather.
+    """
+    if not target.moment_tilts():
+        return []
+    cfg = config.online
+    order = torch.randperm(
+        len(prompts), generator=seeded_generator(torch.device("cpu"), config.train.seed, "fit")
+    )
+    chosen = order[: cfg.target.fit_prompts].tolist()
+    rollout = draw_rollout(
+        policy,
+        tokenizer,
+        prompts,
+        chosen,
+        0,
+        cfg.target.fit_samples_per_prompt,
+        max_new_tokens=cfg.max_new_tokens,
+        batch_size=cfg.sampling_batch_size,
+        generator=seeded_generator(engine.device, config.train.seed, "fit"),
+    )
+    log_q = rollout.proposal_logps  # q = a: the samples come from the base
+    try:
+        fits = target.fit_moments(rollout.texts, rollout.contexts, log_q, proposal_logprobs=log_q)
+    except ValueError as err:
+        raise SetupError(
+            f"online.target: cannot fit the moment constraints on {len(rollout)} base samples: {err}"
+        )
+    for fit in fits:
+        engine.print(f"moment fit: {fit.report()}")
+    return [tilt.lambdas.tolist() for tilt in target.moment_tilts()]
+
+
+def restore_moments(target: Target, lambdas: list[list[float]]) -> None:
+    for tilt, values in zip(target.moment_tilts(), lambdas):
+        tilt.lambdas = torch.tensor(values, dtype=torch.float64)

@@ -1,0 +1,16 @@
+"""Project-wide test isolation: a private distalign cache per session and an offline hub."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(autouse=True)
+def _isolated_distalign_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch):
+    """Tests (and the subprocesses they start) never touch ~/.cache and never wait on the network.
+
+    The cache is shared within the session so the tiny model is built once.
+    """
+    monkeypatch.setenv("DISTALIGN_CACHE", str(tmp_path_factory.getbasetemp() / "distalign-cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")

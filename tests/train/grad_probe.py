@@ -1,0 +1,13 @@
+"""Script: train STEP steps, save the last step's gradient. ``torchrun ... grad_probe.py OUT.pt STEP KEY=VALUE ...``"""
+
+import os
+import sys
+
+import torch
+
+from distalign.testing.runs import capture_gradient
+
+if __name__ == "__main__":
+    gradient = capture_gradient(sys.argv[3:], step=int(sys.argv[2]))
+    if os.environ.get("RANK", "0") == "0":
+        torch.save(gradient, sys.argv[1])
