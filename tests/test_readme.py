@@ -1,0 +1,50 @@
+"""The README stays true: its two first-screen commands, CI running the test one, and the commands
+and files it names existing."""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+from distalign.cli import build_parser
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+
+
+def _first_commands() -> list[str]:
+    blocks = re.findall(r"```bash\n(.*?)```", README, flags=re.S)[:2]
+    return [next(line for line in block.splitlines() if line and not line.startswith("#")) for block in blocks]
+
+
+def test_first_screen_has_the_setup_and_test_commands():
+    demo, tests = _first_commands()
+    assert demo.startswith("bash scripts/setup.sh") and "distalign demo" in demo
+    assert tests.startswith("bash scripts/setup.sh --dev") and "pytest" in tests
+    first_screen = README.split("---", 1)[0]
+    assert demo in first_screen and tests in first_screen
+
+
+def test_ci_runs_the_readme_test_command():
+    _, tests = _first_commands()
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert tests in ci.splitlines()
+
+
+def test_every_distalign_command_in_the_readme_parses():
+    parser = build_parser()
+    lines = [line.split("#")[0].strip() for line in README.splitlines()]
+    commands = [line for line in lines if line.startswith("distalign ")]
+    assert commands
+    for line in commands:
+        args = shlex.split(line)[1:]
+        parsed = parser.parse_args(args)
+        assert parsed.handler is not None
+
+
+def test_files_the_readme_names_exist():
+    for path in re.findall(r"`((?:configs|docs|scripts|benchmarks)/[\w./-]+)`", README):
+        assert (ROOT / path).exists(), path
+    for path in re.findall(r"\b(configs/\w+\.yaml)\b", README):
+        assert (ROOT / path).exists(), path
