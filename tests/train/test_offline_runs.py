@@ -100,3 +100,19 @@ def test_sft_weight_adds_the_nll_term(run_tiny):
     records = read_metrics(run)
     assert "sft_nll" in records[0]
     assert records[-1]["sft_nll"] < records[0]["sft_nll"]
+
+
+def test_tensorboard_tracker_writes_events(run_tiny):
+    pytest.importorskip("tensorboardX")
+    run = run_tiny("loss.name=dpo", "train.max_steps=2", "train.trackers=[tensorboard]", name="tb")
+    assert list((run / "logs").rglob("events.out.tfevents*"))
+
+
+def test_missing_tracker_package_is_refused(run_tiny, monkeypatch):
+    import accelerate.utils
+
+    from distalign.train.engine import TrackerUnavailableError
+
+    monkeypatch.setattr(accelerate.utils, "is_wandb_available", lambda: False)
+    with pytest.raises(TrackerUnavailableError, match="pip install wandb"):
+        run_tiny("loss.name=dpo", "train.max_steps=2", "train.trackers=[wandb]", name="wandb")

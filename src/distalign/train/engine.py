@@ -32,6 +32,10 @@ from distalign.config import RunConfig, TrainConfig, dump_config
 CHECKPOINT_PREFIX = "step_"
 
 
+class TrackerUnavailableError(ValueError):
+    """An experiment tracker was requested whose package is not installed."""
+
+
 def resolve_mixed_precision(setting: str) -> str:
     """ "auto" becomes bf16 on a CUDA device that supports it, otherwise "no"."""
     if setting != "auto":
@@ -94,6 +98,7 @@ class Engine:
 
     def __init__(self, config: RunConfig) -> None:
         self.config = config
+        self.check_trackers()
         self.run_dir = Path(config.output_dir)
         cfg = config.train
         self.accelerator = Accelerator(
@@ -115,6 +120,23 @@ class Engine:
         self._tokens_since_log = 0
         self._steps_since_log = 0
         self._final_step = -1
+
+    def check_trackers(self) -> None:
+        """accelerate silently drops a tracker whose package is missing; refuse instead."""
+        from accelerate.utils import is_mlflow_available, is_tensorboard_available, is_wandb_available
+
+        available = {
+            "tensorboard": is_tensorboard_available,
+            "wandb": is_wandb_available,
+            "mlflow": is_mlflow_available,
+        }
+        install = {"tensorboard": "tensorboardX (or tensorboard)", "wandb": "wandb", "mlflow": "mlflow"}
+        for tracker in self.config.train.trackers:
+            if not available[tracker]():
+                raise TrackerUnavailableError(
+                    f"train.trackers: {tracker!r} was requested but its package is not installed "
+                    f"(pip install {install[tracker]})"
+                )
 
     def open_run_dir(self) -> None:
         """Create the run directory and save the resolved config. Called only once the model and data
