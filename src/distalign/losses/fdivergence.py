@@ -268,8 +268,12 @@ def fdpg_pseudo_rewards(
     ``policy_logps`` [N]: log pi(x|c) summed over tokens incl. EOS; ``target_log_unnormalized`` [N]:
     log P(x|c) = log a + sum of log-scores; ``log_z``: scalar or [N] (per-context log Z_c).
     """
-    log_ratio = policy_logps.detach().double() - target_log_unnormalized.detach().double()
+    log_target = target_log_unnormalized.detach().double()
+    log_ratio = policy_logps.detach().double() - log_target
     log_ratio = log_ratio + torch.as_tensor(log_z, dtype=torch.float64, device=log_ratio.device)
+    # A sample the target excludes has pi/p = +inf whatever log Z is; without this, a context whose
+    # samples all have P = 0 (log Z_c = -inf) would give inf - inf = NaN.
+    log_ratio = torch.where(torch.isneginf(log_target), torch.full_like(log_ratio, math.inf), log_ratio)
     return pseudo_reward(divergence, log_ratio, **params)
 
 
