@@ -64,8 +64,10 @@ class StatsComputer:
         self.data = data
         self.reference = reference
 
-    def __call__(self, rows: list[int]) -> Stats:
-        batch = {k: v.to(self.engine.device) for k, v in self.data.collate(rows).items()}
+    def __call__(self, rows: list[int], with_kl: bool = True) -> Stats:
+        """Statistics of ``rows``; ``with_kl=False`` skips KTO's mismatched pairs (for evaluation)."""
+        with_kl = with_kl and self.data.needs_kl
+        batch = {k: v.to(self.engine.device) for k, v in self.data.collate(rows, with_kl).items()}
         with self.engine.accelerator.autocast():
             logps, counts = self.engine.model(
                 batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
@@ -88,7 +90,7 @@ class StatsComputer:
                 weights=weights,
             )
         kl_policy = None
-        if self.data.needs_kl:
+        if with_kl:
             # The mismatched pairs only anchor KTO's reference point; no gradient flows through them.
             logps, kl_policy = logps[:n], logps[n:].detach()
             counts = counts[:n]
@@ -98,7 +100,7 @@ class StatsComputer:
             labels=self.data.labels(rows, self.engine.device),
             ref_logps=ref.get("completion"),
             kl_policy_logps=kl_policy,
-            kl_ref_logps=ref.get("kl"),
+            kl_ref_logps=ref.get("kl") if with_kl else None,
             weights=weights,
         )
 

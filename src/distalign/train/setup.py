@@ -86,22 +86,23 @@ class OfflineData:
     def needs_kl(self) -> bool:
         return self.kl_items is not None
 
-    def sequences(self, rows: list[int]) -> tuple[list[list[int]], list[list[int]]]:
-        """(prompt ids, completion ids) of the sequences one forward pass scores, in stats order."""
+    def sequences(self, rows: list[int], with_kl: bool = True) -> tuple[list[list[int]], list[list[int]]]:
+        """(prompt ids, completion ids) of the sequences one forward pass scores, in stats order
+        (chosen then rejected; or completions then, if ``with_kl``, their mismatched pairs)."""
         picked = [self.items[i] for i in rows]
         if self.kind == "paired":
             prompts = [p.prompt_ids for p in picked] * 2
             return prompts, [p.chosen_ids for p in picked] + [p.rejected_ids for p in picked]
         prompts = [c.prompt_ids for c in picked]
         completions = [c.completion_ids for c in picked]
-        if self.kl_items is not None:
+        if self.kl_items is not None and with_kl:
             mismatched = [self.kl_items[i] for i in rows]
             prompts += [c.prompt_ids for c in mismatched]
             completions += [c.completion_ids for c in mismatched]
         return prompts, completions
 
-    def collate(self, rows: list[int]) -> dict[str, torch.Tensor]:
-        prompts, completions = self.sequences(rows)
+    def collate(self, rows: list[int], with_kl: bool = True) -> dict[str, torch.Tensor]:
+        prompts, completions = self.sequences(rows, with_kl)
         return collate_sequences(prompts, completions, self.pad_token_id)
 
     def weights(self, rows: list[int], device) -> torch.Tensor | None:
