@@ -1,0 +1,74 @@
+"""Configs: defaults validate, overrides apply, and every mistake names its field."""
+
+import pytest
+
+from distalign.config import ConfigError, dump_config, load_config, parse_overrides
+
+
+def test_defaults_and_overrides(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("loss:\n  name: dpo\n  beta: 0.2\ntrain:\n  batch_size: 4\n  micro_batch_size: 2\n")
+    config = load_config(
+        path, ["loss.beta=0.5", "output_dir=runs/x", "train.lr=1e-4", "model.lora.enabled=true"]
+    )
+    assert config.loss.beta == 0.5
+    assert config.output_dir == "runs/x"
+    assert config.train.lr == pytest.approx(1e-4)
+    assert config.model.lora.enabled is True
+    assert config.loss.loss_options() == {"beta": 0.5}
+
+
+def test_parse_overrides_nests_and_parses_yaml_scalars():
+    assert parse_overrides(["a.b.c=3", "a.d=true", "e=text"]) == {
+        "a": {"b": {"c": 3}, "d": True},
+        "e": "text",
+    }
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_overrides(["nonsense"])
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["loss.betaa=1"], "loss.betaa: unknown field"),
+        (["train.lr=fast"], "train.lr"),
+        (["train.batch_size=0"], "train.batch_size"),
+        (["data.truncation=cut"], "data.truncation"),
+        (["loss.name=nope"], "valid names"),
+        (["loss.name=dpo", "loss.gamma=0.3"], "loss.gamma is not an option of loss 'dpo'"),
+        (["train.batch_size=6", "train.micro_batch_size=4"], "multiple of"),
+        (["data.max_prompt_length=300", "data.max_length=256"], "max_prompt_length"),
+    ],
+)
+def test_mistakes_name_the_field(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
+
+
+def test_unreadable_or_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("loss: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    scalar = tmp_path / "scalar.yaml"
+    scalar.write_text("3\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(scalar)
+
+
+def test_dump_round_trips(tmp_path):
+    config = load_config(None, ["loss.name=ipo", "loss.beta=0.3"])
+    saved = tmp_path / "config.yaml"
+    saved.write_text(dump_config(config))
+    assert load_config(saved) == config
+
+
+def test_shipped_configs_validate():
+    from pathlib import Path
+
+    configs = sorted((Path(__file__).parents[2] / "configs").glob("*.yaml"))
+    assert configs, "no shipped configs found"
+    for path in configs:
+        load_config(path)
