@@ -1,4 +1,4 @@
-"""``distalign data check`` (and, later, ``data make``)."""
+"""``distalign data check`` and ``distalign data make``."""
 
 from __future__ import annotations
 
@@ -33,6 +33,87 @@ def cmd_data_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _task_settings(items: list[str]) -> dict:
+    from distalign.config import ConfigError, parse_overrides
+
+    for item in items:
+        if "." in item.partition("=")[0]:
+            raise ConfigError(f"--task-setting {item!r}: expected NAME=VALUE with a plain name")
+    return parse_overrides(items)
+
+
+def cmd_data_make(args: argparse.Namespace) -> int:
+    from distalign.cli.evaluate import prefer_passive_openmp
+
+    prefer_passive_openmp()
+    from distalign.tasks.io import provenance_path
+    from distalign.tasks.sampler import make_task_dataset
+
+    path = make_task_dataset(
+        args.task,
+        args.output or f"{args.task}_{args.kind}.jsonl",
+        model_name=args.model,
+        kind=args.kind,
+        k=args.k,
+        num_prompts=args.num_prompts,
+        seed=args.seed,
+        bt_noise=args.bt_noise,
+        split=args.split,
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+        chat_template=args.chat_template,
+        task_settings=_task_settings(args.task_setting),
+    )
+    print(f"wrote {path} (provenance: {provenance_path(path)})")
+    return 0
+
+
+def _register_make(data_commands: argparse._SubParsersAction) -> None:
+    make = data_commands.add_parser(
+        "make",
+        help="build a dataset from a built-in task by sampling a base model",
+        description="Sample K completions per prompt of TASK (sentiment, readability, keyword) from the base "
+        "model, score them with the task's gold reward and write rows as JSONL: best-vs-worst pairs "
+        "(paired), their unpaired split, every scored sample (listwise) or the prompts alone (prompt). "
+        "A sidecar FILE.provenance.json records the model, seed, sampling settings, gold reward and counts. "
+        "The same seed and settings give the same file.",
+    )
+    make.add_argument("task", help="built-in task: sentiment, readability or keyword")
+    make.add_argument("--model", default="smollm2", help="base model to sample (tiny, smollm2, a path)")
+    make.add_argument("--kind", default="paired", choices=["paired", "unpaired", "listwise", "prompt"])
+    make.add_argument("--k", type=int, default=4, help="completions sampled per prompt")
+    make.add_argument(
+        "--num-prompts", type=int, default=None, help="prompts to use (default: all of the split)"
+    )
+    make.add_argument(
+        "--seed", type=int, default=0, help="seeds the prompt choice, the samples and the noise"
+    )
+    make.add_argument("--output", help="JSONL file to write (default: TASK_KIND.jsonl)")
+    make.add_argument(
+        "--bt-noise",
+        type=float,
+        default=None,
+        help="Bradley-Terry temperature: flip a pair with probability sigmoid(-gap / T) (default: no noise)",
+    )
+    make.add_argument("--split", default="train", choices=["train", "heldout"])
+    make.add_argument("--max-new-tokens", type=int, default=48)
+    make.add_argument("--batch-size", type=int, default=16, help="sequences per sampling forward pass")
+    make.add_argument(
+        "--chat-template",
+        default="auto",
+        choices=["auto", "on", "off"],
+        help="sample with the chat template and write conversational rows (auto: iff the model has one)",
+    )
+    make.add_argument(
+        "--task-setting",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a task factory setting, e.g. objective=grade for readability (repeatable)",
+    )
+    make.set_defaults(handler=cmd_data_make)
+
+
 def register(commands: argparse._SubParsersAction) -> None:
     data = commands.add_parser("data", help="check or make datasets")
     data_commands = data.add_subparsers(dest="data_command", required=True, metavar="SUBCOMMAND")
@@ -55,3 +136,4 @@ def register(commands: argparse._SubParsersAction) -> None:
     check.add_argument("--truncation", default="truncate", choices=["truncate", "drop"])
     check.add_argument("--chat-template", default="auto", choices=["auto", "on", "off"])
     check.set_defaults(handler=cmd_data_check)
+    _register_make(data_commands)

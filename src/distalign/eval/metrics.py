@@ -63,14 +63,46 @@ def win_rate(policy_rewards: ArrayLike, reference_rewards: ArrayLike, *, ties: s
     raise ValueError(f"ties={ties!r} is not valid; choose 'half', 'loss' or 'exclude'")
 
 
+def _resample_indices(
+    rng: np.random.Generator, n_boot: int, size: int, groups: ArrayLike | None
+) -> list[np.ndarray] | np.ndarray:
+    """Index sets of ``n_boot`` bootstrap resamples of ``size`` items.
+
+    Without ``groups``: ``size`` indices drawn with replacement. With ``groups`` ([size] labels, e.g. the
+    prompt of each sample): as many groups as there are drawn with replacement, each bringing all of
+    its items, so samples of one prompt stay together (a cluster bootstrap). With one item per group
+    the draws are exactly those of the ungrouped bootstrap with the same seed.
+    """
+    if groups is None:
+        return rng.integers(0, size, size=(n_boot, size))
+    labels = np.asarray(groups).reshape(-1)
+    if labels.size != size:
+        raise ValueError(f"groups has {labels.size} labels for {size} values")
+    _, first, inverse = np.unique(labels, return_index=True, return_inverse=True)
+    # Groups numbered in order of first appearance, so results do not depend on how labels sort.
+    rank = np.argsort(np.argsort(first))
+    members = [np.flatnonzero(rank[inverse] == g) for g in range(first.size)]
+    draws = rng.integers(0, len(members), size=(n_boot, len(members)))
+    if len({m.size for m in members}) == 1:
+        return np.stack(members)[draws].reshape(n_boot, -1)
+    return [np.concatenate([members[g] for g in row]) for row in draws]
+
+
 def bootstrap_ci(
-    stat_fn: Callable[..., float], *arrays: ArrayLike, n_boot: int = 1000, alpha: float = 0.05, seed: int = 0
+    stat_fn: Callable[..., float],
+    *arrays: ArrayLike,
+    n_boot: int = 1000,
+    alpha: float = 0.05,
+    seed: int = 0,
+    groups: ArrayLike | None = None,
 ) -> tuple[float, float]:
     """Percentile-bootstrap ``1 - alpha`` interval of ``stat_fn(*arrays)``.
 
     Each of ``n_boot`` resamples draws N indices with replacement and applies them to *all* arrays
     (each [N]) together. The bounds are the ``alpha/2`` and ``1 - alpha/2`` quantiles (linear
-    interpolation) of the resampled statistics, ignoring NaN resamples.
+    interpolation) of the resampled statistics, ignoring NaN resamples. ``groups`` ([N] labels) makes it
+    a cluster bootstrap: whole groups (e.g. all samples of one prompt) are resampled, see
+    :func:`_resample_indices`.
     """
     data = [as_array(a) for a in arrays]
     if not data or len({a.size for a in data}) != 1 or data[0].size == 0:
@@ -78,16 +110,23 @@ def bootstrap_ci(
     if not 0 < alpha < 1 or n_boot < 1:
         raise ValueError(f"need 0 < alpha < 1 and n_boot >= 1, got alpha={alpha}, n_boot={n_boot}")
     rng = np.random.default_rng(seed)
-    indices = rng.integers(0, data[0].size, size=(n_boot, data[0].size))
+    indices = _resample_indices(rng, n_boot, data[0].size, groups)
     stats = np.array([stat_fn(*(a[idx] for a in data)) for idx in indices], dtype=np.float64)
     low, high = np.nanquantile(stats, [alpha / 2, 1 - alpha / 2])
     return float(low), float(high)
 
 
-def mean_with_ci(values: ArrayLike, *, n_boot: int = 1000, alpha: float = 0.05, seed: int = 0) -> Estimate:
-    """Mean of ``values`` ([N]) with its bootstrap interval."""
+def mean_with_ci(
+    values: ArrayLike,
+    *,
+    n_boot: int = 1000,
+    alpha: float = 0.05,
+    seed: int = 0,
+    groups: ArrayLike | None = None,
+) -> Estimate:
+    """Mean of ``values`` ([N]) with its bootstrap interval (over ``groups`` when given)."""
     data = as_array(values)
-    low, high = bootstrap_ci(np.mean, data, n_boot=n_boot, alpha=alpha, seed=seed)
+    low, high = bootstrap_ci(np.mean, data, n_boot=n_boot, alpha=alpha, seed=seed, groups=groups)
     return Estimate(float(data.mean()), low, high, int(data.size))
 
 
@@ -99,12 +138,19 @@ def win_rate_with_ci(
     n_boot: int = 1000,
     alpha: float = 0.05,
     seed: int = 0,
+    groups: ArrayLike | None = None,
 ) -> Estimate:
     """:func:`win_rate` with its bootstrap interval (prompts resampled jointly for both models)."""
     policy, reference = as_array(policy_rewards), as_array(reference_rewards)
     value = win_rate(policy, reference, ties=ties)
     low, high = bootstrap_ci(
-        lambda p, r: win_rate(p, r, ties=ties), policy, reference, n_boot=n_boot, alpha=alpha, seed=seed
+        lambda p, r: win_rate(p, r, ties=ties),
+        policy,
+        reference,
+        n_boot=n_boot,
+        alpha=alpha,
+        seed=seed,
+        groups=groups,
     )
     return Estimate(value, low, high, int(policy.size))
 
@@ -131,16 +177,19 @@ def kl_estimate(
     n_boot: int = 1000,
     alpha: float = 0.05,
     seed: int = 0,
+    groups: ArrayLike | None = None,
 ) -> KLEstimate:
     """KL(pi || ref) from sequence log-probs ([N] each, nats, summed over completion tokens) of N samples
-    drawn from the policy, scored by the policy and by the reference; see :class:`KLEstimate`."""
+    drawn from the policy, scored by the policy and by the reference; see :class:`KLEstimate`.
+    ``groups``: prompt of each sample, for a bootstrap over prompts."""
     log_pi, log_ref = as_array(policy_logprobs), as_array(reference_logprobs)
     if log_pi.shape != log_ref.shape or log_pi.size == 0:
         raise ValueError("kl_estimate needs two non-empty log-prob arrays of equal length")
     log_ratio = np.minimum(log_ref - log_pi, 700.0)  # log r
     per_sample_k3 = np.expm1(log_ratio) - log_ratio
-    k1 = mean_with_ci(log_pi - log_ref, n_boot=n_boot, alpha=alpha, seed=seed)
-    k3 = mean_with_ci(per_sample_k3, n_boot=n_boot, alpha=alpha, seed=seed)
+    boot = {"n_boot": n_boot, "alpha": alpha, "seed": seed, "groups": groups}
+    k1 = mean_with_ci(log_pi - log_ref, **boot)
+    k3 = mean_with_ci(per_sample_k3, **boot)
     return KLEstimate(k1=k1, k3=k3)
 
 
@@ -281,6 +330,8 @@ class EvalResult:
     * ``kl``: :class:`KLEstimate` of KL(policy || reference) in nats per sequence (``None`` without log-probs).
     * ``quantiles``: ``{"levels": [...], "policy": [...], "reference": [...]}`` gold-reward quantile curves.
     * ``diversity``: per model, :func:`diversity_stats`; ``length``: per model, :func:`length_stats`.
+    * ``dominance``: first-order dominance of the policy's gold rewards over the reference's
+      (:func:`distalign.eval.dominance.dominance_metrics`: violation_rate, w1, signed_mean_gap, ...).
     * ``settings``: how the numbers were made (models, generation settings, seeds, n_boot, alpha).
     * ``samples_file``: path, relative to the JSON, of the per-sample JSONL, if one was written.
     """
@@ -294,6 +345,7 @@ class EvalResult:
     quantiles: dict[str, list[float]] = field(default_factory=dict)
     diversity: dict[str, dict[str, float]] = field(default_factory=dict)
     length: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
+    dominance: dict[str, float] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)
     samples_file: str | None = None
     schema_version: int = 1
@@ -339,13 +391,16 @@ def evaluate_samples(
     n_boot: int = 1000,
     alpha: float = 0.05,
     seed: int = 0,
+    groups: ArrayLike | None = None,
 ) -> EvalResult:
-    """All metrics for one completion per held-out prompt from each model (arrays [N], paired by prompt).
+    """All metrics for completions of held-out prompts from each model (arrays [N], paired by index).
 
-    ``policy_logprobs`` / ``reference_logprobs``: log-probs of the *policy's* samples under the policy and
-    the reference (nats per sequence), for the KL estimate.
+    Index i of the policy's and the reference's arrays belongs to the same prompt. With one completion per
+    prompt the bootstrap resamples indices; with several, pass ``groups`` ([N], the prompt of each index)
+    so that whole prompts are resampled. ``policy_logprobs`` / ``reference_logprobs``: log-probs of the
+    *policy's* samples under the policy and the reference (nats per sequence), for the KL estimate.
     """
-    boot = {"n_boot": n_boot, "alpha": alpha, "seed": seed}
+    boot = {"n_boot": n_boot, "alpha": alpha, "seed": seed, "groups": groups}
     models: dict[str, tuple[Sequence[str], np.ndarray]] = {"policy": (policy_texts, as_array(policy_rewards))}
     if reference_texts is not None and reference_rewards is not None:
         models["reference"] = (reference_texts, as_array(reference_rewards))
@@ -353,7 +408,7 @@ def evaluate_samples(
     result = EvalResult(
         task=task,
         reward=reward,
-        num_prompts=len(policy_texts),
+        num_prompts=len(policy_texts) if groups is None else len(np.unique(np.asarray(groups))),
         gold_reward={name: mean_with_ci(r, **boot) for name, (_, r) in models.items()},
         quantiles={
             "levels": levels,
@@ -361,8 +416,10 @@ def evaluate_samples(
         },
         diversity={name: diversity_stats(texts, seed=seed) for name, (texts, _) in models.items()},
         length={name: length_stats(texts) for name, (texts, _) in models.items()},
-        settings={**(settings or {}), **boot},
+        settings={**(settings or {}), "n_boot": n_boot, "alpha": alpha, "seed": seed},
     )
+    if groups is not None:
+        result.settings["bootstrap"] = "cluster: whole groups (prompts) resampled"
     if "reference" in models:
         result.win_rate = win_rate_with_ci(models["policy"][1], models["reference"][1], **boot)
     if policy_logprobs is not None and reference_logprobs is not None:

@@ -150,6 +150,14 @@ def _eval_tables(result: EvalResult) -> str:
         rows.append(["win rate vs reference (ties 1/2)", result.win_rate])
     if result.kl is not None:
         rows += [["KL(policy||ref) k1 [nats]", result.kl.k1], ["KL(policy||ref) k3 [nats]", result.kl.k3]]
+    dominance_labels = {
+        "violation_rate": "dominance: share of quantile levels where policy < reference",
+        "w1": "W1 distance policy vs reference (gold-reward units)",
+        "w1_violation": "W1 part where the policy is behind",
+    }
+    rows += [
+        [label, result.dominance[key]] for key, label in dominance_labels.items() if key in result.dominance
+    ]
     level = 100 * (1 - float(result.settings.get("alpha", 0.05)))
     parts = [_table(["metric", f"value [{level:g}% CI]"], rows)]
     models = list(result.diversity or result.length)
@@ -194,7 +202,9 @@ def _run_section(run: RunSummary, assets: Path) -> str:
         parts.append(_eval_tables(run.eval))
         levels = run.eval.quantiles.get("levels")
         curves_by_model = {k: v for k, v in run.eval.quantiles.items() if k != "levels"}
-        if levels and curves_by_model:
+        # `distalign eval` leaves a finer picture (every sample's quantile, violations shaded) in eval/.
+        has_eval_plot = any(p.name == "gold_reward_quantiles.png" for p in run.pngs)
+        if levels and curves_by_model and not has_eval_plot:
             png = plot_quantile_curves(
                 levels,
                 curves_by_model,
@@ -250,11 +260,22 @@ def _comparison_section(runs: Sequence[RunSummary], assets: Path) -> str:
         "mean words",
     ]
     rows = [_comparison_row(run) for run in runs]
+    reference = _shared_reference(runs)
+    if reference is not None:
+        rows.insert(0, ["reference", "(base)", None, None, reference, None, 0.0, *_reference_diversity(runs)])
     parts = ["<h2>Comparison</h2>", _table(headers, rows)]
     evaluated = [(r.name, r.eval) for r in runs if r.eval is not None and "policy" in r.eval.gold_reward]
     if not evaluated:
         return "".join(parts) + '<p class="muted">No run has eval/eval.json: no comparison plots.</p>'
-    reference = _shared_reference(runs)
+    quantiles = _comparison_quantiles(evaluated, reference is not None)
+    if quantiles is not None:
+        png = plot_quantile_curves(
+            quantiles["levels"],
+            {k: v for k, v in quantiles.items() if k != "levels"},
+            assets / "quantiles.png",
+            title="Gold-reward quantiles: a curve above another dominates it",
+        )
+        parts.append(_image(png, "gold-reward quantile curves of every run (the dominance view)"))
     labels = [name for name, _ in evaluated] + (["reference"] if reference else [])
     rewards = [ev.gold_reward["policy"] for _, ev in evaluated] + ([reference] if reference else [])
     parts.append(
@@ -273,6 +294,31 @@ def _comparison_section(runs: Sequence[RunSummary], assets: Path) -> str:
         png = plot_frontier(points, assets / "frontier.png")
         parts.append(_image(png, "gold reward vs KL(policy || reference): the frontier"))
     return "".join(parts)
+
+
+def _reference_diversity(runs: Sequence[RunSummary]) -> list[Any]:
+    """distinct-2, self-BLEU and mean words of the shared reference (from the first evaluated run)."""
+    ev = next(r.eval for r in runs if r.eval is not None)
+    div = ev.diversity.get("reference", {})
+    words = ev.length.get("reference", {}).get("words", {})
+    return [div.get("distinct_2"), div.get("self_bleu"), words.get("mean")]
+
+
+def _comparison_quantiles(
+    evaluated: Sequence[tuple[str, EvalResult]], shared_reference: bool
+) -> dict[str, list[float]] | None:
+    """Quantile curves of every run's policy (plus the shared reference) when all use the same levels."""
+    levels = evaluated[0][1].quantiles.get("levels")
+    if not levels or any(
+        ev.quantiles.get("levels") != levels or "policy" not in ev.quantiles for _, ev in evaluated
+    ):
+        return None
+    curves: dict[str, list[float]] = {"levels": levels}
+    if shared_reference and "reference" in evaluated[0][1].quantiles:
+        curves["reference"] = evaluated[0][1].quantiles["reference"]
+    for name, ev in evaluated:
+        curves[name] = ev.quantiles["policy"]
+    return curves
 
 
 def _frontier_point(name: str, result: EvalResult) -> FrontierPoint:

@@ -1,0 +1,374 @@
+"""``distalign eval``: sample the policy and the reference on held-out prompts, score, compare, plot.
+
+Both models draw ``samples_per_prompt`` exact ancestral samples (temperature 1, no truncation of the
+distribution) for the same prompts; the policy's samples are also scored by the reference
+(teacher-forced), so ``log pi(y) - log ref(y)`` on y ~ pi is an unbiased KL(pi || ref) estimate. Gold
+rewards come from the task; intervals from a bootstrap over prompts. Outputs go to ``OUT/eval.json``
+(:class:`~distalign.eval.metrics.EvalResult`), ``OUT/samples.jsonl`` and PNGs.
+
+The reference's samples depend only on the reference, the prompts and the seed, so they can be drawn
+once and shared by the evaluations of several policies (``reference_samples=``): that is what
+``distalign demo`` does, and why two runs against one reference show the same reference numbers.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from distalign.config import ConfigError, RunConfig, load_config
+from distalign.configs.evaluation import EvalConfig
+from distalign.eval.dominance import dominance_metrics
+from distalign.eval.dominance import plot_quantile_curves as plot_dominance
+from distalign.eval.metrics import EvalResult, evaluate_samples
+from distalign.tasks import Task, get_task, select_prompts
+from distalign.tasks.sampler import model_device, render_task_prompts, uses_chat_template
+
+#: Offsets of the sampling seeds, so the policy's and the reference's draws are independent streams.
+_REFERENCE_STREAM, _POLICY_STREAM = 0, 1_000_003
+
+
+@dataclass
+class EvalPrompts:
+    """The prompts one evaluation uses: raw task prompts and the text the models are conditioned on."""
+
+    task: Task
+    prompts: list[str]
+    rendered: list[str]
+    use_chat_template: bool
+
+
+@dataclass
+class ModelSamples:
+    """Completions of one model, prompt-major (``samples_per_prompt`` per prompt); arrays are [N]."""
+
+    prompt_index: np.ndarray
+    texts: list[str]
+    completion_ids: list[list[int]]
+    logprobs: np.ndarray
+    rewards: np.ndarray
+    ended_with_eos: np.ndarray
+
+
+@dataclass
+class EvalOutcome:
+    """An evaluation's result with the samples it was computed from."""
+
+    result: EvalResult
+    prompts: EvalPrompts
+    policy: ModelSamples
+    reference: ModelSamples
+    reference_logprobs_of_policy: np.ndarray
+
+
+def _task(cfg: EvalConfig) -> Task:
+    try:
+        return get_task(cfg.task, **cfg.task_settings)
+    except ValueError as err:
+        raise ConfigError(f"eval.task_settings: {err}") from None
+
+
+def eval_prompts(cfg: EvalConfig, tokenizer: Any) -> EvalPrompts:
+    """Resolve the task, pick ``num_prompts`` prompts of ``split`` (seeded) and render them."""
+    task = _task(cfg)
+    available = len(task.prompts(cfg.split))
+    if cfg.num_prompts is not None and cfg.num_prompts > available:
+        raise ConfigError(
+            f"eval.num_prompts={cfg.num_prompts} but task {task.name!r} has {available} {cfg.split} prompts"
+        )
+    prompts = select_prompts(task, split=cfg.split, num_prompts=cfg.num_prompts, seed=cfg.seed)
+    use_chat = uses_chat_template(tokenizer, cfg.chat_template)
+    return EvalPrompts(task, prompts, render_task_prompts(task, tokenizer, prompts, use_chat), use_chat)
+
+
+def draw_samples(
+    model: Any, tokenizer: Any, plan: EvalPrompts, cfg: EvalConfig, *, seed: int, description: str
+) -> ModelSamples:
+    """``samples_per_prompt`` ancestral samples per prompt with exact log-probs, gold-scored."""
+    from distalign.models.sampling import sample_completions
+
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    per_prompt = cfg.samples_per_prompt
+    chunk = max(1, cfg.batch_size // per_prompt)
+    texts: list[str] = []
+    ids: list[list[int]] = []
+    logprobs: list[float] = []
+    ended: list[bool] = []
+    with tqdm(total=len(plan.prompts), desc=description, unit="prompt") as bar:
+        for start in range(0, len(plan.rendered), chunk):
+            samples = sample_completions(
+                model,
+                tokenizer,
+                plan.rendered[start : start + chunk],
+                num_samples=per_prompt,
+                max_new_tokens=cfg.max_new_tokens,
+                batch_size=cfg.batch_size,
+                generator=generator,
+                add_special_tokens=not plan.use_chat_template,
+            )
+            texts += samples.completion_texts
+            ids += samples.completion_ids
+            logprobs += samples.logprobs.tolist()
+            ended += samples.ended_with_eos.tolist()
+            bar.update(len(samples.completion_texts) // per_prompt)
+    prompt_index = np.repeat(np.arange(len(plan.prompts)), per_prompt)
+    raw_prompts = [plan.prompts[i] for i in prompt_index]
+    rewards = plan.task.gold_reward.scores(raw_prompts, texts)
+    return ModelSamples(
+        prompt_index, texts, ids, np.asarray(logprobs), np.asarray(rewards), np.asarray(ended)
+    )
+
+
+def score_samples(
+    model: Any, tokenizer: Any, plan: EvalPrompts, samples: ModelSamples, cfg: EvalConfig, description: str
+) -> np.ndarray:
+    """Teacher-forced log-probs [N] (nats) of ``samples`` under ``model``."""
+    from distalign.models.sampling import score_completions
+
+    rendered = [plan.rendered[i] for i in samples.prompt_index]
+    scores: list[float] = []
+    with tqdm(total=len(rendered), desc=description, unit="sample") as bar:
+        for start in range(0, len(rendered), cfg.batch_size):
+            stop = start + cfg.batch_size
+            part = score_completions(
+                model,
+                tokenizer,
+                rendered[start:stop],
+                samples.completion_ids[start:stop],
+                batch_size=cfg.batch_size,
+                add_special_tokens=not plan.use_chat_template,
+            )
+            scores += part.tolist()
+            bar.update(len(part))
+    return np.asarray(scores)
+
+
+def draw_reference_samples(
+    reference: Any, tokenizer: Any, plan: EvalPrompts, cfg: EvalConfig
+) -> ModelSamples:
+    """The reference's samples for ``plan``: what :func:`evaluate_models` draws, to share across policies."""
+    return draw_samples(
+        reference, tokenizer, plan, cfg, seed=cfg.seed + _REFERENCE_STREAM, description="eval: reference"
+    )
+
+
+def evaluate_models(
+    policy: Any,
+    reference: Any,
+    tokenizer: Any,
+    cfg: EvalConfig,
+    *,
+    reference_samples: ModelSamples | None = None,
+    plan: EvalPrompts | None = None,
+    settings: dict[str, Any] | None = None,
+) -> EvalOutcome:
+    """Evaluate ``policy`` against ``reference`` (both on their devices; one shared tokenizer).
+
+    ``policy is reference`` evaluates a model against itself: two independent sample sets, KL exactly 0.
+    Pass ``reference_samples`` (and the ``plan`` they were drawn for) to reuse a reference's samples.
+    """
+    plan = plan or eval_prompts(cfg, tokenizer)
+    if reference_samples is None:
+        reference_samples = draw_reference_samples(reference, tokenizer, plan, cfg)
+    policy_samples = draw_samples(
+        policy, tokenizer, plan, cfg, seed=cfg.seed + _POLICY_STREAM, description="eval: policy"
+    )
+    if policy is reference:
+        ref_logps = policy_samples.logprobs.copy()
+    else:
+        ref_logps = score_samples(
+            reference, tokenizer, plan, policy_samples, cfg, "eval: reference log-probs"
+        )
+    eos_rate = {
+        "policy": float(policy_samples.ended_with_eos.mean()),
+        "reference": float(reference_samples.ended_with_eos.mean()),
+    }
+    result = evaluate_samples(
+        policy_samples.texts,
+        policy_samples.rewards,
+        reference_samples.texts,
+        reference_samples.rewards,
+        policy_logprobs=policy_samples.logprobs,
+        reference_logprobs=ref_logps,
+        task=plan.task.name,
+        reward=plan.task.gold_reward.alias,
+        settings={**_eval_settings(cfg, plan), "eos_rate": eos_rate, **(settings or {})},
+        n_boot=cfg.n_boot,
+        alpha=cfg.alpha,
+        seed=cfg.seed,
+        groups=policy_samples.prompt_index,
+    )
+    dominance = dominance_metrics(policy_samples.rewards, reference_samples.rewards)
+    dominance.pop("ot_cost")  # AOT's cost at its training beta means nothing on a gold-reward scale
+    result.dominance = dominance
+    return EvalOutcome(result, plan, policy_samples, reference_samples, ref_logps)
+
+
+def _eval_settings(cfg: EvalConfig, plan: EvalPrompts) -> dict[str, Any]:
+    return {
+        "task_settings": plan.task.settings,
+        "split": cfg.split,
+        "samples_per_prompt": cfg.samples_per_prompt,
+        "max_new_tokens": cfg.max_new_tokens,
+        "sampling": "ancestral, temperature 1, no top-k/top-p (exact log-probs)",
+        "chat_template": plan.use_chat_template,
+    }
+
+
+def write_eval(outcome: EvalOutcome, out_dir: str | Path, *, save_samples: bool = True) -> Path:
+    """Write ``eval.json``, ``samples.jsonl`` (optional) and the PNGs into ``out_dir``; returns eval.json."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    result = outcome.result
+    if save_samples:
+        _write_samples(outcome, out_dir / "samples.jsonl")
+        result.samples_file = "samples.jsonl"
+    reward = result.reward or "gold reward"
+    plot_dominance(
+        outcome.policy.rewards,
+        outcome.reference.rewards,
+        out_dir / "gold_reward_quantiles.png",
+        labels=("policy", "reference"),
+        title=f"Gold-reward quantiles ({reward}): policy vs reference",
+        ylabel=reward,
+    )
+    _plot_reward_histogram(outcome, out_dir / "gold_reward_histogram.png", reward)
+    return result.save(out_dir / "eval.json")
+
+
+def _write_samples(outcome: EvalOutcome, path: Path) -> None:
+    lines = []
+    for role, samples in (("policy", outcome.policy), ("reference", outcome.reference)):
+        for i, text in enumerate(samples.texts):
+            row = {
+                "model": role,
+                "prompt": outcome.prompts.prompts[int(samples.prompt_index[i])],
+                "completion": text,
+                "gold_reward": float(samples.rewards[i]),
+                "logprob": float(samples.logprobs[i]),
+                "ended_with_eos": bool(samples.ended_with_eos[i]),
+            }
+            if role == "policy":
+                row["reference_logprob"] = float(outcome.reference_logprobs_of_policy[i])
+            lines.append(json.dumps(row, ensure_ascii=False))
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def _plot_reward_histogram(outcome: EvalOutcome, path: Path, reward: str) -> Path:
+    from matplotlib.figure import Figure
+
+    values = np.concatenate([outcome.policy.rewards, outcome.reference.rewards])
+    bins = np.histogram_bin_edges(values, bins=20)
+    figure = Figure(figsize=(5.6, 3.6))
+    axes = figure.add_subplot(1, 1, 1)
+    for label, samples, color in (
+        ("reference", outcome.reference, "tab:red"),
+        ("policy", outcome.policy, "tab:blue"),
+    ):
+        axes.hist(samples.rewards, bins=bins, alpha=0.5, label=label, color=color)
+    axes.set_xlabel(reward)
+    axes.set_ylabel("completions")
+    axes.set_title("Gold-reward histogram")
+    axes.legend()
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, format="png", dpi=110)
+    return path
+
+
+def load_eval_model(name: str, config: RunConfig) -> tuple[Any, Any]:
+    """Load ``name`` (as ``model.name`` accepts) with the run's dtype and trust settings, on the eval device."""
+    from distalign.models.loading import load_model_and_tokenizer
+
+    model, tokenizer = load_model_and_tokenizer(
+        name,
+        dtype=config.model.dtype,
+        trust_remote_code=config.model.trust_remote_code,
+        revision=config.model.revision,
+    )
+    return model.to(model_device()).eval(), tokenizer
+
+
+def _check_same_vocabulary(policy_tokenizer: Any, reference_tokenizer: Any, reference: str) -> None:
+    from distalign.train.setup import SetupError
+
+    if policy_tokenizer.get_vocab() != reference_tokenizer.get_vocab():
+        raise SetupError(
+            f"the reference {reference!r} uses a different vocabulary than the policy: the KL estimate "
+            "scores the policy's token ids under the reference, so both must share one tokenizer"
+        )
+
+
+def evaluate_run(
+    run_dir: str | Path, overrides: Sequence[str] = (), output: str | Path | None = None
+) -> Path:
+    """Evaluate ``RUN_DIR/final`` against the run's reference (``reference.model``, else ``model.name``).
+
+    ``overrides`` apply to the run's config.yaml (e.g. ``eval.num_prompts=16``). Writes
+    ``RUN_DIR/eval/`` (or ``output``) and returns the path of eval.json.
+    """
+    from distalign.train.setup import SetupError
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise SetupError(f"{run_dir} is not a run directory: it has no config.yaml")
+    final = run_dir / "final"
+    if not (final / "config.json").is_file():
+        raise SetupError(f"{run_dir} has no trained model in final/ (did training finish?)")
+    config = load_config(run_dir / "config.yaml", list(overrides))
+    reference_name = config.reference.model or config.model.name
+    print(f"eval: policy {final}, reference {reference_name}, task {config.eval.task}")
+    policy, tokenizer = load_eval_model(str(final), config)
+    reference, reference_tokenizer = load_eval_model(reference_name, config)
+    _check_same_vocabulary(tokenizer, reference_tokenizer, reference_name)
+    outcome = evaluate_models(
+        policy,
+        reference,
+        tokenizer,
+        config.eval,
+        settings={"policy": str(final), "reference": reference_name},
+    )
+    return write_eval(outcome, output or run_dir / "eval", save_samples=config.eval.save_samples)
+
+
+def evaluate_config(config: RunConfig, output: str | Path | None = None) -> Path:
+    """Evaluate the config's (untrained) model against itself: the baseline numbers of a run.
+
+    Writes a run-like directory (default ``OUTPUT_DIR/baseline``) holding config.yaml and eval/, which
+    ``distalign report`` accepts next to trained runs. Returns the path of eval.json.
+    """
+    from distalign.config import dump_config
+
+    out_dir = Path(output) if output is not None else Path(config.output_dir) / "baseline"
+    print(f"eval: baseline {config.model.name} against itself, task {config.eval.task}")
+    model, tokenizer = load_eval_model(config.model.name, config)
+    outcome = evaluate_models(
+        model,
+        model,
+        tokenizer,
+        config.eval,
+        settings={"policy": config.model.name, "reference": config.model.name},
+    )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.yaml").write_text(dump_config(config))
+    return write_eval(outcome, out_dir / "eval", save_samples=config.eval.save_samples)
+
+
+def evaluate_target(target: str, overrides: Sequence[str] = (), output: str | None = None) -> Path:
+    """``distalign eval TARGET``: a run directory or a config file; returns the path of eval.json."""
+    from distalign.train.setup import SetupError
+
+    path = Path(target)
+    if path.is_dir():
+        return evaluate_run(path, overrides, output)
+    if path.is_file():
+        return evaluate_config(load_config(path, list(overrides)), output)
+    raise SetupError(f"{target}: no such run directory or config file")
