@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-import pytest
+import os
+
+# Before anything imports torch: idle OpenMP threads sleep instead of spinning, which keeps the
+# suite fast when other jobs share the cores (the CLI sets the same default).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

@@ -16,6 +16,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from distalign.configs import ChatTemplateMode
 from distalign.configs.evaluation import EvalConfig
 from distalign.configs.online import OnlineConfig
 
@@ -82,7 +83,7 @@ class DataConfig(Section):
     """Maximum prompt tokens (prompts are cut from the left)."""
     truncation: Literal["truncate", "drop"] = "truncate"
     """Over-long rows: "truncate" (prompt from the left, then completion from the right) or "drop"."""
-    chat_template: Literal["auto", "on", "off"] = "auto"
+    chat_template: ChatTemplateMode = "auto"
     """Render with the tokenizer's chat template: "auto" = iff the rows are conversational."""
 
     @model_validator(mode="after")

@@ -72,3 +72,9 @@ def test_shipped_configs_validate():
     assert configs, "no shipped configs found"
     for path in configs:
         load_config(path)
+
+
+def test_yaml_on_off_reads_as_the_switch_value():
+    assert load_config(None, ["data.chat_template=off"]).data.chat_template == "off"
+    assert load_config(None, ["data.chat_template=on"]).data.chat_template == "on"
+    assert load_config(None, ["eval.chat_template=off"]).eval.chat_template == "off"

@@ -8,6 +8,7 @@ Heavy imports (torch, transformers) happen inside the command handlers so ``--he
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -46,7 +47,18 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     )
 
 
+def prefer_passive_openmp() -> None:
+    """Let idle OpenMP threads sleep instead of spinning, unless the user chose a policy.
+
+    Must run before torch is imported. On a machine shared with other jobs, the spinning threads of
+    several processes starve each other: sampling SmolLM2 on 2 busy cores measured 6x slower with the
+    default (active) policy than with the passive one.
+    """
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    prefer_passive_openmp()
     parser = build_parser()
     args = parser.parse_args(argv)
     handler: Callable[[argparse.Namespace], int] = args.handler

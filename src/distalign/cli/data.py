@@ -43,9 +43,6 @@ def _task_settings(items: list[str]) -> dict:
 
 
 def cmd_data_make(args: argparse.Namespace) -> int:
-    from distalign.cli.evaluate import prefer_passive_openmp
-
-    prefer_passive_openmp()
     from distalign.tasks.io import provenance_path
     from distalign.tasks.sampler import make_task_dataset
 

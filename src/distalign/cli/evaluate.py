@@ -18,18 +18,7 @@ batch_size, seed, n_boot, alpha, chat_template); see src/distalign/configs/evalu
 """
 
 
-def prefer_passive_openmp() -> None:
-    """Let idle OpenMP threads sleep instead of spinning, unless the user chose a policy.
-
-    Must run before torch is imported. On a machine shared with other jobs, spinning threads of
-    several processes starve each other: sampling SmolLM2 on 2 busy cores measured 6x slower with
-    the default (active) policy than with the passive one.
-    """
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-
 def cmd_eval(args: argparse.Namespace) -> int:
-    prefer_passive_openmp()
     from distalign.config import ConfigError
     from distalign.eval.metrics import EvalResult
     from distalign.eval.run import evaluate_target
@@ -83,7 +72,6 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    prefer_passive_openmp()
     from distalign.config import ConfigError
     from distalign.demo import format_table, run_demo
 

@@ -1,1 +1,19 @@
-"""Config sections owned by the online loop and the evaluation commands (assembled in ``distalign.config``)."""
+"""Config sections owned by the online loop and the evaluation commands (assembled in ``distalign.config``),
+and field types shared by several sections."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BeforeValidator
+
+
+def _yaml_on_off(value: Any) -> Any:
+    # YAML reads a bare on/off as true/false; for a three-way switch they can only mean "on"/"off".
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return value
+
+
+#: "auto" | "on" | "off", accepting YAML's on/off booleans.
+ChatTemplateMode = Annotated[Literal["auto", "on", "off"], BeforeValidator(_yaml_on_off)]

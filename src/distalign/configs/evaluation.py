@@ -6,6 +6,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from distalign.configs import ChatTemplateMode
+
 
 class EvalConfig(BaseModel):
     """Settings of ``distalign eval`` for a run.
@@ -39,18 +41,10 @@ class EvalConfig(BaseModel):
     """Bootstrap resamples (of prompts) for every confidence interval."""
     alpha: float = Field(0.05, gt=0.0, lt=1.0)
     """Confidence intervals cover 1 - alpha."""
-    chat_template: Literal["auto", "on", "off"] = "auto"
+    chat_template: ChatTemplateMode = "auto"
     """Render prompts with the tokenizer's chat template: "auto" = iff the tokenizer has one."""
     save_samples: bool = True
     """Also write every completion with its reward and log-probs to eval/samples.jsonl."""
-
-    @field_validator("chat_template", mode="before")
-    @classmethod
-    def _yaml_booleans(cls, value: Any) -> Any:
-        # YAML reads a bare on/off as true/false; they can only mean the switch here.
-        if isinstance(value, bool):
-            return "on" if value else "off"
-        return value
 
     @field_validator("task")
     @classmethod

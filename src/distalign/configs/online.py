@@ -1,11 +1,198 @@
-"""The ``online`` config section: sample -> score -> loss -> step (f-DPG, KL-regularised RL)."""
+"""The ``online`` config section: sample -> score -> loss -> step (f-DPG, KL-regularised REINFORCE / RLOO).
+
+Present in a run config => ``distalign train`` runs the online loop (``distalign.train.online``). The
+sections ``model``, ``train`` (optimiser, steps, micro-batches, checkpoints) and ``reference`` keep
+their meaning; ``data`` and ``loss`` are not used (prompts come from ``online.prompts``).
+
+Names that live in registries (f-divergences, target scorer kinds, tasks) are checked here, so a typo
+fails at load with the field path; the full target / reward specs are built, and checked, when the run
+starts (building a reward may load a classifier).
+"""
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
-class OnlineConfig(BaseModel):
-    """Settings of the online loop. Present in a run config => ``distalign train`` runs the online loop."""
-
+class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
+
+
+class PromptsConfig(_Section):
+    """Where the contexts come from: a task's prompts, a data file's prompts, or none (unconditional)."""
+
+    task: str | None = None
+    """A registered task (e.g. "keyword"): its train prompts for training, its held-out prompts for
+    evaluation (see eval_split)."""
+    task_settings: dict[str, Any] = {}
+    """Settings of the task factory (e.g. {"topic": "food"})."""
+    path: str | None = None
+    """A data file / `datasets` directory / builtin:NAME whose rows have a `prompt` (any row format)."""
+    split: str = "train"
+    """Split to read from a `datasets` dataset."""
+    limit: int | None = Field(None, gt=0)
+    """Use only the first N prompts."""
+    chat_template: Literal["auto", "on", "off"] = "auto"
+    """Render prompts with the tokenizer's chat template: "auto" = task prompts iff the tokenizer has a
+    template, file prompts iff the rows are conversational. With neither task nor path, generation is
+    unconditional (from the BOS token) and the template is never used."""
+    max_prompt_length: int = Field(128, gt=0)
+    """Prompt tokens at most (cut from the left, keeping BOS)."""
+
+    @model_validator(mode="after")
+    def _one_source(self) -> PromptsConfig:
+        if self.task is not None and self.path is not None:
+            raise ValueError("set either online.prompts.task or online.prompts.path, not both")
+        if self.task is not None:
+            from distalign.tasks import TASKS
+
+            if self.task not in TASKS.names():
+                raise ValueError(
+                    f"task: unknown task {self.task!r}; registered tasks: {', '.join(TASKS.names())}"
+                )
+        return self
+
+    @property
+    def unconditional(self) -> bool:
+        return self.task is None and self.path is None
+
+
+class TargetConfig(_Section):
+    """The f-DPG target P(x|c) = a(x|c) x prod of scorers; a = the initial policy (the base model)."""
+
+    scorers: list[dict[str, Any]] = Field(min_length=1)
+    """Factors, each {"kind": ..., **settings}: "constraint" (pointwise, e.g. {"kind": "constraint",
+    "feature": {"name": "contains_word", "word": "park"}, "epsilon": 0}), "moments" (distributional:
+    features + target moments, fitted on base samples at start), "tilt" (fixed exp(lambda . phi)),
+    "reward_tilt" (exp(r / beta), the RLHF target)."""
+    conditional: bool = False
+    """One partition function Z_c per prompt (CDPG) instead of one Z for the prompt distribution."""
+    fit_samples_per_prompt: int = Field(4, gt=0)
+    """Moment fitting: base samples per prompt."""
+    fit_prompts: int = Field(64, gt=0)
+    """Moment fitting: prompts sampled (at most all of them)."""
+
+    @field_validator("scorers")
+    @classmethod
+    def _known_kinds(cls, scorers: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        from distalign.targets import SCORERS
+
+        for i, spec in enumerate(scorers):
+            if "kind" not in spec:
+                raise ValueError(f"scorers[{i}] needs a 'kind' (one of {', '.join(SCORERS.names())})")
+            if spec["kind"] not in SCORERS.names():
+                raise ValueError(
+                    f"scorers[{i}].kind: unknown scorer {spec['kind']!r}; known: {', '.join(SCORERS.names())}"
+                )
+        return scorers
+
+
+class OnlineConfig(_Section):
+    """Settings of the online loop. Present in a run config => ``distalign train`` runs the online loop.
+
+    Each step draws ``prompts_per_step`` prompts and ``samples_per_prompt`` completions of each by exact
+    ancestral sampling (no temperature / top-k / top-p), scores them, and takes one optimizer step on
+    the REINFORCE surrogate (micro-batches of ``train.micro_batch_size`` sequences). ``train.batch_size``
+    is not used: the global batch is prompts_per_step x samples_per_prompt sequences.
+    """
+
+    method: Literal["fdpg", "rloo", "reinforce"] = "fdpg"
+    """"fdpg": minimise D_f(pi || p) to `target`; "rloo": maximise E[r] - kl_coef KL(pi || a) with the
+    leave-one-out baseline; "reinforce": the same objective with `baseline`."""
+    divergence: str = "jensen_shannon"
+    """f-DPG divergence (forward_kl, reverse_kl, total_variation, jensen_shannon, pearson_chi2,
+    neyman_chi2, alpha)."""
+    divergence_params: dict[str, float] = {}
+    """Parameters of the divergence (alpha: {"alpha": 0.5})."""
+    target: TargetConfig | None = None
+    """The f-DPG target (required for method=fdpg)."""
+    reward: str | dict[str, Any] | None = None
+    """RLOO / REINFORCE reward: a registered reward name, "pkg.module:function", or a spec dict
+    ({"name": "keyword", "keywords": ["park"]}); see distalign.rewards.build_reward."""
+    kl_coef: float = Field(0.05, ge=0.0)
+    """RLOO / REINFORCE: beta of the penalty beta x (log pi - log a) per sequence."""
+    prompts: PromptsConfig = PromptsConfig()
+    prompts_per_step: int = Field(4, gt=0)
+    """Prompts per optimizer step, over all processes (prompts_per_step x samples_per_prompt must divide
+    by the number of processes, which share the samples equally)."""
+    samples_per_prompt: int = Field(4, gt=0)
+    """Completions per prompt (>= 2 for the leave-one-out baseline)."""
+    max_new_tokens: int = Field(32, gt=0)
+    """Completion tokens at most; a completion cut there is scored as that prefix (no EOS)."""
+    sampling_batch_size: int = Field(32, gt=0)
+    """Sequences generated together."""
+    baseline: Literal["loo", "window", "none"] = "loo"
+    """Subtracted from the (pseudo-)rewards: per-prompt leave-one-out mean, mean of the last
+    baseline_window rewards, or nothing."""
+    baseline_window: int = Field(1024, gt=0)
+    """Rewards remembered by the windowed baseline."""
+    proposal: Literal["on_policy", "offline"] = "on_policy"
+    """Sample from the current policy, or from a frozen copy q (initially the base) refreshed by the
+    rule below, with importance weights pi / q clipped at max_importance_weight."""
+    max_importance_weight: float | None = Field(10.0, gt=0.0)
+    """Clip pi / q at this value (off-policy only); null = no clipping (unbiased, unbounded variance)."""
+    refresh_min_ess_fraction: float = Field(0.1, gt=0.0, le=1.0)
+    """Off-policy: refresh q when ESS(pi / q) / N falls below this."""
+    refresh_divergence: str = "forward_kl"
+    """Off-policy: also refresh q when this divergence of pi to the target is estimated below q's
+    (GDC's rule uses KL(p || pi), i.e. forward_kl)."""
+    eval_every: int = Field(0, ge=0)
+    """Steps between evaluations (and at the last step); 0 = no evaluation. Must be a multiple of
+    train.log_every, so every evaluation lands in metrics.jsonl."""
+    eval_at_start: bool = True
+    """Also evaluate the initial policy (step 0, in evals.jsonl only) when eval_every > 0."""
+    eval_prompts: int = Field(16, gt=0)
+    """Prompts per evaluation (a fixed seeded subset; at most all of them)."""
+    eval_samples_per_prompt: int = Field(8, gt=0)
+    """Policy samples per evaluation prompt."""
+    eval_split: Literal["heldout", "train"] = "heldout"
+    """Task prompts to evaluate on (file prompts and unconditional runs use their only set)."""
+    qrs_acceptance_rates: list[float] = []
+    """Evaluation: for each rate, the QRS beta giving it with the policy as proposal and the resulting
+    TV(p_beta, p) (e.g. [0.5, 0.1])."""
+
+    @field_validator("qrs_acceptance_rates")
+    @classmethod
+    def _rates_in_range(cls, rates: list[float]) -> list[float]:
+        for rate in rates:
+            if not 0.0 < rate <= 1.0:
+                raise ValueError(f"acceptance rate {rate} must be in (0, 1]")
+        return rates
+
+    @model_validator(mode="after")
+    def _consistent(self) -> OnlineConfig:
+        _check_divergence("divergence", self.divergence, self.divergence_params)
+        _check_divergence("refresh_divergence", self.refresh_divergence, {})
+        if self.method == "fdpg":
+            if self.target is None:
+                raise ValueError("method 'fdpg' needs online.target (the scorers of the target distribution)")
+            if self.reward is not None:
+                raise ValueError(
+                    "online.reward is for rloo/reinforce; f-DPG rewards go in a reward_tilt scorer"
+                )
+        else:
+            if self.reward is None:
+                raise ValueError(f"method {self.method!r} needs online.reward")
+            if self.target is not None:
+                raise ValueError(f"online.target is for method 'fdpg', not {self.method!r}")
+        if self.method == "rloo" and self.baseline != "loo":
+            raise ValueError(
+                "method 'rloo' is REINFORCE with the leave-one-out baseline; use method "
+                "'reinforce' for another baseline"
+            )
+        if self.baseline == "loo" and self.samples_per_prompt < 2:
+            raise ValueError("baseline 'loo' needs samples_per_prompt >= 2 (one sample has no others)")
+        return self
+
+
+def _check_divergence(field: str, name: str, params: dict[str, float]) -> None:
+    from distalign.losses.fdivergence import F_DIVERGENCES
+
+    if name not in F_DIVERGENCES.names():
+        raise ValueError(f"{field}: unknown f-divergence {name!r}; known: {', '.join(F_DIVERGENCES.names())}")
+    expected = F_DIVERGENCES.get(name).parameters
+    if set(params) != set(expected):
+        wanted = ", ".join(expected) or "no parameters"
+        raise ValueError(f"divergence_params: {name!r} takes {wanted}, got {sorted(params) or 'none'}")
