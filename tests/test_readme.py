@@ -15,7 +15,9 @@ README = (ROOT / "README.md").read_text()
 
 def _first_commands() -> list[str]:
     blocks = re.findall(r"```bash\n(.*?)```", README, flags=re.S)[:2]
-    return [next(line for line in block.splitlines() if line and not line.startswith("#")) for block in blocks]
+    return [
+        next(line for line in block.splitlines() if line and not line.startswith("#")) for block in blocks
+    ]
 
 
 def test_first_screen_has_the_setup_and_test_commands():

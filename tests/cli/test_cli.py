@@ -12,7 +12,9 @@ from distalign.cli import main
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "distalign", *args], capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "distalign", *args], capture_output=True, text=True, timeout=300
+    )
 
 
 @pytest.mark.parametrize("command", [[], ["train"], ["config", "show"], ["data", "check"], ["losses"]])
@@ -39,7 +41,9 @@ def test_bad_config_exits_2_naming_the_field(capsys):
 
 def test_bad_data_row_exits_2_and_writes_nothing(tmp_path):
     bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n{"prompt": "p", "chosen": 3, "rejected": "b"}\n')
+    bad.write_text(
+        '{"prompt": "p", "chosen": "a", "rejected": "b"}\n{"prompt": "p", "chosen": 3, "rejected": "b"}\n'
+    )
     run_dir = tmp_path / "run"
     result = _run("train", "configs/quickstart.yaml", f"data.path={bad}", f"output_dir={run_dir}")
     assert result.returncode == 2

@@ -114,6 +114,22 @@ def _pad_token_id(tokenizer: PreTrainedTokenizerBase, eos_ids: list[int]) -> int
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
 
 
+def _given_or_encoded_prompts(
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    add_special_tokens: bool,
+    prompt_ids: Sequence[Sequence[int]] | None,
+) -> list[list[int]]:
+    """``prompt_ids`` when the caller already holds the exact token ids, else ``prompts`` tokenised."""
+    if prompt_ids is None:
+        return _encode_prompts(tokenizer, prompts, add_special_tokens)
+    if len(prompt_ids) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(prompt_ids)} prompt_ids")
+    if any(len(ids) == 0 for ids in prompt_ids):
+        raise ValueError("every entry of prompt_ids needs at least one token to condition the first token on")
+    return [list(ids) for ids in prompt_ids]
+
+
 def _encode_prompts(
     tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], add_special_tokens: bool
 ) -> list[list[int]]:
@@ -233,6 +249,7 @@ def sample_completions(
     warped_logprobs: bool = False,
     eos_token_ids: Sequence[int] | None = None,
     add_special_tokens: bool = False,
+    prompt_ids: Sequence[Sequence[int]] | None = None,
 ) -> Samples:
     """Draw ``num_samples`` completions per prompt by ancestral sampling, with exact log-probs.
 
@@ -242,13 +259,15 @@ def sample_completions(
     under the warped distribution. EOS ids default to the tokenizer's plus the model generation
     config's. Runs in eval mode under ``no_grad`` (the model's train/eval mode is restored); the same
     ``generator`` state gives the same samples. Returns N = len(prompts) * num_samples samples.
+    ``prompt_ids`` [len(prompts)]: condition on these exact token ids instead of tokenising ``prompts``
+    (which then only label the samples), so a training loop scores exactly what was sampled.
     """
     _check_warping(temperature, top_k, top_p, warped_logprobs)
     if num_samples < 1 or batch_size < 1 or max_new_tokens < 0:
         raise ValueError("num_samples and batch_size must be >= 1 and max_new_tokens >= 0")
     eos_ids = _eos_token_ids(model, tokenizer, eos_token_ids)
     pad_id = _pad_token_id(tokenizer, eos_ids)
-    encoded = _encode_prompts(tokenizer, prompts, add_special_tokens)
+    encoded = _given_or_encoded_prompts(tokenizer, prompts, add_special_tokens, prompt_ids)
     owner = [i for i in range(len(prompts)) for _ in range(num_samples)]
     order = sorted(range(len(owner)), key=lambda j: len(encoded[owner[j]]))
     rows: list[list[int]] = [[] for _ in owner]
@@ -316,15 +335,17 @@ def score_completions(
     batch_size: int = 16,
     *,
     add_special_tokens: bool = False,
+    prompt_ids: Sequence[Sequence[int]] | None = None,
 ) -> torch.Tensor:
     """Teacher-forced log pi(completion | prompt): [N] float32, nats, summed over the given ids.
 
     ``prompts[i]`` is tokenised as in :func:`sample_completions`; ``completion_ids[i]`` are scored as
-    given (include the EOS id to score a complete sequence). Eval mode, no grad.
+    given (include the EOS id to score a complete sequence). Eval mode, no grad. ``prompt_ids``: exact
+    prompt token ids to condition on instead of tokenising ``prompts`` (as in :func:`sample_completions`).
     """
     if len(prompts) != len(completion_ids):
         raise ValueError(f"{len(prompts)} prompts but {len(completion_ids)} completions")
-    encoded = _encode_prompts(tokenizer, prompts, add_special_tokens)
+    encoded = _given_or_encoded_prompts(tokenizer, prompts, add_special_tokens, prompt_ids)
     pad_id = _pad_token_id(tokenizer, [0])
     scores = torch.zeros(len(prompts), dtype=torch.float64)
     was_training = model.training

@@ -175,6 +175,14 @@ class WindowedMeanBaseline:
     def update(self, rewards: torch.Tensor) -> None:
         self._values.extend(rewards.detach().double().flatten().tolist())
 
+    def state_dict(self) -> dict[str, list[float]]:
+        """Checkpointable state (JSON-able): the rewards in the window, oldest first."""
+        return {"values": list(self._values)}
+
+    def load_state_dict(self, state: dict[str, list[float]]) -> None:
+        self._values.clear()
+        self._values.extend(float(v) for v in state["values"])
+
 
 # --- importance weights and proposal refresh -------------------------------------------------------------
 @dataclass

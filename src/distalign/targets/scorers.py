@@ -15,6 +15,7 @@ Factories in :data:`SCORERS` build them from config dicts ``{"kind": ..., ...}``
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
@@ -35,11 +36,19 @@ class Scorer(Protocol):
 
 
 class BooleanConstraint:
-    """b(x, c) = 1[feature(x, c) == 1] (or == 0 with ``negate``); the feature must be boolean."""
+    """b(x, c) = 1[feature(x, c) == 1] (or == 0 with ``negate``); the feature must be boolean.
 
-    def __init__(self, feature: Feature, negate: bool = False) -> None:
+    ``epsilon`` > 0 makes the constraint soft: a violating sample scores ``epsilon`` instead of 0, so
+    P > 0 everywhere and divergences that are infinite when the policy leaves the support (reverse KL)
+    stay finite; p then puts mass epsilon (1 - Z) / (Z + epsilon (1 - Z)) on violations (Z = E_a[b]).
+    """
+
+    def __init__(self, feature: Feature, negate: bool = False, epsilon: float = 0.0) -> None:
+        if not 0.0 <= epsilon < 1.0:
+            raise ValueError(f"epsilon={epsilon} must be in [0, 1) (0 = hard constraint)")
         self.feature = feature
         self.negate = negate
+        self.epsilon = float(epsilon)
 
     def satisfied(self, completions: list[str], contexts: list[str] | None = None) -> torch.Tensor:
         """b(x_j, c_j) as a [N] bool tensor."""
@@ -52,7 +61,8 @@ class BooleanConstraint:
 
     def log_score(self, completions: list[str], contexts: list[str] | None = None) -> torch.Tensor:
         ok = self.satisfied(completions, contexts)
-        return torch.where(ok, 0.0, float("-inf")).to(torch.float64)
+        violated = math.log(self.epsilon) if self.epsilon > 0 else float("-inf")
+        return torch.where(ok, 0.0, violated).to(torch.float64)
 
 
 class MomentTilt:
@@ -127,9 +137,12 @@ SCORERS: Registry[Callable[..., Scorer]] = Registry("scorer")
 
 
 @SCORERS.register("constraint")
-def constraint_scorer(*, feature: dict[str, Any] | Feature, negate: bool = False) -> Scorer:
-    """Pointwise constraint on a boolean feature spec, e.g. ``{"name": "contains_word", "word": "x"}``."""
-    return BooleanConstraint(build_feature(feature), negate=negate)
+def constraint_scorer(
+    *, feature: dict[str, Any] | Feature, negate: bool = False, epsilon: float = 0.0
+) -> Scorer:
+    """Pointwise constraint on a boolean feature spec, e.g. ``{"name": "contains_word", "word": "x"}``;
+    ``epsilon`` > 0 scores violations epsilon instead of 0 (a soft constraint)."""
+    return BooleanConstraint(build_feature(feature), negate=negate, epsilon=epsilon)
 
 
 @SCORERS.register("moments")

@@ -81,9 +81,9 @@ class Target:
         under the full hybrid target; with several tilts they are fitted one after another (one
         coordinate-descent sweep: give all moment features to one tilt to fit them jointly).
         """
-        log_weights = base_logprobs.detach().double().cpu()
+        log_weights = torch.zeros_like(base_logprobs.detach().double().cpu())  # samples of a: a/q = 1
         if proposal_logprobs is not None:
-            log_weights = log_weights - proposal_logprobs.detach().double().cpu()
+            log_weights = base_logprobs.detach().double().cpu() - proposal_logprobs.detach().double().cpu()
         tilts = self.moment_tilts()
         results = []
         for tilt in tilts:

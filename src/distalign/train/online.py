@@ -17,27 +17,17 @@ moments) is checkpointed with the weights, so an interrupted run resumes exactly
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from distalign.config import RunConfig
-from distalign.configs.online import OnlineConfig
 from distalign.data.collate import collate_sequences
 from distalign.eval.metrics import distinct_n
-from distalign.losses.fdivergence import fdpg_pseudo_rewards, fdpg_policy_gradient_loss
+from distalign.losses.fdivergence import fdpg_policy_gradient_loss
 from distalign.models.sampling import score_completions
-from distalign.targets import (
-    LogZEstimator,
-    ProposalRefreshRule,
-    WindowedMeanBaseline,
-    clipped_importance_weights,
-    estimate_divergence,
-    importance_weighted_mean,
-    leave_one_out_baseline,
-)
-from distalign.train.batching import BatchPlan, split_for_process
+from distalign.targets import ProposalRefreshRule, estimate_divergence, importance_weighted_mean
+from distalign.train.batching import BatchPlan
 from distalign.train.engine import Engine, iterate_steps
 from distalign.train.online_eval import EvalLog, OnlineEvaluator, sample_monitors
 from distalign.train.online_setup import (
@@ -51,149 +41,26 @@ from distalign.train.online_setup import (
     gather,
     gather_texts,
     load_prompts,
+    repeat_prompts,
     restore_moments,
     seeded_generator,
+    shard,
 )
+from distalign.train.online_signal import GlobalBatch, LoopState, Signal, compute_signal
 from distalign.train.setup import SetupError, load_policy, save_final, wrap_for_training
-
-
-@dataclass
-class GlobalBatch:
-    """The step's samples from every process, in rank order; tensors [N] float64 unless noted.
-
-    ``policy_logps``: log pi under the policy being trained (= ``proposal_logps`` on-policy);
-    ``target_logps``: log P (f-DPG) and ``rewards``: r (RLOO), the other one None; ``groups`` [N] long:
-    leave-one-out groups; ``keys``: log Z keys; ``monitors``: per-sample values (alignment, reward ...).
-    """
-
-    policy_logps: torch.Tensor
-    proposal_logps: torch.Tensor
-    base_logps: torch.Tensor
-    target_logps: torch.Tensor | None
-    rewards: torch.Tensor | None
-    groups: torch.Tensor
-    keys: list
-    monitors: dict[str, torch.Tensor]
-    texts: list[str]
-    completion_tokens: torch.Tensor
-    ended_with_eos: torch.Tensor
-
-
-@dataclass
-class Signal:
-    """What the surrogate needs: R [N], A = R - baseline [N], clipped weights pi/q [N] (None on-policy)."""
-
-    rewards: torch.Tensor
-    advantages: torch.Tensor
-    weights: torch.Tensor | None
-    metrics: dict[str, float]
-
-
-class LoopState:
-    """Everything besides weights and optimizer that a resumed run needs to continue exactly."""
-
-    def __init__(self, window: int, proposal: FrozenProposal | None) -> None:
-        self.log_z = LogZEstimator()
-        self.window = WindowedMeanBaseline(window)
-        self.proposal = proposal
-        self.moment_lambdas: list[list[float]] = []
-
-    def state_dict(self) -> dict:
-        return {
-            "log_z": self.log_z.state_dict(),
-            "window": self.window.state_dict(),
-            "proposal": None if self.proposal is None else self.proposal.loop_state(),
-            "moment_lambdas": self.moment_lambdas,
-        }
-
-    def load_state_dict(self, state: dict) -> None:
-        self.log_z.load_state_dict(state["log_z"])
-        self.window.load_state_dict(state["window"])
-        if self.proposal is not None:
-            self.proposal.load_loop_state(state["proposal"])
-        self.moment_lambdas = state["moment_lambdas"]
-
-
-# --- the signal: pure functions of the global batch ----------------------------------------------------
-def subtract_baseline(kind: str, rewards: torch.Tensor, groups: torch.Tensor, window: WindowedMeanBaseline):
-    """A = R - B: per-group leave-one-out mean, windowed mean of *earlier* rewards, or no baseline."""
-    if kind == "loo":
-        return rewards - leave_one_out_baseline(rewards, groups)
-    if kind == "window":
-        baseline = window.value()  # read before adding this batch: B must not depend on R_j
-        window.update(rewards)
-        return rewards - baseline
-    return rewards
-
-
-def compute_signal(cfg: OnlineConfig, batch: GlobalBatch, state: LoopState) -> Signal:
-    """Pseudo-rewards (f-DPG) or KL-regularised rewards (RLOO), baseline and importance weights."""
-    metrics: dict[str, float] = {}
-    if cfg.method == "fdpg":
-        state.log_z.update(batch.target_logps, batch.proposal_logps, batch.keys)
-        log_z = state.log_z.log_z_for(batch.keys)
-        rewards = fdpg_pseudo_rewards(
-            batch.policy_logps, batch.target_logps, log_z, cfg.divergence, **cfg.divergence_params
-        )
-        metrics.update(log_z_metrics(state.log_z, batch.keys))
-    else:
-        rewards = batch.rewards.double() - cfg.kl_coef * (batch.policy_logps - batch.base_logps)
-    if not bool(torch.isfinite(rewards).all()):
-        raise SetupError(
-            f"non-finite {'pseudo-' if cfg.method == 'fdpg' else ''}reward: with divergence {cfg.divergence!r} "
-            "the divergence is infinite at these samples (reverse KL, Neyman chi^2 and alpha >= 1 are infinite "
-            "when the policy samples x with P(x) = 0): give the constraint an epsilon > 0 (soft constraint) or "
-            "use forward_kl, jensen_shannon or total_variation"
-        )
-    advantages = subtract_baseline(cfg.baseline, rewards, batch.groups, state.window)
-    weights = None
-    if cfg.proposal == "offline":
-        ratios = clipped_importance_weights(
-            batch.policy_logps, batch.proposal_logps, cfg.max_importance_weight
-        )
-        weights = ratios.weights
-        metrics.update(
-            {"is/ess_fraction": ratios.ess_fraction, "is/clipped_fraction": ratios.clipped_fraction}
-        )
-    metrics.update(_summary("reward", rewards))
-    metrics["advantage/abs_mean"] = float(advantages.abs().mean())
-    return Signal(rewards, advantages, weights, metrics)
-
-
-def log_z_metrics(estimator: LogZEstimator, keys: list) -> dict[str, float]:
-    """log Z with its ESS and standard error; for a conditional target, averaged over the batch's contexts."""
-    distinct = list(dict.fromkeys(keys))
-    values = [estimator.log_z(k) for k in distinct]
-    finite = [v for v in values if math.isfinite(v)]
-    metrics = {
-        "log_z": sum(finite) / len(finite) if finite else -math.inf,
-        "log_z/ess": min(estimator.ess(k) for k in distinct),
-        "log_z/stderr": max(math.sqrt(estimator.log_z_variance(k)) for k in distinct),
-    }
-    if distinct != [None]:
-        metrics["log_z/contexts_seen"] = float(len(estimator.keys()))
-    return metrics
-
-
-def _summary(prefix: str, values: torch.Tensor) -> dict[str, float]:
-    return {
-        f"{prefix}/mean": float(values.mean()),
-        f"{prefix}/std": float(values.std()) if values.numel() > 1 else 0.0,
-        f"{prefix}/max": float(values.max()),
-        f"{prefix}/min": float(values.min()),
-    }
 
 
 def policy_gradient_backward(
     engine: Engine,
     rollout: Rollout,
-    signal_slice: tuple,
+    advantages: torch.Tensor,
+    weights: torch.Tensor | None,
     global_count: int,
     micro_batch_size: int,
     pad_id: int,
 ) -> None:
-    """Back-propagate this process's share of mean_j(-w_j A_j log pi(x_j)), micro-batch by micro-batch."""
-    advantages, weights = signal_slice
+    """Back-propagate this process's share of mean_j(-w_j A_j log pi(x_j)) over the ``global_count``
+    samples of the step, micro-batch by micro-batch; ``advantages``, ``weights`` [len(rollout)]."""
     starts = list(range(0, len(rollout), micro_batch_size))
     for k, start in enumerate(starts):
         stop = min(start + micro_batch_size, len(rollout))
@@ -215,12 +82,12 @@ class OnlineRun:
     def __init__(self, config: RunConfig, engine: Engine, policy, tokenizer) -> None:
         cfg = self.cfg = config.online
         self.config, self.engine, self.tokenizer = config, engine, tokenizer
-        if cfg.prompts_per_step % engine.world_size:
-            raise SetupError(
-                f"online.prompts_per_step ({cfg.prompts_per_step}) must be divisible by the number of "
-                f"processes ({engine.world_size})"
-            )
         samples_per_step = cfg.prompts_per_step * cfg.samples_per_prompt
+        if samples_per_step % engine.world_size:
+            raise SetupError(
+                f"online.prompts_per_step x samples_per_prompt ({samples_per_step}) must be divisible by "
+                f"the number of processes ({engine.world_size}): every process runs the same micro-batches"
+            )
         if "batch_size" in config.train.model_fields_set and config.train.batch_size != samples_per_step:
             raise SetupError(
                 f"train.batch_size ({config.train.batch_size}) counts completions per step; the online loop "
@@ -237,7 +104,9 @@ class OnlineRun:
         self.target = build_target(config) if cfg.method == "fdpg" else None
         self.reward = build_online_reward(config) if cfg.method != "fdpg" else None
         self.base = BaseScorer(config, policy, tokenizer)  # before any step: the policy still is a
-        proposal = FrozenProposal(policy) if cfg.proposal == "offline" else None
+        proposal = None
+        if cfg.proposal == "offline":
+            proposal = FrozenProposal(policy, is_base=config.reference.model is None)
         self.state = LoopState(cfg.baseline_window, proposal)
         self.refresh_rule = ProposalRefreshRule(cfg.refresh_min_ess_fraction)
         self.evaluator = None
@@ -261,7 +130,7 @@ class OnlineRun:
             self.state.load_state_dict(state)
         elif self.target is not None:
             self.state.moment_lambdas = fit_target_moments(
-                self.target, self.policy, self.tokenizer, self.prompts, self.config, self.engine
+                self.target, self.base, self.tokenizer, self.prompts, self.config, self.engine
             )
         if self.target is not None:
             restore_moments(self.target, self.state.moment_lambdas)
@@ -278,7 +147,8 @@ class OnlineRun:
         policy_gradient_backward(  # 4. loss -> backward, then one optimizer step
             engine,
             rollout,
-            (signal.advantages[local], local_weights),
+            signal.advantages[local],
+            local_weights,
             len(batch.texts),
             self.config.train.micro_batch_size,
             self.tokenizer.pad_token_id,
@@ -292,18 +162,16 @@ class OnlineRun:
         return metrics
 
     def sample(self, step: int) -> Rollout:
+        """This process's equal share of the step's prompts x samples_per_prompt samples, from q."""
         cfg = self.cfg
-        prompt_rows = self.plan.global_batch(step)
-        per_process = cfg.prompts_per_step // self.engine.world_size
-        (mine,) = split_for_process(prompt_rows, self.engine.rank, self.engine.world_size, per_process)
+        indices, groups = repeat_prompts(self.plan.global_batch(step), cfg.samples_per_prompt)
         proposal = self.state.proposal
         return draw_rollout(
             self.policy if proposal is None else proposal.model,
             self.tokenizer,
             self.prompts,
-            mine,
-            self.engine.rank * per_process,
-            cfg.samples_per_prompt,
+            shard(indices, self.engine),
+            shard(groups, self.engine),
             max_new_tokens=cfg.max_new_tokens,
             batch_size=cfg.sampling_batch_size,
             generator=seeded_generator(
@@ -378,15 +246,20 @@ class OnlineRun:
         """GDC's rule: q <- pi when pi is estimated closer to the target than q, or when ESS(pi/q) collapses."""
         proposal, cfg = self.state.proposal, self.cfg
         log_z = self.state.log_z.log_z_for(batch.keys)
-        estimates = [
-            estimate_divergence(
-                cfg.refresh_divergence, logps, batch.target_logps, batch.proposal_logps, log_z=log_z
-            )
-            for logps in (batch.policy_logps, batch.proposal_logps)
-        ]
-        refresh, _ = self.refresh_rule.should_refresh(
-            estimates[0].value, estimates[1].value, signal.metrics["is/ess_fraction"]
-        )
+        known = torch.isfinite(log_z)  # contexts without target mass yet carry no estimate
+        divergences = [math.inf, math.inf]
+        if bool(known.any()):
+            divergences = [
+                estimate_divergence(
+                    cfg.refresh_divergence,
+                    logps[known],
+                    batch.target_logps[known],
+                    batch.proposal_logps[known],
+                    log_z=log_z[known],
+                ).value
+                for logps in (batch.policy_logps, batch.proposal_logps)
+            ]
+        refresh, _ = self.refresh_rule.should_refresh(*divergences, signal.metrics["is/ess_fraction"])
         if refresh:
             proposal.refresh(self.policy, step)
         return {

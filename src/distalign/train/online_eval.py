@@ -19,13 +19,18 @@ Results go to ``RUN_DIR/evals.jsonl`` (one record per evaluation, step 0 = befor
 from __future__ import annotations
 
 import json
+import math
+from dataclasses import dataclass
 from pathlib import Path
+from statistics import NormalDist
 
 import torch
 
 from distalign.eval.metrics import diversity_stats
+from distalign.models.sampling import score_completions
 from distalign.targets import (
     BooleanConstraint,
+    Estimate,
     MomentTilt,
     RewardTilt,
     Target,
@@ -34,6 +39,7 @@ from distalign.targets import (
     importance_weighted_mean,
     log_beta_for_acceptance_rate,
     qrs_diagnostics,
+    qrs_sample,
 )
 from distalign.targets.features import as_feature_values, evaluate_features
 from distalign.train.online_setup import (
@@ -42,8 +48,11 @@ from distalign.train.online_setup import (
     draw_rollout,
     gather,
     gather_texts,
+    repeat_prompts,
     seeded_generator,
+    shard,
 )
+from distalign.train.setup import SetupError
 
 #: Reported name -> registered f-divergence.
 DIVERGENCE_MONITORS = {
@@ -133,6 +142,101 @@ def qrs_metrics(
     return metrics
 
 
+@dataclass
+class TargetSamples:
+    """Exact samples of a target p whose P <= a (pointwise constraints, hard or soft), with Z's estimate.
+
+    ``target_logps`` [n] float64: log P of the accepted samples; ``log_z`` = log(accepted / proposals),
+    ``log_z_variance`` its delta-method variance (1 - Z) / (N Z); contexts drawn uniformly from the prompts.
+    """
+
+    prompt_ids: list[list[int]]
+    completion_ids: list[list[int]]
+    target_logps: torch.Tensor
+    log_z: float
+    log_z_variance: float
+    num_proposals: int
+
+    def __len__(self) -> int:
+        return len(self.completion_ids)
+
+
+def sample_constraint_target(
+    base_model,
+    tokenizer,
+    prompts: PromptSet,
+    target: Target,
+    *,
+    num_samples: int,
+    max_proposals: int = 100_000,
+    max_new_tokens: int = 32,
+    batch_size: int = 64,
+    seed: int = 0,
+) -> TargetSamples:
+    """Rejection sampling of p = P / Z from the base: x ~ a (prompt uniform), accepted with probability
+    P(x)/a(x) <= 1, i.e. QRS with beta = 1, which is exact here. Raises if some P(x) > a(x)."""
+    device = next(base_model.parameters()).device
+    prompt_generator = seeded_generator(torch.device("cpu"), seed, "target-prompts")
+    sample_generator = seeded_generator(device, seed, "target-samples")
+
+    def propose(count: int):
+        chosen = torch.randint(len(prompts), (count,), generator=prompt_generator).tolist()
+        rollout = draw_rollout(
+            base_model,
+            tokenizer,
+            prompts,
+            chosen,
+            [0] * count,
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+            generator=sample_generator,
+        )
+        log_p = target.log_unnormalized(rollout.proposal_logps, rollout.texts, rollout.contexts)
+        if bool((log_p > rollout.proposal_logps + 1e-9).any()):
+            raise ValueError("P(x) > a(x) for some x: rejection from a is exact only for constraint targets")
+        return list(zip(rollout.prompt_ids, rollout.completion_ids)), log_p, rollout.proposal_logps
+
+    result = qrs_sample(
+        propose,
+        log_beta=0.0,
+        num_samples=num_samples,
+        batch_size=batch_size,
+        max_proposals=max_proposals,
+        generator=seeded_generator(torch.device("cpu"), seed, "target-accept"),
+    )
+    if result.num_accepted == 0:
+        raise ValueError(f"no sample of the base satisfied the target in {result.num_proposals} proposals")
+    z = result.num_accepted / result.num_proposals
+    return TargetSamples(
+        prompt_ids=[item[0] for item in result.samples],
+        completion_ids=[item[1] for item in result.samples],
+        target_logps=result.target_log_unnormalized.double(),
+        log_z=math.log(z),
+        log_z_variance=(1 - z) / (result.num_proposals * z),
+        num_proposals=result.num_proposals,
+    )
+
+
+def kl_target_to_policy(
+    samples: TargetSamples, policy_model, tokenizer, *, batch_size: int = 32, confidence: float = 0.95
+) -> Estimate:
+    """KL(p || pi) = E_p[log P - log pi] - log Z from exact target samples (no importance weights, so no
+    ESS collapse as pi moves away from a); the CI adds Z's delta-method variance. ESS = samples."""
+    log_pi = score_completions(
+        policy_model,
+        tokenizer,
+        [""] * len(samples),
+        samples.completion_ids,
+        batch_size,
+        prompt_ids=samples.prompt_ids,
+    ).double()
+    terms = samples.target_logps - log_pi
+    value = float(terms.mean()) - samples.log_z
+    variance = (float(terms.var()) / len(samples) if len(samples) > 1 else math.inf) + samples.log_z_variance
+    half = NormalDist().inv_cdf(0.5 + confidence / 2) * math.sqrt(variance)
+    return Estimate(value, math.sqrt(variance), value - half, value + half, float(len(samples)), len(samples))
+
+
 class OnlineEvaluator:
     """Periodic evaluation of the policy on a fixed seeded prompt set (see the module docstring)."""
 
@@ -150,9 +254,15 @@ class OnlineEvaluator:
         order = torch.randperm(
             len(prompts), generator=seeded_generator(torch.device("cpu"), self.seed, "eval")
         )
-        chosen = order[: self.cfg.eval_prompts].tolist()
-        bounds = torch.linspace(0, len(chosen), engine.world_size + 1).round().long().tolist()
-        self.local_prompts = chosen[bounds[engine.rank] : bounds[engine.rank + 1]]
+        indices, groups = repeat_prompts(
+            order[: self.cfg.eval_prompts].tolist(), self.cfg.eval_samples_per_prompt
+        )
+        if len(indices) < engine.world_size:
+            raise SetupError(
+                f"evaluation draws {len(indices)} samples (online.eval_prompts x eval_samples_per_prompt), "
+                f"fewer than the {engine.world_size} processes"
+            )
+        self.local_indices, self.local_groups = shard(indices, engine), shard(groups, engine)
 
     @torch.no_grad()
     def __call__(self, policy_model) -> dict[str, float]:
@@ -182,9 +292,8 @@ class OnlineEvaluator:
             policy_model,
             self.tokenizer,
             self.prompts,
-            self.local_prompts,
-            0,
-            self.cfg.eval_samples_per_prompt,
+            self.local_indices,
+            self.local_groups,
             max_new_tokens=self.cfg.max_new_tokens,
             batch_size=self.cfg.sampling_batch_size,
             generator=seeded_generator(engine.device, self.seed, "eval", engine.rank),

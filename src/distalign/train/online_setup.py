@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import copy
 import hashlib
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -123,14 +124,19 @@ class BaseScorer:
         if not self.adapters_off:
             self.model.requires_grad_(False).eval()
 
-    def __call__(self, prompt_ids: list[list[int]], completion_ids: list[list[int]], device) -> torch.Tensor:
-        """[N] float64 log a(completion | prompt), nats, summed over completion tokens (incl. EOS)."""
+    @contextmanager
+    def as_model(self, device) -> Iterator:
+        """The base as a plain model on ``device`` for the duration of the block (adapters off for LoRA)."""
         if not self.adapters_off:
             self.model.to(device)
-        context = adapters_disabled(self.model) if self.adapters_off else nullcontext()
-        with context:
+        with adapters_disabled(self.model) if self.adapters_off else nullcontext():
+            yield self.model
+
+    def __call__(self, prompt_ids: list[list[int]], completion_ids: list[list[int]], device) -> torch.Tensor:
+        """[N] float64 log a(completion | prompt), nats, summed over completion tokens (incl. EOS)."""
+        with self.as_model(device) as model:
             scores = score_completions(
-                self.model,
+                model,
                 self.tokenizer,
                 [""] * len(prompt_ids),
                 completion_ids,
@@ -145,9 +151,9 @@ class FrozenProposal:
     """Off-policy proposal q: a frozen copy of the policy, initially the base, replaced by the current
     policy when the refresh rule fires. Its weights are checkpointed through the engine's accelerator."""
 
-    def __init__(self, policy) -> None:
+    def __init__(self, policy, is_base: bool = True) -> None:
         self.model = copy.deepcopy(policy).requires_grad_(False).eval()
-        self.is_base = True
+        self.is_base = is_base  # False when the base is a separate reference.model
         self.refreshes = 0
         self.last_refresh_step = 0
 
@@ -173,7 +179,7 @@ class FrozenProposal:
 # --- rollouts -----------------------------------------------------------------------------------------
 @dataclass
 class Rollout:
-    """This process's samples of one step (prompt-major: the n samples of each local prompt in a row).
+    """This process's samples of one step.
 
     ``prompt_index`` [N] indexes the PromptSet; ``group`` [N] is the prompt's position in the step's
     global prompt list (the leave-one-out groups); ``proposal_logps`` [N] float64 is log q."""
@@ -197,37 +203,41 @@ def draw_rollout(
     tokenizer,
     prompts: PromptSet,
     prompt_indices: list[int],
-    first_group: int,
-    samples_per_prompt: int,
+    groups: list[int],
     *,
     max_new_tokens: int,
     batch_size: int,
     generator: torch.Generator,
 ) -> Rollout:
-    """``samples_per_prompt`` exact ancestral samples from ``model`` for each of ``prompt_indices``."""
+    """One exact ancestral sample from ``model`` per entry of ``prompt_indices`` (repeat an index for
+    several samples of a prompt); ``groups`` [same length] labels the leave-one-out groups."""
     samples = sample_completions(
         model,
         tokenizer,
         [prompts.keys[i] for i in prompt_indices],
         prompt_ids=[prompts.ids[i] for i in prompt_indices],
-        num_samples=samples_per_prompt,
         max_new_tokens=max_new_tokens,
         batch_size=batch_size,
         generator=generator,
     )
-    owner = [i for i in prompt_indices for _ in range(samples_per_prompt)]
-    positions = [first_group + k for k in range(len(prompt_indices)) for _ in range(samples_per_prompt)]
     return Rollout(
-        prompt_index=torch.tensor(owner, dtype=torch.long),
-        group=torch.tensor(positions, dtype=torch.long),
-        prompt_ids=[prompts.ids[i] for i in owner],
+        prompt_index=torch.tensor(prompt_indices, dtype=torch.long),
+        group=torch.tensor(groups, dtype=torch.long),
+        prompt_ids=[prompts.ids[i] for i in prompt_indices],
         completion_ids=samples.completion_ids,
         texts=samples.completion_texts,
-        contexts=[prompts.contexts[i] for i in owner],
-        keys=[prompts.keys[i] for i in owner],
+        contexts=[prompts.contexts[i] for i in prompt_indices],
+        keys=[prompts.keys[i] for i in prompt_indices],
         proposal_logps=samples.logprobs.double(),
         ended_with_eos=samples.ended_with_eos,
     )
+
+
+def repeat_prompts(prompt_indices: list[int], samples_per_prompt: int) -> tuple[list[int], list[int]]:
+    """(prompt index, group) per sample: each prompt ``samples_per_prompt`` times, grouped by position."""
+    indices = [i for i in prompt_indices for _ in range(samples_per_prompt)]
+    groups = [k for k in range(len(prompt_indices)) for _ in range(samples_per_prompt)]
+    return indices, groups
 
 
 def gather(engine: Engine, values: torch.Tensor) -> torch.Tensor:
@@ -247,7 +257,7 @@ def gather_texts(engine: Engine, tokenizer, token_lists: list[list[int]]) -> lis
 
 def shard(items: list, engine: Engine) -> list:
     """This process's contiguous share of ``items`` (sizes differ by at most one)."""
-    bounds = torch.linspace(0, len(items), engine.world_size + 1).round().long().tolist()
+    bounds = [round(len(items) * r / engine.world_size) for r in range(engine.world_size + 1)]
     return items[bounds[engine.rank] : bounds[engine.rank + 1]]
 
 
@@ -271,9 +281,9 @@ def build_online_reward(config: RunConfig):
 
 
 def fit_target_moments(
-    target: Target, policy, tokenizer, prompts: PromptSet, config: RunConfig, engine: Engine
+    target: Target, base: BaseScorer, tokenizer, prompts: PromptSet, config: RunConfig, engine: Engine
 ) -> list[list[float]]:
-    """Fit every moment tilt on samples of the base (the untrained policy); returns the lambdas.
+    """Fit every moment tilt on samples of the base a; returns the lambdas.
 
     Every process draws the same samples (same seed), so all get the same lambdas without a gather.
     """
@@ -284,24 +294,23 @@ def fit_target_moments(
         len(prompts), generator=seeded_generator(torch.device("cpu"), config.train.seed, "fit")
     )
     chosen = order[: cfg.target.fit_prompts].tolist()
-    rollout = draw_rollout(
-        policy,
-        tokenizer,
-        prompts,
-        chosen,
-        0,
-        cfg.target.fit_samples_per_prompt,
-        max_new_tokens=cfg.max_new_tokens,
-        batch_size=cfg.sampling_batch_size,
-        generator=seeded_generator(engine.device, config.train.seed, "fit"),
-    )
+    with base.as_model(engine.device) as model:
+        rollout = draw_rollout(
+            model,
+            tokenizer,
+            prompts,
+            *repeat_prompts(chosen, cfg.target.fit_samples_per_prompt),
+            max_new_tokens=cfg.max_new_tokens,
+            batch_size=cfg.sampling_batch_size,
+            generator=seeded_generator(engine.device, config.train.seed, "fit"),
+        )
     log_q = rollout.proposal_logps  # q = a: the samples come from the base
     try:
         fits = target.fit_moments(rollout.texts, rollout.contexts, log_q, proposal_logprobs=log_q)
     except ValueError as err:
         raise SetupError(
             f"online.target: cannot fit the moment constraints on {len(rollout)} base samples: {err}"
-        )
+        ) from None
     for fit in fits:
         engine.print(f"moment fit: {fit.report()}")
     return [tilt.lambdas.tolist() for tilt in target.moment_tilts()]

@@ -1,0 +1,62 @@
+"""The ``online`` config section: shipped configs load, and every mistake names its field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from distalign.config import ConfigError, load_config
+
+CONFIGS = sorted((Path(__file__).parents[2] / "configs").glob("fdpg_*.yaml")) + sorted(
+    (Path(__file__).parents[2] / "configs").glob("rloo_*.yaml")
+)
+FDPG = [
+    "online.method=fdpg",
+    "online.target={scorers: [{kind: constraint, feature: {name: contains_word, word: park}}]}",
+]
+
+
+def test_the_shipped_online_configs_are_valid():
+    assert len(CONFIGS) >= 5
+    for path in CONFIGS:
+        config = load_config(path)
+        assert config.online is not None, path
+        assert config.online.prompts_per_step * config.online.samples_per_prompt == config.train.batch_size
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["online.divergence=kl"], "divergence: unknown f-divergence 'kl'"),
+        (["online.divergence=alpha"], "divergence_params: 'alpha' takes alpha"),
+        (
+            ["online.divergence_params={alpha: 0.5}"],
+            "divergence_params: 'jensen_shannon' takes no parameters",
+        ),
+        (["online.method=fdpg"], "needs online.target"),
+        (["online.method=rloo"], "needs online.reward"),
+        (["online.method=rloo", "online.reward=length", "online.baseline=window"], "leave-one-out"),
+        (["online.samples_per_prompt=1"], "samples_per_prompt >= 2"),
+        (["online.target={scorers: [{kind: constrain}]}"], "scorers[0].kind: unknown scorer 'constrain'"),
+        (["online.target={scorers: []}"], "online.target.scorers"),
+        (["online.prompts.task=keywrd"], "task: unknown task 'keywrd'"),
+        (["online.prompts.task=keyword", "online.prompts.path=x.jsonl"], "not both"),
+        (["online.samples_per_promt=4"], "online.samples_per_promt: unknown field"),
+        (["online.qrs_acceptance_rates=[0.0]"], "must be in (0, 1]"),
+        (["online.max_new_tokens=0"], "online.max_new_tokens"),
+        (["online.refresh_divergence=foo"], "refresh_divergence: unknown f-divergence"),
+    ],
+)
+def test_invalid_online_settings_name_the_field(overrides: list[str], message: str):
+    base = [] if any(o.startswith("online.method=") for o in overrides) else FDPG
+    with pytest.raises(ConfigError) as error:
+        load_config(None, base + overrides)
+    assert message in str(error.value)
+
+
+def test_reward_and_target_belong_to_their_methods():
+    with pytest.raises(ConfigError, match="online.reward is for rloo"):
+        load_config(None, [*FDPG, "online.reward=length"])
+    with pytest.raises(ConfigError, match="online.target is for method 'fdpg'"):
+        load_config(None, [*FDPG, "online.method=reinforce", "online.reward=length"])
