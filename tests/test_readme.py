@@ -8,6 +8,7 @@ import shlex
 from pathlib import Path
 
 from distalign.cli import build_parser
+from distalign.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
@@ -43,6 +44,8 @@ def test_every_distalign_command_in_the_readme_parses():
         args = shlex.split(line)[1:]
         parsed = parser.parse_args(args)
         assert parsed.handler is not None
+        if args[0] == "train":  # the config and its overrides resolve, not just the command line
+            load_config(args[1], args[2:])
 
 
 def test_files_the_readme_names_exist():

@@ -1,0 +1,321 @@
+"""distalign's offline loop vs TRL's DPOTrainer: steps/s and peak memory on identical work.
+
+Same weights (the same saved model directory, loaded by each framework), same rows, same global batch
+and micro-batch, same number of optimizer steps, the same loss (sigmoid DPO, beta 0.1), fp32 on CPU,
+AdamW with the same learning rate / betas / weight decay / clipping, no gradient checkpointing, no
+evaluation, no saving, no external trackers. Each run is a fresh subprocess, distalign and TRL
+alternate within every repetition, and the tables report medians over repetitions.
+
+Where the two frameworks' defaults differ, both are measured. Reference log-probs: distalign
+precomputes them before training (reference.precompute=true); TRL computes them on the fly with a
+second model copy (precompute_ref_log_probs=False). TRL also defaults to gradient checkpointing and to
+fused AdamW. Settings (--settings):
+  precomputed   both precompute the reference; equal footing (no GC, torch.optim.AdamW, fp32)
+  on_the_fly    both run a reference forward every step; equal footing
+  trl_defaults  TRL only, with its defaults except precision (fp32): on-the-fly reference,
+                gradient checkpointing, fused AdamW. Compared with distalign's defaults (precomputed).
+--prototype-fixes adds "distalign+fixes" runs with proposed library changes patched in by the worker
+(offline_vs_trl_workers.FIXES); the library itself does not depend on this file.
+
+steps/s excludes one-time setup (imports aside: model load, tokenisation, reference precompute) and the
+first --warmup steps; "setup s" is the time from the framework's entry call to the end of its first
+step, minus one median step. Peak RSS is the worker process's VmHWM when training has finished (before
+anything is saved), read the same way in both workers.
+
+    python benchmarks/offline_vs_trl.py --quick                 # CI-sized, ~1 minute
+    python benchmarks/offline_vs_trl.py --model tiny            # tiny model, quickstart pairs
+    python benchmarks/offline_vs_trl.py --model smollm2         # SmolLM2-135M, batch 2, length 128
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+from bench_utils import (
+    command_line,
+    environment_note,
+    load_average,
+    markdown_table,
+    median_of,
+    run_worker,
+    thread_env,
+)
+
+SETTINGS = ("precomputed", "on_the_fly", "trl_defaults")
+FIXES = ("malloc_mmap_threshold",)  # see offline_vs_trl_workers.FIXES
+PRESETS = {
+    # batch, micro-batch, steps, warm-up steps, repetitions, max length, max prompt length, lr
+    "tiny": dict(batch=16, micro=8, steps=40, warmup=5, repeats=5, max_length=64, max_prompt=32, lr=1e-3),
+    "smollm2": dict(batch=2, micro=2, steps=12, warmup=2, repeats=3, max_length=128, max_prompt=64, lr=1e-6),
+}
+
+
+# -------------------------------------------------------------------------------------------- data
+def fixed_length_pairs(
+    model_path: str, path: Path, rows: int, prompt_tokens: int, completion_tokens: int
+) -> Path:
+    """Write paired rows whose prompt is exactly ``prompt_tokens`` tokens and whose completions are
+    ``completion_tokens - 1`` tokens (+ EOS) under the model's tokenizer, so both frameworks see
+    sequences of exactly prompt + completion tokens without truncating anything."""
+    from transformers import AutoTokenizer
+
+    from distalign.models.tiny import tiny_corpus
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    words = " ".join(tiny_corpus()).split()
+    cursor = 0
+
+    def text_of(count: int, leading_space: bool) -> str:
+        nonlocal cursor
+        text = ""
+        while True:
+            word = words[cursor % len(words)]
+            cursor += 1
+            candidate = f"{text} {word}" if (text or leading_space) else word
+            size = len(tokenizer(candidate, add_special_tokens=False)["input_ids"])
+            if size == count:
+                return candidate
+            if size < count:
+                text = candidate
+
+    with path.open("w") as handle:
+        for _ in range(rows):
+            row = {
+                "prompt": text_of(prompt_tokens, leading_space=False),
+                "chosen": text_of(completion_tokens - 1, leading_space=True),
+                "rejected": text_of(completion_tokens - 1, leading_space=True),
+            }
+            handle.write(json.dumps(row) + "\n")
+    return path
+
+
+# ------------------------------------------------------------------------------------------ parent
+def _prepare_inputs(args: argparse.Namespace, scratch: Path) -> tuple[str, str]:
+    if args.model == "tiny":
+        from distalign.data.loading import resource_path
+        from distalign.models.tiny import tiny_model_path
+
+        return str(tiny_model_path()), str(resource_path("quickstart_pairs.jsonl"))
+    from distalign.models.gguf import smollm2_path
+
+    model_path = str(smollm2_path())
+    completion = args.max_length - args.max_prompt
+    rows = max(8, args.steps * args.batch)  # every row is trained on once; the precompute covers no more
+    data = fixed_length_pairs(model_path, scratch / "pairs.jsonl", rows, args.max_prompt, completion)
+    return model_path, str(data)
+
+
+def _arms(args: argparse.Namespace) -> list[tuple[str, str, str, str]]:
+    """(label, framework, setting, prototype fixes) of every run in one repetition."""
+    arms = []
+    for setting in args.settings:
+        if setting == "trl_defaults":
+            arms.append(("trl", "trl", setting, ""))
+            continue
+        arms += [("distalign", "distalign", setting, ""), ("trl", "trl", setting, "")]
+        if args.prototype_fixes and setting in args.fix_settings:
+            arms.append(("distalign+fixes", "distalign", setting, ",".join(args.prototype_fixes)))
+    return arms
+
+
+def _worker_args(
+    args: argparse.Namespace, arm: tuple[str, str, str, str], model_path: str, data: str
+) -> list[str]:
+    _, framework, setting, fixes = arm
+    values = {
+        "--worker": framework,
+        "--setting": setting,
+        "--model-path": model_path,
+        "--data": data,
+        "--batch": args.batch,
+        "--micro": args.micro,
+        "--steps": args.steps,
+        "--warmup": args.warmup,
+        "--lr": args.lr,
+        "--max-length": args.max_length,
+        "--max-prompt": args.max_prompt,
+    }
+    flags = [str(item) for pair in values.items() for item in pair]
+    if fixes:
+        flags += ["--fixes", fixes]
+    return flags + (["--profile", framework] if args.profile == framework else [])
+
+
+METRICS = (
+    "steps_per_s",
+    "s_per_step",
+    "cpu_steps_per_s",
+    "peak_rss_mb",
+    "rss_after_imports_mb",
+    "setup_s",
+    "tokens_per_pair",
+)
+# (ours, theirs, what the ratio means); keys are (label, setting)
+COMPARISONS = [
+    (("distalign", "precomputed"), ("trl", "trl_defaults"), "defaults: distalign vs TRL defaults (fp32)"),
+    (
+        ("distalign", "precomputed"),
+        ("trl", "on_the_fly"),
+        "defaults: distalign vs TRL on-the-fly reference, no GC",
+    ),
+    (("distalign", "precomputed"), ("trl", "precomputed"), "equal footing: both precompute"),
+    (("distalign", "on_the_fly"), ("trl", "on_the_fly"), "equal footing: both on the fly"),
+    (("distalign+fixes", "precomputed"), ("trl", "trl_defaults"), "prototype fixes vs TRL defaults (fp32)"),
+    (("distalign+fixes", "precomputed"), ("trl", "on_the_fly"), "prototype fixes vs TRL on-the-fly, no GC"),
+    (("distalign+fixes", "precomputed"), ("trl", "precomputed"), "prototype fixes, both precompute"),
+    (("distalign+fixes", "on_the_fly"), ("trl", "on_the_fly"), "prototype fixes, both on the fly"),
+]
+
+
+def _medians(results: dict[tuple[str, str], list[dict]]) -> dict[tuple[str, str], dict[str, float]]:
+    return {key: {m: median_of(runs, m) for m in METRICS} for key, runs in results.items()}
+
+
+def _summary_rows(results: dict[tuple[str, str], list[dict]]) -> list[list]:
+    """Medians per (framework, setting), with ratios to TRL in the same setting."""
+    medians = _medians(results)
+    rows = []
+    for (label, setting), m in medians.items():
+        trl = medians.get(("trl", setting))
+        ratios = (
+            [m["steps_per_s"] / trl["steps_per_s"], m["peak_rss_mb"] / trl["peak_rss_mb"]]
+            if trl
+            else ["", ""]
+        )
+        rows.append([label, setting, len(results[(label, setting)]), *(m[k] for k in METRICS), *ratios])
+    return rows
+
+
+def _comparison_rows(results: dict[tuple[str, str], list[dict]]) -> list[list]:
+    """Ratios of medians, and the range of per-repetition ratios (each run over its TRL neighbour)."""
+    medians = _medians(results)
+
+    def ratio(ours, theirs, key: str) -> tuple[float, str]:
+        per_rep = [a[key] / b[key] for a, b in zip(results[ours], results[theirs])]
+        return medians[ours][key] / medians[theirs][key], f"{min(per_rep):.2f}-{max(per_rep):.2f}"
+
+    rows = []
+    for ours, theirs, meaning in COMPARISONS:
+        if ours in results and theirs in results:
+            wall, cpu, memory = (
+                ratio(ours, theirs, key) for key in ("steps_per_s", "cpu_steps_per_s", "peak_rss_mb")
+            )
+            rows.append([meaning, *wall, *cpu, *memory])
+    return rows
+
+
+def parent_main(args: argparse.Namespace) -> None:
+    print(f"$ {command_line()}")
+    print(f"load average before: {load_average()}")
+    results: dict[tuple[str, str], list[dict]] = {}
+    with tempfile.TemporaryDirectory(prefix="distalign_bench_inputs_") as scratch:
+        model_path, data = _prepare_inputs(args, Path(scratch))
+        arms = _arms(args)
+        for repetition in range(args.repeats):
+            for arm in arms if repetition % 2 == 0 else arms[::-1]:  # alternate the order too
+                result = run_worker(
+                    __file__,
+                    _worker_args(args, arm, model_path, data),
+                    timeout=args.timeout,
+                    env=thread_env(args.threads),
+                )
+                results.setdefault((arm[0], arm[2]), []).append(result)
+                print(
+                    f"  rep {repetition + 1} {arm[0]:15s} {arm[2]:12s} {result['steps_per_s']:.3f} steps/s "
+                    f"{result['peak_rss_mb']:.0f} MB peak, setup {result['setup_s']:.1f} s "
+                    f"(load {load_average()})",
+                    flush=True,
+                )
+                if "profile" in result:
+                    print(result["profile"])
+    print(f"load average after: {load_average()}")
+    print(
+        f"\nmodel={args.model} batch={args.batch} micro_batch={args.micro} steps={args.steps} "
+        f"(first {args.warmup} not timed) lr={args.lr} max_length={args.max_length} "
+        f"max_prompt={args.max_prompt} threads={args.threads} repeats={args.repeats}"
+    )
+    header = ["framework", "setting", "runs", "steps/s", "s/step", "steps per CPU s", "peak RSS MB",
+              "RSS after imports MB", "setup s", "tokens/pair",
+              "steps/s vs TRL", "RSS vs TRL"]  # fmt: skip
+    print(markdown_table(header, _summary_rows(results)))
+    print()
+    header = ["comparison", "steps/s ratio", "per-rep range", "steps per CPU s ratio", "per-rep range",
+              "peak RSS ratio", "per-rep range"]  # fmt: skip
+    print(markdown_table(header, _comparison_rows(results)))
+    print(environment_note(args.threads))
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", choices=sorted(PRESETS), default="tiny")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="CI-sized: 12 steps, 1 repetition (with the default --model tiny, about a minute)",
+    )
+    parser.add_argument("--steps", type=int, help="optimizer steps per run (preset default)")
+    parser.add_argument("--warmup", type=int, help="initial steps left out of steps/s (preset default)")
+    parser.add_argument("--repeats", type=int, help="alternating repetitions (preset default)")
+    parser.add_argument("--batch", type=int, help="global batch (pairs)")
+    parser.add_argument("--micro", type=int, help="micro-batch (pairs per forward)")
+    parser.add_argument("--lr", type=float)
+    parser.add_argument("--max-length", type=int)
+    parser.add_argument("--max-prompt", type=int)
+    parser.add_argument("--settings", nargs="+", choices=SETTINGS, default=list(SETTINGS))
+    parser.add_argument(
+        "--prototype-fixes",
+        nargs="+",
+        choices=sorted(FIXES),  # names only; offline_vs_trl_workers applies them
+        default=[],
+        help="also run distalign with these changes patched in (measures proposed library changes)",
+    )
+    parser.add_argument(
+        "--fix-settings",
+        nargs="+",
+        choices=SETTINGS[:2],
+        default=list(SETTINGS[:2]),
+        help="settings in which to run the prototype fixes",
+    )
+    parser.add_argument("--profile", choices=("distalign", "trl"), help="cProfile that framework's workers")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="intra-op threads per worker (default 1: on a shared machine, busy cores stall multi-threaded "
+        "kernels unpredictably; both frameworks get the same)",
+    )
+    parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per worker")
+    # worker-only arguments (set by the parent)
+    parser.add_argument("--worker", choices=("distalign", "trl"), help=argparse.SUPPRESS)
+    parser.add_argument("--setting", choices=SETTINGS, help=argparse.SUPPRESS)
+    parser.add_argument("--model-path", help=argparse.SUPPRESS)
+    parser.add_argument("--data", help=argparse.SUPPRESS)
+    parser.add_argument("--result", help=argparse.SUPPRESS)
+    parser.add_argument("--scratch", help=argparse.SUPPRESS)
+    parser.add_argument("--fixes", default="", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker is None:
+        preset = dict(PRESETS[args.model])
+        if args.quick:
+            preset.update(steps=12, warmup=3, repeats=1)
+        for key, value in preset.items():
+            if getattr(args, key, None) is None:
+                setattr(args, key, value)
+    return args
+
+
+if __name__ == "__main__":
+    parsed = parse_args(sys.argv[1:])
+    if parsed.worker:
+        from offline_vs_trl_workers import worker_main
+
+        parsed.profile = parsed.profile is not None
+        worker_main(parsed)
+    else:
+        parent_main(parsed)
