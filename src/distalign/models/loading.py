@@ -12,6 +12,7 @@ import copy
 import os
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -111,7 +112,11 @@ def apply_lora(model: PreTrainedModel, settings: LoraSettings) -> Any:
         bias="none",
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, config)
+    with warnings.catch_warnings():
+        # peft reads transformers' deprecated `is_gradient_checkpointing`; the warning is theirs, not
+        # the user's to act on, and would otherwise print on every LoRA run.
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(model, config)
 
 
 def load_model_and_tokenizer(
