@@ -53,3 +53,11 @@ def test_files_the_readme_names_exist():
         assert (ROOT / path).exists(), path
     for path in re.findall(r"\b(configs/\w+\.yaml)\b", README):
         assert (ROOT / path).exists(), path
+
+
+def test_the_readme_loss_example_runs():
+    """The first Python block (pure loss functions) executes as written."""
+    block = re.findall(r"```python\n(.*?)```", README, flags=re.S)[0]
+    namespace: dict = {}
+    exec(compile(block, "README.md", "exec"), namespace)
+    assert namespace["loss"].ndim == 0 and namespace["positives"].grad is not None
