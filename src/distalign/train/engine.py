@@ -11,6 +11,7 @@ Gradient convention: DDP averages gradients over processes, so a process back-pr
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import math
@@ -108,6 +109,19 @@ class MetricsLog:
         self.path.write_text("".join(line + "\n" for line in kept))
 
 
+def destroy_process_group_if_initialized() -> None:
+    """Tear the process group down while the interpreter is still alive.
+
+    A process that exits with a gloo group still up can abort at interpreter finalisation ("terminate
+    called without an active exception", pytorch/pytorch#190489): gloo's worker threads are still
+    joinable when the C++ destructors run (seen once in this project's CI, in a two-process test). The
+    engine registers this with ``atexit`` rather than calling it at the end of training, so several runs
+    in one process, and runs that stop early, all keep their group until the process ends.
+    """
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 class Engine:
     """Process group, devices, optimiser bookkeeping, gathering, logging and checkpoints for one run."""
 
@@ -125,6 +139,9 @@ class Engine:
             step_scheduler_with_optimizer=False,
             cpu=no_accelerator_present(),
         )
+        if self.accelerator.num_processes > 1:
+            atexit.unregister(destroy_process_group_if_initialized)  # once per process, however many runs
+            atexit.register(destroy_process_group_if_initialized)
         set_seed(cfg.seed)
         self.metrics_log = MetricsLog(self.run_dir / "metrics.jsonl")
         self.model: torch.nn.Module | None = None
