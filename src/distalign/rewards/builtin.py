@@ -8,13 +8,12 @@ factory; use the reward spec's ``direction`` / ``normalize`` to orient and resca
 from __future__ import annotations
 
 import functools
-import importlib
-import re
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
+from distalign.plugins import compile_regex, import_callable, keyword_pattern
 from distalign.rewards.base import REWARDS, Scorer, check_choice
 
 
@@ -98,14 +97,6 @@ def length(*, target: int | None = None, unit: str = "words") -> Scorer:
     return score
 
 
-def _presence_pattern(word: str, whole_word: bool, case_sensitive: bool) -> re.Pattern[str]:
-    body = re.escape(word)
-    # Lookarounds rather than \b: they also behave for keywords that start or end with punctuation.
-    if whole_word:
-        body = rf"(?<!\w){body}(?!\w)"
-    return re.compile(body, 0 if case_sensitive else re.IGNORECASE)
-
-
 @REWARDS.register("keyword")
 def keyword(
     *,
@@ -126,7 +117,7 @@ def keyword(
         raise ValueError(f"keywords={keywords!r} must be a non-empty string or list of non-empty strings")
     check_choice("mode", mode, ("presence", "absence"))
     check_choice("match", match, ("any", "all", "fraction"))
-    patterns = [_presence_pattern(w, whole_word, case_sensitive) for w in words]
+    patterns = [keyword_pattern(w, whole_word=whole_word, case_sensitive=case_sensitive) for w in words]
 
     def one(text: str) -> float:
         hits = [p.search(text) is not None for p in patterns]
@@ -139,9 +130,6 @@ def keyword(
     return score
 
 
-_REGEX_FLAGS = {"i": re.IGNORECASE, "m": re.MULTILINE, "s": re.DOTALL, "x": re.VERBOSE}
-
-
 @REWARDS.register("regex")
 def regex(*, pattern: str, mode: str = "presence", flags: str = "") -> Scorer:
     """Regular-expression reward on the completion (Python ``re`` syntax, searched anywhere).
@@ -150,16 +138,7 @@ def regex(*, pattern: str, mode: str = "presence", flags: str = "") -> Scorer:
     non-overlapping matches). ``flags``: any of "imsx" (ignore case, multiline, dot-all, verbose).
     """
     check_choice("mode", mode, ("presence", "absence", "count"))
-    unknown = set(flags) - set(_REGEX_FLAGS)
-    if unknown:
-        raise ValueError(f"flags={flags!r} has unknown letters {sorted(unknown)}; use any of 'imsx'")
-    compiled_flags = 0
-    for letter in flags:
-        compiled_flags |= _REGEX_FLAGS[letter]
-    try:
-        compiled = re.compile(pattern, compiled_flags)
-    except re.error as err:
-        raise ValueError(f"pattern={pattern!r} is not a valid regular expression: {err}") from None
+    compiled = compile_regex(pattern, flags)
 
     def one(text: str) -> float:
         if mode == "count":
@@ -171,26 +150,6 @@ def regex(*, pattern: str, mode: str = "presence", flags: str = "") -> Scorer:
         return [one(text) for text in completions]
 
     return score
-
-
-def import_callable(path: str) -> Any:
-    """Import ``"package.module:function"`` (attribute paths like ``mod:Class.method`` work too)."""
-    module_name, sep, attr_path = path.partition(":")
-    if not sep or not module_name or not attr_path:
-        raise ValueError(f"callable path {path!r} must look like 'package.module:function'")
-    try:
-        target: Any = importlib.import_module(module_name)
-    except ImportError as err:
-        raise ValueError(
-            f"cannot import module {module_name!r} for reward callable {path!r}: {err}"
-        ) from None
-    for attr in attr_path.split("."):
-        if not hasattr(target, attr):
-            raise ValueError(f"reward callable {path!r}: {module_name!r} has no attribute {attr_path!r}")
-        target = getattr(target, attr)
-    if not callable(target):
-        raise ValueError(f"reward callable {path!r} is not callable")
-    return target
 
 
 @REWARDS.register("callable")

@@ -8,14 +8,13 @@ config names them: ``{"name": "contains_word", "word": "amazing"}``.
 
 from __future__ import annotations
 
-import importlib
-import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
+from distalign.plugins import compile_regex, import_callable, keyword_pattern
 from distalign.registry import Registry
 
 #: ``feature(completions [N], contexts [N] | None) -> Tensor[N] float64``.
@@ -23,24 +22,6 @@ Feature = Callable[[list[str], "list[str] | None"], torch.Tensor]
 
 #: Feature factories by name: keyword-only settings in, a :data:`Feature` out.
 FEATURES: Registry[Callable[..., Feature]] = Registry("feature")
-
-
-def import_callable(path: str) -> Any:
-    """The object at ``"package.module:attribute"`` (dotted attributes like ``mod:Class.method`` work)."""
-    module_name, sep, attributes = path.partition(":")
-    if not sep or not module_name or not attributes:
-        raise ValueError(f"callable path {path!r} must look like 'package.module:function'")
-    try:
-        obj: Any = importlib.import_module(module_name)
-    except ImportError as err:
-        raise ValueError(f"cannot import module {module_name!r} for {path!r}: {err}") from None
-    for name in attributes.split("."):
-        if not hasattr(obj, name):
-            raise ValueError(f"{path!r}: {module_name!r} has no attribute {attributes!r}")
-        obj = getattr(obj, name)
-    if not callable(obj):
-        raise ValueError(f"{path!r} is not callable")
-    return obj
 
 
 def as_feature_values(values: Any, count: int, label: str) -> torch.Tensor:
@@ -74,30 +55,17 @@ def contains_word(*, word: str, case_sensitive: bool = False) -> Feature:
     """1.0 if ``word`` occurs as a whole word (not inside a longer word: "cat" not in "concat"), else 0.0."""
     if not word:
         raise ValueError("contains_word needs a non-empty word")
-    # Lookarounds instead of \\b so that words starting or ending in punctuation behave too.
-    pattern = re.compile(rf"(?<!\w){re.escape(word)}(?!\w)", 0 if case_sensitive else re.IGNORECASE)
+    pattern = keyword_pattern(word, case_sensitive=case_sensitive)
     return _TextFeature(f"contains_word({word!r})", lambda text: float(pattern.search(text) is not None))
-
-
-_REGEX_FLAGS = {"i": re.IGNORECASE, "m": re.MULTILINE, "s": re.DOTALL}
 
 
 @FEATURES.register("regex")
 def regex(*, pattern: str, flags: str = "", count: bool = False) -> Feature:
     """1.0 if ``pattern`` (Python ``re``) occurs in the completion, else 0.0; with ``count``, the matches.
 
-    ``flags``: any of "ims" (ignore case, multiline, dot-all).
+    ``flags``: any of "imsx" (ignore case, multiline, dot-all, verbose).
     """
-    unknown = set(flags) - set(_REGEX_FLAGS)
-    if unknown:
-        raise ValueError(f"regex flags {flags!r} has unknown letters {sorted(unknown)}; use any of 'ims'")
-    compiled_flags = 0
-    for letter in flags:
-        compiled_flags |= _REGEX_FLAGS[letter]
-    try:
-        compiled = re.compile(pattern, compiled_flags)
-    except re.error as err:
-        raise ValueError(f"invalid regular expression {pattern!r}: {err}") from None
+    compiled = compile_regex(pattern, flags)
     if count:
         return _TextFeature(f"regex_count({pattern!r})", lambda text: float(len(compiled.findall(text))))
     return _TextFeature(f"regex({pattern!r})", lambda text: float(compiled.search(text) is not None))
