@@ -15,7 +15,6 @@ from distalign.tasks import (
     Task,
     bt_flip_probability,
     build_preference_dataset,
-    build_preference_pairs,
     expand_templates,
     get_task,
     make_dataset,
@@ -95,9 +94,9 @@ def test_messages_include_system_prompt():
 
 def test_pairs_are_deterministic_under_a_seed_and_change_with_it():
     task = get_task("sentiment")
-    first = build_preference_pairs(task, fake_sampler, k=4, seed=3, num_prompts=40, bt_noise=0.5)
-    again = build_preference_pairs(task, fake_sampler, k=4, seed=3, num_prompts=40, bt_noise=0.5)
-    other = build_preference_pairs(task, fake_sampler, k=4, seed=4, num_prompts=40, bt_noise=0.5)
+    first = build_preference_dataset(task, fake_sampler, k=4, seed=3, num_prompts=40, bt_noise=0.5).rows
+    again = build_preference_dataset(task, fake_sampler, k=4, seed=3, num_prompts=40, bt_noise=0.5).rows
+    other = build_preference_dataset(task, fake_sampler, k=4, seed=4, num_prompts=40, bt_noise=0.5).rows
     assert first == again
     assert first != other
     assert set(first[0]) == {"prompt", "chosen", "rejected", "chosen_reward", "rejected_reward"}
@@ -152,13 +151,13 @@ def test_bt_flip_probability_by_hand():
 def test_bad_builder_arguments():
     task = get_task("sentiment")
     with pytest.raises(ValueError, match="at least 2"):
-        build_preference_pairs(task, fake_sampler, k=1)
+        build_preference_dataset(task, fake_sampler, k=1)
     with pytest.raises(ValueError, match="positive temperature"):
-        build_preference_pairs(task, fake_sampler, bt_noise=0.0)
+        build_preference_dataset(task, fake_sampler, bt_noise=0.0)
     with pytest.raises(ValueError, match="num_prompts"):
-        build_preference_pairs(task, fake_sampler, num_prompts=100000)
+        build_preference_dataset(task, fake_sampler, num_prompts=100000)
     with pytest.raises(ValueError, match="lists of 2 completions"):
-        build_preference_pairs(task, lambda prompts, k: [["x"] for _ in prompts], k=2, num_prompts=3)
+        build_preference_dataset(task, lambda prompts, k: [["x"] for _ in prompts], k=2, num_prompts=3)
 
 
 def test_unpaired_prompt_only_and_conversational_exports():

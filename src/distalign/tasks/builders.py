@@ -155,22 +155,6 @@ def build_preference_dataset(
     return result
 
 
-def build_preference_pairs(
-    task: Task,
-    sample_fn: SampleFn,
-    *,
-    k: int = 4,
-    seed: int = 0,
-    bt_noise: float | None = None,
-    num_prompts: int | None = None,
-    split: Split = "train",
-) -> list[dict[str, Any]]:
-    """Paired rows of :func:`build_preference_dataset` (use that function for the counts and samples)."""
-    return build_preference_dataset(
-        task, sample_fn, k=k, seed=seed, bt_noise=bt_noise, num_prompts=num_prompts, split=split
-    ).rows
-
-
 def unpaired_rows(pairs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """Each pair split into ``{"prompt", "completion", "label": True, "reward"}`` (chosen) and a
     ``label: False`` row (rejected): the TRL unpaired format used by KTO-style losses."""
