@@ -59,7 +59,8 @@ class DemoSettings:
     seed: int = 0
 
 
-# Sized for about 10 minutes on 2 CPU cores; see docs/demo.md for the measured time and the choices.
+# Sized to finish well under 10 minutes on 2 CPU cores (5 min 50 s measured on a quiet machine);
+# docs/demo.md has the measurement and the choices.
 SMOLLM2 = DemoSettings(
     model="smollm2",
     lora=True,
