@@ -9,6 +9,7 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -20,3 +21,13 @@ def _isolated_distalign_cache(tmp_path_factory: pytest.TempPathFactory, monkeypa
     monkeypatch.setenv("DISTALIGN_CACHE", str(tmp_path_factory.getbasetemp() / "distalign-cache"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="module")
+def single_thread_torch():
+    """One intra-op thread for a module of tiny-tensor tests: as fast, and it does not fight parallel
+    test runs for the cores. Directories of such tests request it from an autouse fixture."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -254,11 +254,13 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     return tree
 
 
-def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+def merge_config_trees(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``update`` laid over it, section by section (nested dicts merge; other values
+    replace). Neither input is modified."""
     merged = dict(base)
     for key, value in update.items():
         if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
+            merged[key] = merge_config_trees(merged[key], value)
         else:
             merged[key] = value
     return merged
@@ -309,7 +311,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             raise ConfigError(f"{path}: expected a mapping of sections at the top level")
         tree = loaded
     if overrides:
-        tree = _merge(tree, parse_overrides(overrides))
+        tree = merge_config_trees(tree, parse_overrides(overrides))
         source += " + overrides"
     return build_config(tree, source)
 

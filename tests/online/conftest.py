@@ -5,29 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-import torch
 
-from distalign.config import RunConfig, build_config
+from distalign.config import RunConfig, build_config, merge_config_trees
 
 
 @pytest.fixture(autouse=True, scope="module")
-def single_thread_torch():
-    """Tiny models: one intra-op thread is as fast and does not fight parallel test runs."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
-    merged = dict(base)
-    for key, value in update.items():
-        merged[key] = (
-            _merge(merged[key], value)
-            if isinstance(value, dict) and isinstance(merged.get(key), dict)
-            else value
-        )
-    return merged
+def _one_torch_thread(single_thread_torch):
+    """Every module here runs on tiny tensors or the tiny model (see the root conftest)."""
 
 
 #: The tiny random model writes byte soup; about 37% of its 8-token completions contain an "s", so a
@@ -59,7 +43,7 @@ def _tiny_online_config(output_dir, **sections: Any) -> RunConfig:
             "max_new_tokens": 8,
         },
     }
-    return build_config(_merge(tree, sections), "test")
+    return build_config(merge_config_trees(tree, sections), "test")
 
 
 @pytest.fixture
