@@ -60,3 +60,19 @@ def test_reward_and_target_belong_to_their_methods():
         load_config(None, [*FDPG, "online.reward=length"])
     with pytest.raises(ConfigError, match="online.target is for method 'fdpg'"):
         load_config(None, [*FDPG, "online.method=reinforce", "online.reward=length"])
+
+
+@pytest.mark.parametrize(
+    ("divergence", "params"), [("reverse_kl", ""), ("neyman_chi2", ""), ("alpha", "{alpha: 1.5}")]
+)
+def test_divergences_infinite_off_the_support_refuse_a_hard_constraint(divergence, params):
+    extra = [f"online.divergence_params={params}"] if params else []
+    with pytest.raises(ConfigError, match=r"target.scorers\[0\] is a hard constraint: give it an epsilon"):
+        load_config(None, [*FDPG, f"online.divergence={divergence}", *extra])
+    soft = "online.target={scorers: [{kind: constraint, epsilon: 0.001, feature: {name: contains_word, word: park}}]}"
+    assert (
+        load_config(None, [*FDPG, soft, f"online.divergence={divergence}", *extra]).online.divergence
+        == divergence
+    )
+    for finite in ("forward_kl", "jensen_shannon", "total_variation", "pearson_chi2"):
+        load_config(None, [*FDPG, f"online.divergence={finite}"])  # finite there: a hard constraint is fine

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from distalign.config import load_config
+from distalign.config import ConfigError, load_config
 from distalign.models.loading import load_model_and_tokenizer
 from distalign.testing.runs import final_weights, max_weight_difference, read_metrics, torchrun
 from distalign.train.online import train_online
@@ -115,8 +115,8 @@ def test_setup_mistakes_are_clear_errors(tmp_path, online_config):
     with pytest.raises(SetupError, match="online.reward"):
         bad_reward = {"method": "rloo", "target": None, "reward": {"name": "regex", "patern": "s"}}
         train_online(online_config(tmp_path / "c", online=bad_reward))
-    with pytest.raises(SetupError, match="epsilon"):
-        train_online(online_config(tmp_path / "d", online={"divergence": "reverse_kl"}))
+    with pytest.raises(ConfigError, match="epsilon"):  # refused with the config, before any sampling
+        online_config(tmp_path / "d", online={"divergence": "reverse_kl"})
 
 
 def _shipped_overrides(path: Path) -> list[str]:

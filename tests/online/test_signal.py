@@ -152,6 +152,8 @@ def test_off_policy_weights_are_clipped_ratios():
 
 
 def test_infinite_pseudo_reward_is_a_clear_error():
-    cfg = OnlineConfig(method="fdpg", divergence="reverse_kl", target=TARGET)
+    # The config refuses reverse KL with a hard constraint; the loop still guards the signal itself.
+    soft = {"scorers": [{**TARGET["scorers"][0], "epsilon": 1e-3}]}
+    cfg = OnlineConfig(method="fdpg", divergence="reverse_kl", target=soft)
     with pytest.raises(SetupError, match="epsilon"):
         compute_signal(cfg, _batch([-1.0, -1.0], [-1.0, -INF]), _state(cfg))

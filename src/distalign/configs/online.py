@@ -11,6 +11,7 @@ starts (building a reward may load a classifier).
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -172,6 +173,7 @@ class OnlineConfig(_Section):
                 raise ValueError(
                     "online.reward is for rloo/reinforce; f-DPG rewards go in a reward_tilt scorer"
                 )
+            _check_support(self.divergence, self.divergence_params, self.target.scorers)
         else:
             if self.reward is None:
                 raise ValueError(f"method {self.method!r} needs online.reward")
@@ -196,3 +198,23 @@ def _check_divergence(field: str, name: str, params: dict[str, float]) -> None:
     if set(params) != set(expected):
         wanted = ", ".join(expected) or "no parameters"
         raise ValueError(f"divergence_params: {name!r} takes {wanted}, got {sorted(params) or 'none'}")
+
+
+def _check_support(name: str, params: dict[str, float], scorers: list[dict[str, Any]]) -> None:
+    """Refuse, before any sampling, a divergence that is infinite wherever the policy samples x with
+    P(x) = 0 (its pseudo-reward at log(pi/p) = +inf is -inf) together with a hard constraint, which
+    gives exactly such x zero mass: the run would stop at its first violating sample."""
+    import torch
+
+    from distalign.losses.fdivergence import pseudo_reward
+
+    at_zero_target_mass = pseudo_reward(name, torch.tensor([math.inf], dtype=torch.float64), **params)
+    if not bool(torch.isneginf(at_zero_target_mass).all()):
+        return
+    for index, scorer in enumerate(scorers):
+        if scorer.get("kind") == "constraint" and not scorer.get("epsilon"):
+            raise ValueError(
+                f"divergence {name!r} is infinite when the policy samples what the target excludes, and "
+                f"target.scorers[{index}] is a hard constraint: give it an epsilon > 0 (a soft constraint, "
+                "e.g. 1.0e-3) or use forward_kl, jensen_shannon or total_variation"
+            )
