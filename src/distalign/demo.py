@@ -116,7 +116,7 @@ class DemoSummary:
 
 def prepare_output_dir(output_dir: Path) -> None:
     """Create ``output_dir``; a previous demo's outputs there are replaced, anything else is refused."""
-    from distalign.train.setup import SetupError
+    from distalign.errors import SetupError
 
     if output_dir.exists() and any(output_dir.iterdir()):
         if not (output_dir / MARKER).exists():

@@ -35,7 +35,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from distalign.models.gguf import EmbeddedModelUnavailableError
     from distalign.models.loading import ModelLoadError
     from distalign.registry import UnknownNameError
-    from distalign.train.setup import SetupError
+    from distalign.errors import SetupError
 
     return (
         ConfigError,

@@ -298,7 +298,7 @@ def load_eval_model(name: str, config: RunConfig) -> tuple[Any, Any]:
 
 
 def _check_same_vocabulary(policy_tokenizer: Any, reference_tokenizer: Any, reference: str) -> None:
-    from distalign.train.setup import SetupError
+    from distalign.errors import SetupError
 
     if policy_tokenizer.get_vocab() != reference_tokenizer.get_vocab():
         raise SetupError(
@@ -315,7 +315,7 @@ def evaluate_run(
     ``overrides`` apply to the run's config.yaml (e.g. ``eval.num_prompts=16``). Writes
     ``RUN_DIR/eval/`` (or ``output``) and returns the path of eval.json.
     """
-    from distalign.train.setup import SetupError
+    from distalign.errors import SetupError
 
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
@@ -364,7 +364,7 @@ def evaluate_config(config: RunConfig, output: str | Path | None = None) -> Path
 
 def evaluate_target(target: str, overrides: Sequence[str] = (), output: str | None = None) -> Path:
     """``distalign eval TARGET``: a run directory or a config file; returns the path of eval.json."""
-    from distalign.train.setup import SetupError
+    from distalign.errors import SetupError
 
     path = Path(target)
     if path.is_dir():

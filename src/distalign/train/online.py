@@ -23,6 +23,7 @@ import torch
 
 from distalign.config import RunConfig
 from distalign.data.collate import collate_sequences
+from distalign.errors import SetupError
 from distalign.eval.metrics import distinct_n
 from distalign.losses.fdivergence import fdpg_policy_gradient_loss
 from distalign.models.sampling import score_completions
@@ -47,7 +48,7 @@ from distalign.train.online_setup import (
     shard,
 )
 from distalign.train.online_signal import GlobalBatch, LoopState, Signal, compute_signal
-from distalign.train.setup import SetupError, load_policy, save_final, wrap_for_training
+from distalign.train.setup import load_policy, save_final, wrap_for_training
 
 
 def policy_gradient_backward(

@@ -52,7 +52,7 @@ from distalign.train.online_setup import (
     seeded_generator,
     shard,
 )
-from distalign.train.setup import SetupError
+from distalign.errors import SetupError
 
 #: Reported name -> registered f-divergence.
 DIVERGENCE_MONITORS = {

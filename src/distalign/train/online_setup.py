@@ -20,12 +20,12 @@ from distalign.config import RunConfig
 from distalign.data.formats import DataError
 from distalign.data.loading import load_rows
 from distalign.data.tokenize import TokenizationSettings, tokenize_prompts
+from distalign.errors import SetupError
 from distalign.models.loading import load_model_and_tokenizer
 from distalign.models.reference import adapters_disabled
 from distalign.models.sampling import sample_completions, score_completions
 from distalign.targets import Target
 from distalign.train.engine import Engine
-from distalign.train.setup import SetupError
 
 
 def seeded_generator(device: torch.device, *parts: object) -> torch.Generator:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from distalign.configs.online import OnlineConfig
+from distalign.errors import SetupError
 from distalign.losses.fdivergence import fdpg_pseudo_rewards
 from distalign.targets import (
     LogZEstimator,
@@ -22,7 +23,6 @@ from distalign.targets import (
     leave_one_out_baseline,
 )
 from distalign.train.online_setup import FrozenProposal
-from distalign.train.setup import SetupError
 
 
 @dataclass

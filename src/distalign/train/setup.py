@@ -19,16 +19,13 @@ from distalign.data.collate import collate_sequences
 from distalign.data.formats import unpair_rows
 from distalign.data.loading import load_rows
 from distalign.data.tokenize import TokenizationSettings, tokenize_paired, tokenize_unpaired
+from distalign.errors import SetupError
 from distalign.losses.base import LossSpec
 from distalign.models.fingerprint import data_fingerprint, model_fingerprint
 from distalign.models.loading import LoraSettings, load_model_and_tokenizer, save_final_model
 from distalign.models.logprobs import SequenceLogprobModel
 from distalign.models.reference import ReferenceLogprobCache, adapters_disabled
 from distalign.train.engine import Engine
-
-
-class SetupError(ValueError):
-    """A run that cannot start as configured (the message says which setting to change)."""
 
 
 def default_cache_dir() -> Path:
