@@ -32,10 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
 def _user_errors() -> tuple[type[BaseException], ...]:
     from distalign.config import ConfigError
     from distalign.data.formats import DataError
+    from distalign.errors import SetupError
     from distalign.models.gguf import EmbeddedModelUnavailableError
     from distalign.models.loading import ModelLoadError
     from distalign.registry import UnknownNameError
-    from distalign.errors import SetupError
 
     return (
         ConfigError,

@@ -59,8 +59,8 @@ def default_report_path(run_dirs: list[Path]) -> Path:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from distalign.eval.report import write_report
     from distalign.errors import SetupError
+    from distalign.eval.report import write_report
 
     run_dirs = [Path(p) for p in args.run_dirs]
     missing = [str(p) for p in run_dirs if not p.is_dir()]

@@ -26,6 +26,7 @@ from statistics import NormalDist
 
 import torch
 
+from distalign.errors import SetupError
 from distalign.eval.metrics import diversity_stats
 from distalign.models.sampling import score_completions
 from distalign.targets import (
@@ -52,7 +53,6 @@ from distalign.train.online_setup import (
     seeded_generator,
     shard,
 )
-from distalign.errors import SetupError
 
 #: Reported name -> registered f-divergence.
 DIVERGENCE_MONITORS = {
