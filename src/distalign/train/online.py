@@ -34,6 +34,7 @@ from distalign.train.online_eval import EvalLog, OnlineEvaluator, sample_monitor
 from distalign.train.online_setup import (
     BaseScorer,
     FrozenProposal,
+    LoopState,
     Rollout,
     build_online_reward,
     build_target,
@@ -47,7 +48,7 @@ from distalign.train.online_setup import (
     seeded_generator,
     shard,
 )
-from distalign.train.online_signal import GlobalBatch, LoopState, Signal, compute_signal
+from distalign.train.online_signal import GlobalBatch, Signal
 from distalign.train.setup import load_policy, save_final, wrap_for_training
 
 
@@ -141,7 +142,7 @@ class OnlineRun:
         engine, cfg = self.engine, self.cfg
         rollout = self.sample(step)  # 1. sample
         batch = self.score_and_gather(rollout)  # 2. score + 3. gather
-        signal = compute_signal(cfg, batch, self.state)  # 3. log Z, (pseudo-)rewards, baseline, weights
+        signal = self.state.step_signal(cfg, batch)  # 3. log Z, (pseudo-)rewards, baseline, weights
         offset = engine.rank * len(rollout)
         local = slice(offset, offset + len(rollout))
         local_weights = None if signal.weights is None else signal.weights[local]

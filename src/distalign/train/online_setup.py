@@ -1,4 +1,5 @@
-"""What the online loop needs around its step: prompts, log a(x|c), the proposal, rollouts, gathering.
+"""What the online loop needs around its step: prompts, log a(x|c), the proposal, the loop state that
+advances around the pure signal (online_signal.py), rollouts, gathering.
 
 Kept apart from ``online.py`` so that the loop reads as the step itself. Exactness conventions:
 every context is conditioned on by the *same token ids* when sampling, when scoring under the base
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -17,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from distalign.config import RunConfig
+from distalign.configs.online import OnlineConfig
 from distalign.data.formats import DataError
 from distalign.data.loading import load_rows
 from distalign.data.tokenize import TokenizationSettings, tokenize_prompts
@@ -24,8 +27,9 @@ from distalign.errors import SetupError
 from distalign.models.loading import load_model_and_tokenizer
 from distalign.models.reference import adapters_disabled
 from distalign.models.sampling import sample_completions, score_completions
-from distalign.targets import Target
+from distalign.targets import LogZEstimator, Target, WindowedMeanBaseline
 from distalign.train.engine import Engine
+from distalign.train.online_signal import GlobalBatch, Signal, compute_signal
 
 
 def seeded_generator(device: torch.device, *parts: object) -> torch.Generator:
@@ -174,6 +178,66 @@ class FrozenProposal:
         self.is_base = bool(state["is_base"])
         self.refreshes = int(state["refreshes"])
         self.last_refresh_step = int(state["last_refresh_step"])
+
+
+# --- the loop's state ---------------------------------------------------------------------------------
+class LoopState:
+    """Everything besides weights and optimizer that a resumed run needs to continue exactly: the running
+    log Z, the baseline window, the proposal's bookkeeping and the fitted moment lambdas.
+
+    The first two change only in :meth:`step_signal`, around the pure ``compute_signal``.
+    """
+
+    def __init__(self, window: int, proposal: FrozenProposal | None) -> None:
+        self.log_z = LogZEstimator()
+        self.window = WindowedMeanBaseline(window)
+        self.proposal = proposal
+        self.moment_lambdas: list[list[float]] = []
+
+    def step_signal(self, cfg: OnlineConfig, batch: GlobalBatch) -> Signal:
+        """The step's signal, advancing the running estimates: log Z absorbs the batch *before* its
+        pseudo-rewards are computed (every sample seen counts, these included); the window is read
+        *before* it absorbs the batch's rewards (the baseline must not depend on R_j)."""
+        log_z, metrics = None, {}
+        if cfg.method == "fdpg":
+            self.log_z.update(batch.target_logps, batch.proposal_logps, batch.keys)
+            log_z = self.log_z.log_z_for(batch.keys)
+            metrics = log_z_metrics(self.log_z, batch.keys)
+        signal = compute_signal(cfg, batch, log_z, window_mean=self.window.value())
+        if cfg.baseline == "window":
+            self.window.update(signal.rewards)
+        signal.metrics = {**metrics, **signal.metrics}
+        return signal
+
+    def state_dict(self) -> dict:
+        return {
+            "log_z": self.log_z.state_dict(),
+            "window": self.window.state_dict(),
+            "proposal": None if self.proposal is None else self.proposal.loop_state(),
+            "moment_lambdas": self.moment_lambdas,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.log_z.load_state_dict(state["log_z"])
+        self.window.load_state_dict(state["window"])
+        if self.proposal is not None:
+            self.proposal.load_loop_state(state["proposal"])
+        self.moment_lambdas = state["moment_lambdas"]
+
+
+def log_z_metrics(estimator: LogZEstimator, keys: list) -> dict[str, float]:
+    """log Z with its ESS and standard error; for a conditional target, averaged over the batch's contexts."""
+    distinct = list(dict.fromkeys(keys))
+    values = [estimator.log_z(k) for k in distinct]
+    finite = [v for v in values if math.isfinite(v)]
+    metrics = {
+        "log_z": sum(finite) / len(finite) if finite else -math.inf,
+        "log_z/ess": min(estimator.ess(k) for k in distinct),
+        "log_z/stderr": max(math.sqrt(estimator.log_z_variance(k)) for k in distinct),
+    }
+    if distinct != [None]:
+        metrics["log_z/contexts_seen"] = float(len(estimator.keys()))
+    return metrics
 
 
 # --- rollouts -----------------------------------------------------------------------------------------

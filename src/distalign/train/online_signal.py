@@ -1,14 +1,19 @@
-"""The signal of one online step, as pure functions of the global batch (no model, no process group).
+"""The signal of one online step: pure functions of the global batch and config values.
 
-f-DPG (fdpg.md): log Z is a running log-mean-exp of log P - log q over every sample seen (per context
-for a conditional target); pseudo-rewards R = -f'(pi/p) with l = log pi - log P + log Z. KL-regularised
-REINFORCE / RLOO: R = r - beta (log pi - log a). Both then subtract a baseline (per-prompt leave-one-out,
-a window of earlier rewards, or none) and, off-policy, carry importance weights pi/q clipped at a maximum.
+Nothing here holds or changes state (no model, no process group, no estimator): the running estimates
+the signal depends on come in as arguments, the per-sample log Z and the window baseline's mean of
+earlier rewards. ``LoopState.step_signal`` (online_setup.py) advances those estimates around
+:func:`compute_signal`.
+
+f-DPG (fdpg.md): pseudo-rewards R = -f'(pi/p) with l = log pi - log P + log Z, log Z being a running
+log-mean-exp of log P - log q over every sample seen (per context for a conditional target).
+KL-regularised REINFORCE / RLOO: R = r - beta (log pi - log a). Both then subtract a baseline (per-prompt
+leave-one-out, the mean of a window of earlier rewards, or none) and, off-policy, carry importance
+weights pi/q clipped at a maximum.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -16,13 +21,7 @@ import torch
 from distalign.configs.online import OnlineConfig
 from distalign.errors import SetupError
 from distalign.losses.fdivergence import fdpg_pseudo_rewards
-from distalign.targets import (
-    LogZEstimator,
-    WindowedMeanBaseline,
-    clipped_importance_weights,
-    leave_one_out_baseline,
-)
-from distalign.train.online_setup import FrozenProposal
+from distalign.targets import clipped_importance_weights, leave_one_out_baseline
 
 
 @dataclass
@@ -57,53 +56,14 @@ class Signal:
     metrics: dict[str, float]
 
 
-class LoopState:
-    """Everything besides weights and optimizer that a resumed run needs to continue exactly."""
-
-    def __init__(self, window: int, proposal: FrozenProposal | None) -> None:
-        self.log_z = LogZEstimator()
-        self.window = WindowedMeanBaseline(window)
-        self.proposal = proposal
-        self.moment_lambdas: list[list[float]] = []
-
-    def state_dict(self) -> dict:
-        return {
-            "log_z": self.log_z.state_dict(),
-            "window": self.window.state_dict(),
-            "proposal": None if self.proposal is None else self.proposal.loop_state(),
-            "moment_lambdas": self.moment_lambdas,
-        }
-
-    def load_state_dict(self, state: dict) -> None:
-        self.log_z.load_state_dict(state["log_z"])
-        self.window.load_state_dict(state["window"])
-        if self.proposal is not None:
-            self.proposal.load_loop_state(state["proposal"])
-        self.moment_lambdas = state["moment_lambdas"]
-
-
-# --- the signal: pure functions of the global batch ----------------------------------------------------
-def subtract_baseline(kind: str, rewards: torch.Tensor, groups: torch.Tensor, window: WindowedMeanBaseline):
-    """A = R - B: per-group leave-one-out mean, windowed mean of *earlier* rewards, or no baseline."""
-    if kind == "loo":
-        return rewards - leave_one_out_baseline(rewards, groups)
-    if kind == "window":
-        baseline = window.value()  # read before adding this batch: B must not depend on R_j
-        window.update(rewards)
-        return rewards - baseline
-    return rewards
-
-
-def compute_signal(cfg: OnlineConfig, batch: GlobalBatch, state: LoopState) -> Signal:
-    """Pseudo-rewards (f-DPG) or KL-regularised rewards (RLOO), baseline and importance weights."""
-    metrics: dict[str, float] = {}
+def signal_rewards(cfg: OnlineConfig, batch: GlobalBatch, log_z: torch.Tensor | None) -> torch.Tensor:
+    """R [N]: f-DPG pseudo-rewards given the per-sample ``log_z`` [N], or RLOO's r - beta (log pi - log a)."""
     if cfg.method == "fdpg":
-        state.log_z.update(batch.target_logps, batch.proposal_logps, batch.keys)
-        log_z = state.log_z.log_z_for(batch.keys)
+        if log_z is None:
+            raise ValueError("f-DPG pseudo-rewards need the per-sample log Z")
         rewards = fdpg_pseudo_rewards(
             batch.policy_logps, batch.target_logps, log_z, cfg.divergence, **cfg.divergence_params
         )
-        metrics.update(log_z_metrics(state.log_z, batch.keys))
     else:
         rewards = batch.rewards.double() - cfg.kl_coef * (batch.policy_logps - batch.base_logps)
     if not bool(torch.isfinite(rewards).all()):
@@ -113,8 +73,33 @@ def compute_signal(cfg: OnlineConfig, batch: GlobalBatch, state: LoopState) -> S
             "when the policy samples x with P(x) = 0): give the constraint an epsilon > 0 (soft constraint) or "
             "use forward_kl, jensen_shannon or total_variation"
         )
-    advantages = subtract_baseline(cfg.baseline, rewards, batch.groups, state.window)
+    return rewards
+
+
+def subtract_baseline(
+    kind: str, rewards: torch.Tensor, groups: torch.Tensor, window_mean: float = 0.0
+) -> torch.Tensor:
+    """A = R - B: per-group leave-one-out mean, ``window_mean`` (the mean of *earlier* rewards, so B does
+    not depend on R_j), or no baseline."""
+    if kind == "loo":
+        return rewards - leave_one_out_baseline(rewards, groups)
+    if kind == "window":
+        return rewards - window_mean
+    return rewards
+
+
+def compute_signal(
+    cfg: OnlineConfig, batch: GlobalBatch, log_z: torch.Tensor | None = None, window_mean: float = 0.0
+) -> Signal:
+    """Pseudo-rewards (f-DPG) or KL-regularised rewards (RLOO), baseline and importance weights.
+
+    ``log_z`` [N]: log Z of each sample's key, already including this batch (f-DPG only);
+    ``window_mean``: the window baseline before this batch (``cfg.baseline == "window"`` only).
+    """
+    rewards = signal_rewards(cfg, batch, log_z)
+    advantages = subtract_baseline(cfg.baseline, rewards, batch.groups, window_mean)
     weights = None
+    metrics: dict[str, float] = {}
     if cfg.proposal == "offline":
         ratios = clipped_importance_weights(
             batch.policy_logps, batch.proposal_logps, cfg.max_importance_weight
@@ -126,21 +111,6 @@ def compute_signal(cfg: OnlineConfig, batch: GlobalBatch, state: LoopState) -> S
     metrics.update(_summary("pseudo_reward" if cfg.method == "fdpg" else "shaped_reward", rewards))
     metrics["advantage/abs_mean"] = float(advantages.abs().mean())
     return Signal(rewards, advantages, weights, metrics)
-
-
-def log_z_metrics(estimator: LogZEstimator, keys: list) -> dict[str, float]:
-    """log Z with its ESS and standard error; for a conditional target, averaged over the batch's contexts."""
-    distinct = list(dict.fromkeys(keys))
-    values = [estimator.log_z(k) for k in distinct]
-    finite = [v for v in values if math.isfinite(v)]
-    metrics = {
-        "log_z": sum(finite) / len(finite) if finite else -math.inf,
-        "log_z/ess": min(estimator.ess(k) for k in distinct),
-        "log_z/stderr": max(math.sqrt(estimator.log_z_variance(k)) for k in distinct),
-    }
-    if distinct != [None]:
-        metrics["log_z/contexts_seen"] = float(len(estimator.keys()))
-    return metrics
 
 
 def _summary(prefix: str, values: torch.Tensor) -> dict[str, float]:
