@@ -202,11 +202,6 @@ def _register_builtins() -> None:
 _register_builtins()
 
 
-def get_f_divergence(name: str) -> FDivergence:
-    """The registered generator ``name`` (unknown names list the valid ones)."""
-    return F_DIVERGENCES.get(name)
-
-
 def _checked(name: str, params: dict[str, float]) -> tuple[FDivergence, dict[str, float]]:
     entry = F_DIVERGENCES.get(name)
     missing = [p for p in entry.parameters if p not in params]
