@@ -1,1 +1,0 @@
-"""distalign.shift"""
