@@ -14,6 +14,12 @@ the importance-sampling proposal (fdpg.md, "Monitors"):
 
 Results go to ``RUN_DIR/evals.jsonl`` (one record per evaluation, step 0 = before training) and, with an
 ``eval/`` prefix, into that step's metrics.jsonl record.
+
+Not called by the loop: :func:`sample_constraint_target` and :func:`kl_target_to_policy` estimate
+KL(p || pi) from exact samples of a constraint target (rejection from the base), free of the ESS collapse
+of the importance-sampled ``kl_p_pi``. benchmarks/fdpg_divergences.py draws those samples once for all of
+its runs (the "exact-p" column of docs/benchmarks.md); drawing them costs about num_samples / Z base
+samples, and the estimate pools contexts, so it holds for unconditional targets only.
 """
 
 from __future__ import annotations
