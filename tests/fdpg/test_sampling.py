@@ -12,7 +12,7 @@ from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWa
 
 from distalign.models.sampling import sample_completions, score_completions, warped_log_probs
 from distalign.targets import BooleanConstraint, Target, build_feature, lm_proposer, qrs_sample
-from distalign.testing.tiny_lm import build_tiny_llama, build_word_tokenizer
+from distalign.testing.tiny_lm import build_word_llama, build_word_tokenizer
 
 WORDS = ["x", "y", "z", "w", "v"]
 
@@ -24,7 +24,7 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def model(tokenizer):
-    return build_tiny_llama(len(tokenizer), seed=0)
+    return build_word_llama(tokenizer, seed=0)
 
 
 def unbatched_logprob(

@@ -96,6 +96,48 @@ def build_tiny_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
     return tokenizer
 
 
+def build_tiny_llama(
+    tokenizer: PreTrainedTokenizerFast,
+    *,
+    seed: int = 0,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    intermediate_size: int | None = None,
+    max_position_embeddings: int = 512,
+    tie_word_embeddings: bool = True,
+) -> LlamaForCausalLM:
+    """A randomly initialised tiny Llama (float32, dropout 0, eval mode) for ``tokenizer``: one embedding
+    per token and the tokenizer's pad / eos / bos ids. ``intermediate_size`` defaults to 4 x hidden_size.
+
+    The same arguments always give the same weights; the global torch RNG is left untouched.
+    """
+    if hidden_size % num_heads:
+        raise ValueError(f"hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads})")
+    special_ids = {
+        "pad_token_id": tokenizer.pad_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "bos_token_id": tokenizer.bos_token_id,
+    }
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=4 * hidden_size if intermediate_size is None else intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_heads,
+        max_position_embeddings=max_position_embeddings,
+        attention_dropout=0.0,
+        tie_word_embeddings=tie_word_embeddings,
+        **special_ids,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    model.generation_config = GenerationConfig(**special_ids)
+    return model.eval()
+
+
 def build_tiny_model(
     output_dir: str | os.PathLike[str] | None = None,
     *,
@@ -106,37 +148,20 @@ def build_tiny_model(
     vocab_size: int = 512,
     max_position_embeddings: int = 512,
 ) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast]:
-    """Build a randomly initialised tiny Llama (float32, dropout 0, tied embeddings) and its tokenizer.
+    """Build the tiny Llama (:func:`build_tiny_llama`, tied embeddings) and its byte-level BPE tokenizer.
 
     The same settings always give the same weights and token ids; the global torch RNG is left
     untouched. With ``output_dir`` both are also saved there with ``save_pretrained``.
     """
-    if hidden_size % num_heads:
-        raise ValueError(f"hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads})")
     tokenizer = build_tiny_tokenizer(vocab_size)
-    config = LlamaConfig(
-        vocab_size=vocab_size,
+    model = build_tiny_llama(
+        tokenizer,
+        seed=seed,
         hidden_size=hidden_size,
-        intermediate_size=4 * hidden_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=num_heads,
-        num_key_value_heads=num_heads,
+        num_layers=num_layers,
+        num_heads=num_heads,
         max_position_embeddings=max_position_embeddings,
-        attention_dropout=0.0,
-        tie_word_embeddings=True,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=tokenizer.bos_token_id,
     )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = LlamaForCausalLM(config)
-    model.generation_config = GenerationConfig(
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-    )
-    model.eval()
     if output_dir is not None:
         model.save_pretrained(output_dir)
         tokenizer.save_pretrained(output_dir)

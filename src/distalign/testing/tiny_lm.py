@@ -1,4 +1,4 @@
-"""A word-level tokenizer and a randomly initialised tiny Llama, built locally (no hub access).
+"""A word-level tokenizer and the tiny Llama for it, built locally (no hub access).
 
 Small enough that the whole completion space of a couple of tokens can be enumerated, which lets tests
 compare sampler frequencies with exact probabilities.
@@ -10,7 +10,9 @@ from collections.abc import Sequence
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+
+from distalign.models.tiny import build_tiny_llama
 
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>")
 
@@ -29,26 +31,22 @@ def build_word_tokenizer(words: Sequence[str]) -> PreTrainedTokenizerFast:
     )
 
 
-def build_tiny_llama(
-    vocab_size: int, seed: int = 0, hidden_size: int = 32, num_layers: int = 2
+def build_word_llama(
+    tokenizer: PreTrainedTokenizerFast, seed: int = 0, hidden_size: int = 32, num_layers: int = 2
 ) -> LlamaForCausalLM:
-    """A random float32 Llama (4 heads, eval mode) whose special ids match :func:`build_word_tokenizer`."""
-    config = LlamaConfig(
-        vocab_size=vocab_size,
+    """The tiny Llama (:func:`distalign.models.tiny.build_tiny_llama`: float32, eval mode) for a
+    :func:`build_word_tokenizer` tokenizer, with an untied output layer scaled up."""
+    model = build_tiny_llama(
+        tokenizer,
+        seed=seed,
         hidden_size=hidden_size,
+        num_layers=num_layers,
         intermediate_size=2 * hidden_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=4,
-        num_key_value_heads=4,
         max_position_embeddings=128,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
+        tie_word_embeddings=False,
     )
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
     # Random init gives near-uniform next-token distributions; a larger output scale makes the
     # distributions peaked enough that sampling tests can tell a wrong distribution from the right one.
     with torch.no_grad():
         model.lm_head.weight.mul_(25.0)
-    return model.eval()
+    return model
