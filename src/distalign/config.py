@@ -136,6 +136,21 @@ class LossConfig(Section):
         return {k: v for k, v in self.model_dump().items() if k not in engine_fields and v is not None}
 
 
+class AggregatorConfig(Section):
+    """How per-example losses are reduced to the batch objective (see `distalign losses`). The
+    aggregator's options sit beside its name, e.g. ``{name: cvar, alpha: 0.2}`` or the override
+    ``aggregator.alpha=0.2``; unset options take the aggregator function's own default."""
+
+    model_config = ConfigDict(extra="allow", validate_assignment=True, use_attribute_docstrings=True)
+
+    name: str = "mean"
+    """Registered aggregator: "mean" (weighted mean), "cvar" (mean of the worst alpha-fraction), ..."""
+
+    def options(self) -> dict[str, Any]:
+        """The aggregator options the user set."""
+        return dict(self.model_extra or {})
+
+
 class ReferenceConfig(Section):
     """Where reference log-probs come from."""
 
@@ -165,6 +180,8 @@ class TrainConfig(Section):
     """Passes over the data when max_steps is null."""
     lr: float = Field(5e-4, gt=0.0)
     """Peak learning rate (AdamW)."""
+    head_lr: float | None = Field(None, gt=0.0)
+    """Peak learning rate of model heads a loss adds (e.g. a value head); null = lr."""
     weight_decay: float = Field(0.0, ge=0.0)
     adam_betas: tuple[float, float] = (0.9, 0.999)
     scheduler: Literal["constant", "linear", "cosine"] = "cosine"
@@ -195,6 +212,7 @@ class RunConfig(Section):
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     loss: LossConfig = LossConfig()
+    aggregator: AggregatorConfig = AggregatorConfig()
     reference: ReferenceConfig = ReferenceConfig()
     train: TrainConfig = TrainConfig()
     online: OnlineConfig | None = None
@@ -220,12 +238,51 @@ class RunConfig(Section):
                 raise ValueError(
                     f"loss.{option} is not an option of loss {spec.name!r} (its options: {valid})"
                 )
+        _check_aggregator(spec, self.aggregator, self.loss.coupling_scope)
         if self.train.batch_size % self.train.micro_batch_size:
             raise ValueError(
                 f"train.batch_size ({self.train.batch_size}) must be a multiple of "
                 f"train.micro_batch_size ({self.train.micro_batch_size})"
             )
         return self
+
+
+def _check_aggregator(loss_spec, section: AggregatorConfig, coupling_scope: str) -> None:
+    """Refuse, at config time, an unknown aggregator, an option it does not take or a bad value, and a
+    combination the loss or the loop cannot honour (ValueError naming the field and the reason)."""
+    import torch
+
+    from distalign.losses.aggregators import get_aggregator
+    from distalign.registry import UnknownNameError
+
+    try:
+        spec = get_aggregator(section.name)
+    except UnknownNameError as err:
+        raise ValueError(f"aggregator.name: {err}") from None
+    options = section.options()
+    for option in options:
+        if option not in spec.options:
+            valid = ", ".join(sorted(spec.options)) or "none"
+            raise ValueError(
+                f"aggregator.{option} is not an option of aggregator {spec.name!r} (its options: {valid})"
+            )
+    if not loss_spec.accepts_aggregator(spec.name):
+        accepted = ", ".join(loss_spec.aggregators)
+        raise ValueError(
+            f"aggregator.name: loss {loss_spec.name!r} composes only with {accepted}, not {spec.name!r}: "
+            f"{loss_spec.aggregator_note}"
+        )
+    if spec.stateful and coupling_scope != "global":
+        raise ValueError(
+            f"aggregator.name: {spec.name!r} carries state across steps, which is defined on the global "
+            "batch only; set loss.coupling_scope=global"
+        )
+    # A dry run on two values checks the option values with the aggregator's own validation.
+    signals = {name: torch.zeros(2, dtype=torch.long) for name in spec.signals}
+    try:
+        spec(torch.tensor([0.0, 1.0], dtype=torch.float64), signals=signals, **options)
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"aggregator ({spec.name}): {err}") from None
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:

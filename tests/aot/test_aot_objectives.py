@@ -134,7 +134,7 @@ def test_integer_weights_equal_duplicated_rows(name):
         **{
             key: value.repeat_interleave(repeats)
             for key, value in stats.__dict__.items()
-            if value is not None
+            if isinstance(value, torch.Tensor)
         }
     )
     objective = get_loss(name)

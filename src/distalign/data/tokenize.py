@@ -36,10 +36,11 @@ empty prompt becomes one BOS token (EOS when there is no BOS), so the first comp
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from distalign.data.formats import DataError, DataFormat
+from distalign.data.signals import row_signals
 
 _ENCODE_CHUNK = 2048
 _COMPLETION_FIELDS: dict[str, str] = {"paired": "chosen", "unpaired": "completion", "listwise": "responses"}
@@ -123,6 +124,7 @@ class TokenizedPair:
     chosen_ids: list[int]
     rejected_ids: list[int]
     weight: float
+    signals: dict[str, float | str] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -134,6 +136,19 @@ class TokenizedCompletion:
     completion_ids: list[int]
     label: float
     weight: float
+    signals: dict[str, float | str] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class TokenizedList:
+    """A prompt with several scored responses (listwise; higher score is better)."""
+
+    row_index: int
+    prompt_ids: list[int]
+    responses_ids: list[list[int]]
+    scores: list[float]
+    weight: float
+    signals: dict[str, float | str] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -355,6 +370,7 @@ def tokenize_paired(
             r.completions_ids[0],
             r.completions_ids[1],
             float(rows[r.row_index].get("weight", 1.0)),
+            row_signals(rows[r.row_index], "paired"),
         )
         for r in kept
     ]
@@ -373,10 +389,30 @@ def tokenize_unpaired(
             r.completions_ids[0],
             float(rows[r.row_index]["label"]),
             float(rows[r.row_index].get("weight", 1.0)),
+            row_signals(rows[r.row_index], "unpaired"),
         )
         for r in kept
     ]
     return completions, report
+
+
+def tokenize_listwise(
+    rows: Sequence[Mapping[str, Any]], tokenizer: Any, settings: TokenizationSettings | None = None
+) -> tuple[list[TokenizedList], TokenizationReport]:
+    """Tokenise normalised listwise rows; the prompt is truncated once and shared by every response."""
+    kept, report = _encode_and_fit(rows, tokenizer, settings, "listwise")
+    lists = [
+        TokenizedList(
+            r.row_index,
+            r.prompt_ids,
+            r.completions_ids,
+            [float(score) for score in rows[r.row_index]["scores"]],
+            float(rows[r.row_index].get("weight", 1.0)),
+            row_signals(rows[r.row_index], "listwise"),
+        )
+        for r in kept
+    ]
+    return lists, report
 
 
 def tokenize_prompts(

@@ -1,17 +1,27 @@
 """The contract every offline loss meets, and the loss registry.
 
-A registered loss is an *objective*: a pure function from per-sequence statistics of a batch to a
-scalar loss over that batch plus a dict of scalar metrics. It never sees a model or a config object.
+A registered loss is a pure function from per-sequence statistics of a batch to **per-example
+losses** ``[N]`` plus a dict of scalar metrics (:class:`PerExampleLosses`). It never sees a model, a
+config object or a reduction: reducing ``[N] -> []`` is the job of a registered *aggregator*
+(:mod:`distalign.losses.aggregators`: weighted mean, CVaR, ...), so any loss composes with any
+aggregator (verl keeps ``agg_loss`` apart from its losses; torchtune's DPO loss returns per-example
+losses).
 
-* Decomposable losses (DPO, IPO, ...) return the mean of per-example losses; the training loop may
-  call them on any micro-batch and weight by its share of the global batch.
-* Batch-coupled losses (AOT sorts across the batch, KTO anchors on a batch KL estimate, DRO
-  aggregates across it) declare ``batch_coupled=True``. The loop then evaluates them on the *global*
-  optimizer batch: it gathers the detached statistics of every micro-batch and rank, differentiates the
-  objective with respect to those scalars, and back-propagates the per-sample surrogate
-  ``sum_i dL/ds_i * s_i`` whose parameter gradient equals that of the global objective exactly.
+* Decomposable combinations (a per-example loss under the weighted mean) may be evaluated on any
+  micro-batch and weighted by its share of the global batch.
+* Batch-coupled combinations (AOT sorts across the batch, KTO anchors on a batch KL estimate, CVaR and
+  DRO aggregators reweight across it) are evaluated on the *global* optimizer batch: the loop gathers
+  the detached statistics of every micro-batch and rank, differentiates the objective with respect to
+  those statistics, and back-propagates the per-sample surrogate ``sum_i dL/ds_i * s_i`` whose
+  parameter gradient equals that of the global objective exactly (``train/coupling.py``).
 
-Keyword-only parameters of an objective are its options; their defaults are the single source of
+Statistics carry, besides the log-probs, three kinds of declared per-row data: ``weights`` (always a
+tensor inside the training loop, ones by default), ``signals`` (data columns such as designer rewards,
+``source`` or ``group`` codes; constants) and ``heads`` (outputs of model heads such as a value head;
+they carry gradient like the log-probs). A loss declares the signals and heads it needs; the loop
+checks them before the first step.
+
+Keyword-only parameters of a loss function are its options; their defaults are the single source of
 truth and the config forwards only the options the user set (an option the loss does not take is a
 config error naming the field).
 """
@@ -28,7 +38,11 @@ import torch
 
 from distalign.registry import Registry
 
-DataKind = Literal["paired", "unpaired"]
+DataKind = Literal["paired", "unpaired", "listwise"]
+
+#: Flattened names of the per-row dict fields: ``signals.<name>`` and ``heads.<name>``.
+SIGNAL_PREFIX = "signals."
+HEAD_PREFIX = "heads."
 
 
 @dataclass
@@ -37,7 +51,8 @@ class PairedStats:
 
     ``*_logps`` are log-probabilities summed over completion tokens (natural log, nats);
     ``*_lengths`` are completion token counts (float). ``ref_*`` are ``None`` for reference-free losses.
-    ``weights`` are optional per-row weights (default 1).
+    ``weights`` are optional per-row weights (None = all 1); ``signals`` / ``heads``: see the module
+    docstring.
     """
 
     policy_chosen_logps: torch.Tensor
@@ -47,6 +62,8 @@ class PairedStats:
     ref_chosen_logps: torch.Tensor | None = None
     ref_rejected_logps: torch.Tensor | None = None
     weights: torch.Tensor | None = None
+    signals: dict[str, torch.Tensor] = field(default_factory=dict)
+    heads: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return self.policy_chosen_logps.shape[0]
@@ -57,7 +74,7 @@ class UnpairedStats:
     """Per-sequence statistics of unpaired (prompt, completion, label) rows; tensors of shape [N].
 
     ``labels`` is 1.0 for desirable / positive completions and 0.0 for undesirable / negative ones.
-    ``kl_policy_logps`` / ``kl_ref_logps`` ([M], detached) are log-probs of *mismatched* prompt and
+    ``kl_policy_logps`` / ``kl_ref_logps`` ([N], detached) are log-probs of *mismatched* prompt and
     completion pairs, used by KTO's reference point; ``None`` when the loss does not need them.
     """
 
@@ -68,56 +85,138 @@ class UnpairedStats:
     kl_policy_logps: torch.Tensor | None = None
     kl_ref_logps: torch.Tensor | None = None
     weights: torch.Tensor | None = None
+    signals: dict[str, torch.Tensor] = field(default_factory=dict)
+    heads: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return self.policy_logps.shape[0]
 
 
-Stats = PairedStats | UnpairedStats
+@dataclass
+class ListwiseStats:
+    """Statistics of listwise rows (a prompt with up to K scored responses); tensors [N, K].
 
-#: Fields through which gradients flow (the policy's own log-probs); everything else is constant.
+    Rows with fewer than K responses are padded: ``present`` is 1.0 for a real response and 0.0 for
+    padding (whose log-probs, lengths and scores are 0 and must be ignored). ``scores`` are the data's
+    scores (higher is better). ``weights`` / ``signals`` / ``heads`` are per row, [N].
+    """
+
+    policy_logps: torch.Tensor
+    lengths: torch.Tensor
+    scores: torch.Tensor
+    present: torch.Tensor
+    ref_logps: torch.Tensor | None = None
+    weights: torch.Tensor | None = None
+    signals: dict[str, torch.Tensor] = field(default_factory=dict)
+    heads: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return self.policy_logps.shape[0]
+
+
+Stats = PairedStats | UnpairedStats | ListwiseStats
+
+#: Fields through which gradients flow (the policy's own log-probs, and every head output);
+#: everything else is a constant.
 GRAD_FIELDS = ("policy_chosen_logps", "policy_rejected_logps", "policy_logps")
 
 
+def carries_gradient(flat_name: str) -> bool:
+    """Whether the flattened field ``flat_name`` (see :func:`stats_fields`) depends on the parameters."""
+    return flat_name in GRAD_FIELDS or flat_name.startswith(HEAD_PREFIX)
+
+
 def stats_fields(stats: Stats) -> dict[str, torch.Tensor]:
-    """The non-``None`` tensor fields of ``stats`` by name."""
-    return {
-        f.name: getattr(stats, f.name)
-        for f in dataclasses.fields(stats)
-        if getattr(stats, f.name) is not None
-    }
+    """Every non-``None`` per-row tensor of ``stats`` by flat name (``signals.x`` and ``heads.y`` for
+    the dict fields): the form in which statistics are concatenated, gathered and linearised."""
+    flat: dict[str, torch.Tensor] = {}
+    for f in dataclasses.fields(stats):
+        value = getattr(stats, f.name)
+        if isinstance(value, dict):
+            flat.update({f"{f.name}.{key}": tensor for key, tensor in value.items()})
+        elif value is not None:
+            flat[f.name] = value
+    return flat
+
+
+def stats_from_fields(kind: type, flat: dict[str, torch.Tensor]) -> Stats:
+    """Inverse of :func:`stats_fields` for statistics of type ``kind``."""
+    plain = {name: tensor for name, tensor in flat.items() if "." not in name}
+    signals = {n.removeprefix(SIGNAL_PREFIX): t for n, t in flat.items() if n.startswith(SIGNAL_PREFIX)}
+    heads = {n.removeprefix(HEAD_PREFIX): t for n, t in flat.items() if n.startswith(HEAD_PREFIX)}
+    return kind(**plain, signals=signals, heads=heads)
+
+
+def row_weights(stats: Stats) -> torch.Tensor:
+    """``stats.weights``, or ones when they are None; shape [N], dtype of the log-probs."""
+    reference = stats.policy_chosen_logps if isinstance(stats, PairedStats) else stats.policy_logps
+    if stats.weights is None:
+        return torch.ones(len(stats), dtype=reference.dtype, device=reference.device)
+    return stats.weights.to(reference.dtype)
+
+
+@dataclass
+class PerExampleLosses:
+    """What a registered loss returns. ``losses``: [N], one value per row of the batch (gradient flows
+    through it); ``metrics``: detached scalar tensors."""
+
+    losses: torch.Tensor
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass
 class LossResult:
-    """``loss``: scalar objective over the batch given. ``metrics``: scalar tensors, detached."""
+    """A reduced objective: ``loss`` scalar over the batch given, ``metrics`` detached scalars and, for
+    stateful aggregators, the aggregator ``state`` after this batch (``None`` otherwise)."""
 
     loss: torch.Tensor
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+    state: dict[str, torch.Tensor] | None = None
 
 
-Objective = Callable[..., LossResult]
+LossFunction = Callable[..., PerExampleLosses]
 
 
 @dataclass(frozen=True)
 class LossSpec:
-    """A registered loss and the capabilities the training loop must honour."""
+    """A registered loss and the capabilities the training loop must honour.
+
+    ``aggregators``: the aggregators this loss composes with (``None`` = every one); a coupled loss
+    whose per-example values only mean something under the weighted mean lists ``("mean",)`` and says
+    why in ``aggregator_note``. ``signals`` / ``heads``: per-row signals and model heads it reads.
+    """
 
     name: str
-    objective: Objective
+    function: LossFunction
     data_kind: DataKind
     needs_reference: bool
     batch_coupled: bool
     paper: str
+    aggregators: tuple[str, ...] | None = None
+    aggregator_note: str = ""
+    signals: tuple[str, ...] = ()
+    heads: tuple[str, ...] = ()
 
     @property
     def options(self) -> dict[str, Any]:
-        """Option names and their defaults (the objective's keyword-only parameters)."""
-        params = inspect.signature(self.objective).parameters.values()
+        """Option names and their defaults (the function's keyword-only parameters)."""
+        params = inspect.signature(self.function).parameters.values()
         return {p.name: p.default for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}
 
+    def accepts_aggregator(self, name: str) -> bool:
+        return self.aggregators is None or name in self.aggregators
+
+    def per_example(self, stats: Stats, **options: Any) -> PerExampleLosses:
+        """The per-example losses of ``stats`` and the loss's metrics."""
+        return self.function(stats, **options)
+
     def __call__(self, stats: Stats, **options: Any) -> LossResult:
-        return self.objective(stats, **options)
+        """The loss reduced by the default aggregator, the (weighted) mean: a convenience for callers
+        with their own loop. The training loop composes with the configured aggregator instead."""
+        result = self.function(stats, **options)
+        weights = row_weights(stats).to(result.losses.dtype)
+        total = weights.sum().clamp(min=torch.finfo(result.losses.dtype).tiny)
+        return LossResult((weights * result.losses).sum() / total, result.metrics)
 
 
 LOSSES: Registry[LossSpec] = Registry("loss")
@@ -130,19 +229,27 @@ def register_loss(
     needs_reference: bool,
     batch_coupled: bool = False,
     paper: str = "",
-) -> Callable[[Objective], Objective]:
-    """Register an objective ``fn(stats, *, option=default, ...) -> LossResult`` under ``name``."""
+    aggregators: tuple[str, ...] | None = None,
+    aggregator_note: str = "",
+    signals: tuple[str, ...] = (),
+    heads: tuple[str, ...] = (),
+) -> Callable[[LossFunction], LossFunction]:
+    """Register ``fn(stats, *, option=default, ...) -> PerExampleLosses`` under ``name``."""
 
-    def decorator(fn: Objective) -> Objective:
+    def decorator(fn: LossFunction) -> LossFunction:
         LOSSES.add(
             name,
             LossSpec(
                 name=name,
-                objective=fn,
+                function=fn,
                 data_kind=data_kind,
                 needs_reference=needs_reference,
                 batch_coupled=batch_coupled,
                 paper=paper,
+                aggregators=aggregators,
+                aggregator_note=aggregator_note,
+                signals=signals,
+                heads=heads,
             ),
         )
         return fn

@@ -9,29 +9,36 @@ no config. They are written with ``logsigmoid`` / ``sigmoid`` of the signed argu
 gradient stay finite at ``|m| = 1e4`` in float32 and bfloat16 (``log(sigmoid(x))`` underflows to
 ``log(0)``).
 
-The registered objectives turn :class:`~distalign.losses.base.PairedStats` /
-:class:`~distalign.losses.base.UnpairedStats` into a batch loss (a weighted mean when per-row weights
-are given, see :func:`weighted_batch_mean`) and the metrics every preference run logs.
+The registered losses turn :class:`~distalign.losses.base.PairedStats` /
+:class:`~distalign.losses.base.UnpairedStats` into per-example losses and the metrics every preference
+run logs; the five pairwise ones share one pattern (:func:`register_pairwise`). Reducing them over the
+batch is an aggregator's job (:mod:`distalign.losses.aggregators`).
 """
 
 from __future__ import annotations
 
+import inspect
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 
-from distalign.losses.base import LossResult, PairedStats, UnpairedStats, register_loss
+from distalign.losses.base import PairedStats, PerExampleLosses, UnpairedStats, register_loss
+
+PairedInputs = Literal["logratios", "token_mean_logratios", "token_mean_logps"]
 
 __all__ = [
     "dpo_loss",
     "hinge_loss",
     "ipo_loss",
     "kto_loss",
+    "positive_nll",
     "preference_metrics",
+    "register_pairwise",
     "robust_dpo_loss",
     "sft_loss",
     "simpo_loss",
     "token_mean_logps",
-    "weighted_batch_mean",
 ]
 
 
@@ -248,20 +255,8 @@ def sft_loss(policy_logps: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Reduction and metrics
+# Metrics
 # ----------------------------------------------------------------------------------------------------
-
-
-def weighted_batch_mean(per_example: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
-    """``sum(w l) / sum(w)`` over the batch, or the plain mean when ``weights`` is None; [B] -> [].
-
-    A batch whose weights are all zero contributes a loss of 0 (with zero gradient) rather than NaN.
-    """
-    if weights is None:
-        return per_example.mean()
-    weights = weights.to(per_example.dtype)
-    total_weight = weights.sum().clamp(min=torch.finfo(per_example.dtype).tiny)
-    return (weights * per_example).sum() / total_weight
 
 
 def preference_metrics(
@@ -291,89 +286,97 @@ def preference_metrics(
 
 
 # ----------------------------------------------------------------------------------------------------
-# Registered objectives
+# Registered losses: statistics -> per-example losses [N] + metrics
 # ----------------------------------------------------------------------------------------------------
 
 
-def _paired_logratios(stats: PairedStats, loss_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+def paired_inputs(
+    stats: PairedStats, loss_name: str, inputs: PairedInputs
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (chosen, rejected) values a pairwise loss compares, [N] each.
+
+    ``inputs``: "logratios" (``log pi - log pi_ref``, summed over tokens), "token_mean_logratios" (the
+    same per token) or "token_mean_logps" (the policy's per-token log-probs; reference-free).
+    """
+    if inputs == "token_mean_logps":
+        return (
+            token_mean_logps(stats.policy_chosen_logps, stats.chosen_lengths),
+            token_mean_logps(stats.policy_rejected_logps, stats.rejected_lengths),
+        )
     if stats.ref_chosen_logps is None or stats.ref_rejected_logps is None:
         raise ValueError(
             f"loss {loss_name!r} needs reference log-probs (ref_chosen_logps / ref_rejected_logps)"
         )
-    return (
-        stats.policy_chosen_logps - stats.ref_chosen_logps,
-        stats.policy_rejected_logps - stats.ref_rejected_logps,
+    chosen = stats.policy_chosen_logps - stats.ref_chosen_logps
+    rejected = stats.policy_rejected_logps - stats.ref_rejected_logps
+    if inputs == "token_mean_logratios":
+        return token_mean_logps(chosen, stats.chosen_lengths), token_mean_logps(
+            rejected, stats.rejected_lengths
+        )
+    return chosen, rejected
+
+
+def register_pairwise(
+    name: str, pairwise_loss, *, inputs: PairedInputs = "logratios", paper: str, summary: str
+):
+    """Register the pure pairwise function ``pairwise_loss(chosen [N], rejected [N], **options) -> [N]``
+    as the loss ``name``: its keyword-only parameters become the loss's options, and every paired
+    loss reports the same metrics (:func:`preference_metrics`; ``rewards/*`` scaled by ``beta``)."""
+    option_params = [
+        p for p in inspect.signature(pairwise_loss).parameters.values() if p.kind is p.KEYWORD_ONLY
+    ]
+
+    def loss(stats: PairedStats, **options) -> PerExampleLosses:
+        chosen, rejected = paired_inputs(stats, name, inputs)
+        per_pair = pairwise_loss(chosen, rejected, **options)
+        beta = options.get("beta", inspect.signature(pairwise_loss).parameters["beta"].default)
+        metrics = preference_metrics(
+            chosen, rejected, beta, stats.policy_chosen_logps, stats.policy_rejected_logps
+        )
+        return PerExampleLosses(per_pair, metrics)
+
+    loss.__name__ = f"{name}_per_example"
+    loss.__doc__ = (
+        f"{summary} Per pair, on {inputs.replace('_', ' ')} (see :func:`{pairwise_loss.__name__}`)."
     )
+    stats_param = inspect.Parameter("stats", inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    loss.__signature__ = inspect.Signature([stats_param, *option_params])
+    register_loss(name, data_kind="paired", needs_reference=inputs != "token_mean_logps", paper=paper)(loss)
+    return loss
 
 
-def _paired_result(
-    stats: PairedStats, per_pair: torch.Tensor, chosen: torch.Tensor, rejected: torch.Tensor, beta: float
-) -> LossResult:
-    metrics = preference_metrics(
-        chosen, rejected, beta, stats.policy_chosen_logps, stats.policy_rejected_logps
-    )
-    return LossResult(loss=weighted_batch_mean(per_pair, stats.weights), metrics=metrics)
-
-
-@register_loss(
+register_pairwise(
     "dpo",
-    data_kind="paired",
-    needs_reference=True,
+    dpo_loss,
     paper="Rafailov et al. 2023, DPO eq. 7; label smoothing: Mitchell 2023 cDPO",
+    summary="Sigmoid DPO.",
 )
-def dpo_objective(stats: PairedStats, *, beta: float = 0.1, label_smoothing: float = 0.0) -> LossResult:
-    """Batch sigmoid DPO (:func:`dpo_loss`) on summed log-ratios."""
-    chosen, rejected = _paired_logratios(stats, "dpo")
-    per_pair = dpo_loss(chosen, rejected, beta=beta, label_smoothing=label_smoothing)
-    return _paired_result(stats, per_pair, chosen, rejected, beta)
-
-
-@register_loss(
+register_pairwise(
     "robust_dpo",
-    data_kind="paired",
-    needs_reference=True,
+    robust_dpo_loss,
     paper="Chowdhury et al. 2024, Provably Robust DPO (rDPO unbiased loss)",
+    summary="Robust DPO (rDPO).",
 )
-def robust_dpo_objective(stats: PairedStats, *, beta: float = 0.1, eps: float = 0.1) -> LossResult:
-    """Batch rDPO (:func:`robust_dpo_loss`) on summed log-ratios."""
-    chosen, rejected = _paired_logratios(stats, "robust_dpo")
-    per_pair = robust_dpo_loss(chosen, rejected, beta=beta, eps=eps)
-    return _paired_result(stats, per_pair, chosen, rejected, beta)
-
-
-@register_loss("ipo", data_kind="paired", needs_reference=True, paper="Azar et al. 2023, IPO eq. 17")
-def ipo_objective(stats: PairedStats, *, beta: float = 0.1) -> LossResult:
-    """Batch IPO (:func:`ipo_loss`) on length-normalised log-ratios; rewards are per-token too."""
-    chosen, rejected = _paired_logratios(stats, "ipo")
-    chosen = token_mean_logps(chosen, stats.chosen_lengths)
-    rejected = token_mean_logps(rejected, stats.rejected_lengths)
-    per_pair = ipo_loss(chosen, rejected, beta=beta)
-    return _paired_result(stats, per_pair, chosen, rejected, beta)
-
-
-@register_loss(
+register_pairwise(
+    "ipo",
+    ipo_loss,
+    inputs="token_mean_logratios",
+    paper="Azar et al. 2023, IPO eq. 17",
+    summary="IPO; its rewards are per token too.",
+)
+register_pairwise(
     "hinge",
-    data_kind="paired",
-    needs_reference=True,
+    hinge_loss,
     paper="Zhao et al. 2023 SLiC; Liu et al. 2023 RSO (hinge on normalised likelihood)",
+    summary="Hinge (SLiC).",
 )
-def hinge_objective(stats: PairedStats, *, beta: float = 0.1) -> LossResult:
-    """Batch hinge (:func:`hinge_loss`) on summed log-ratios."""
-    chosen, rejected = _paired_logratios(stats, "hinge")
-    per_pair = hinge_loss(chosen, rejected, beta=beta)
-    return _paired_result(stats, per_pair, chosen, rejected, beta)
-
-
-@register_loss("simpo", data_kind="paired", needs_reference=False, paper="Meng et al. 2024, SimPO eq. 6")
-def simpo_objective(stats: PairedStats, *, beta: float = 2.0, gamma: float = 0.5) -> LossResult:
-    """Batch SimPO (:func:`simpo_loss`); reference log-probs, if present, are ignored.
-
-    Its implicit rewards are ``beta * avg logp`` (reference-free), reported as ``rewards/*``.
-    """
-    chosen = token_mean_logps(stats.policy_chosen_logps, stats.chosen_lengths)
-    rejected = token_mean_logps(stats.policy_rejected_logps, stats.rejected_lengths)
-    per_pair = simpo_loss(chosen, rejected, beta=beta, gamma=gamma)
-    return _paired_result(stats, per_pair, chosen, rejected, beta)
+register_pairwise(
+    "simpo",
+    simpo_loss,
+    inputs="token_mean_logps",
+    paper="Meng et al. 2024, SimPO eq. 6",
+    summary="SimPO (reference-free; implicit rewards beta * avg logp; reference log-probs are ignored).",
+)
 
 
 def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -411,17 +414,18 @@ def _kto_metrics(
     batch_coupled=True,
     paper="Ethayarajh et al. 2024, KTO (loss lambda_y - v(x, y); z_ref from mismatched pairs)",
 )
-def kto_objective(
+def kto_per_example(
     stats: UnpairedStats,
     *,
     beta: float = 0.1,
     desirable_weight: float = 1.0,
     undesirable_weight: float = 1.0,
-) -> LossResult:
-    """Batch KTO (:func:`kto_loss`) with ``z = max(0, mean(kl_policy_logps - kl_ref_logps))``, detached.
+) -> PerExampleLosses:
+    """KTO per row (:func:`kto_loss`) with ``z = max(0, mean(kl_policy_logps - kl_ref_logps))``, detached.
 
     The KL rows pair each prompt with another row's completion (Ethayarajh et al. 2024), so ``z``
-    estimates ``KL(pi || pi_ref)`` over the batch; that coupling is why the loss is batch-coupled.
+    estimates ``KL(pi || pi_ref)`` over the batch; that anchor is why the loss is batch-coupled. Given
+    ``z`` the per-row losses are ordinary per-example losses, so KTO composes with every aggregator.
     """
     if stats.ref_logps is None:
         raise ValueError("loss 'kto' needs reference log-probs (ref_logps)")
@@ -440,16 +444,14 @@ def kto_objective(
         desirable_weight=desirable_weight,
         undesirable_weight=undesirable_weight,
     )
-    return LossResult(
-        loss=weighted_batch_mean(per_row, stats.weights), metrics=_kto_metrics(stats, logratios, z, beta)
-    )
+    return PerExampleLosses(per_row, _kto_metrics(stats, logratios, z, beta))
 
 
 @register_loss(
     "sft", data_kind="paired", needs_reference=False, paper="supervised fine-tuning (token-mean NLL)"
 )
-def sft_objective(stats: PairedStats) -> LossResult:
-    """Batch token-mean NLL of the chosen completion (:func:`sft_loss`); the rejected one is unused.
+def sft_per_example(stats: PairedStats) -> PerExampleLosses:
+    """Token-mean NLL of the chosen completion per pair (:func:`sft_loss`); the rejected one is unused.
 
     No reference is involved, so only ``logps/*`` (summed, nats) and ``nll`` are reported.
     """
@@ -460,4 +462,17 @@ def sft_objective(stats: PairedStats) -> LossResult:
             "logps/rejected": stats.policy_rejected_logps.detach().float().mean(),
             "nll": per_row.detach().float().mean(),
         }
-    return LossResult(loss=weighted_batch_mean(per_row, stats.weights), metrics=metrics)
+    return PerExampleLosses(per_row, metrics)
+
+
+def positive_nll(stats: PairedStats | UnpairedStats) -> torch.Tensor:
+    """Token-mean NLL of each row's chosen / positive completion, [N]; 0 for negative unpaired rows.
+
+    The ``sft_weight`` term adds ``sft_weight x`` this to every per-example loss, so it is weighted,
+    aggregated and logged exactly like the loss it is added to.
+    """
+    if isinstance(stats, PairedStats):
+        return sft_loss(stats.policy_chosen_logps, stats.chosen_lengths)
+    if isinstance(stats, UnpairedStats):
+        return sft_loss(stats.policy_logps, stats.lengths) * stats.labels.to(stats.policy_logps.dtype)
+    raise ValueError("sft_weight needs paired or unpaired rows")

@@ -22,12 +22,17 @@ class QuantileGrid:
 
     Interval ``k`` is ``(t[k-1], t[k]]`` (with ``t[-1] := 0``); on it ``Q_U = positive_quantiles[k]`` and
     ``Q_V = negative_quantiles[k]``. All tensors have shape [K]; ``mass`` sums to 1.
+    ``positive_index[k]`` / ``negative_index[k]`` are the samples (indices into the unsorted inputs)
+    whose order statistics those are: which sample each slab of the transport plan belongs to (for a
+    soft sort, the sample of that rank under the hard sort).
     """
 
     t: torch.Tensor
     mass: torch.Tensor
     positive_quantiles: torch.Tensor
     negative_quantiles: torch.Tensor
+    positive_index: torch.Tensor
+    negative_index: torch.Tensor
 
     @property
     def gaps(self) -> torch.Tensor:
@@ -116,6 +121,8 @@ def quantile_grid(
             raise ValueError("soft sorting with per-sample weights is not supported; use the hard sort")
         sorted_u = differentiable_sort(positive, strength=soft_sort_strength)
         sorted_v = differentiable_sort(negative, strength=soft_sort_strength)
+        order_u = torch.argsort(positive.detach(), stable=True)
+        order_v = torch.argsort(negative.detach(), stable=True)
         coupling = _uniform_coupling(n, m)
     else:
         sorted_u, order_u = torch.sort(positive)
@@ -128,4 +135,11 @@ def quantile_grid(
             coupling = _uniform_coupling(n, m)
     # Copy: the uniform coupling is cached and callers may modify the grid they get.
     index_u, index_v, mass, t = (part.to(positive.device, copy=True) for part in coupling)
-    return QuantileGrid(t.to(dtype), mass.to(dtype), sorted_u[index_u], sorted_v[index_v])
+    return QuantileGrid(
+        t.to(dtype),
+        mass.to(dtype),
+        sorted_u[index_u],
+        sorted_v[index_v],
+        order_u[index_u],
+        order_v[index_v],
+    )

@@ -18,7 +18,7 @@ import inspect
 import logging
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
@@ -39,11 +39,13 @@ class SequenceLogprobs:
     """Per-sequence completion log-probabilities.
 
     ``summed``: [B] sum of log p(token) over completion tokens (nats; float32, float64 for a float64
-    model). ``counts``: [B] number of completion tokens (float).
+    model). ``counts``: [B] number of completion tokens (float). ``heads``: [B] outputs of model heads
+    on each row's last prompt token, by name (empty unless heads were asked for).
     """
 
     summed: Tensor
     counts: Tensor
+    heads: dict[str, Tensor] = field(default_factory=dict)
 
     @property
     def mean(self) -> Tensor:
@@ -251,6 +253,8 @@ def sequence_logprobs(
     position_ids: Tensor | None = None,
     chunk_size: int = 1024,
     lean: bool | None = None,
+    heads: nn.ModuleDict | None = None,
+    head_positions: Tensor | None = None,
 ) -> SequenceLogprobs:
     """Exact summed log-probability of each row's completion tokens, memory-lean.
 
@@ -261,9 +265,11 @@ def sequence_logprobs(
         position_ids: [B, T]; default counts attended tokens (see :func:`default_position_ids`).
         chunk_size: completion positions per output-head chunk; peak extra memory ~ chunk_size x V floats.
         lean: force (True) or forbid (False) the decoder + chunked-head path; None decides per model.
+        heads: model heads (:mod:`distalign.models.heads`) to evaluate on the final hidden state.
+        head_positions: [B] the position each head reads (the last prompt token); needed with heads.
 
     Returns:
-        :class:`SequenceLogprobs` with ``summed`` [B] and ``counts`` [B].
+        :class:`SequenceLogprobs` with ``summed`` [B], ``counts`` [B] and ``heads`` (name -> [B]).
     """
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
@@ -283,14 +289,22 @@ def sequence_logprobs(
         features = hidden[:, :-1][predicts]  # [N, H]
         postprocess = _logit_postprocess(causal_lm.config)
     else:
-        logits = causal_lm(**_model_inputs(causal_lm, input_ids, attention_mask, position_ids)).logits
-        features, head, postprocess = logits[:, :-1][predicts], None, None  # [N, V], already post-processed
+        inputs = _model_inputs(causal_lm, input_ids, attention_mask, position_ids)
+        outputs = causal_lm(**inputs, output_hidden_states=bool(heads))
+        hidden = outputs.hidden_states[-1] if heads else None  # the final (normalised) decoder state
+        features, head, postprocess = outputs.logits[:, :-1][predicts], None, None  # [N, V], post-processed
     token_logps = _chunked_token_logprobs(head, postprocess, features, targets, chunk_size)
     # Accumulate in float64 so a long completion's sum carries only the final float32 rounding.
     accumulated = token_logps.new_zeros(input_ids.shape[0], dtype=torch.float64)
     summed = accumulated.index_add(0, batch_index, token_logps.double()).to(token_logps.dtype)
     counts = predicts.sum(-1).to(summed.dtype)
-    return SequenceLogprobs(summed=summed, counts=counts)
+    head_outputs = {}
+    if heads:
+        if head_positions is None:
+            raise ValueError("model heads need head_positions (each row's last prompt token)")
+        states = hidden[torch.arange(hidden.shape[0], device=hidden.device), head_positions]  # [B, H]
+        head_outputs = {name: module(states) for name, module in heads.items()}
+    return SequenceLogprobs(summed=summed, counts=counts, heads=head_outputs)
 
 
 class SequenceLogprobModel(nn.Module):
@@ -302,12 +316,23 @@ class SequenceLogprobModel(nn.Module):
     all-gathers and resharding. Running them inside this module's ``forward`` keeps the whole
     computation under the wrapper, whatever the strategy.
 
-    ``forward(input_ids, attention_mask, completion_mask, position_ids=None) -> (summed [B], counts [B])``.
+    ``forward(input_ids, attention_mask, completion_mask, position_ids=None) -> (summed [B], counts [B])``;
+    with ``head_positions`` [B] (each row's last prompt token) it returns ``(summed, counts, heads)``,
+    ``heads`` the outputs [B] of the module's model heads by name. The heads live in this module
+    (``self.heads``), so a DDP/FSDP wrapper synchronises them with the model.
     """
 
-    def __init__(self, model: nn.Module, *, chunk_size: int = 1024, lean: bool | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        chunk_size: int = 1024,
+        lean: bool | None = None,
+        heads: nn.ModuleDict | None = None,
+    ) -> None:
         super().__init__()
         self.model = model
+        self.heads = heads if heads is not None else nn.ModuleDict()
         self.chunk_size = chunk_size
         # Decided now, on the plain model, rather than inside a sharded forward later.
         self.lean = lean_path_supported(model) if lean is None else lean
@@ -318,7 +343,8 @@ class SequenceLogprobModel(nn.Module):
         attention_mask: Tensor,
         completion_mask: Tensor,
         position_ids: Tensor | None = None,
-    ) -> tuple[Tensor, Tensor]:
+        head_positions: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor] | tuple[Tensor, Tensor, dict[str, Tensor]]:
         result = sequence_logprobs(
             self.model,
             input_ids,
@@ -327,8 +353,12 @@ class SequenceLogprobModel(nn.Module):
             position_ids=position_ids,
             chunk_size=self.chunk_size,
             lean=self.lean,
+            heads=self.heads if head_positions is not None else None,
+            head_positions=head_positions,
         )
-        return result.summed, result.counts
+        if head_positions is None:
+            return result.summed, result.counts
+        return result.summed, result.counts, result.heads
 
 
 def split_pairs(values: Tensor) -> tuple[Tensor, Tensor]:

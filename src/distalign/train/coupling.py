@@ -11,22 +11,22 @@ surrogate per loss (for AOT it reproduces the envelope-theorem surrogate of meth
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 
-from distalign.losses.base import GRAD_FIELDS, LossResult, Stats, stats_fields
+from distalign.losses.base import LossResult, Stats, carries_gradient, stats_fields, stats_from_fields
 
 
 def concat_stats(parts: list[Stats]) -> Stats:
     """Concatenate statistics of several micro-batches (same type, same fields present)."""
-    first = parts[0]
-    merged = {name: torch.cat([stats_fields(p)[name] for p in parts]) for name in stats_fields(first)}
-    return type(first)(**merged)
+    flat = [stats_fields(p) for p in parts]
+    names = flat[0].keys()
+    if any(f.keys() != names for f in flat):
+        raise ValueError("micro-batch statistics disagree on their fields; cannot concatenate them")
+    return stats_from_fields(type(parts[0]), {name: torch.cat([f[name] for f in flat]) for name in names})
 
 
 def detach_stats(stats: Stats) -> Stats:
-    return type(stats)(**{name: t.detach() for name, t in stats_fields(stats).items()})
+    return stats_from_fields(type(stats), {name: t.detach() for name, t in stats_fields(stats).items()})
 
 
 def slice_stats(stats: Stats, start: int, stop: int) -> Stats:
@@ -34,24 +34,28 @@ def slice_stats(stats: Stats, start: int, stop: int) -> Stats:
     sliced = {
         name: (t if name.startswith("kl_") else t[start:stop]) for name, t in stats_fields(stats).items()
     }
-    return type(stats)(**sliced)
+    return stats_from_fields(type(stats), sliced)
 
 
 def coupling_coefficients(objective, global_stats: Stats) -> tuple[dict[str, torch.Tensor], LossResult]:
-    """``dL/ds`` for every gradient-carrying field of the (detached) global statistics, and L itself."""
+    """``dL/ds`` for every gradient-carrying field of the (detached) global statistics — the policy's
+    log-probs and every model-head output — and L itself."""
+    fields = stats_fields(global_stats)
     leaves = {
         name: tensor.detach().clone().requires_grad_(True)
-        for name, tensor in stats_fields(global_stats).items()
-        if name in GRAD_FIELDS
+        for name, tensor in fields.items()
+        if carries_gradient(name)
     }
     with torch.enable_grad():
-        result = objective(dataclasses.replace(global_stats, **leaves))
+        result = objective(stats_from_fields(type(global_stats), {**fields, **leaves}))
         grads = torch.autograd.grad(result.loss, list(leaves.values()), allow_unused=True)
     coefficients = {
         name: (grad if grad is not None else torch.zeros_like(leaf))
         for (name, leaf), grad in zip(leaves.items(), grads)
     }
-    detached = LossResult(result.loss.detach(), {k: v.detach() for k, v in result.metrics.items()})
+    detached = LossResult(
+        result.loss.detach(), {k: v.detach() for k, v in result.metrics.items()}, result.state
+    )
     return coefficients, detached
 
 

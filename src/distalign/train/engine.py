@@ -57,7 +57,7 @@ def no_accelerator_present() -> bool:
     )
 
 
-def build_adamw(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.AdamW:
+def build_adamw(params: list[torch.nn.Parameter] | list[dict], cfg: TrainConfig) -> torch.optim.AdamW:
     """AdamW, fused (one kernel over all tensors) wherever this torch supports it for these tensors.
 
     Why fused: the default multi-tensor ("foreach") AdamW materialises full-size temporaries. Measured
@@ -74,7 +74,8 @@ def build_adamw(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.opt
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int):
-    """Linear warmup then constant / linear / cosine decay to zero, as a LambdaLR."""
+    """Linear warmup then constant / linear / cosine decay to zero, as a LambdaLR (one factor for every
+    parameter group, applied to the group's own peak learning rate)."""
     warmup = int(cfg.warmup_ratio * total_steps)
 
     def factor(step: int) -> float:
@@ -207,15 +208,17 @@ class Engine:
         self.accelerator.wait_for_everyone()
 
     def gather_varlen(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Concatenate a 1-D tensor of any length from every process, in rank order (detached)."""
+        """Concatenate along dim 0 a tensor whose first dimension differs between processes (the other
+        dimensions agree), in rank order (detached)."""
         tensor = tensor.detach()
         if self.world_size == 1:
             return tensor
         size = torch.tensor([tensor.shape[0]], device=self.device)
         sizes = [int(s) for s in self.accelerator.gather(size).tolist()]
-        padded = torch.zeros(max(sizes), dtype=tensor.dtype, device=self.device)
+        trailing = tuple(tensor.shape[1:])
+        padded = torch.zeros((max(sizes), *trailing), dtype=tensor.dtype, device=self.device)
         padded[: tensor.shape[0]] = tensor
-        gathered = self.accelerator.gather(padded).view(self.world_size, max(sizes))
+        gathered = self.accelerator.gather(padded).view(self.world_size, max(sizes), *trailing)
         return torch.cat([gathered[r, : sizes[r]] for r in range(self.world_size)])
 
     def sum_across(self, value: float) -> float:
@@ -228,12 +231,17 @@ class Engine:
 
     # ------------------------------------------------------------------------------- optimisation
     def prepare(self, model: torch.nn.Module, total_steps: int) -> torch.nn.Module:
-        """Wrap ``model`` for the process group and build AdamW + the LR schedule over its trainable weights."""
+        """Wrap ``model`` for the process group and build AdamW + the LR schedule over its trainable
+        weights; model heads (parameters under ``heads.``) form a group with ``train.head_lr``."""
         cfg = self.config.train
-        params = [p for p in model.parameters() if p.requires_grad]
-        if not params:
+        named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+        if not named:
             raise RuntimeError("the model has no trainable parameters")
-        optimizer = build_adamw(params, cfg)
+        heads = [p for name, p in named if name.startswith("heads.")]
+        groups = [{"params": [p for name, p in named if not name.startswith("heads.")]}]
+        if heads:
+            groups.append({"params": heads, "lr": cfg.head_lr or cfg.lr})
+        optimizer = build_adamw([g for g in groups if g["params"]], cfg)
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         # The schedule is stepped by hand once per optimizer step; accelerate's prepared scheduler would
         # step once per process, so it is only registered for checkpointing.
@@ -285,6 +293,7 @@ class Engine:
         tokens = self.sum_across(float(self._tokens_since_log))
         elapsed = max(time.perf_counter() - self._last_log_time, 1e-9)
         record = {"step": step, **metrics, "lr": self.lr}
+        record["tokens"] = tokens  # attended tokens forwarded for training since the previous record
         record["steps_per_s"] = self._steps_since_log / elapsed
         record["tokens_per_s"] = tokens / elapsed
         self._last_log_time, self._tokens_since_log, self._steps_since_log = time.perf_counter(), 0, 0

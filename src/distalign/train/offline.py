@@ -12,13 +12,20 @@ One step, on one screen (``_train_step``):
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 
 import torch
 
 from distalign.config import RunConfig
-from distalign.losses.base import LossResult, LossSpec, PairedStats, Stats, UnpairedStats, get_loss
+from distalign.losses.base import (
+    ListwiseStats,
+    LossResult,
+    PairedStats,
+    Stats,
+    UnpairedStats,
+    stats_fields,
+    stats_from_fields,
+)
 from distalign.train.batching import BatchPlan, split_for_process
 from distalign.train.coupling import (
     concat_stats,
@@ -27,6 +34,7 @@ from distalign.train.coupling import (
     linear_surrogate,
 )
 from distalign.train.engine import Engine, iterate_steps
+from distalign.train.objective import BatchObjective, build_objective, state_from_json, state_to_json
 from distalign.train.setup import (
     OfflineData,
     ReferenceLogps,
@@ -38,46 +46,46 @@ from distalign.train.setup import (
 from distalign.train.summary import write_dominance_summary
 
 
-def with_sft_term(objective, weight: float):
-    """Add ``weight`` x the token-mean NLL of chosen / positive completions (averaged over all rows,
-    so the term stays decomposable for unpaired data: negatives contribute zero)."""
-    if weight == 0.0:
-        return objective
-
-    def combined(stats: Stats) -> LossResult:
-        result = objective(stats)
-        if isinstance(stats, PairedStats):
-            nll = -stats.policy_chosen_logps / stats.chosen_lengths.clamp(min=1)
-        else:
-            nll = -stats.policy_logps / stats.lengths.clamp(min=1) * stats.labels
-        sft = nll.mean()
-        return LossResult(result.loss + weight * sft, {**result.metrics, "sft_nll": sft.detach()})
-
-    return combined
-
-
 class StatsComputer:
-    """Runs the policy forward on rows and assembles the loss statistics (with reference values)."""
+    """Runs the policy forward on rows and assembles the loss statistics: log-probs, reference values,
+    weights, per-row signals and the outputs of the model heads the loss declares."""
 
-    def __init__(self, engine: Engine, data: OfflineData, reference: ReferenceLogps | None) -> None:
+    def __init__(
+        self, engine: Engine, data: OfflineData, reference: ReferenceLogps | None, heads: bool = False
+    ) -> None:
         self.engine = engine
         self.data = data
         self.reference = reference
+        self.heads = heads
 
-    def __call__(self, rows: list[int], with_kl: bool = True) -> Stats:
-        """Statistics of ``rows``; ``with_kl=False`` skips KTO's mismatched pairs (for evaluation)."""
+    def __call__(self, rows: list[int], with_kl: bool = True, count_tokens: bool = True) -> Stats:
+        """Statistics of ``rows``; ``with_kl=False`` skips KTO's mismatched pairs (for evaluation);
+        ``count_tokens=False`` for a pass that repeats one already counted (throughput is honest)."""
         with_kl = with_kl and self.data.needs_kl
-        batch = {k: v.to(self.engine.device) for k, v in self.data.collate(rows, with_kl).items()}
+        device = self.engine.device
+        batch = {k: v.to(device) for k, v in self.data.collate(rows, with_kl).items()}
+        head_positions = batch["prompt_lengths"] - 1 if self.heads else None
         with self.engine.accelerator.autocast():
-            logps, counts = self.engine.model(
-                batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
+            logps, counts, *head_outputs = self.engine.model(
+                batch["input_ids"],
+                batch["attention_mask"],
+                batch["completion_mask"],
+                head_positions=head_positions,
             )
-        self.engine.count_tokens(int(batch["attention_mask"].sum()))
+        if count_tokens:
+            self.engine.count_tokens(int(batch["attention_mask"].sum()))
         # Losses run in at least float32 (float64 models keep float64, for exactness checks).
         precision = torch.promote_types(logps.dtype, torch.float32)
         logps, counts = logps.to(precision), counts.to(precision)
+        first = self.data.first_sequence(rows).to(device)
+        common = {
+            "weights": self.data.weights(rows, device).to(precision),
+            "signals": self.data.signals(rows, device),
+            "heads": {
+                name: v[first].to(precision) for name, v in (head_outputs[0] if head_outputs else {}).items()
+            },
+        }
         ref = self.reference.for_rows(rows) if self.reference is not None else {}
-        weights = self.data.weights(rows, self.engine.device)
         n = len(rows)
         if self.data.kind == "paired":
             return PairedStats(
@@ -87,7 +95,17 @@ class StatsComputer:
                 rejected_lengths=counts[n:],
                 ref_chosen_logps=ref.get("chosen"),
                 ref_rejected_logps=ref.get("rejected"),
-                weights=weights,
+                **common,
+            )
+        if self.data.kind == "listwise":
+            scores, present = self.data.listwise_targets(rows, device)
+            return ListwiseStats(
+                policy_logps=self.data.to_grid(rows, logps),
+                lengths=self.data.to_grid(rows, counts),
+                scores=scores.to(precision),
+                present=present.to(precision),
+                ref_logps=ref.get("responses"),
+                **common,
             )
         kl_policy = None
         if with_kl:
@@ -97,22 +115,26 @@ class StatsComputer:
         return UnpairedStats(
             policy_logps=logps,
             lengths=counts,
-            labels=self.data.labels(rows, self.engine.device),
+            labels=self.data.labels(rows, device),
             ref_logps=ref.get("completion"),
             kl_policy_logps=kl_policy,
             kl_ref_logps=ref.get("kl") if with_kl else None,
-            weights=weights,
+            **common,
         )
 
 
 def _train_step(
-    engine: Engine, spec: LossSpec, objective, compute: StatsComputer, micro_batches: list[list[int]], data
+    engine: Engine,
+    objective: BatchObjective,
+    compute: StatsComputer,
+    micro_batches: list[list[int]],
+    data: OfflineData,
 ) -> LossResult:
     """Forward/backward every micro-batch of this process, then one optimizer step. Returns the
     global-batch loss and metrics (identical on every process)."""
     cfg = engine.config.loss
     last = len(micro_batches) - 1
-    coupled_globally = spec.batch_coupled and cfg.coupling_scope == "global"
+    coupled_globally = objective.batch_coupled and cfg.coupling_scope == "global"
     if not coupled_globally:
         global_weight = engine.sum_across(sum(data.weight_total(mb) for mb in micro_batches))
         detached = []
@@ -120,43 +142,42 @@ def _train_step(
             with engine.sync_context(k == last):
                 stats = compute(rows)
                 result = objective(stats)
-                if spec.batch_coupled:  # coupled within each micro-batch only: mean of micro-batch losses
+                if objective.batch_coupled:  # coupled within each micro-batch only: mean of their losses
                     share = result.loss / (len(micro_batches) * engine.world_size)
-                else:
+                else:  # a weighted mean: each micro-batch's share of the global weight
                     share = result.loss * data.weight_total(rows) / global_weight
                 engine.backward(share)
             detached.append(detach_stats(stats))
-    elif cfg.global_strategy == "retain" or len(micro_batches) == 1:
+        engine.optimizer_step()
+        with torch.no_grad():
+            if objective.batch_coupled:
+                return _mean_over_micro_batches(engine, objective, detached)
+            return objective(_gather(engine, concat_stats(detached))[0])
+    if cfg.global_strategy == "retain" or len(micro_batches) == 1:
         live = [compute(rows) for rows in micro_batches]
-        detached = [detach_stats(s) for s in live]
-        global_stats, offset = _gather(engine, concat_stats(detached))
-        coefficients, _ = coupling_coefficients(objective, global_stats)
+        global_stats, offset = _gather(engine, concat_stats([detach_stats(s) for s in live]))
+        coefficients, result = coupling_coefficients(objective, global_stats)
         with engine.sync_context(True):
             engine.backward(linear_surrogate(concat_stats(live), coefficients, offset))
     else:  # "recompute": a no-grad pass fixes the coupling, then each micro-batch back-propagates alone
         with torch.no_grad():
             detached = [compute(rows) for rows in micro_batches]
         global_stats, offset = _gather(engine, concat_stats(detached))
-        coefficients, _ = coupling_coefficients(objective, global_stats)
+        coefficients, result = coupling_coefficients(objective, global_stats)
         for k, rows in enumerate(micro_batches):
             with engine.sync_context(k == last):
-                engine.backward(linear_surrogate(compute(rows), coefficients, offset))
+                engine.backward(linear_surrogate(compute(rows, count_tokens=False), coefficients, offset))
             offset += len(rows)
     engine.optimizer_step()
-    global_stats, _ = _gather(engine, concat_stats(detached))
-    with torch.no_grad():
-        if spec.batch_coupled and not coupled_globally:
-            return _mean_over_micro_batches(engine, objective, detached)
-        return objective(global_stats)
+    objective.advance(result)
+    return result
 
 
 def _gather(engine: Engine, local: Stats) -> tuple[Stats, int]:
     """Global statistics in global-batch order, and where this process's rows start in them."""
-    fields = {}
-    for name, tensor in vars(local).items():
-        fields[name] = None if tensor is None else engine.gather_varlen(tensor)
+    fields = {name: engine.gather_varlen(tensor) for name, tensor in stats_fields(local).items()}
     sizes = engine.gather_varlen(torch.tensor([len(local)], device=engine.device)).tolist()
-    return type(local)(**fields), int(sum(sizes[: engine.rank]))
+    return stats_from_fields(type(local), fields), int(sum(sizes[: engine.rank]))
 
 
 def _mean_over_micro_batches(engine: Engine, objective, detached: list[Stats]) -> LossResult:
@@ -174,40 +195,39 @@ def train_offline(config: RunConfig, *, stop_after_step: int | None = None) -> P
     """Train with an offline loss; returns the run directory. Resumes from the newest checkpoint in
     ``output_dir`` when there is one. ``stop_after_step`` interrupts the run (used to test resume)."""
     engine = Engine(config)
-    spec = get_loss(config.loss.name)
-    objective = with_sft_term(
-        functools.partial(spec.objective, **config.loss.loss_options()), config.loss.sft_weight
-    )
+    objective = build_objective(config)
+    spec = objective.loss
     policy, tokenizer = load_policy(config)
-    data = load_offline_data(config, tokenizer, spec, engine)
+    data = load_offline_data(config, tokenizer, objective, engine)
     reference = ReferenceLogps.build(config, spec, policy, data, engine) if spec.needs_reference else None
     engine.open_run_dir()
 
     plan = BatchPlan(len(data), config.train.batch_size, config.train.seed, data.plan_labels())
     total_steps = config.train.max_steps or plan.steps_for_epochs(config.train.epochs)
-    engine.prepare(wrap_for_training(policy, config), total_steps)
+    engine.prepare(wrap_for_training(policy, config, objective.heads), total_steps)
     state = engine.resume_latest()
     first_step = state["step"] if state else 0
     if state:
+        objective.state = state_from_json(state.get("aggregator_state"), engine.device)
         engine.print(f"resumed from step {first_step}")
     elif engine.is_main:
         engine.metrics_log.truncate_after(0)  # a fresh run replaces an earlier run's log
-    compute = StatsComputer(engine, data, reference)
+    compute = StatsComputer(engine, data, reference, heads=bool(objective.heads))
     engine.set_final_step(total_steps)
     engine.start_progress(total_steps, first_step, f"{spec.name}")
     engine.model.train()
     for step in iterate_steps(first_step, total_steps):
         rows = plan.global_batch(step)
         micro_batches = split_for_process(rows, engine.rank, engine.world_size, config.train.micro_batch_size)
-        result = _train_step(engine, spec, objective, compute, micro_batches, data)
+        result = _train_step(engine, objective, compute, micro_batches, data)
         engine.log(step, {"loss": float(result.loss), **{k: float(v) for k, v in result.metrics.items()}})
         if config.train.save_every and step % config.train.save_every == 0 and step != total_steps:
-            engine.save_checkpoint(step)
+            engine.save_checkpoint(step, {"aggregator_state": state_to_json(objective.state)})
         if stop_after_step is not None and step >= stop_after_step:
             engine.close()
             return engine.run_dir
     engine.close()
-    if reference is not None:
+    if reference is not None and data.kind != "listwise":
         write_dominance_summary(engine, compute, len(data), config.train.micro_batch_size)
     save_final(engine, tokenizer, config)
     return engine.run_dir

@@ -9,23 +9,32 @@ import copy
 import dataclasses
 import os
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 from distalign.config import RunConfig
 from distalign.data.collate import collate_sequences
 from distalign.data.formats import unpair_rows
 from distalign.data.loading import load_rows
-from distalign.data.tokenize import TokenizationSettings, tokenize_paired, tokenize_unpaired
+from distalign.data.signals import missing_signals, signal_table
+from distalign.data.tokenize import (
+    TokenizationSettings,
+    tokenize_listwise,
+    tokenize_paired,
+    tokenize_unpaired,
+)
 from distalign.errors import SetupError
 from distalign.losses.base import LossSpec
 from distalign.models.fingerprint import data_fingerprint, model_fingerprint
+from distalign.models.heads import build_heads
 from distalign.models.loading import LoraSettings, load_model_and_tokenizer, save_final_model
 from distalign.models.logprobs import SequenceLogprobModel
 from distalign.models.reference import ReferenceLogprobCache, adapters_disabled
 from distalign.train.engine import Engine
+from distalign.train.objective import BatchObjective
 
 
 def default_cache_dir() -> Path:
@@ -66,15 +75,23 @@ def tokenization_settings(config: RunConfig) -> TokenizationSettings:
 class OfflineData:
     """Tokenised training rows and how to batch them.
 
-    ``kind`` is "paired" (TokenizedPair items) or "unpaired" (TokenizedCompletion items). For losses
-    that anchor on mismatched pairs (KTO), ``kl_items[i]`` is row i's prompt with another row's
-    completion, fixed once so its reference log-prob can be cached like any other.
+    ``kind`` is "paired" (TokenizedPair items), "unpaired" (TokenizedCompletion items) or "listwise"
+    (TokenizedList items). For losses that anchor on mismatched pairs (KTO), ``kl_items[i]`` is row i's
+    prompt with another row's completion, fixed once so its reference log-prob can be cached like any
+    other. ``signal_table`` holds every per-row signal of the data as a tensor over rows (see
+    :mod:`distalign.data.signals`); ``signal_vocab`` the strings behind categorical codes.
     """
 
     kind: str
     items: list
     pad_token_id: int
     kl_items: list | None = None
+    signal_table: dict[str, torch.Tensor] = field(init=False)
+    signal_vocab: dict[str, list[str]] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.signal_table, self.signal_vocab = signal_table([item.signals for item in self.items])
+        self._weights = torch.tensor([float(item.weight) for item in self.items], dtype=torch.float64)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -83,13 +100,24 @@ class OfflineData:
     def needs_kl(self) -> bool:
         return self.kl_items is not None
 
+    @property
+    def max_responses(self) -> int:
+        """K, the most responses of any listwise row (1 for other kinds)."""
+        return (
+            max((len(item.responses_ids) for item in self.items), default=1) if self.kind == "listwise" else 1
+        )
+
     def sequences(self, rows: list[int], with_kl: bool = True) -> tuple[list[list[int]], list[list[int]]]:
         """(prompt ids, completion ids) of the sequences one forward pass scores, in stats order
-        (chosen then rejected; or completions then, if ``with_kl``, their mismatched pairs)."""
+        (chosen then rejected; completions then, if ``with_kl``, their mismatched pairs; or every
+        response of each listwise row, row by row)."""
         picked = [self.items[i] for i in rows]
         if self.kind == "paired":
             prompts = [p.prompt_ids for p in picked] * 2
             return prompts, [p.chosen_ids for p in picked] + [p.rejected_ids for p in picked]
+        if self.kind == "listwise":
+            prompts = [item.prompt_ids for item in picked for _ in item.responses_ids]
+            return prompts, [ids for item in picked for ids in item.responses_ids]
         prompts = [c.prompt_ids for c in picked]
         completions = [c.completion_ids for c in picked]
         if self.kl_items is not None and with_kl:
@@ -102,16 +130,37 @@ class OfflineData:
         prompts, completions = self.sequences(rows, with_kl)
         return collate_sequences(prompts, completions, self.pad_token_id)
 
-    def weights(self, rows: list[int], device) -> torch.Tensor | None:
-        values = [getattr(self.items[i], "weight", None) for i in rows]
-        if all(v is None or v == 1.0 for v in values):
-            return None
-        return torch.tensor([1.0 if v is None else float(v) for v in values], device=device)
+    def to_grid(self, rows: list[int], flat: torch.Tensor) -> torch.Tensor:
+        """Listwise: per-sequence values [M] (layout of :meth:`sequences`) -> [len(rows), K], 0-padded."""
+        counts = [len(self.items[i].responses_ids) for i in rows]
+        row_of = torch.repeat_interleave(torch.arange(len(rows)), torch.tensor(counts)).to(flat.device)
+        slot = torch.cat([torch.arange(c) for c in counts]).to(flat.device)
+        grid = flat.new_zeros(len(rows), self.max_responses)
+        return grid.index_put((row_of, slot), flat)
+
+    def first_sequence(self, rows: list[int]) -> torch.Tensor:
+        """Index, in the layout of :meth:`sequences`, of each row's first sequence (its prompt's)."""
+        if self.kind != "listwise":
+            return torch.arange(len(rows))
+        counts = torch.tensor([len(self.items[i].responses_ids) for i in rows])
+        return torch.cumsum(counts, 0) - counts
+
+    def listwise_targets(self, rows: list[int], device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Listwise: (scores [n, K], present [n, K]) with 0 on padding."""
+        flat_scores = torch.tensor([s for i in rows for s in self.items[i].scores], dtype=torch.float64)
+        present = self.to_grid(rows, torch.ones_like(flat_scores))
+        return self.to_grid(rows, flat_scores).to(device), present.to(device)
+
+    def weights(self, rows: list[int], device) -> torch.Tensor:
+        """Per-row weights [n] (ones where the data has no ``weight`` column): always a tensor, so every
+        micro-batch and process carries the same fields."""
+        return self._weights[rows].to(device)
 
     def weight_total(self, rows: list[int]) -> float:
-        return float(
-            sum(1.0 if getattr(self.items[i], "weight", None) is None else self.items[i].weight for i in rows)
-        )
+        return float(self._weights[rows].sum())
+
+    def signals(self, rows: list[int], device) -> dict[str, torch.Tensor]:
+        return {name: values[rows].to(device) for name, values in self.signal_table.items()}
 
     def labels(self, rows: list[int], device) -> torch.Tensor:
         return torch.tensor([float(self.items[i].label) for i in rows], device=device)
@@ -121,8 +170,13 @@ class OfflineData:
         return [float(c.label) for c in self.items] if self.kind == "unpaired" else None
 
 
-def load_offline_data(config: RunConfig, tokenizer, spec: LossSpec, engine: Engine) -> OfflineData:
-    """Load, validate and tokenise the training data for ``spec``; report what was dropped or cut."""
+_TOKENIZERS = {"paired": tokenize_paired, "unpaired": tokenize_unpaired, "listwise": tokenize_listwise}
+
+
+def load_offline_data(config: RunConfig, tokenizer, objective: BatchObjective, engine: Engine) -> OfflineData:
+    """Load, validate and tokenise the training data for ``objective``; report what was dropped or cut,
+    and refuse data without the per-row signals the loss or aggregator declares."""
+    spec = objective.loss
     d = config.data
     loaded = load_rows(d.path, format=d.format, split=d.split, limit=d.limit)
     rows, fmt = loaded.rows, loaded.format
@@ -133,20 +187,30 @@ def load_offline_data(config: RunConfig, tokenizer, spec: LossSpec, engine: Engi
     if fmt != spec.data_kind:
         hint = (
             " (set data.unpair=true to split each pair into a positive and a negative)"
-            if fmt == "paired"
+            if fmt == "paired" and spec.data_kind == "unpaired"
             else ""
         )
         raise SetupError(
             f"loss {spec.name!r} trains on {spec.data_kind} rows but {d.path} holds {fmt} rows{hint}"
         )
-    settings = tokenization_settings(config)
-    tokenize = tokenize_paired if fmt == "paired" else tokenize_unpaired
-    items, report = tokenize(rows, tokenizer, settings)
+    items, report = _TOKENIZERS[fmt](rows, tokenizer, tokenization_settings(config))
     engine.print(f"data: {d.path}: {report.summary()}")
     kl_items = None
     if spec.name == "kto":
         kl_items = _mismatched_completions(items, config.train.seed)
-    return OfflineData(kind=fmt, items=items, pad_token_id=tokenizer.pad_token_id, kl_items=kl_items)
+    data = OfflineData(kind=fmt, items=items, pad_token_id=tokenizer.pad_token_id, kl_items=kl_items)
+    for owner, declared in (
+        ("loss " + spec.name, spec.signals),
+        ("aggregator " + objective.aggregator.name, objective.aggregator.signals),
+    ):
+        missing = missing_signals(declared, data.signal_table)
+        if missing:
+            have = ", ".join(sorted(data.signal_table)) or "none"
+            raise SetupError(
+                f"{owner} needs the per-row signal(s) {', '.join(missing)} on every row, but {d.path} "
+                f"does not provide them (signals present: {have}); see docs/architecture.md, 'Per-row signals'"
+            )
+    return data
 
 
 def _mismatched_completions(items: list, seed: int) -> list:
@@ -161,8 +225,13 @@ def _mismatched_completions(items: list, seed: int) -> list:
     ]
 
 
-def wrap_for_training(policy, config: RunConfig) -> SequenceLogprobModel:
-    return SequenceLogprobModel(policy, chunk_size=config.model.logprob_chunk_size)
+def wrap_for_training(policy, config: RunConfig, heads: tuple[str, ...] = ()) -> SequenceLogprobModel:
+    """The policy's log-prob module, with the model heads a loss declares attached."""
+    modules = None
+    if heads:
+        parameter = next(policy.parameters())
+        modules = build_heads(heads, policy.config.hidden_size, parameter.dtype).to(parameter.device)
+    return SequenceLogprobModel(policy, chunk_size=config.model.logprob_chunk_size, heads=modules)
 
 
 class ReferenceLogps:
@@ -246,6 +315,8 @@ class _ReferenceScorer:
 def _split(data: OfflineData, rows: list[int], logps: torch.Tensor) -> dict[str, torch.Tensor]:
     """Name the slices of one forward's log-probs (layout of ``OfflineData.sequences``)."""
     n = len(rows)
+    if data.kind == "listwise":
+        return {"responses": data.to_grid(rows, logps)}
     if data.kind == "paired":
         return {"chosen": logps[:n], "rejected": logps[n:]}
     named = {"completion": logps[:n]}
@@ -279,7 +350,7 @@ def _cached_or_sharded(cache, key, scorer, data, engine, micro_batch_size) -> di
         local = torch.cat(chunks) if chunks else torch.zeros(0, device=engine.device)
         gathered = engine.gather_varlen(local).cpu()
         # Process r scored rows r, r + W, r + 2W, ...: undo the interleaving.
-        ordered = torch.empty(len(data), dtype=gathered.dtype)
+        ordered = torch.empty((len(data), *gathered.shape[1:]), dtype=gathered.dtype)
         cursor = 0
         for rank in range(engine.world_size):
             rank_rows = list(range(rank, len(data), engine.world_size))
@@ -297,6 +368,9 @@ def save_final(engine: Engine, tokenizer, config: RunConfig) -> Path:
     target = engine.run_dir / "final"
     engine.barrier()
     if engine.is_main:
-        save_final_model(engine.unwrapped().model, tokenizer, target, merge_lora=True)
+        unwrapped = engine.unwrapped()
+        save_final_model(unwrapped.model, tokenizer, target, merge_lora=True)
+        if len(unwrapped.heads):  # model heads (e.g. a value head) beside the LM weights
+            save_file(unwrapped.heads.state_dict(), str(target / "heads.safetensors"))
     engine.barrier()
     return target

@@ -15,8 +15,8 @@ import json
 import torch
 
 from distalign.eval.dominance import dominance_metrics, plot_quantile_curves
-from distalign.losses.base import PairedStats, Stats
-from distalign.train.coupling import concat_stats
+from distalign.losses.base import PairedStats, Stats, stats_fields, stats_from_fields
+from distalign.train.coupling import concat_stats, slice_stats
 
 
 def _curves(stats: Stats) -> tuple[torch.Tensor, torch.Tensor, tuple[str, str], str]:
@@ -52,12 +52,15 @@ def write_dominance_summary(
     rows = list(range(scored))[engine.rank :: engine.world_size]
     engine.model.eval()
     step = 2 * micro_batch_size  # no activations are kept, so larger batches fit
-    parts = [compute(rows[i : i + step], with_kl=False) for i in range(0, len(rows), step)]
-    local = concat_stats(parts) if parts else None
-    if local is None:
-        return {}
-    gathered = type(local)(
-        **{k: (None if v is None else engine.gather_varlen(v).cpu()) for k, v in vars(local).items()}
+    parts = [
+        compute(rows[i : i + step], with_kl=False, count_tokens=False) for i in range(0, len(rows), step)
+    ]
+    if parts:
+        local = concat_stats(parts)
+    else:  # fewer rows than processes: still enter every collective below, with no rows of our own
+        local = slice_stats(compute([0], with_kl=False, count_tokens=False), 0, 0)
+    gathered = stats_from_fields(
+        type(local), {k: engine.gather_varlen(v).cpu() for k, v in stats_fields(local).items()}
     )
     u, v, labels, ylabel = _curves(gathered)
     if len(u) == 0 or len(v) == 0:

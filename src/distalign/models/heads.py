@@ -1,0 +1,47 @@
+"""Model heads: small modules on the policy's final hidden state, trained beside it.
+
+A loss that needs more than sequence log-probs declares heads by name (``register_loss(...,
+heads=("value",))``); the training loop attaches them to the policy's log-prob module, so they are
+prepared, synchronised, checkpointed and resumed with the model, and get their own optimizer parameter
+group (``train.head_lr``). A head reads the hidden state of each sequence's **last prompt token** (the
+state from which the completion is generated), so its output is a function of the prompt alone, e.g.
+UPO's value ``V(x)``.
+
+A registered head is a factory ``(hidden_size, dtype) -> nn.Module`` mapping hidden states [B, H] to
+outputs [B].
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from distalign.registry import Registry
+
+HeadFactory = Callable[[int, torch.dtype], nn.Module]
+HEADS: Registry[HeadFactory] = Registry("model head")
+
+
+class ScalarHead(nn.Module):
+    """``w . h + b``: hidden states [B, H] -> [B]. Zero-initialised, so it starts at 0 for every prompt
+    (for a value head: no prompt is assumed better than another before training)."""
+
+    def __init__(self, hidden_size: int, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.linear = nn.Linear(hidden_size, 1, dtype=dtype)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        return self.linear(hidden.to(self.linear.weight.dtype)).squeeze(-1)
+
+
+HEADS.add("value", ScalarHead)
+
+
+def build_heads(names: tuple[str, ...] | list[str], hidden_size: int, dtype: torch.dtype) -> nn.ModuleDict:
+    """One module per declared head name, in float32 at least (float64 stays float64)."""
+    dtype = torch.promote_types(dtype, torch.float32)
+    return nn.ModuleDict({name: HEADS.get(name)(hidden_size, dtype) for name in names})
