@@ -26,15 +26,27 @@ def cmd_config_show(args: argparse.Namespace) -> int:
 
 
 def cmd_losses(args: argparse.Namespace) -> int:
-    from distalign.losses import LOSSES
+    from distalign.losses import AGGREGATORS, LOSSES
 
+    print("losses (loss.name; per-example values, reduced by the aggregator):")
     for name in LOSSES:
         spec = LOSSES.get(name)
         flags = [spec.data_kind, "reference" if spec.needs_reference else "reference-free"]
         if spec.batch_coupled:
             flags.append("batch-coupled")
+        if spec.aggregators is not None:
+            flags.append(f"aggregators: {', '.join(spec.aggregators)}")
+        flags += [f"signal {s}" for s in spec.signals] + [f"head {h}" for h in spec.heads]
         options = ", ".join(f"{k}={v}" for k, v in spec.options.items()) or "-"
-        print(f"{name:14s} [{', '.join(flags)}]  options: {options}\n{'':14s} {spec.paper}")
+        print(f"  {name:14s} [{', '.join(flags)}]  options: {options}\n  {'':14s} {spec.paper}")
+    print("\naggregators (aggregator.name; per-example losses -> the batch objective):")
+    for name in AGGREGATORS:
+        spec = AGGREGATORS.get(name)
+        flags = ["batch-coupled" if spec.batch_coupled else "decomposable"]
+        flags += ["stateful"] if spec.stateful else []
+        flags += [f"signal {s}" for s in spec.signals]
+        options = ", ".join(f"{k}={v}" for k, v in spec.options.items()) or "-"
+        print(f"  {name:14s} [{', '.join(flags)}]  options: {options}\n  {'':14s} {spec.paper}")
     return 0
 
 
@@ -64,5 +76,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     show.add_argument("config_and_overrides", nargs="*", metavar="[CONFIG] [KEY=VALUE ...]")
     show.set_defaults(handler=cmd_config_show)
 
-    losses = commands.add_parser("losses", help="list the registered losses, their options and papers")
+    losses = commands.add_parser(
+        "losses", help="list the registered losses and aggregators, their options and papers"
+    )
     losses.set_defaults(handler=cmd_losses)

@@ -1,17 +1,34 @@
 """Pure loss functions and the loss registry.
 
-Importing this package registers every built-in loss; ``distalign.losses.LOSSES`` lists them.
+Importing this package registers every built-in loss and aggregator; ``distalign.losses.LOSSES`` and
+``distalign.losses.AGGREGATORS`` list them.
 """
 
-from distalign.losses import aot, preference  # noqa: F401  (registration side effects)
+from distalign.losses import aggregators, aot, listwise, preference  # noqa: F401  (registration side effects)
+from distalign.losses.aggregators import AGGREGATORS, get_aggregator, register_aggregator
 from distalign.losses.base import (
     LOSSES,
+    ListwiseStats,
     LossResult,
     LossSpec,
     PairedStats,
+    PerExampleLosses,
     UnpairedStats,
     get_loss,
     register_loss,
 )
 
-__all__ = ["LOSSES", "LossResult", "LossSpec", "PairedStats", "UnpairedStats", "get_loss", "register_loss"]
+__all__ = [
+    "AGGREGATORS",
+    "LOSSES",
+    "ListwiseStats",
+    "LossResult",
+    "LossSpec",
+    "PairedStats",
+    "PerExampleLosses",
+    "UnpairedStats",
+    "get_aggregator",
+    "get_loss",
+    "register_aggregator",
+    "register_loss",
+]
