@@ -31,3 +31,34 @@ def single_thread_torch():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture
+def throwaway():
+    """Register losses and aggregators for one test, each by one function, as a user would; they are
+    unregistered afterwards. ``throwaway.loss(name, fn=None, **register_loss_kwargs)`` (default
+    ``fn``: DPO per example) and ``throwaway.aggregator(name, fn, **register_aggregator_kwargs)``."""
+    from distalign.losses import AGGREGATORS, LOSSES, register_aggregator, register_loss
+    from distalign.losses.base import PerExampleLosses
+    from distalign.losses.preference import dpo_loss, paired_inputs
+
+    def dpo_per_example(stats, *, beta: float = 0.1):
+        chosen, rejected = paired_inputs(stats, "throwaway", "logratios")
+        return PerExampleLosses(dpo_loss(chosen, rejected, beta=beta))
+
+    added = []
+
+    class Registrar:
+        def loss(self, name, fn=None, *, data_kind="paired", needs_reference=True, **kwargs):
+            added.append((LOSSES, name))
+            return register_loss(name, data_kind=data_kind, needs_reference=needs_reference, **kwargs)(
+                fn or dpo_per_example
+            )
+
+        def aggregator(self, name, fn, *, batch_coupled=True, **kwargs):
+            added.append((AGGREGATORS, name))
+            return register_aggregator(name, batch_coupled=batch_coupled, **kwargs)(fn)
+
+    yield Registrar()
+    for registry, name in added:
+        registry.remove(name)

@@ -42,6 +42,10 @@ class Registry(Generic[T]):
 
         return decorator
 
+    def remove(self, name: str) -> None:
+        """Unregister ``name`` (for tests that register a throwaway plug-in)."""
+        self._entries.pop(name, None)
+
     def get(self, name: str) -> T:
         try:
             return self._entries[name]
