@@ -61,3 +61,22 @@ def test_the_readme_loss_example_runs():
     namespace: dict = {}
     exec(compile(block, "README.md", "exec"), namespace)
     assert namespace["loss"].ndim == 0 and namespace["positives"].grad is not None
+
+
+def test_the_readme_registration_example_trains(tmp_path):
+    """The README's one-function loss and aggregator register, take a user option from the config and
+    train the tiny model."""
+    from distalign.losses import AGGREGATORS, LOSSES
+    from distalign.testing.runs import TINY_BASE, read_metrics
+    from distalign.train.offline import train_offline
+
+    block = next(b for b in re.findall(r"```python\n(.*?)```", README, flags=re.S) if "register_loss(" in b)
+    try:
+        exec(compile(block, "README.md", "exec"), {})
+        overrides = [*TINY_BASE, f"output_dir={tmp_path}", "loss.name=dpo_plus_length", "train.max_steps=2"]
+        overrides += ["loss.length_penalty=0.02", "aggregator.name=worst_row"]
+        run = train_offline(load_config(None, overrides))
+        assert len(read_metrics(run)) == 2
+    finally:
+        LOSSES.remove("dpo_plus_length")
+        AGGREGATORS.remove("worst_row")

@@ -96,7 +96,13 @@ class DataConfig(Section):
 
 
 class LossConfig(Section):
-    """The loss and its options. Unset options (null) take the loss function's documented default."""
+    """The loss and its options. Unset options (null) take the loss function's documented default.
+
+    The options of the built-in losses are typed fields below; a loss registered by a user may take
+    options of its own, given beside them (``loss.length_penalty=0.02``) and checked against the loss
+    function's keyword-only parameters, so a typo still fails naming the field."""
+
+    model_config = ConfigDict(extra="allow", validate_assignment=True, use_attribute_docstrings=True)
 
     name: str = "dpo"
     """Registered loss name (see `distalign losses`)."""
@@ -134,6 +140,10 @@ class LossConfig(Section):
         """The options the user set, to be forwarded to the loss function."""
         engine_fields = {"name", "coupling_scope", "global_strategy", "sft_weight"}
         return {k: v for k, v in self.model_dump().items() if k not in engine_fields and v is not None}
+
+    def unknown_options(self) -> list[str]:
+        """Extra (untyped) options, accepted only if the loss takes them."""
+        return list(self.model_extra or {})
 
 
 class AggregatorConfig(Section):
@@ -232,12 +242,13 @@ class RunConfig(Section):
 
         spec = get_loss(self.loss.name)  # UnknownNameError lists the valid names
         accepted = spec.options
+        valid = ", ".join(sorted(accepted)) or "none"
         for option in self.loss.loss_options():
-            if option not in accepted:
-                valid = ", ".join(sorted(accepted)) or "none"
-                raise ValueError(
-                    f"loss.{option} is not an option of loss {spec.name!r} (its options: {valid})"
-                )
+            if option in accepted:
+                continue
+            if option in self.loss.unknown_options():
+                raise ValueError(f"loss.{option}: unknown field (loss {spec.name!r} takes: {valid})")
+            raise ValueError(f"loss.{option} is not an option of loss {spec.name!r} (its options: {valid})")
         _check_aggregator(spec, self.aggregator, self.loss.coupling_scope)
         if self.train.batch_size % self.train.micro_batch_size:
             raise ValueError(
