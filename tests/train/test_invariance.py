@@ -6,43 +6,26 @@ reference log-probs come from must not change what is learned.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
-import torch
 
 from distalign.testing.runs import (
     TINY_BASE,
-    capture_gradient,
     final_weights,
+    gradients_close,
     max_weight_difference,
     read_metrics,
+    run_gradient,
+    run_gradient_two_processes,
     torchrun,
 )
-
-PROBE = str(Path(__file__).with_name("grad_probe.py"))
-
-
-def _gradient(tmp_path, name, *overrides, step=1):
-    return capture_gradient([*TINY_BASE, f"output_dir={tmp_path / name}", *overrides], step=step)
-
-
-def _gradient_2proc(tmp_path, name, *overrides, step=1):
-    out = tmp_path / f"{name}.pt"
-    torchrun([PROBE, str(out), str(step), *TINY_BASE, f"output_dir={tmp_path / name}", *overrides])
-    return torch.load(out, weights_only=True)
-
-
-def _close(a: torch.Tensor, b: torch.Tensor, tol: float = 1e-6) -> bool:
-    return float((a - b).abs().max()) <= tol * max(1.0, float(b.abs().max()))
 
 
 def test_dpo_gradient_is_independent_of_micro_batching(tmp_path):
     dpo = ["loss.name=dpo", "train.batch_size=8", "model.dtype=float64"]
-    one = _gradient(tmp_path, "a", *dpo, "train.micro_batch_size=8", step=3)
-    four = _gradient(tmp_path, "b", *dpo, "train.micro_batch_size=2", step=3)
+    one = run_gradient(tmp_path / "a", *dpo, "train.micro_batch_size=8", step=3)
+    four = run_gradient(tmp_path / "b", *dpo, "train.micro_batch_size=2", step=3)
     assert one.abs().max() > 0
-    assert _close(four, one)
+    assert gradients_close(four, one)
 
 
 # float64 so the comparison tests the coupling math, not float32 round-off from different padding.
@@ -54,23 +37,25 @@ AOT_STEP = 3  # at step 1 the policy is its reference and every AOT gap is 0, wh
 def test_aot_global_gradient_is_exact_across_micro_batches_and_processes(tmp_path):
     """1 process x 1 batch == 1 process x 4 micro-batches (both strategies) == 2 processes x 2."""
     mb2 = "train.micro_batch_size=2"
-    whole = _gradient(tmp_path, "whole", *AOT, "train.micro_batch_size=8", step=AOT_STEP)
-    recompute = _gradient(tmp_path, "recompute", *AOT, mb2, "loss.global_strategy=recompute", step=AOT_STEP)
-    retain = _gradient(tmp_path, "retain", *AOT, mb2, "loss.global_strategy=retain", step=AOT_STEP)
-    two_procs = _gradient_2proc(tmp_path, "ddp", *AOT, mb2, step=AOT_STEP)
+    whole = run_gradient(tmp_path / "whole", *AOT, "train.micro_batch_size=8", step=AOT_STEP)
+    recompute = run_gradient(
+        tmp_path / "recompute", *AOT, mb2, "loss.global_strategy=recompute", step=AOT_STEP
+    )
+    retain = run_gradient(tmp_path / "retain", *AOT, mb2, "loss.global_strategy=retain", step=AOT_STEP)
+    two_procs = run_gradient_two_processes(tmp_path / "ddp", *AOT, mb2, step=AOT_STEP)
     assert whole.abs().max() > 0
     for other in (recompute, retain, two_procs):
-        assert _close(other, whole)
+        assert gradients_close(other, whole)
 
 
 def test_aot_micro_batch_scope_is_a_different_objective(tmp_path):
     """Sorting within each micro-batch (what other tools do) changes the gradient: the exactness
     test above can fail."""
-    whole = _gradient(tmp_path, "whole", *AOT, "train.micro_batch_size=8", step=AOT_STEP)
-    local = _gradient(
-        tmp_path, "local", *AOT, "train.micro_batch_size=2", "loss.coupling_scope=micro_batch", step=AOT_STEP
+    whole = run_gradient(tmp_path / "whole", *AOT, "train.micro_batch_size=8", step=AOT_STEP)
+    local = run_gradient(
+        tmp_path / "local", *AOT, "train.micro_batch_size=2", "loss.coupling_scope=micro_batch", step=AOT_STEP
     )
-    assert not _close(local, whole, tol=1e-3)
+    assert not gradients_close(local, whole, tol=1e-3)
 
 
 @pytest.mark.slow

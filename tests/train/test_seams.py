@@ -13,30 +13,17 @@ from distalign.config import ConfigError, load_config
 from distalign.data.loading import load_rows
 from distalign.testing.runs import (
     TINY_BASE,
-    capture_gradient,
     final_weights,
+    gradients_close,
     max_weight_difference,
     read_metrics,
+    run_gradient,
+    run_gradient_two_processes,
     torchrun,
 )
 
-PROBE = str(Path(__file__).with_name("grad_probe.py"))
 SUMMARY_PROBE = str(Path(__file__).with_name("summary_probe.py"))
 STEP = 3  # at step 1 the policy is its reference: every DPO loss ties and CVaR's tail is arbitrary
-
-
-def _gradient(tmp_path, name, *overrides, step=STEP):
-    return capture_gradient([*TINY_BASE, f"output_dir={tmp_path / name}", *overrides], step=step)
-
-
-def _gradient_2proc(tmp_path, name, *overrides, step=STEP):
-    out = tmp_path / f"{name}.pt"
-    torchrun([PROBE, str(out), str(step), *TINY_BASE, f"output_dir={tmp_path / name}", *overrides])
-    return torch.load(out, weights_only=True)
-
-
-def _close(a: torch.Tensor, b: torch.Tensor, tol: float = 1e-9) -> bool:
-    return float((a - b).abs().max()) <= tol * max(1.0, float(b.abs().max()))
 
 
 @pytest.fixture
@@ -85,15 +72,17 @@ def test_coupled_aggregator_gradient_is_exact_across_micro_batches_and_processes
     common = ["loss.name=dpo", "aggregator.name=cvar", "aggregator.alpha=0.3", "train.batch_size=8"]
     common += ["model.dtype=float64", "train.lr=1e-2"]
     mb2 = "train.micro_batch_size=2"
-    whole = _gradient(tmp_path, "whole", *common, "train.micro_batch_size=8")
-    recompute = _gradient(tmp_path, "recompute", *common, mb2, "loss.global_strategy=recompute")
-    retain = _gradient(tmp_path, "retain", *common, mb2, "loss.global_strategy=retain")
-    two_procs = _gradient_2proc(tmp_path, "ddp", *common, mb2)
-    local = _gradient(tmp_path, "local", *common, mb2, "loss.coupling_scope=micro_batch")
+    whole = run_gradient(tmp_path / "whole", *common, "train.micro_batch_size=8", step=STEP)
+    recompute = run_gradient(
+        tmp_path / "recompute", *common, mb2, "loss.global_strategy=recompute", step=STEP
+    )
+    retain = run_gradient(tmp_path / "retain", *common, mb2, "loss.global_strategy=retain", step=STEP)
+    two_procs = run_gradient_two_processes(tmp_path / "ddp", *common, mb2, step=STEP)
+    local = run_gradient(tmp_path / "local", *common, mb2, "loss.coupling_scope=micro_batch", step=STEP)
     assert whole.abs().max() > 0
     for other in (recompute, retain, two_procs):
-        assert _close(other, whole)
-    assert not _close(local, whole, tol=1e-3)  # the check can fail: a per-micro-batch tail differs
+        assert gradients_close(other, whole, tol=1e-9)
+    assert not gradients_close(local, whole, tol=1e-3)  # the check can fail: a per-micro-batch tail differs
 
 
 @pytest.mark.slow
@@ -102,21 +91,23 @@ def test_weighted_rows_train_identically_however_the_batch_is_split(tmp_path, we
     """Mixed all-ones and weighted micro-batches: 1 x 8 == 1 x 4 micro-batches == 2 processes x 2."""
     common = [f"loss.name={loss}", "loss.beta=1.0", f"data.path={weighted_pairs}", "train.batch_size=8"]
     common += ["model.dtype=float64", "train.lr=1e-2"]
-    whole = _gradient(tmp_path, "whole", *common, "train.micro_batch_size=8")
-    split = _gradient(tmp_path, "split", *common, "train.micro_batch_size=2")
-    two_procs = _gradient_2proc(tmp_path, "ddp", *common, "train.micro_batch_size=2")
-    unweighted = _gradient(tmp_path, "plain", *common[:2], "train.batch_size=8", *common[4:], "data.limit=32")
+    whole = run_gradient(tmp_path / "whole", *common, "train.micro_batch_size=8", step=STEP)
+    split = run_gradient(tmp_path / "split", *common, "train.micro_batch_size=2", step=STEP)
+    two_procs = run_gradient_two_processes(tmp_path / "ddp", *common, "train.micro_batch_size=2", step=STEP)
+    unweighted = run_gradient(
+        tmp_path / "plain", *common[:2], "train.batch_size=8", *common[4:], "data.limit=32", step=STEP
+    )
     assert whole.abs().max() > 0
-    assert _close(split, whole) and _close(two_procs, whole)
-    assert not _close(unweighted, whole, tol=1e-3)  # the weights are honoured, not dropped
+    assert gradients_close(split, whole, tol=1e-9) and gradients_close(two_procs, whole, tol=1e-9)
+    assert not gradients_close(unweighted, whole, tol=1e-3)  # the weights are honoured, not dropped
 
 
 def test_sft_term_with_weights_is_independent_of_micro_batching(tmp_path, weighted_pairs):
     common = ["loss.name=dpo", "loss.sft_weight=0.5", f"data.path={weighted_pairs}", "train.batch_size=8"]
     common += ["model.dtype=float64"]
-    whole = _gradient(tmp_path, "whole", *common, "train.micro_batch_size=8", step=2)
-    split = _gradient(tmp_path, "split", *common, "train.micro_batch_size=2", step=2)
-    assert _close(split, whole)
+    whole = run_gradient(tmp_path / "whole", *common, "train.micro_batch_size=8", step=2)
+    split = run_gradient(tmp_path / "split", *common, "train.micro_batch_size=2", step=2)
+    assert gradients_close(split, whole, tol=1e-9)
 
 
 def test_logged_loss_is_the_optimised_objective_on_the_global_batch():

@@ -35,7 +35,7 @@ empty prompt becomes one BOS token (EOS when there is no BOS), so the first comp
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -358,61 +358,60 @@ def _encode_and_fit(
     )
 
 
+def _tokenize(
+    rows: Sequence[Mapping[str, Any]],
+    tokenizer: Any,
+    settings: TokenizationSettings | None,
+    fmt: DataFormat,
+    make_item: Callable[[EncodedRow, Mapping[str, Any]], Any],
+) -> tuple[list, TokenizationReport]:
+    kept, report = _encode_and_fit(rows, tokenizer, settings, fmt)
+    return [make_item(r, rows[r.row_index]) for r in kept], report
+
+
 def tokenize_paired(
     rows: Sequence[Mapping[str, Any]], tokenizer: Any, settings: TokenizationSettings | None = None
 ) -> tuple[list[TokenizedPair], TokenizationReport]:
     """Tokenise normalised paired rows; the prompt is truncated once and shared by both sides."""
-    kept, report = _encode_and_fit(rows, tokenizer, settings, "paired")
-    pairs = [
-        TokenizedPair(
+
+    def pair(r: EncodedRow, row: Mapping[str, Any]) -> TokenizedPair:
+        chosen, rejected = r.completions_ids
+        return TokenizedPair(
             r.row_index,
             r.prompt_ids,
-            r.completions_ids[0],
-            r.completions_ids[1],
-            float(rows[r.row_index].get("weight", 1.0)),
-            row_signals(rows[r.row_index], "paired"),
+            chosen,
+            rejected,
+            float(row.get("weight", 1.0)),
+            row_signals(row, "paired"),
         )
-        for r in kept
-    ]
-    return pairs, report
+
+    return _tokenize(rows, tokenizer, settings, "paired", pair)
 
 
 def tokenize_unpaired(
     rows: Sequence[Mapping[str, Any]], tokenizer: Any, settings: TokenizationSettings | None = None
 ) -> tuple[list[TokenizedCompletion], TokenizationReport]:
     """Tokenise normalised unpaired rows (label True -> 1.0, False -> 0.0)."""
-    kept, report = _encode_and_fit(rows, tokenizer, settings, "unpaired")
-    completions = [
-        TokenizedCompletion(
-            r.row_index,
-            r.prompt_ids,
-            r.completions_ids[0],
-            float(rows[r.row_index]["label"]),
-            float(rows[r.row_index].get("weight", 1.0)),
-            row_signals(rows[r.row_index], "unpaired"),
-        )
-        for r in kept
-    ]
-    return completions, report
+
+    def completion(r: EncodedRow, row: Mapping[str, Any]) -> TokenizedCompletion:
+        (ids,) = r.completions_ids
+        weight, signals = float(row.get("weight", 1.0)), row_signals(row, "unpaired")
+        return TokenizedCompletion(r.row_index, r.prompt_ids, ids, float(row["label"]), weight, signals)
+
+    return _tokenize(rows, tokenizer, settings, "unpaired", completion)
 
 
 def tokenize_listwise(
     rows: Sequence[Mapping[str, Any]], tokenizer: Any, settings: TokenizationSettings | None = None
 ) -> tuple[list[TokenizedList], TokenizationReport]:
     """Tokenise normalised listwise rows; the prompt is truncated once and shared by every response."""
-    kept, report = _encode_and_fit(rows, tokenizer, settings, "listwise")
-    lists = [
-        TokenizedList(
-            r.row_index,
-            r.prompt_ids,
-            r.completions_ids,
-            [float(score) for score in rows[r.row_index]["scores"]],
-            float(rows[r.row_index].get("weight", 1.0)),
-            row_signals(rows[r.row_index], "listwise"),
-        )
-        for r in kept
-    ]
-    return lists, report
+
+    def scored_list(r: EncodedRow, row: Mapping[str, Any]) -> TokenizedList:
+        scores = [float(score) for score in row["scores"]]
+        weight, signals = float(row.get("weight", 1.0)), row_signals(row, "listwise")
+        return TokenizedList(r.row_index, r.prompt_ids, r.completions_ids, scores, weight, signals)
+
+    return _tokenize(rows, tokenizer, settings, "listwise", scored_list)
 
 
 def tokenize_prompts(

@@ -77,3 +77,30 @@ def capture_gradient(overrides: list[str], step: int = 1) -> torch.Tensor:
     finally:
         engine_module.Engine.optimizer_step = original
     return captured[step - 1]
+
+
+def run_gradient(run_dir: Path, *overrides: str, step: int = 1) -> torch.Tensor:
+    """:func:`capture_gradient` of a tiny-model run (``TINY_BASE`` + ``overrides``) in ``run_dir``."""
+    return capture_gradient([*TINY_BASE, f"output_dir={run_dir}", *overrides], step=step)
+
+
+def run_gradient_two_processes(run_dir: Path, *overrides: str, step: int = 1) -> torch.Tensor:
+    """The same, trained by two processes (torchrun, gloo); the gradient every process applies."""
+    out = Path(f"{run_dir}.pt")
+    torchrun(
+        [
+            "-m",
+            "distalign.testing.grad_probe",
+            str(out),
+            str(step),
+            *TINY_BASE,
+            f"output_dir={run_dir}",
+            *overrides,
+        ]
+    )
+    return torch.load(out, weights_only=True)
+
+
+def gradients_close(a: torch.Tensor, b: torch.Tensor, tol: float = 1e-6) -> bool:
+    """``max |a - b| <= tol x max(1, max |b|)``."""
+    return float((a - b).abs().max()) <= tol * max(1.0, float(b.abs().max()))

@@ -1,4 +1,5 @@
-"""Script: train STEP steps, save the last step's gradient. ``torchrun ... grad_probe.py OUT.pt STEP KEY=VALUE ...``"""
+"""Script: train STEP steps, save the last step's gradient.
+``torchrun ... -m distalign.testing.grad_probe OUT.pt STEP KEY=VALUE ...``"""
 
 import os
 import sys
