@@ -21,7 +21,7 @@ COMMAND_MODULES = (train, data, evaluate)
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="distalign",
-        description="Distributional preference alignment for language models (AOT, f-DPG, UPO, DoRA, DPO family).",
+        description="Distributional preference alignment for language models (AOT, f-DPG, the DPO family, robust aggregators).",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module in COMMAND_MODULES:
