@@ -137,16 +137,38 @@ def _exact_moments(log_unnormalized: torch.Tensor, features: torch.Tensor) -> to
     return torch.softmax(log_unnormalized, dim=0) @ features
 
 
-def test_moment_fit_by_enumeration_hits_exact_moments():
-    """Weighting all 40 sequences by a is the exact expectation, so the fitted tilt is the I-projection."""
+@pytest.mark.parametrize("shift", [0.0, 1e4])
+def test_moment_fit_by_enumeration_hits_exact_moments(shift):
+    """Weighting all 40 sequences by a is the exact expectation, so the fitted tilt is the I-projection.
+
+    float64 computes these moments (values <= 3, 40 terms) to ~1e-15 (a full Newton step lands at
+    4e-16..9e-16), so 1e-10 leaves five orders of margin for any BLAS or thread count. A constant
+    ``shift`` of the log-weights leaves the target and its moments unchanged but puts the dual value
+    at ~1e4, whose rounding (~1e-12) swamps the decrease of the last Newton steps (~|grad|^2): an
+    Armijo test on the value alone stalled at |grad| ~ 1e-10 there (and at shift 0 with ATen's avx2
+    kernels, ATEN_CPU_CAPABILITY=avx2), running out its 100 iterations.
+    """
     base = TabularPolicy.random(SPACE, seed=2).log_probs().detach()
     features = torch.stack([SPACE.count("a"), SPACE.lengths()], dim=1)
     moments = torch.tensor([1.2, 2.1], dtype=torch.float64)
-    fit = fit_moment_tilt(features, moments, log_weights=base, tolerance=1e-10)
+    fit = fit_moment_tilt(features, moments, log_weights=base + shift, tolerance=1e-10)
     assert fit.converged and fit.max_abs_error <= 1e-10 and fit.iterations < 30
     exact = _exact_moments(base + features @ fit.lambdas, features)
     torch.testing.assert_close(exact, moments, rtol=0, atol=1e-9)
     assert fit.effective_sample_size <= len(SPACE)
+
+
+def test_moment_fit_below_float64_resolution_stays_at_the_floor():
+    """Asked for more than float64 resolves, the fit stays at the rounding floor and says it did not converge.
+
+    With the log-weights shifted by 1e4 each logit is rounded to ~2e-12, so the moments cannot be
+    matched much better than ~1e-12 (5e-14..5e-13 measured); the value-only Armijo search wandered
+    off the floor to ~1e-10 instead.
+    """
+    base = TabularPolicy.random(SPACE, seed=2).log_probs().detach()
+    features = torch.stack([SPACE.count("a"), SPACE.lengths()], dim=1)
+    fit = fit_moment_tilt(features, [1.2, 2.1], log_weights=base + 1e4, tolerance=1e-30)
+    assert not fit.converged and fit.max_abs_error < 1e-11
 
 
 def test_moment_fit_from_samples_of_a_proposal():

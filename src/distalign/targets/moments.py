@@ -18,6 +18,7 @@ satisfy them. If every feature is such, the target is a times the product of the
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -70,6 +71,22 @@ def _dual(lambdas: torch.Tensor, features: torch.Tensor, log_weights: torch.Tens
     return value, mean - moments, hessian
 
 
+def _value_rounding(
+    lambdas: torch.Tensor, features: torch.Tensor, log_weights: torch.Tensor, moments: torch.Tensor
+) -> float:
+    """A generous bound on the float64 rounding error of the dual value g at ``lambdas``.
+
+    g = logsumexp(lw + Phi lambda) - lambda . mu carries an absolute error of a few ulps of the
+    magnitudes that enter it (the largest |lw_j| + sum_k |phi_jk lambda_k|, sum_k |lambda_k mu_k|, and
+    log N from the sum inside the logsumexp); how many ulps depends on the summation order, i.e. on the
+    CPU kernels (ATen's avx2 and avx512 logsumexp differ) and the thread count.
+    """
+    eps = torch.finfo(torch.float64).eps
+    logit_size = float((log_weights.abs() + features.abs() @ lambdas.abs()).max())
+    size = logit_size + float((lambdas * moments).abs().sum()) + math.log(features.shape[0]) + 1.0
+    return 64 * eps * size
+
+
 def _newton_direction(gradient: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
     # A tiny ridge keeps the solve defined when features are collinear on the samples; g stays convex.
     scale = float(torch.diagonal(hessian).abs().max().clamp(min=1e-300))
@@ -100,6 +117,22 @@ def _hard_constraints(features: torch.Tensor, moments: torch.Tensor) -> torch.Te
 
 
 def _newton(features, log_weights, moments, tolerance, max_iterations) -> tuple[torch.Tensor, int]:
+    """Damped Newton on the dual; stops at ``tolerance`` on max |mu_hat - mu|, or when no step helps.
+
+    Near the solution the decrease a Newton step buys in g is half the squared Newton decrement,
+    -slope/2 ~ |grad|^2 / (2 H), e.g. 9e-19 at |grad| = 8e-10: far below the rounding of g itself
+    (an ulp of g is 1.1e-16 for g ~ 0.57 and 1.8e-12 for g ~ 1e4, see :func:`_value_rounding`). An
+    Armijo test on g alone is then decided by rounding noise: it used to reject the full Newton step
+    to the exact solution (|grad| 8e-10 -> 9e-16) because the rounded g came out 2-3e-16 higher (one
+    ulp at g ~ 1e4), and after 60 halvings took whatever tiny step was left, so the fit wandered at
+    |grad| ~ 1e-10 until max_iterations (seen with ATen's avx2 kernels, ATEN_CPU_CAPABILITY=avx2, or
+    with log-weights shifted by 1e4 on any kernel; avx512 happened to round the other way). The gradient, unlike the
+    value, is computed to an absolute accuracy of a few ulps of phi, so when g moves by no more than
+    its rounding a step is accepted if it shrinks ||grad||^2 with the same Armijo constant (the Newton
+    direction -H^-1 grad descends ||grad||^2 too: its slope is -2 grad . H (H + ridge)^-1 grad < 0).
+    If no step length passes either test the fit is stalled at float64 precision and stops there
+    (``converged`` then reports honestly whether ``tolerance`` was reached).
+    """
     lambdas = torch.zeros(features.shape[1], dtype=torch.float64)
     for iteration in range(max_iterations + 1):
         value, gradient, hessian = _dual(lambdas, features, log_weights, moments)
@@ -109,15 +142,23 @@ def _newton(features, log_weights, moments, tolerance, max_iterations) -> tuple[
         slope = float(gradient @ direction)
         if slope >= 0:  # not a descent direction (numerically singular Hessian): fall back to gradient
             direction, slope = -gradient, -float(gradient @ gradient)
-        step = 1.0
+        rounding = _value_rounding(lambdas, features, log_weights, moments)
+        squared_norm = float(gradient @ gradient)
+        step, accepted = 1.0, False
         for _ in range(60):
             candidate = lambdas + step * direction
-            if (
-                float(_dual(candidate, features, log_weights, moments)[0])
-                <= float(value) + 1e-4 * step * slope
-            ):
+            candidate_value, candidate_gradient, _ = _dual(candidate, features, log_weights, moments)
+            if float(candidate_value) <= float(value) + 1e-4 * step * slope:
+                accepted = True
+            elif float(candidate_value) <= float(value) + rounding:
+                # g cannot tell this step from no step: judge it by the gradient it leaves.
+                candidate_norm = float(candidate_gradient @ candidate_gradient)
+                accepted = candidate_norm <= (1 - 2e-4 * step) * squared_norm
+            if accepted:
                 break
             step *= 0.5
+        if not accepted:  # no step length improves g or ||grad|| beyond rounding: float64 stall
+            return lambdas, iteration
         lambdas = candidate
     return lambdas, max_iterations
 
