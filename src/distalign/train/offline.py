@@ -1,13 +1,15 @@
-"""The offline loop: preference (or labelled) rows -> sequence log-probs -> loss -> optimizer step.
+"""The offline loop: preference (labelled, listwise) rows -> sequence log-probs -> objective -> step.
 
 One step, on one screen (``_train_step``):
   1. the plan gives the global batch's rows; this process takes its shard, in micro-batches;
-  2. each micro-batch runs one concatenated forward (chosen + rejected, or completions) -> statistics;
-  3. decomposable losses back-propagate their share of the global mean micro-batch by micro-batch;
-     batch-coupled losses gather the detached statistics of the whole global batch first and
-     back-propagate the exact linear surrogate (see ``coupling.py``);
-  4. one optimizer step; the loss and metrics are recomputed once on the gathered global statistics,
-     so what is logged is the global value on every process, not rank 0's.
+  2. each micro-batch runs one concatenated forward (chosen + rejected, completions, or every response
+     of a listwise row) -> statistics (with weights, per-row signals and model-head outputs);
+  3. the objective is the loss's per-example values reduced by the aggregator (``objective.py``). A
+     decomposable one (weighted mean) back-propagates each micro-batch's share of the global weight;
+     a batch-coupled one gathers the detached statistics of the whole global batch first and
+     back-propagates the exact linear surrogate (see ``coupling.py``);
+  4. one optimizer step; what is logged is the objective on the gathered global statistics, the global
+     value on every process, not rank 0's; a stateful aggregator advances its state once.
 """
 
 from __future__ import annotations
