@@ -213,10 +213,10 @@ class LossSpec:
     def __call__(self, stats: Stats, **options: Any) -> LossResult:
         """The loss reduced by the default aggregator, the (weighted) mean: a convenience for callers
         with their own loop. The training loop composes with the configured aggregator instead."""
+        from distalign.losses.aggregators import weighted_mean  # the one reduction; imports this module
+
         result = self.function(stats, **options)
-        weights = row_weights(stats).to(result.losses.dtype)
-        total = weights.sum().clamp(min=torch.finfo(result.losses.dtype).tiny)
-        return LossResult((weights * result.losses).sum() / total, result.metrics)
+        return LossResult(weighted_mean(result.losses, row_weights(stats)), result.metrics)
 
 
 LOSSES: Registry[LossSpec] = Registry("loss")
