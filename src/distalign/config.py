@@ -249,6 +249,7 @@ class RunConfig(Section):
             if option in self.loss.unknown_options():
                 raise ValueError(f"loss.{option}: unknown field (loss {spec.name!r} takes: {valid})")
             raise ValueError(f"loss.{option} is not an option of loss {spec.name!r} (its options: {valid})")
+        _check_loss_option_values(spec, self.loss.loss_options())
         _check_aggregator(spec, self.aggregator, self.loss.coupling_scope)
         if self.train.batch_size % self.train.micro_batch_size:
             raise ValueError(
@@ -256,6 +257,23 @@ class RunConfig(Section):
                 f"train.micro_batch_size ({self.train.micro_batch_size})"
             )
         return self
+
+
+def _check_loss_option_values(spec, options: dict[str, Any]) -> None:
+    """Out-of-range option values (``beta <= 0``, a flip rate of 0.5, ...) fail here, at config time,
+    with the loss's own message: the loss is called once on made-up statistics. A loss whose inputs the
+    made-up statistics cannot represent (e.g. it reads a data signal) fails in another way, which is not
+    an option error; it is then checked at its first step as before."""
+    from distalign.losses.base import example_stats
+
+    try:
+        spec.per_example(example_stats(spec), **options)
+    except ValueError as err:
+        named = next((option for option in options if option in str(err)), None)
+        where = f"loss.{named}" if named else "loss"
+        raise ValueError(f"{where}: {err} (loss {spec.name!r})") from None
+    except Exception:  # noqa: BLE001  (not an option problem: see the docstring)
+        pass
 
 
 def _check_aggregator(loss_spec, section: AggregatorConfig, coupling_scope: str) -> None:

@@ -219,6 +219,24 @@ class LossSpec:
         return LossResult(weighted_mean(result.losses, row_weights(stats)), result.metrics)
 
 
+def example_stats(spec: LossSpec) -> Stats:
+    """Two rows of made-up float64 statistics of ``spec``'s data kind (with its declared heads), for
+    checking option values at config time by calling the loss once."""
+    values = torch.tensor([-1.5, -2.5], dtype=torch.float64)
+    lengths = torch.tensor([3.0, 4.0], dtype=torch.float64)
+    heads = {name: torch.zeros(2, dtype=torch.float64) for name in spec.heads}
+    if spec.data_kind == "paired":
+        return PairedStats(values, values - 1, lengths, lengths, values - 0.5, values - 0.5, heads=heads)
+    if spec.data_kind == "unpaired":
+        labels = torch.tensor([1.0, 0.0], dtype=torch.float64)
+        return UnpairedStats(
+            values, lengths, labels, values - 0.5, values.flip(0), values.flip(0), heads=heads
+        )
+    grid = torch.stack([values, values - 1], dim=1)
+    ones = torch.ones(2, 2, dtype=torch.float64)
+    return ListwiseStats(grid, ones, torch.tensor([[1.0, 0.0], [0.0, 1.0]]), ones, grid - 0.5, heads=heads)
+
+
 LOSSES: Registry[LossSpec] = Registry("loss")
 
 
