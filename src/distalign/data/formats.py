@@ -311,12 +311,17 @@ def validate_row(row: Mapping[str, Any], fmt: DataFormat, *, file: str, row_numb
         raise DataError(f"weight must be >= 0, got {out['weight']}", field="weight", **where)
     out["source"] = _tag(row.get("source"), where, "source")
     out["group"] = _tag(row.get("group"), where, "group")
+    ratio = row.get("density_ratio")
+    if ratio is not None and ratio != "":
+        out["density_ratio"] = _number(ratio, where, "density_ratio")
+        if out["density_ratio"] < 0:
+            raise DataError(f"density_ratio must be >= 0, got {ratio}", field="density_ratio", **where)
     return out
 
 
 def known_columns(fmt: DataFormat, columns: Iterable[str]) -> set[str]:
     """The subset of ``columns`` that rows of ``fmt`` read (the rest are ignored by validation)."""
-    known = set(REQUIRED_COLUMNS[fmt]) | {"weight", "source", "group"}
+    known = set(REQUIRED_COLUMNS[fmt]) | {"weight", "source", "group", "density_ratio"}
     known |= {"chosen_rewards", "rejected_rewards"} if fmt == "paired" else set()
     known |= {"rewards"} if fmt in ("unpaired", "listwise") else set()
     prefixes = _REWARD_PREFIXES[fmt]
@@ -337,7 +342,7 @@ def unpair_rows(paired_rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]
     """
     unpaired: list[dict[str, Any]] = []
     for pair_index, row in enumerate(paired_rows):
-        shared = {key: row.get(key) for key in ("weight", "source", "group")}
+        shared = {key: row.get(key) for key in ("weight", "source", "group", "density_ratio")}
         if shared["weight"] is None:
             shared["weight"] = 1.0
         for side, label in (("chosen", True), ("rejected", False)):

@@ -6,6 +6,7 @@ across processes, the loss, the aggregator) handles them as one dict of per-row 
 of column needs no new field anywhere:
 
 * ``source``, ``group``: strings (categorical);
+* ``density_ratio``: a number, the row's ``dQ_target / dP`` for shift-robust aggregators;
 * ``reward/<name>`` for unpaired rows; ``chosen_reward/<name>`` and ``rejected_reward/<name>`` for
   pairs (per-response rewards of listwise rows are not per-row signals and are not carried).
 
@@ -21,6 +22,7 @@ from typing import Any
 import torch
 
 CATEGORICAL_SIGNALS = ("source", "group")
+NUMERIC_SIGNALS = ("density_ratio",)
 _REWARD_SIGNALS = {
     "paired": (("chosen_rewards", "chosen_reward/"), ("rejected_rewards", "rejected_reward/")),
     "unpaired": (("rewards", "reward/"),),
@@ -34,6 +36,9 @@ def row_signals(row: Mapping[str, Any], fmt: str) -> dict[str, float | str]:
     for name in CATEGORICAL_SIGNALS:
         if row.get(name) is not None:
             signals[name] = str(row[name])
+    for name in NUMERIC_SIGNALS:
+        if row.get(name) is not None:
+            signals[name] = float(row[name])
     for column, prefix in _REWARD_SIGNALS.get(fmt, ()):
         for reward, value in (row.get(column) or {}).items():
             signals[prefix + reward] = float(value)

@@ -104,6 +104,35 @@ def weighted_mean(losses: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     return (weights * losses).sum() / total
 
 
+def weight_diagnostics(
+    effective: torch.Tensor, weights: torch.Tensor, signals: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """Metrics of the weights an aggregator puts on examples, on top of the data's row weights.
+
+    ``effective`` [N] = ``d loss / d l_i`` (constants); with row probabilities ``p`` (the normalised row
+    weights) the aggregator's own weight of row i is ``q_i ∝ effective_i / p_i``, normalised to mean 1
+    under ``p`` (the weighted mean has q = 1 everywhere). Reported: ``weights/ess`` = 1 / E_p[q^2], the
+    effective sample size as a fraction of the batch (1 = every row counts equally); ``weights/max`` =
+    the largest q; ``weights/source=<code>`` = the p-weighted mean q of each source (data ``source``).
+    """
+    with torch.no_grad():
+        p = weights.detach().double()
+        p = p / p.sum().clamp(min=1e-300)
+        kept = p > 0
+        q = torch.where(kept, effective.detach().double() / torch.where(kept, p, torch.ones_like(p)), 0.0)
+        q = q / (p * q).sum().clamp(min=1e-300)
+        metrics = {
+            "weights/ess": (1.0 / (p * q**2).sum().clamp(min=1e-300)).float(),
+            "weights/max": q.max().float(),
+        }
+        if "source" in signals:
+            codes = signals["source"].to(q.device)
+            for code in torch.unique(codes[kept]).tolist():
+                rows = (codes == code) & kept
+                metrics[f"weights/source={code}"] = ((p * q)[rows].sum() / p[rows].sum()).float()
+        return metrics
+
+
 @register_aggregator("mean", batch_coupled=False, paper="empirical risk (weighted mean)")
 def mean_aggregator(losses, *, weights, signals, state) -> LossResult:
     """The weighted mean ``sum_i w_i l_i / sum_i w_i`` (plain mean for unit weights)."""
@@ -151,4 +180,4 @@ def cvar_aggregator(losses, *, weights, signals, state, alpha: float = 0.1) -> L
             "aggregate/mean": weighted_mean(losses.detach(), weights).float(),
             "aggregate/tail_rows": torch.tensor(float(tail.numel())),
         }
-    return LossResult((q * losses).sum(), metrics)
+    return LossResult((q * losses).sum(), metrics | weight_diagnostics(q, weights, signals))

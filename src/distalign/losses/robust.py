@@ -1,0 +1,240 @@
+"""Robust aggregators: DoRA and the distributionally robust family around it (methods/dora.md).
+
+Every one reduces per-example losses ``l`` [N] with row weights ``w`` (the data's ``weight`` column;
+all expectations below are ``w``-weighted means over the batch) and is batch-coupled: the loop
+evaluates it on the global optimizer batch, so a log-mean-exp really runs over every example of the
+batch (the public DoRA script runs one example per device, which collapses it to plain reweighting).
+
+Each reports the example weights it effectively applies, ``q_i = d loss / d l_i`` normalised to mean 1
+over the batch, through :func:`weight_diagnostics`: ``weights/ess`` (effective sample size as a
+fraction of the batch), ``weights/max``, and ``weights/source=<code>`` (mean weight of the rows of
+each source, when the data has a ``source`` column).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from distalign.losses.aggregators import register_aggregator, weight_diagnostics, weighted_mean
+from distalign.losses.base import LossResult
+
+DENSITY_RATIO = "density_ratio"
+
+
+def _probabilities(weights: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    weights = weights.detach().to(like.dtype)
+    return weights / weights.sum().clamp(min=torch.finfo(like.dtype).tiny)
+
+
+def _check_positive(name: str, value: float) -> None:
+    if not value > 0:
+        raise ValueError(f"{name} must be > 0, got {value}")
+
+
+def _log_mean_exp(values: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """``log sum_i p_i exp(v_i)`` with zero-probability rows excluded (stable)."""
+    log_p = torch.where(p > 0, p.log(), torch.full_like(p, -torch.inf))
+    return torch.logsumexp(values + log_p, dim=0)
+
+
+def _with_diagnostics(loss_fn, losses, weights, signals, extra=None) -> LossResult:
+    """Evaluate ``loss_fn(losses)`` and attach the weights it applies (autograd on a detached copy)."""
+    with torch.enable_grad():
+        leaf = losses.detach().clone().requires_grad_(True)
+        (effective,) = torch.autograd.grad(loss_fn(leaf), leaf)
+    metrics = weight_diagnostics(effective, weights, signals) | (extra or {})
+    return LossResult(loss_fn(losses), metrics)
+
+
+@register_aggregator(
+    "importance_weighted",
+    batch_coupled=False,
+    signals=(DENSITY_RATIO,),
+    paper="importance-weighted ERM E_P[h l] (the lambda -> infinity limit of DoRA)",
+)
+def importance_weighted(losses, *, weights, signals, state) -> LossResult:
+    """``E_P[h l] = sum_i w_i h_i l_i / sum_i w_i`` with ``h`` the per-row density ratio
+    ``dQ_target / dP`` (data column ``density_ratio``, e.g. from ``distalign shift score``).
+
+    Decomposable (a weighted mean with weights ``w h`` over the normaliser ``sum w``) — but the
+    normaliser is ``sum w``, not ``sum w h``: with a mean ratio of 1 over the data both agree in
+    expectation, and this is the unbiased estimate of the target risk.
+    """
+    h = signals[DENSITY_RATIO].to(losses.dtype)
+    p = _probabilities(weights, losses)
+    return _with_diagnostics(lambda x: (p * h * x).sum(), losses, weights, signals)
+
+
+@register_aggregator(
+    "dora",
+    batch_coupled=True,
+    signals=(DENSITY_RATIO,),
+    paper="Zhu et al. 2025, DoRA, arXiv 2504.05831 (KL-DRO with the density ratio inside the exponent)",
+)
+def dora(losses, *, weights, signals, state, temperature: float = 1.0) -> LossResult:
+    """DoRA: ``lambda log E_P[exp(h l / lambda)]`` with ``lambda = temperature`` and ``h`` the density
+    ratio (data column ``density_ratio``).
+
+    Its gradient weighs example i by ``softmax_i(h l / lambda) h_i``: target-like, high-loss examples
+    dominate. ``temperature -> infinity`` gives ``E_P[h l]`` (``importance_weighted``); small
+    temperatures approach the worst case.
+    """
+    _check_positive("temperature", temperature)
+    h = signals[DENSITY_RATIO].to(losses.dtype)
+    p = _probabilities(weights, losses)
+    return _with_diagnostics(
+        lambda x: temperature * _log_mean_exp(h * x / temperature, p), losses, weights, signals
+    )
+
+
+@register_aggregator(
+    "kl_dro",
+    batch_coupled=True,
+    paper="KL-constrained DRO, fixed dual variable (Hu & Hong 2013; the DoRA objective without h)",
+)
+def kl_dro(losses, *, weights, signals, state, temperature: float = 1.0) -> LossResult:
+    """``lambda log E_P[exp(l / lambda)]``: the KL-DRO dual at a fixed ``lambda = temperature``
+    (DoRA with ``h = 1``): up-weights high-loss examples by ``softmax(l / lambda)``."""
+    _check_positive("temperature", temperature)
+    p = _probabilities(weights, losses)
+    return _with_diagnostics(
+        lambda x: temperature * _log_mean_exp(x / temperature, p), losses, weights, signals
+    )
+
+
+@register_aggregator(
+    "kldpo",
+    batch_coupled=True,
+    paper="Xu et al. 2025, KLDPO, arXiv 2502.01930 (clamped exponential weights, stop-gradient)",
+)
+def kldpo(losses, *, weights, signals, state, tau: float = 0.05, max_weight: float = 10.0) -> LossResult:
+    """KLDPO: ``E_P[p_i l_i]`` with ``p_i = sg(min(exp((l_i - E_P[l]) / tau), max_weight))``.
+
+    The weights are constants (stop-gradient), unlike the KL-DRO softmax they are not normalised, and
+    the clamp bounds any one example's influence. Metrics add ``weights/clipped`` (fraction of rows at
+    the clamp).
+    """
+    _check_positive("tau", tau)
+    _check_positive("max_weight", max_weight)
+    p = _probabilities(weights, losses)
+    with torch.no_grad():
+        centred = losses.detach() - (p * losses.detach()).sum()
+        raw = torch.exp((centred / tau).clamp(max=math.log(max_weight) + 1.0))
+        example = raw.clamp(max=max_weight)
+        clipped = ((raw >= max_weight) & (p > 0)).double().sum() / (p > 0).sum().clamp(min=1)
+    return _with_diagnostics(
+        lambda x: (p * example * x).sum(), losses, weights, signals, {"weights/clipped": clipped.float()}
+    )
+
+
+@register_aggregator(
+    "dr_dpo",
+    batch_coupled=True,
+    paper="Wu et al. 2025, Dr.DPO (ICLR), -beta' log E[exp(-l / beta')]",
+)
+def dr_dpo(losses, *, weights, signals, state, beta_prime: float = 1.0) -> LossResult:
+    """Dr.DPO: ``-beta' log E_P[exp(-l / beta')]``, a soft minimum that *down*-weights high-loss (likely
+    mislabelled) examples by ``softmax(-l / beta')`` — the mirror image of KL-DRO. ``beta' -> infinity``
+    gives the mean."""
+    _check_positive("beta_prime", beta_prime)
+    p = _probabilities(weights, losses)
+    return _with_diagnostics(
+        lambda x: -beta_prime * _log_mean_exp(-x / beta_prime, p), losses, weights, signals
+    )
+
+
+def _chi2_dual(losses: torch.Tensor, p: torch.Tensor, eta: torch.Tensor, radius: float) -> torch.Tensor:
+    return eta + math.sqrt(1 + 2 * radius) * torch.sqrt((p * (losses - eta).clamp(min=0) ** 2).sum())
+
+
+@register_aggregator(
+    "chi2_dro",
+    batch_coupled=True,
+    paper="Duchi & Namkoong 2021 (Ann. Stat.), chi-square DRO dual",
+)
+def chi2_dro(losses, *, weights, signals, state, radius: float = 1.0) -> LossResult:
+    """chi-square DRO: ``sup_{Q: chi2(Q||P) <= rho} E_Q[l]`` with ``chi2 = E_P[(dQ/dP - 1)^2] / 2`` and
+    ``rho = radius``, computed exactly by its dual ``min_eta eta + sqrt(1 + 2 rho) sqrt(E_P[(l - eta)_+^2])``.
+
+    The dual is convex in ``eta``; it is minimised without gradients (bisection on its derivative) and
+    the objective evaluated at that ``eta``: by the envelope theorem this has the gradient of the
+    supremum. Its worst-case weights are ``q_i ∝ (l_i - eta)_+``.
+    """
+    _check_positive("radius", radius)
+    p = _probabilities(weights, losses)
+    with torch.no_grad():
+        detached = losses.detach().double()
+        pd = p.double()
+        factor = math.sqrt(1 + 2 * radius)
+        # d/d eta = 1 - factor E[(l - eta)_+] / sqrt(E[(l - eta)_+^2]); increasing in eta. The root lies
+        # below max(l) (the derivative tends to 1 - factor < 0 there) and above min(l) - span * K.
+        low = detached[pd > 0].min() - (detached.max() - detached.min() + 1.0) * 10 * factor
+        high = detached[pd > 0].max()
+        for _ in range(200):
+            mid = (low + high) / 2
+            excess = (detached - mid).clamp(min=0)
+            second = (pd * excess**2).sum()
+            slope = 1 - factor * (pd * excess).sum() / second.sqrt().clamp(min=1e-300)
+            if second == 0 or slope > 0:
+                high = mid
+            else:
+                low = mid
+        eta = ((low + high) / 2).to(losses.dtype)
+    return _with_diagnostics(lambda x: _chi2_dual(x, p, eta, radius), losses, weights, signals)
+
+
+@register_aggregator(
+    "group_dro",
+    batch_coupled=True,
+    stateful=True,
+    signals=("group",),
+    paper="Sagawa et al. 2020 (online group DRO); Ramesh et al. 2024, group-robust preference optimisation",
+)
+def group_dro(
+    losses, *, weights, signals, state, step_size: float = 0.01, adjustment: float = 0.0
+) -> LossResult:
+    """Group DRO by mirror ascent: ``min_theta max_{alpha in simplex} sum_g alpha_g L_g``.
+
+    Per step, ``L_g`` is the (row-weighted) mean loss of group g's rows in the batch; the group weights
+    are updated first, ``alpha_g <- alpha_g exp(step_size (L_g + adjustment / sqrt(N_g)))`` for the
+    groups present and renormalised, then the objective is ``sum_g alpha_g L_g`` over the present groups
+    (alpha constant). ``alpha`` starts uniform and is the aggregator's state (checkpointed). Groups are
+    the data's ``group`` codes; a group seen for the first time enters with the mean of the current
+    weights. Metrics: ``group/weight=<code>`` and ``group/loss=<code>``.
+    """
+    _check_positive("step_size", step_size)
+    codes = signals["group"].to(losses.device).long()
+    if bool((codes < 0).any()):
+        raise ValueError("group_dro needs a group on every row (data column 'group')")
+    p = _probabilities(weights, losses)
+    size = int(codes.max()) + 1 if codes.numel() else 0
+    alpha = torch.ones(0, dtype=torch.float64) if state is None else state["alpha"].detach().double().cpu()
+    if alpha.numel() < size:  # first step, or groups not seen before
+        fill = alpha.mean() if alpha.numel() else torch.tensor(1.0, dtype=torch.float64)
+        alpha = torch.cat([alpha, fill.repeat(size - alpha.numel())])
+        alpha = alpha / alpha.sum()
+    group_losses, present = [], []
+    for g in range(size):
+        rows = (codes == g) & (p > 0)
+        if bool(rows.any()):
+            present.append(g)
+            group_losses.append(weighted_mean(losses[rows], p[rows]))
+    with torch.no_grad():
+        counts = torch.tensor([float(((codes == g) & (p > 0)).sum()) for g in present], dtype=torch.float64)
+        values = torch.stack([gl.detach().double().cpu() for gl in group_losses]) if present else counts
+        index = torch.tensor(present, dtype=torch.long)
+        alpha = alpha.clone()
+        alpha[index] = alpha[index] * torch.exp(step_size * (values + adjustment / counts.sqrt()))
+        alpha = alpha / alpha.sum()
+    mixture = alpha[index].to(losses.dtype).to(losses.device)
+
+    def objective(x: torch.Tensor) -> torch.Tensor:
+        means = [weighted_mean(x[(codes == g) & (p > 0)], p[(codes == g) & (p > 0)]) for g in present]
+        return (mixture * torch.stack(means)).sum() if present else x.sum() * 0
+
+    result = _with_diagnostics(objective, losses, weights, signals)
+    metrics = result.metrics | {f"group/weight={g}": alpha[g].float() for g in range(size)}
+    metrics |= {f"group/loss={g}": values[k].float() for k, g in enumerate(present)}
+    return LossResult(result.loss, metrics, {"alpha": alpha})
