@@ -7,6 +7,7 @@ when asked (an instruct model sees the layout it was tuned on) and showing a pro
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -50,12 +51,14 @@ def model_sample_fn(
     batch_size: int = 16,
     total_prompts: int | None = None,
     description: str = "sampling",
+    temperature: float = 1.0,
 ) -> SampleFn:
     """A ``sample_fn(prompts [P], k) -> P lists of k completions`` drawing exact ancestral samples.
 
     One seeded ``torch.Generator`` serves every call, so the same sequence of calls gives the same
     completions. Plain prompts are tokenised with the tokenizer's special tokens (BOS), rendered chat
-    prompts without, exactly as the data layer tokenises them for training. ``total_prompts`` sizes the progress bar (completions drawn so far).
+    prompts without, exactly as the data layer tokenises them for training. ``total_prompts`` sizes the
+    progress bar (completions drawn so far). ``temperature`` != 1 samples the tempered distribution.
     """
     from distalign.models.sampling import sample_completions
 
@@ -78,6 +81,8 @@ def model_sample_fn(
                 batch_size=batch_size,
                 generator=generator,
                 add_special_tokens=not use_chat_template,
+                temperature=temperature,
+                warped_logprobs=temperature != 1.0,
             )
             texts = samples.completion_texts
             groups += [texts[i * k : (i + 1) * k] for i in range(len(texts) // k)]
@@ -106,19 +111,21 @@ def make_task_dataset(
     task_settings: dict[str, Any] | None = None,
     model: Any = None,
     tokenizer: Any = None,
+    label_noise: float = 0.0,
 ) -> Path:
     """``distalign data make``: sample from ``model_name`` (or the already loaded ``model``/``tokenizer``),
     build ``kind`` rows of task ``task_name`` and write them as JSONL with a provenance sidecar.
 
     With the chat template in use the rows are conversational, so training renders them exactly as they
-    were sampled. Bad settings raise :class:`~distalign.config.ConfigError` naming the option.
+    were sampled. ``kind="shift"`` builds pairs from a mixture of response sources (``tasks/shift.py``),
+    with ``label_noise`` of them flipped. Bad settings raise :class:`~distalign.config.ConfigError` naming the option.
     """
     from distalign.config import ConfigError
     from distalign.tasks.base import get_task
     from distalign.tasks.make import KINDS, make_dataset
 
-    if kind not in KINDS:
-        raise ConfigError(f"--kind {kind!r} is not valid; choose one of {', '.join(KINDS)}")
+    if kind not in (*KINDS, "shift"):
+        raise ConfigError(f"--kind {kind!r} is not valid; choose one of {', '.join((*KINDS, 'shift'))}")
     try:
         task = get_task(task_name, **(task_settings or {}))
     except ValueError as err:
@@ -139,6 +146,22 @@ def make_task_dataset(
     use_chat = (
         uses_chat_template(tokenizer, chat_template) if tokenizer is not None else chat_template == "on"
     )
+    if kind == "shift":
+        return _make_shift_dataset(
+            task,
+            output,
+            model,
+            tokenizer,
+            model_name=model_name,
+            use_chat=use_chat,
+            k=k,
+            seed=seed,
+            num_prompts=num_prompts or available,
+            label_noise=label_noise,
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+            split=split,
+        )
     sample_fn = None
     if kind != "prompt":
         sample_fn = model_sample_fn(
@@ -172,3 +195,68 @@ def make_task_dataset(
             "chat_template": use_chat,
         },
     )
+
+
+def _make_shift_dataset(
+    task: Task,
+    output: str | Path,
+    model: Any,
+    tokenizer: Any,
+    *,
+    model_name: str,
+    use_chat: bool,
+    k: int,
+    seed: int,
+    num_prompts: int,
+    label_noise: float,
+    max_new_tokens: int,
+    batch_size: int,
+    split: str,
+) -> Path:
+    """Pairs from the mixture of :data:`~distalign.tasks.shift.DEFAULT_SOURCES`, written with provenance."""
+    from distalign.config import ConfigError
+    from distalign.tasks.builders import to_conversational
+    from distalign.tasks.io import write_jsonl_with_provenance
+    from distalign.tasks.shift import DEFAULT_SOURCES, build_shift_dataset, source_task
+
+    if not use_chat:
+        # The style sources speak through a system prompt, which only a chat template can carry.
+        raise ConfigError("--kind shift needs a model with a chat template (e.g. --model smollm2)")
+    if not 0.0 <= label_noise < 0.5:
+        raise ConfigError(f"--label-noise {label_noise} must lie in [0, 0.5)")
+    samplers = {
+        source.name: model_sample_fn(
+            model,
+            tokenizer,
+            source_task(task, source),
+            use_chat_template=True,
+            max_new_tokens=max_new_tokens,
+            seed=seed + index,
+            batch_size=batch_size,
+            description=f"data: sampling source {source.name!r}",
+            temperature=source.temperature,
+        )
+        for index, source in enumerate(DEFAULT_SOURCES)
+    }
+    rows, counts = build_shift_dataset(
+        task,
+        samplers,
+        k=k,
+        seed=seed,
+        num_prompts=num_prompts,
+        label_noise=label_noise,
+        split=split,  # type: ignore[arg-type]
+    )
+    provenance = {
+        "task": task.name,
+        "task_settings": task.settings,
+        "gold_reward": task.gold_reward.spec(),
+        "kind": "shift",
+        "model": model_name,
+        "sources": [dataclasses.asdict(s) for s in DEFAULT_SOURCES],
+        "sampling": {"method": "ancestral per source temperature", "max_new_tokens": max_new_tokens},
+        "seed": seed,
+        "settings": {"k": k, "num_prompts": num_prompts, "label_noise": label_noise, "split": split},
+        "counts": counts,
+    }
+    return write_jsonl_with_provenance(to_conversational(task, rows), output, provenance)
