@@ -24,6 +24,7 @@ import yaml
 from distalign.eval.metrics import Estimate, EvalResult
 from distalign.eval.plots import (
     FrontierPoint,
+    curve_keys,
     plot_frontier,
     plot_gold_rewards,
     plot_quantile_curves,
@@ -176,6 +177,9 @@ def _eval_tables(result: EvalResult) -> str:
     return "".join(parts)
 
 
+WEIGHT_METRIC_PREFIXES = ("weights/", "group/")
+
+
 def _run_section(run: RunSummary, assets: Path) -> str:
     parts = [f"<h2>Run: {html.escape(run.name)}</h2>", f'<p class="muted">{html.escape(str(run.path))}</p>']
     parts += [f'<p class="note">{html.escape(p)}</p>' for p in run.problems]
@@ -188,13 +192,27 @@ def _run_section(run: RunSummary, assets: Path) -> str:
         parts.append("<details><summary>full resolved config</summary>")
         parts.append(_table(["key", "value"], [[k, v] for k, v in flat.items()]) + "</details>")
     slug = _slug(run.name)
+    # Robust aggregators log the weights they put on examples (weights/*, group/*): a panel of their own.
+    weight_keys = [k for k in curve_keys(run.metrics, limit=1000) if k.startswith(WEIGHT_METRIC_PREFIXES)]
+    training_keys = [k for k in curve_keys(run.metrics, limit=1000) if k not in weight_keys][:12]
     curves = (
-        plot_training_curves(run.metrics, assets / f"{slug}_training.png", title=run.name)
+        plot_training_curves(run.metrics, assets / f"{slug}_training.png", keys=training_keys, title=run.name)
         if run.metrics
         else None
     )
     if curves is not None:
         parts.append("<h3>Training curves</h3>" + _image(curves, f"{run.name}: training curves"))
+    weights_png = (
+        plot_training_curves(run.metrics, assets / f"{slug}_weights.png", keys=weight_keys, title=run.name)
+        if weight_keys
+        else None
+    )
+    if weights_png is not None:
+        parts.append(
+            "<h3>Example weights of the aggregator</h3><p>Effective sample size (fraction of the batch), "
+            "largest weight, clipped fraction and mean weight per source / group, per step (1 = the "
+            "weight of a plain mean).</p>" + _image(weights_png, f"{run.name}: aggregator weights")
+        )
     if run.eval is not None:
         parts.append(
             f"<h3>Evaluation: {html.escape(run.eval.task)} ({run.eval.num_prompts} held-out prompts)</h3>"

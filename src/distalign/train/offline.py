@@ -175,6 +175,20 @@ def _train_step(
     return result
 
 
+def name_codes(metric: str, vocabularies: dict[str, list[str]]) -> str:
+    """``weights/source=2`` -> ``weights/source=hype``: aggregators see categorical signals as codes;
+    the log names them with the data's own strings."""
+    prefix, sep, code = metric.rpartition("=")
+    if not sep or not code.isdigit():
+        return metric
+    segments = prefix.split("/")  # the signal is named first (group/weight=) or last (weights/source=)
+    for signal in (segments[-1], segments[0]):
+        names = vocabularies.get(signal, [])
+        if int(code) < len(names):
+            return f"{prefix}={names[int(code)]}"
+    return metric
+
+
 def _gather(engine: Engine, local: Stats) -> tuple[Stats, int]:
     """Global statistics in global-batch order, and where this process's rows start in them."""
     fields = {name: engine.gather_varlen(tensor) for name, tensor in stats_fields(local).items()}
@@ -222,7 +236,8 @@ def train_offline(config: RunConfig, *, stop_after_step: int | None = None) -> P
         rows = plan.global_batch(step)
         micro_batches = split_for_process(rows, engine.rank, engine.world_size, config.train.micro_batch_size)
         result = _train_step(engine, objective, compute, micro_batches, data)
-        engine.log(step, {"loss": float(result.loss), **{k: float(v) for k, v in result.metrics.items()}})
+        metrics = {name_codes(k, data.signal_vocab): float(v) for k, v in result.metrics.items()}
+        engine.log(step, {"loss": float(result.loss), **metrics})
         if config.train.save_every and step % config.train.save_every == 0 and step != total_steps:
             engine.save_checkpoint(step, {"aggregator_state": state_to_json(objective.state)})
         if stop_after_step is not None and step >= stop_after_step:
