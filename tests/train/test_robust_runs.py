@@ -1,0 +1,87 @@
+"""Robust aggregators in the loop: density ratios and groups from the data, diagnostics by name, exact
+over micro-batches and processes, group-DRO state across resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from distalign.data.loading import load_rows
+from distalign.testing.runs import (
+    final_weights,
+    gradients_close,
+    max_weight_difference,
+    read_metrics,
+    run_gradient,
+    run_gradient_two_processes,
+)
+
+STEP = 3
+
+
+@pytest.fixture
+def shifted_pairs(tmp_path) -> Path:
+    """32 quickstart pairs with a density ratio (larger for the 'food' source) and a group per row."""
+    rows = load_rows("builtin:quickstart_pairs.jsonl", limit=32).rows
+    path = tmp_path / "shifted.jsonl"
+    with path.open("w") as handle:
+        for i, row in enumerate(rows):
+            record = {k: row[k] for k in ("prompt", "chosen", "rejected", "source")}
+            record["density_ratio"] = 1.8 if row["source"] == "food" else 0.4 + 0.1 * (i % 3)
+            record["group"] = row["source"]
+            handle.write(json.dumps(record) + "\n")
+    return path
+
+
+def test_dora_logs_weight_diagnostics_by_source_name(run_tiny, shifted_pairs):
+    args = ["loss.name=dpo", f"data.path={shifted_pairs}", "aggregator.name=dora", "train.max_steps=3"]
+    run = run_tiny(*args, "train.batch_size=16", "train.micro_batch_size=8", name="dora")
+    record = read_metrics(run)[-1]
+    assert 0 < record["weights/ess"] <= 1 and record["weights/max"] >= 1
+    sources = {k.split("=")[1] for k in record if k.startswith("weights/source=")}
+    assert "food" in sources and all(not s.isdigit() for s in sources)
+    assert record["weights/source=food"] > 1.0  # the target-like source carries more than its share
+
+
+def test_missing_density_ratio_is_refused_before_training(run_tiny):
+    with pytest.raises(Exception, match="density_ratio"):
+        run_tiny("aggregator.name=dora", "train.max_steps=1", name="no_ratio")
+
+
+def test_group_dro_resume_is_exact(run_tiny, shifted_pairs):
+    args = [
+        "loss.name=dpo",
+        f"data.path={shifted_pairs}",
+        "aggregator.name=group_dro",
+        "aggregator.step_size=0.5",
+    ]
+    args += ["train.batch_size=8", "train.micro_batch_size=4", "train.max_steps=6"]
+    straight = run_tiny(*args, name="straight")
+    run_tiny(*args, "train.save_every=3", name="resumed", stop_after_step=3)
+    resumed = run_tiny(*args, "train.save_every=3", name="resumed")
+    assert max_weight_difference(final_weights(straight), final_weights(resumed)) == 0.0
+
+    def weights(run):
+        return [{k: v for k, v in r.items() if k.startswith("group/weight")} for r in read_metrics(run)]
+
+    assert weights(resumed) == weights(straight)
+    assert weights(straight)[-1] != weights(straight)[0]  # the state moved
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("aggregator", ["dora", "group_dro"])
+def test_robust_aggregator_gradient_is_exact_across_micro_batches_and_processes(
+    tmp_path, shifted_pairs, aggregator
+):
+    common = ["loss.name=dpo", f"data.path={shifted_pairs}", f"aggregator.name={aggregator}"]
+    common += ["train.batch_size=8", "model.dtype=float64", "train.lr=1e-2"]
+    whole = run_gradient(tmp_path / "whole", *common, "train.micro_batch_size=8", step=STEP)
+    split = run_gradient(tmp_path / "split", *common, "train.micro_batch_size=2", step=STEP)
+    two = run_gradient_two_processes(tmp_path / "ddp", *common, "train.micro_batch_size=2", step=STEP)
+    assert whole.abs().max() > 0
+    # 1e-6 as in the AOT invariance test: by step 3 Adam has amplified float64 round-off in coordinates
+    # whose gradient is ~0 (at step 1 the two agree to 1e-16); the coupling itself is checked to 1e-10 in
+    # tests/losses/test_robust_aggregators.py.
+    assert gradients_close(split, whole) and gradients_close(two, whole)
