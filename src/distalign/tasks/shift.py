@@ -11,8 +11,8 @@ synthetic sources ``Q_i``. Here every source is the same base model sampled diff
 
 Each training prompt is assigned one source (proportions from :data:`DEFAULT_SOURCES`, by default
 equal, so ``alpha = 1/4`` as in the paper's released configuration); the source samples ``k``
-completions, the gold reward labels the best-vs-worst pair, and the row records its ``source``. The
-row's prompt is always the task's plain prompt: the style instruction is a property of the generator,
+completions, the gold reward labels the best-vs-worst pair, and the row records its ``source`` (also
+as its ``group``, for group DRO). The row's prompt is always the task's plain prompt: the style instruction is a property of the generator,
 hidden from the learner, as with real synthetic data. ``label_noise`` flips that fraction of pairs
 uniformly at random (``label_flipped`` records which), for robustness experiments.
 """
@@ -111,7 +111,7 @@ def build_shift_dataset(
             if row is None:
                 counts["ties_skipped"] += 1
                 continue
-            rows.append({**row, "source": source.name, "label_flipped": False})
+            rows.append({**row, "source": source.name, "group": source.name, "label_flipped": False})
             kept += 1
         counts["per_source"][source.name] = kept
     # Noise is drawn after all sources are sampled, in a fixed row order, so a noise level changes
