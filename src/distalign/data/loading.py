@@ -1,24 +1,24 @@
-"""Load rows from JSONL, JSON, CSV, Parquet, ``datasets`` directories or hub ids, validated.
+"""Load rows from JSONL, JSON, CSV, TSV, Parquet, ``datasets`` directories or hub ids, validated.
 
-``load_rows`` is the only entry point the rest of the library needs: it reads the raw rows, detects
-(or checks) the format, validates and normalises every row (see ``formats.validate_row``), and
-returns them with a content fingerprint used in cache keys. Validation errors are collected (up to
-``MAX_COLLECTED_ERRORS``) and raised as one ``DataError``, so a user fixes a file in one pass.
+``load_rows`` is the only entry point the rest of the library needs: it reads the raw rows (see
+``readers``), takes the prompt of implicit-prompt preference rows from their shared start (see
+``implicit_prompt``), detects (or checks) the format, validates and normalises every row (see
+``formats.validate_row``), and returns them with a content fingerprint used in cache keys.
+Validation errors are collected (up to ``MAX_COLLECTED_ERRORS``) and raised as one ``DataError``, so
+a user fixes a file in one pass.
 
 Path forms: ``builtin:<name>`` for the datasets shipped in ``distalign/resources``; an existing file
-(``.jsonl``, ``.json``, ``.csv``, ``.parquet``); an existing directory written by
-``datasets.save_to_disk`` (or any directory ``datasets.load_dataset`` understands); anything else is
-treated as a Hugging Face hub id and needs network access or a warm ``datasets`` cache.
+(``.jsonl``, ``.json``, ``.csv``, ``.tsv``, ``.parquet``); an existing directory written by
+``datasets.save_to_disk`` (or any directory of data files ``datasets.load_dataset`` understands);
+anything else is treated as a Hugging Face hub id (``subset`` is its configuration name) and needs
+network access or a warm ``datasets`` cache.
 """
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
-from collections.abc import Iterator
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -32,27 +32,21 @@ from distalign.data.formats import (
     known_columns,
     validate_row,
 )
+from distalign.data.implicit_prompt import ImplicitPromptError, has_implicit_prompt, split_implicit_prompt
+from distalign.data.readers import BUILTIN_PREFIX, FILE_SUFFIXES, RawRow, read_raw, resource_path
+
+__all__ = [
+    "BUILTIN_PREFIX",
+    "FILE_SUFFIXES",
+    "MAX_COLLECTED_ERRORS",
+    "LoadedData",
+    "load_rows",
+    "resource_path",
+    "rows_fingerprint",
+]
 
 MAX_COLLECTED_ERRORS = 20
-BUILTIN_PREFIX = "builtin:"
-FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
-# CSV cells are strings; these columns may hold JSON (message lists, lists of responses or scores, dicts).
-_CSV_JSON_COLUMNS = frozenset(
-    {
-        "prompt",
-        "chosen",
-        "rejected",
-        "completion",
-        "responses",
-        "scores",
-        "rewards",
-        "chosen_rewards",
-        "rejected_rewards",
-    }
-)
-_DATASET_DIR_MARKERS = ("dataset_info.json", "dataset_dict.json", "state.json")
-
-RawRow = tuple[int, "dict[str, Any] | DataError"]
+_COMPLETION_COLUMNS = ("chosen", "rejected", "completion", "label", "responses", "scores")
 
 
 @dataclass
@@ -62,7 +56,9 @@ class LoadedData:
     ``rows[i]`` is the normalised dict of the i-th data row (0-based; tokenised outputs refer to it by
     ``row_index``). ``fingerprint`` is the sha256 hex digest of the rows as canonical JSON lines, so two
     files with the same content in different containers share it. ``ignored_columns`` lists input
-    columns the format does not read.
+    columns the format does not read. ``implicit_prompt_rows`` counts the rows whose prompt was split
+    off the shared start of ``chosen`` and ``rejected``; ``warnings`` holds one line per problem that
+    does not stop loading (shown by ``distalign data check`` and at the start of training).
     """
 
     format: DataFormat
@@ -71,20 +67,12 @@ class LoadedData:
     conversational: bool
     fingerprint: str
     ignored_columns: list[str] = field(default_factory=list)
+    implicit_prompt_rows: int = 0
+    warnings: list[str] = field(default_factory=list)
     num_rows: int = field(init=False)
 
     def __post_init__(self) -> None:
         self.num_rows = len(self.rows)
-
-
-def resource_path(name: str) -> Path:
-    """Path of a data file shipped in ``distalign/resources`` (e.g. ``"quickstart_pairs.jsonl"``)."""
-    root = resources.files("distalign") / "resources"
-    candidate = root / name
-    if not candidate.is_file():
-        available = sorted(p.name for p in root.iterdir() if p.name.endswith(FILE_SUFFIXES))
-        raise DataError(f"no built-in data file {name!r}; available: {', '.join(available)}", file=name)
-    return Path(str(candidate))
 
 
 def rows_fingerprint(rows: list[dict[str, Any]]) -> str:
@@ -97,154 +85,66 @@ def rows_fingerprint(rows: list[dict[str, Any]]) -> str:
     return digest.hexdigest()
 
 
-def _read_jsonl(path: Path, limit: int | None) -> Iterator[RawRow]:
-    with path.open(encoding="utf-8") as handle:
-        count = 0
-        for line_number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            if limit is not None and count >= limit:
-                return
-            count += 1
-            try:
-                yield line_number, json.loads(line)
-            except json.JSONDecodeError as exc:
-                yield (
-                    line_number,
-                    DataError(
-                        f"invalid JSON: {exc.msg} (column {exc.colno})", file=str(path), row=line_number
-                    ),
-                )
+def _columns_of(record: Any) -> set[str]:
+    return {key for key, value in record.items() if value is not None} if isinstance(record, dict) else set()
 
 
-def _read_json(path: Path, limit: int | None) -> Iterator[RawRow]:
-    text = path.read_text(encoding="utf-8")
-    if not text.lstrip().startswith("["):
-        yield from _read_jsonl(path, limit)  # ".json" files are often JSON lines
-        return
-    try:
-        records = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise DataError(
-            f"invalid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})", file=str(path)
-        ) from None
-    yield from enumerate(records[:limit] if limit is not None else records, start=1)
+def _row_format(record: Any) -> str | None:
+    present = _columns_of(record)
+    for fmt in ("paired", "unpaired", "listwise"):
+        if set(REQUIRED_COLUMNS[fmt]) <= present:
+            return fmt
+    return None
 
 
-def _decode_csv_cell(column: str, value: str) -> Any:
-    stripped = value.strip()
-    if column not in _CSV_JSON_COLUMNS or not stripped.startswith(("[", "{")):
-        return value
-    try:
-        decoded = json.loads(stripped)
-    except json.JSONDecodeError:
-        return value  # plain text that happens to start with a bracket, e.g. "[INST] ..."
-    if column in ("prompt", "chosen", "rejected", "completion") and not (
-        isinstance(decoded, list) and all(isinstance(item, dict) for item in decoded)
-    ):
-        return value
-    return decoded
-
-
-def _read_csv(path: Path, limit: int | None) -> Iterator[RawRow]:
-    with path.open(encoding="utf-8", newline="") as handle:
-        reader = csv.DictReader(handle)
-        for row_number, record in enumerate(reader, start=1):
-            if limit is not None and row_number > limit:
-                return
-            if None in record:
-                extra = DataError("more cells than header columns", file=str(path), row=row_number)
-                yield row_number, extra
-                continue
-            yield (
-                row_number,
-                {col: (None if val is None else _decode_csv_cell(col, val)) for col, val in record.items()},
+def _format_problem(reason: str, columns: set[str], file: str, raw: list[RawRow]) -> DataError:
+    """``detect_format``'s error made specific: the first row of another format in a mixed file, or the
+    missing column of a nearly complete format."""
+    first: tuple[int, str] | None = None
+    for row_number, record in raw:
+        fmt = _row_format(record)
+        if fmt is None:
+            continue
+        if first is None:
+            first = (row_number, fmt)
+        elif fmt != first[1]:
+            return DataError(
+                f"this row is {fmt} ({', '.join(REQUIRED_COLUMNS[fmt])}) but row {first[0]} is {first[1]} "
+                f"({', '.join(REQUIRED_COLUMNS[first[1]])}); a dataset holds one format: put each format "
+                "in its own file (or set data.format / --format to read rows of one format)",
+                file=file,
+                row=row_number,
             )
-
-
-def _read_parquet(path: Path, limit: int | None) -> Iterator[RawRow]:
-    import pyarrow.parquet as pq
-
-    row_number = 0
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
-        for record in batch.to_pylist():
-            row_number += 1
-            if limit is not None and row_number > limit:
-                return
-            yield row_number, record
-
-
-def _read_dataset(dataset: Any, limit: int | None) -> Iterator[RawRow]:
-    if limit is not None:
-        dataset = dataset.select(range(min(limit, len(dataset))))
-    yield from enumerate(dataset, start=1)
-
-
-def _load_saved_dataset(path: Path, split: str) -> Any:
-    import datasets
-
-    if any((path / marker).exists() for marker in _DATASET_DIR_MARKERS):
-        loaded = datasets.load_from_disk(str(path))
-    else:
-        loaded = datasets.load_dataset(str(path), split=None)
-    if isinstance(loaded, (datasets.DatasetDict, dict)):
-        if split not in loaded:
-            raise DataError(
-                f"no split {split!r}; available splits: {', '.join(sorted(loaded))}", file=str(path)
-            )
-        return loaded[split]
-    return loaded
-
-
-def _load_hub_dataset(name: str, split: str) -> Any:
-    import datasets
-
-    try:
-        return datasets.load_dataset(name, split=split)
-    except Exception as exc:  # offline, unknown id, missing split: all end the same way for the user
-        reason = (
-            f"not an existing local path, and loading it as a Hugging Face hub dataset (split {split!r}) "
-            f"failed: {type(exc).__name__}: {exc}. Hub ids need network access or a populated datasets cache."
+    lowered = {column.strip().lower(): column for column in columns}
+    renames = [
+        f"{lowered[name]!r} -> {name!r}"
+        for name in ("prompt", *_COMPLETION_COLUMNS)
+        if name not in columns and name in lowered
+    ]
+    if renames:
+        return DataError(f"{reason}; column names are case-sensitive: rename {', '.join(renames)}", file=file)
+    best: tuple[int, str] | None = None
+    for fmt in ("paired", "unpaired", "listwise"):
+        overlap = len(columns & set(REQUIRED_COLUMNS[fmt][1:]))
+        if overlap and (best is None or overlap > best[0]):
+            best = (overlap, fmt)
+    if best is not None:
+        fmt = best[1]
+        missing = [c for c in REQUIRED_COLUMNS[fmt] if c not in columns]
+        return DataError(
+            f"{reason}; the columns look like the {fmt} format, which also needs {', '.join(missing)}",
+            file=file,
+            field=missing[0],
         )
-        raise DataError(reason, file=name) from exc
+    return DataError(reason, file=file)
 
 
-def _looks_like_local_path(text: str) -> bool:
-    return (
-        text.endswith(FILE_SUFFIXES)
-        or text.startswith((".", "/", "~"))
-        or "\\" in text
-        or text.count("/") > 1
-    )
-
-
-def _raw_rows(path_text: str, split: str, limit: int | None) -> Iterator[RawRow]:
-    if path_text.startswith(BUILTIN_PREFIX):
-        path = resource_path(path_text[len(BUILTIN_PREFIX) :])
-    else:
-        path = Path(path_text).expanduser()
-    if path.is_dir():
-        return _read_dataset(_load_saved_dataset(path, split), limit)
-    if path.is_file():
-        readers = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}
-        reader = readers.get(path.suffix.lower())
-        if reader is None:
-            raise DataError(
-                f"unsupported file type {path.suffix!r}; supported: {', '.join(FILE_SUFFIXES)}",
-                file=path_text,
-            )
-        return reader(path, limit)
-    if _looks_like_local_path(path_text):
-        raise DataError("file not found", file=path_text)
-    return _read_dataset(_load_hub_dataset(path_text, split), limit)
-
-
-def _resolve_format(format: str, columns: set[str], file: str) -> DataFormat:
+def _resolve_format(format: str, columns: set[str], file: str, raw: list[RawRow]) -> DataFormat:
     if format == "auto":
         try:
             return detect_format(columns)
         except DataError as exc:
-            raise DataError(exc.reason, file=file) from None
+            raise _format_problem(exc.reason, columns, file, raw) from None
     if format not in DATA_FORMATS:
         raise DataError(f"unknown data format {format!r}; valid: auto, {', '.join(DATA_FORMATS)}", file=file)
     missing = [c for c in REQUIRED_COLUMNS[format] if c not in columns]
@@ -252,34 +152,87 @@ def _resolve_format(format: str, columns: set[str], file: str) -> DataFormat:
         raise DataError(
             f"format {format!r} needs columns {', '.join(missing)}; found: {', '.join(sorted(columns))}",
             file=file,
+            field=missing[0],
         )
     return format  # type: ignore[return-value]
 
 
+def _extract_implicit_prompts(raw: list[RawRow], format: str, file: str) -> tuple[list[RawRow], int]:
+    """Rows of TRL's implicit-prompt format get the prompt split off ``chosen`` / ``rejected``."""
+    if format not in ("auto", "paired"):
+        return raw, 0
+    out: list[RawRow] = []
+    count = 0
+    for row_number, record in raw:
+        if isinstance(record, dict) and has_implicit_prompt(record):
+            count += 1
+            try:
+                record = split_implicit_prompt(record)
+            except ImplicitPromptError as exc:
+                record = DataError(str(exc), file=file, row=row_number, field="prompt")
+        out.append((row_number, record))
+    return out, count
+
+
+def _trailing_whitespace_warning(rows: list[dict[str, Any]], row_numbers: list[int], fmt: str) -> str | None:
+    if fmt == "prompt":
+        return None
+    hits = [
+        n
+        for n, row in zip(row_numbers, rows)
+        if isinstance(row["prompt"], str) and row["prompt"][-1:].isspace()
+    ]
+    if not hits:
+        return None
+    return (
+        f"{len(hits)} of {len(rows)} prompts end in whitespace (first: row {hits[0]}); prompt and completion "
+        "are tokenised separately, so without a chat template that whitespace becomes a token of its own "
+        "before a completion that starts without it, a split the model rarely saw: move the whitespace to "
+        "the start of the completions (prompt 'Answer:', completion ' Paris')"
+    )
+
+
 def load_rows(
-    path: str | Path, *, format: str = "auto", split: str = "train", limit: int | None = None
+    path: str | Path,
+    *,
+    format: str = "auto",
+    split: str = "train",
+    subset: str | None = None,
+    limit: int | None = None,
 ) -> LoadedData:
     """Read, validate and normalise a dataset.
 
     ``format`` is ``"auto"`` (detected from the columns) or one of ``paired``, ``unpaired``,
-    ``listwise``, ``prompt``. ``split`` is used for ``datasets`` directories and hub ids. ``limit``
-    keeps the first N data rows (before validation). Raises ``DataError`` for a missing file, an
-    unknown format, or invalid rows (the error lists up to ``MAX_COLLECTED_ERRORS`` of them). All rows
-    must agree on being plain text or conversational.
+    ``listwise``, ``prompt``. ``split`` is used for ``datasets`` directories and hub ids, ``subset``
+    (a dataset configuration name) for hub ids and dataset repositories. ``limit`` keeps the first N
+    data rows (before validation). Raises ``DataError`` for a missing or unreadable file, an unknown
+    format, or invalid rows (the error lists up to ``MAX_COLLECTED_ERRORS`` of them). All rows must
+    agree on being plain text or conversational.
     """
     path_text = str(path)
-    raw = list(_raw_rows(path_text, split, limit))
+    raw = list(read_raw(path_text, split, subset, limit))
     if not raw:
-        raise DataError("no data rows", file=path_text)
+        raise DataError(
+            "no data rows (the file is empty, or holds only blank lines or a header)", file=path_text
+        )
+    raw, implicit = _extract_implicit_prompts(raw, format, path_text)
     columns: set[str] = set()
     for _, record in raw:
         if isinstance(record, dict):
             columns.update(record)
-    fmt = _resolve_format(format, columns, path_text)
-    rows, errors, conversational = _validate_all(raw, fmt, path_text)
+    row_errors = [record for _, record in raw if isinstance(record, DataError)]
+    if not columns and row_errors:  # no readable row to take the format from: the rows' errors say why
+        raise DataError.collected(
+            row_errors[:MAX_COLLECTED_ERRORS],
+            file=path_text,
+            truncated=len(row_errors) > MAX_COLLECTED_ERRORS,
+        )
+    fmt = _resolve_format(format, columns, path_text, raw)
+    rows, row_numbers, errors, conversational = _validate_all(raw, fmt, path_text)
     if errors:
         raise DataError.collected(errors, file=path_text, truncated=len(errors) >= MAX_COLLECTED_ERRORS)
     ignored = sorted(columns - known_columns(fmt, columns))
+    warning = _trailing_whitespace_warning(rows, row_numbers, fmt)
     return LoadedData(
         format=fmt,
         rows=rows,
@@ -287,13 +240,16 @@ def load_rows(
         conversational=bool(conversational),
         fingerprint=rows_fingerprint(rows),
         ignored_columns=ignored,
+        implicit_prompt_rows=implicit,
+        warnings=[warning] if warning else [],
     )
 
 
 def _validate_all(
     raw: list[RawRow], fmt: DataFormat, file: str
-) -> tuple[list[dict[str, Any]], list[DataError], bool | None]:
+) -> tuple[list[dict[str, Any]], list[int], list[DataError], bool | None]:
     rows: list[dict[str, Any]] = []
+    row_numbers: list[int] = []
     errors: list[DataError] = []
     conversational: bool | None = None
     first_row_number = 0
@@ -316,4 +272,5 @@ def _validate_all(
             errors.append(DataError(reason, file=file, row=row_number, field="prompt"))
             continue
         rows.append(row)
-    return rows, errors, conversational
+        row_numbers.append(row_number)
+    return rows, row_numbers, errors, conversational

@@ -1,0 +1,613 @@
+"""Raw rows from each container ``load_rows`` reads, and what to do about a file it cannot read.
+
+Containers: JSON lines (``.jsonl``; ``.json`` holding JSON lines or one JSON array of objects), CSV
+(``.csv``) and tab-separated values (``.tsv``), Parquet, a directory (written by
+``datasets.save_to_disk``, or data files ``datasets.load_dataset`` reads), ``builtin:NAME`` and hub
+ids. Text must be UTF-8; a UTF-8 byte-order mark is skipped.
+
+Every problem with a file as a whole is a ``DataError`` naming the file (and the row where one is
+known) and saying what to do: bytes that are not UTF-8 (with their offset and a likely encoding), a
+file that is not what its suffix says (and what it looks like), a directory without data files, a
+JSON object with a key given twice (JSON allows it and readers keep the last value silently).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import Iterator
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from distalign.data.formats import DataError
+
+BUILTIN_PREFIX = "builtin:"
+FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet")
+# Data files a directory may hold for ``datasets.load_dataset`` (the ones this package reads, plus arrow).
+DIRECTORY_DATA_SUFFIXES = (*FILE_SUFFIXES, ".arrow")
+# Names with these endings are local files, never hub ids (so a missing one is "file not found").
+_OTHER_FILE_SUFFIXES = (".txt", ".xlsx", ".xls", ".ods", ".gz", ".zip", ".arrow", ".ndjson", ".yaml", ".yml")
+# CSV cells are strings; these columns may hold JSON (message lists, lists of responses or scores, dicts).
+_CSV_JSON_COLUMNS = frozenset(
+    {
+        "prompt",
+        "chosen",
+        "rejected",
+        "completion",
+        "responses",
+        "scores",
+        "rewards",
+        "chosen_rewards",
+        "rejected_rewards",
+    }
+)
+_DATASET_DIR_MARKERS = ("dataset_info.json", "dataset_dict.json", "state.json")
+_UTF8_BOM = b"\xef\xbb\xbf"
+_UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
+_SNIFF_BYTES = 4096
+
+RawRow = tuple[int, Any]
+
+
+def resource_path(name: str) -> Path:
+    """Path of a data file shipped in ``distalign/resources`` (e.g. ``"quickstart_pairs.jsonl"``)."""
+    root = resources.files("distalign") / "resources"
+    candidate = root / name
+    if not candidate.is_file():
+        available = sorted(p.name for p in root.iterdir() if p.name.endswith(FILE_SUFFIXES))
+        raise DataError(f"no built-in data file {name!r}; available: {', '.join(available)}", file=name)
+    return Path(str(candidate))
+
+
+# ---------------------------------------------------------------------------------------------------
+# What a file looks like, and how to convert it
+
+
+def _looks_utf16(head: bytes) -> bool:
+    start = head[:64]
+    return head.startswith(_UTF16_BOMS) or (len(start) >= 4 and start.count(0) >= len(start) // 4)
+
+
+def sniff(head: bytes) -> tuple[str, str]:
+    """``(kind, description)`` of what the first bytes of a file look like; ``kind`` keys the
+    conversion hints of :func:`conversion_hint`."""
+    if not head.strip():
+        return "empty", "an empty file"
+    if head.startswith(b"PAR1"):
+        return "parquet", "a Parquet file"
+    if head.startswith(b"PK\x03\x04"):
+        return "spreadsheet", "a ZIP archive (an .xlsx or .ods spreadsheet, or zipped files)"
+    if head.startswith(b"\xd0\xcf\x11\xe0"):
+        return "spreadsheet", "an Excel 97-2003 (.xls) workbook"
+    if head.startswith(b"\x1f\x8b"):
+        return "gzip", "gzip-compressed data"
+    if _looks_utf16(head):
+        return "utf16", "UTF-16 encoded text"
+    if b"\x00" in head:
+        return "binary", "binary data"
+    text = head.decode("utf-8", errors="replace").lstrip("\ufeff").lstrip()
+    first_line = text.splitlines()[0] if text else ""
+    if text.startswith("["):
+        return "json_array", "a JSON array"
+    if text.startswith("{"):
+        return "jsonl", "JSON objects (JSON lines)"
+    if "\t" in first_line:
+        return "tsv", "tab-separated values"
+    if "," in first_line:
+        return "csv", "comma-separated values"
+    return "text", "plain text"
+
+
+def _output_name(name: str, suffix: str) -> str:
+    """The file a conversion of ``name`` writes: ``STEM.SUFFIX``, or ``STEM.fixed.SUFFIX`` if that is ``name``."""
+    stem = Path(name).stem
+    return f"{stem}.fixed{suffix}" if f"{stem}{suffix}" == name else f"{stem}{suffix}"
+
+
+def conversion_hint(kind: str, name: str) -> str:
+    """What to do with a file of ``kind`` (see :func:`sniff`) named ``name``."""
+    stem = Path(name).stem
+    jsonl, csv_name = _output_name(name, ".jsonl"), _output_name(name, ".csv")
+    hints = {
+        "empty": "the file is empty; write rows into it",
+        "parquet": f"rename it to {stem}.parquet",
+        "spreadsheet": f"export it as CSV (in the spreadsheet program: Save As > CSV UTF-8), or: python -c "
+        f"\"import pandas as pd; pd.read_excel('{name}').to_csv('{csv_name}', index=False)\"",
+        "gzip": f"decompress it first: gunzip -k {name}",
+        "utf16": f"re-save it as UTF-8: iconv -f utf-16 -t utf-8 {name} > {stem}.utf8{Path(name).suffix}",
+        "binary": "write the rows as JSON lines, CSV or Parquet",
+        "json_array": f"write one object per line (JSON lines): jq -c '.[]' {name} > {jsonl}",
+        "jsonl": f"rename it to {stem}.jsonl",
+        "tsv": f"rename it to {stem}.tsv",
+        "csv": f"rename it to {stem}.csv",
+        "text": f"for prompt-only data with one prompt per line: jq -R -c '{{prompt: .}}' {name} > {jsonl}",
+    }
+    return hints[kind]
+
+
+def _head(path: Path) -> bytes:
+    with path.open("rb") as handle:
+        return handle.read(_SNIFF_BYTES)
+
+
+def unsupported_file(path: Path, shown: str) -> DataError:
+    """The error for a file whose suffix this package does not read, saying what it looks like."""
+    kind, description = sniff(_head(path))
+    supported = ", ".join(FILE_SUFFIXES)
+    return DataError(
+        f"unsupported file type {path.suffix or '(no suffix)'!r} (supported: {supported}, or a directory); "
+        f"it looks like {description}: {conversion_hint(kind, path.name)}",
+        file=shown,
+    )
+
+
+def _refuse_binary(path: Path, head: bytes, expected: str) -> None:
+    """A text container (JSONL/JSON/CSV) whose first bytes are UTF-16, compressed or binary."""
+    kind, description = sniff(head)
+    if kind in ("parquet", "spreadsheet", "gzip", "utf16", "binary"):
+        raise DataError(
+            f"not {expected}: the file holds {description}; {conversion_hint(kind, path.name)}",
+            file=str(path),
+        )
+
+
+# ---------------------------------------------------------------------------------------------------
+# Text decoding
+
+
+def _guess_encoding(sample: bytes) -> str:
+    """The likeliest legacy encoding of bytes that are not UTF-8, named as iconv knows it."""
+    try:
+        sample.decode("cp1252")
+    except UnicodeDecodeError:
+        return "latin1"
+    # bytes 0x80-0x9f are control codes in latin1 but curly quotes, dashes, euro in Windows-1252
+    return "cp1252" if any(0x80 <= byte <= 0x9F for byte in sample) else "latin1"
+
+
+def _not_utf8(
+    path: Path, sample: bytes, byte: int, offset: int, row: int | None, what: str = ""
+) -> DataError:
+    encoding = _guess_encoding(sample)
+    fixed = f"{path.stem}.utf8{path.suffix}"
+    return DataError(
+        f"not UTF-8 (byte 0x{byte:02x} at offset {offset}{what}): re-save the file as UTF-8, e.g. "
+        f"iconv -f {encoding} -t utf-8 {path.name} > {fixed}",
+        file=str(path),
+        row=row,
+    )
+
+
+def _decode(path: Path, data: bytes, locate_row: Any) -> str:
+    """``data`` as UTF-8 text without a byte-order mark; ``locate_row(offset)`` gives the row (or
+    ``None``) reported for an undecodable byte at that offset of ``data``."""
+    skip = len(_UTF8_BOM) if data.startswith(_UTF8_BOM) else 0
+    try:
+        return data[skip:].decode("utf-8")
+    except UnicodeDecodeError as exc:
+        offset = skip + exc.start
+        line = data.count(b"\n", 0, offset) + 1
+        row = locate_row(data, offset)
+        raise _not_utf8(path, data, data[offset], offset, row, f", line {line}") from None
+
+
+# ---------------------------------------------------------------------------------------------------
+# JSON
+
+
+class _DuplicateKey(Exception):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    record = dict(pairs)
+    if len(record) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _DuplicateKey(key)
+            seen.add(key)
+    return record
+
+
+def _duplicate_key_error(key: str, file: str, row: int | None) -> DataError:
+    return DataError(
+        f"key {key!r} appears twice in one JSON object; JSON readers silently keep the last value: "
+        "remove or rename one",
+        file=file,
+        row=row,
+        field=key,
+    )
+
+
+def _json_line(line: str, path: Path, line_number: int, first: bool) -> Any:
+    try:
+        record = json.loads(line, object_pairs_hook=_unique_keys)
+    except _DuplicateKey as dup:
+        return _duplicate_key_error(dup.key, str(path), line_number)
+    except json.JSONDecodeError as exc:
+        stripped = line.strip()
+        if first and (stripped.startswith("[") or stripped == "{"):  # a document, not one object per line
+            hint = (
+                conversion_hint("json_array", path.name)
+                if stripped.startswith("[")
+                else f"write one object per line: jq -c . {path.name} > {_output_name(path.name, '.jsonl')}"
+            )
+            raise DataError(
+                f"this is JSON written over several lines, not JSON lines (one object per line): {hint}",
+                file=str(path),
+            ) from None
+        return DataError(f"invalid JSON: {exc.msg} (column {exc.colno})", file=str(path), row=line_number)
+    if isinstance(record, list):
+        hint = (
+            f"; if the file is one array of rows: {conversion_hint('json_array', path.name)}"
+            if record and all(isinstance(item, dict) for item in record)
+            else ""
+        )
+        return DataError(
+            f"this line is a JSON array; JSON lines need one object {{...}} per line{hint}",
+            file=str(path),
+            row=line_number,
+        )
+    return record
+
+
+def read_jsonl(path: Path, limit: int | None) -> Iterator[RawRow]:
+    """One row per non-blank line; the row number is the line number."""
+    with path.open("rb") as handle:
+        offset, count = 0, 0
+        for line_number, raw in enumerate(handle, start=1):
+            start = offset
+            offset += len(raw)
+            if line_number == 1:
+                _refuse_binary(path, raw[:_SNIFF_BYTES], "JSON lines")
+                if raw.startswith(_UTF8_BOM):
+                    raw, start = raw[len(_UTF8_BOM) :], start + len(_UTF8_BOM)
+            if not raw.strip():
+                continue
+            if limit is not None and count >= limit:
+                return
+            count += 1
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise _not_utf8(path, raw, raw[exc.start], start + exc.start, line_number) from None
+            yield line_number, _json_line(line, path, line_number, first=count == 1)
+
+
+def _locate_json_duplicate(text: str) -> int | None:
+    """1-based index of the first array element holding an object with a repeated key."""
+
+    class Marked(dict):
+        pass
+
+    def mark(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        record = Marked(pairs) if len(dict(pairs)) != len(pairs) else dict(pairs)
+        return record
+
+    def has_mark(value: Any) -> bool:
+        if isinstance(value, Marked):
+            return True
+        if isinstance(value, dict):
+            return any(has_mark(v) for v in value.values())
+        if isinstance(value, list):
+            return any(has_mark(v) for v in value)
+        return False
+
+    for index, element in enumerate(json.loads(text, object_pairs_hook=mark), start=1):
+        if has_mark(element):
+            return index
+    return None
+
+
+def _single_object_reason(document: dict[str, Any], path: Path) -> str:
+    name, stem = path.name, path.stem
+    for key, value in document.items():
+        if isinstance(value, list) and value and all(isinstance(item, dict) for item in value):
+            return (
+                f"this is one JSON object whose {key!r} holds the rows; write them as JSON lines: "
+                f"jq -c '.{key}[]' {name} > {stem}.jsonl"
+            )
+    values = list(document.values())
+    if values and all(isinstance(v, (list, dict)) for v in values) and len({len(v) for v in values}) == 1:
+        return (
+            "this is one JSON object of columns (pandas' DataFrame.to_json default); write one object per "
+            f"row: python -c \"import pandas as pd; pd.read_json('{name}').to_json('{stem}.jsonl', "
+            "orient='records', lines=True)\""
+        )
+    return (
+        "this is a single JSON object written over several lines; JSON lines need one object per line: "
+        f"jq -c . {name} > {stem}.jsonl"
+    )
+
+
+def read_json(path: Path, limit: int | None) -> Iterator[RawRow]:
+    """A ``.json`` file: one JSON array of row objects (row i is element i, 1-based), or JSON lines."""
+    data = path.read_bytes()
+    _refuse_binary(path, data[:_SNIFF_BYTES], "JSON")
+    is_array = data.lstrip(_UTF8_BOM).lstrip()[:1] == b"["  # rows are elements, not lines
+
+    def line_of(raw: bytes, offset: int) -> int | None:
+        return None if is_array else raw.count(b"\n", 0, offset) + 1
+
+    text = _decode(path, data, line_of)
+    stripped = text.lstrip()
+    if stripped.startswith("["):
+        try:
+            records = json.loads(text, object_pairs_hook=_unique_keys)
+        except _DuplicateKey as dup:
+            raise _duplicate_key_error(dup.key, str(path), _locate_json_duplicate(text)) from None
+        except json.JSONDecodeError as exc:
+            raise DataError(
+                f"invalid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})", file=str(path)
+            ) from None
+        yield from enumerate(records[:limit] if limit is not None else records, start=1)
+        return
+    if stripped.startswith("{") and sum(1 for line in text.splitlines() if line.strip()) > 1:
+        try:
+            document = json.loads(text, object_pairs_hook=_unique_keys)
+        except (json.JSONDecodeError, _DuplicateKey):
+            document = None  # JSON lines (several objects) or a broken line: read line by line
+        if isinstance(document, dict):
+            raise DataError(_single_object_reason(document, path), file=str(path))
+    yield from read_jsonl(path, limit)  # ".json" files are often JSON lines
+
+
+# ---------------------------------------------------------------------------------------------------
+# CSV / TSV
+
+
+def _decode_csv_cell(column: str, value: str) -> Any:
+    stripped = value.strip()
+    if column not in _CSV_JSON_COLUMNS or not stripped.startswith(("[", "{")):
+        return value
+    try:
+        decoded = json.loads(stripped)
+    except json.JSONDecodeError:
+        return value  # plain text that happens to start with a bracket, e.g. "[INST] ..."
+    if column in ("prompt", "chosen", "rejected", "completion") and not (
+        isinstance(decoded, list) and all(isinstance(item, dict) for item in decoded)
+    ):
+        return value
+    return decoded
+
+
+def _csv_row_at(delimiter: str) -> Any:
+    def locate(data: bytes, offset: int) -> int | None:
+        """The data row (1-based, header not counted) of the record holding byte ``offset``."""
+        line_start = data.rfind(b"\n", 0, offset) + 1
+        prefix = data[:line_start].decode("utf-8", errors="replace")
+        records = 0
+        try:  # strict: a prefix ending inside a quoted field raises instead of yielding it
+            for record in csv.reader(io.StringIO(prefix, newline=""), delimiter=delimiter, strict=True):
+                records += bool(record)
+        except csv.Error:
+            pass
+        return records or None  # records counts the header, so it is the number of the next data row
+
+    return locate
+
+
+def read_csv(path: Path, limit: int | None, delimiter: str = ",") -> Iterator[RawRow]:
+    """One row per CSV record; the row number is the data row (the header is not counted).
+
+    Header names are stripped of surrounding spaces (``prompt, chosen`` names ``chosen``)."""
+    data = path.read_bytes()
+    expected = "CSV" if delimiter == "," else "tab-separated values"
+    _refuse_binary(path, data[:_SNIFF_BYTES], expected)
+    text = _decode(path, data, _csv_row_at(delimiter))
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
+    if reader.fieldnames is None:
+        return
+    header = [name.strip() for name in reader.fieldnames]
+    if header and header[0].startswith(("{", "[")):
+        kind, description = sniff(data[:_SNIFF_BYTES])
+        raise DataError(
+            f"the header line starts with {header[0][:1]!r}: this is {description}, not {expected}; "
+            f"{conversion_hint(kind, path.name)}",
+            file=str(path),
+        )
+    seen: set[str] = set()
+    for name in header:
+        if name in seen and name:
+            raise DataError(
+                f"column {name!r} appears twice in the header, so one of its values would be lost: "
+                "rename or remove one",
+                file=str(path),
+                field=name,
+            )
+        seen.add(name)
+    reader.fieldnames = header
+    for row_number, record in enumerate(reader, start=1):
+        if limit is not None and row_number > limit:
+            return
+        if None in record:
+            extra = DataError("more cells than header columns", file=str(path), row=row_number)
+            yield row_number, extra
+            continue
+        yield (
+            row_number,
+            {col: (None if val is None else _decode_csv_cell(col, val)) for col, val in record.items()},
+        )
+
+
+def read_tsv(path: Path, limit: int | None) -> Iterator[RawRow]:
+    """Tab-separated values, read as CSV with a tab delimiter."""
+    return read_csv(path, limit, delimiter="\t")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Parquet, datasets, directories, the hub
+
+
+def _not_parquet(path: Path, exc: Exception) -> DataError:
+    with path.open("rb") as handle:
+        head = handle.read(_SNIFF_BYTES)
+        handle.seek(0, 2)
+        size = handle.tell()
+        handle.seek(max(0, size - 4))
+        tail = handle.read(4)
+    if head.startswith(b"PAR1") and tail != b"PAR1":
+        reason = (
+            "truncated or corrupt Parquet file (it starts like Parquet but has no PAR1 footer): the copy is "
+            "probably incomplete; download or export it again"
+        )
+    elif head.startswith(b"PAR1"):
+        reason = f"corrupt Parquet file ({exc}); export it again"
+    else:
+        kind, description = sniff(head)
+        reason = (
+            f"not a Parquet file (Parquet files start with the bytes PAR1); it looks like {description}: "
+            f"{conversion_hint(kind, path.name)}"
+        )
+    return DataError(reason, file=str(path))
+
+
+def read_parquet(path: Path, limit: int | None) -> Iterator[RawRow]:
+    """One row per table row; the row number is the 1-based row index."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        parquet = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise _not_parquet(path, exc) from None
+    row_number = 0
+    try:
+        for batch in parquet.iter_batches(batch_size=1024):
+            for record in batch.to_pylist():
+                row_number += 1
+                if limit is not None and row_number > limit:
+                    return
+                yield row_number, record
+    except (pa.ArrowException, OSError) as exc:
+        raise DataError(
+            f"corrupt Parquet data after row {row_number} ({exc}); export the file again",
+            file=str(path),
+            row=row_number + 1,
+        ) from None
+
+
+def read_dataset(dataset: Any, limit: int | None) -> Iterator[RawRow]:
+    if limit is not None:
+        dataset = dataset.select(range(min(limit, len(dataset))))
+    yield from enumerate(dataset, start=1)
+
+
+def _pick_split(loaded: Any, split: str, file: str) -> Any:
+    import datasets
+
+    if isinstance(loaded, (datasets.DatasetDict, dict)):
+        if split not in loaded:
+            raise DataError(f"no split {split!r}; available splits: {', '.join(sorted(loaded))}", file=file)
+        return loaded[split]
+    return loaded
+
+
+def load_directory(path: Path, split: str, subset: str | None) -> Any:
+    """A ``datasets.save_to_disk`` directory, or a directory of data files (``subset`` names one of
+    the configurations a dataset repository's README declares)."""
+    import datasets
+
+    file = str(path)
+    if any((path / marker).exists() for marker in _DATASET_DIR_MARKERS):
+        if subset is not None:
+            raise DataError(
+                f"subset {subset!r} given, but this is a saved `datasets` directory, which has no subsets; "
+                "leave data.subset unset",
+                file=file,
+            )
+        try:
+            return _pick_split(datasets.load_from_disk(file), split, file)
+        except DataError:
+            raise
+        except Exception as exc:  # a damaged save_to_disk directory
+            raise DataError(
+                f"cannot read this saved `datasets` directory ({type(exc).__name__}: {exc}); save it again",
+                file=file,
+            ) from exc
+    found = [p for p in path.rglob("*") if p.is_file() and not _hidden(p.relative_to(path))]
+    data_files = [p for p in found if p.suffix.lower() in DIRECTORY_DATA_SUFFIXES]
+    if not data_files:
+        listing = ", ".join(sorted(str(p.relative_to(path)) for p in found)[:5]) or "nothing"
+        more = f" and {len(found) - 5} more" if len(found) > 5 else ""
+        raise DataError(
+            f"directory with no data files (it holds {listing}{more}); point data.path at a data file, a "
+            f"directory written by datasets.save_to_disk, or a directory of {', '.join(DIRECTORY_DATA_SUFFIXES)} "
+            "files",
+            file=file,
+        )
+    args = (file,) if subset is None else (file, subset)
+    try:
+        loaded = datasets.load_dataset(*args, split=None)
+    except Exception as exc:  # unreadable files, mixed columns, unknown subset: the user's data
+        raise DataError(
+            f"datasets.load_dataset could not read this directory ({type(exc).__name__}: {exc})", file=file
+        ) from exc
+    return _pick_split(loaded, split, file)
+
+
+def _hidden(relative: Path) -> bool:
+    return any(part.startswith(".") for part in relative.parts)
+
+
+def load_hub_dataset(name: str, split: str, subset: str | None) -> Any:
+    """``datasets.load_dataset(name, subset, split=split)`` (``subset`` left out when unset)."""
+    import datasets
+
+    args = (name,) if subset is None else (name, subset)
+    try:
+        return datasets.load_dataset(*args, split=split)
+    except Exception as exc:  # offline, unknown id, missing split: all end the same way for the user
+        which = f"split {split!r}" + (f", subset {subset!r}" if subset is not None else "")
+        reason = (
+            f"not an existing local path, and loading it as a Hugging Face hub dataset ({which}) "
+            f"failed: {type(exc).__name__}: {exc}. Hub ids need network access or a populated datasets cache."
+        )
+        raise DataError(reason, file=name) from exc
+
+
+def looks_like_local_path(text: str) -> bool:
+    return (
+        text.lower().endswith(FILE_SUFFIXES + _OTHER_FILE_SUFFIXES)
+        or text.startswith((".", "/", "~"))
+        or "\\" in text
+        or text.count("/") > 1
+    )
+
+
+_READERS = {
+    ".jsonl": read_jsonl,
+    ".json": read_json,
+    ".csv": read_csv,
+    ".tsv": read_tsv,
+    ".parquet": read_parquet,
+}
+
+
+def read_raw(path_text: str, split: str, subset: str | None, limit: int | None) -> Iterator[RawRow]:
+    """The raw rows of ``path_text`` (see the module docstring for the forms it takes)."""
+    if path_text.startswith(BUILTIN_PREFIX):
+        path = resource_path(path_text[len(BUILTIN_PREFIX) :])
+    else:
+        path = Path(path_text).expanduser()
+    if path.is_dir():
+        return read_dataset(load_directory(path, split, subset), limit)
+    if path.is_file():
+        reader = _READERS.get(path.suffix.lower())
+        if reader is None:
+            raise unsupported_file(path, path_text)
+        if subset is not None:
+            raise DataError(
+                f"subset {subset!r} given, but this is a single file, which has no subsets; leave data.subset "
+                "unset (subsets are configurations of hub datasets)",
+                file=path_text,
+            )
+        return reader(path, limit)
+    if looks_like_local_path(path_text):
+        raise DataError("file not found", file=path_text)
+    return read_dataset(load_hub_dataset(path_text, split, subset), limit)
