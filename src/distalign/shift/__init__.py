@@ -1,0 +1,26 @@
+"""Density ratios of a target ("golden") source against synthetic sources, for DoRA (methods/dora.md).
+
+``distalign shift fit DATA --target NAME`` fits one golden-vs-source classifier per synthetic source
+(a logistic probe on sentence embeddings) and reports held-out accuracy and calibration;
+``distalign shift score DATA --target NAME --output OUT.jsonl`` writes every row with its
+``density_ratio``
+
+    h = dQ_0 / dP = [ alpha + sum_i beta_i (1 - c_i) / (gamma_i c_i) ]^{-1}   (<= 1 / alpha)
+
+which the ``dora`` and ``importance_weighted`` aggregators read. Modules: ``ratio`` (the formula and
+the mixture proportions), ``calibration`` (ECE, reliability, temperature / isotonic scaling, the
+plot), ``classifier`` (the probe, stored as arrays), ``features`` (the scored text and its embedding),
+``fit`` (probes + calibration on feature arrays), ``pipeline`` (data file -> cached fit -> outputs).
+"""
+
+from distalign.shift.fit import FitSettings, ShiftModel, fit_density_ratio
+from distalign.shift.ratio import density_ratio, parse_proportions, resolve_proportions
+
+__all__ = [
+    "FitSettings",
+    "ShiftModel",
+    "density_ratio",
+    "fit_density_ratio",
+    "parse_proportions",
+    "resolve_proportions",
+]
