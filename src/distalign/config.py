@@ -65,7 +65,7 @@ class ModelConfig(Section):
 
 
 class DataConfig(Section):
-    """Training data: a file (JSONL, CSV, Parquet), a saved `datasets` directory, a hub id, or builtin:NAME."""
+    """Training data: a JSONL/JSON/CSV/TSV/Parquet file, a `datasets` directory, a hub id, or builtin:NAME."""
 
     path: str = "builtin:quickstart_pairs.jsonl"
     """Dataset location; builtin:NAME uses a dataset shipped with distalign."""
@@ -73,6 +73,8 @@ class DataConfig(Section):
     """Row format; "auto" detects it from the columns."""
     split: str = "train"
     """Split to read from a `datasets` dataset."""
+    subset: str | None = None
+    """Subset (configuration name) of a hub dataset: datasets.load_dataset(path, subset, split=split)."""
     limit: int | None = Field(None, gt=0)
     """Use only the first N rows."""
     unpair: bool = False

@@ -5,9 +5,29 @@ from __future__ import annotations
 import argparse
 
 
+def _check_length_flags(args: argparse.Namespace) -> None:
+    """The length flags, refused before anything is loaded (exit 2 naming the flag)."""
+    from distalign.config import ConfigError
+
+    if args.limit is not None and args.limit < 1:
+        raise ConfigError(f"--limit {args.limit}: must be at least 1 (leave it out to check every row)")
+    if args.max_prompt_length < 1:
+        raise ConfigError(f"--max-prompt-length {args.max_prompt_length}: must be at least 1")
+    if args.max_length < 2:
+        raise ConfigError(
+            f"--max-length {args.max_length}: must be at least 2 (a prompt and a completion token)"
+        )
+    if args.max_prompt_length >= args.max_length:
+        raise ConfigError(
+            f"--max-prompt-length {args.max_prompt_length} must be smaller than --max-length {args.max_length}, "
+            "so that every completion keeps at least one token"
+        )
+
+
 def cmd_data_check(args: argparse.Namespace) -> int:
     from distalign.data.check import summarize_dataset
 
+    _check_length_flags(args)
     tokenizer = None
     settings = None
     if args.model:
@@ -27,6 +47,7 @@ def cmd_data_check(args: argparse.Namespace) -> int:
         settings=settings,
         format=args.format,
         split=args.split,
+        subset=args.subset,
         limit=args.limit,
     )
     print(summary.to_text())
@@ -55,6 +76,7 @@ def cmd_data_make(args: argparse.Namespace) -> int:
         num_prompts=args.num_prompts,
         seed=args.seed,
         bt_noise=args.bt_noise,
+        label_noise=args.label_noise,
         split=args.split,
         max_new_tokens=args.max_new_tokens,
         batch_size=args.batch_size,
@@ -77,7 +99,18 @@ def _register_make(data_commands: argparse._SubParsersAction) -> None:
     )
     make.add_argument("task", help="built-in task: sentiment, readability or keyword")
     make.add_argument("--model", default="smollm2", help="base model to sample (tiny, smollm2, a path)")
-    make.add_argument("--kind", default="paired", choices=["paired", "unpaired", "listwise", "prompt"])
+    make.add_argument(
+        "--kind",
+        default="paired",
+        choices=["paired", "unpaired", "listwise", "prompt", "shift"],
+        help="row format; 'shift' = pairs from a mixture of response sources (golden + synthetic, docs/robust.md)",
+    )
+    make.add_argument(
+        "--label-noise",
+        type=float,
+        default=0.0,
+        help="--kind shift: fraction of pairs whose labels are flipped at random (default 0)",
+    )
     make.add_argument("--k", type=int, default=4, help="completions sampled per prompt")
     make.add_argument(
         "--num-prompts", type=int, default=None, help="prompts to use (default: all of the split)"
@@ -117,19 +150,23 @@ def register(commands: argparse._SubParsersAction) -> None:
     check = data_commands.add_parser(
         "check",
         help="validate a dataset and summarise it",
-        description="Validate every row of FILE (JSONL, CSV, Parquet, a saved `datasets` directory, or "
-        "builtin:NAME) and print rows, format, sources and, with --model, token-length percentiles and "
-        "what truncation would do. A malformed row is reported with file, row, field and reason (exit 2).",
+        description="Validate every row of FILE (JSONL, JSON, CSV, TSV, Parquet, a `datasets` directory, a "
+        "hub dataset id, or builtin:NAME) and print rows, format, sources and, with --model, token-length "
+        "percentiles and what truncation would do. A malformed row is reported with file, row, field and "
+        "reason (exit 2); problems that do not stop training are printed as warnings.",
     )
     check.add_argument("file")
     check.add_argument(
         "--format", default="auto", choices=["auto", "paired", "unpaired", "listwise", "prompt"]
     )
     check.add_argument("--split", default="train", help="split of a `datasets` dataset")
+    check.add_argument("--subset", default=None, help="subset (configuration name) of a hub dataset")
     check.add_argument("--limit", type=int, default=None, help="check only the first N rows")
     check.add_argument("--model", help="tokenizer to measure lengths with (tiny, smollm2, a path)")
-    check.add_argument("--max-length", type=int, default=256)
-    check.add_argument("--max-prompt-length", type=int, default=128)
+    check.add_argument("--max-length", type=int, default=256, help="prompt + completion tokens at most")
+    check.add_argument(
+        "--max-prompt-length", type=int, default=128, help="prompt tokens at most (below --max-length)"
+    )
     check.add_argument("--truncation", default="truncate", choices=["truncate", "drop"])
     check.add_argument("--chat-template", default="auto", choices=["auto", "on", "off"])
     check.set_defaults(handler=cmd_data_check)

@@ -45,7 +45,8 @@ class DatasetSummary:
     ``labels`` (unpaired only) maps ``"positive"`` / ``"negative"`` to row counts. ``token_lengths``
     (only with a tokenizer) maps ``"prompt"`` and each completion field to untruncated token lengths
     (completions include the EOS that would be appended); ``tokenization`` holds the counts the
-    truncation policy in ``settings`` would produce.
+    truncation policy in ``settings`` would produce. ``implicit_prompt_rows`` counts rows whose prompt
+    was split off ``chosen`` / ``rejected``; ``warnings`` are problems that do not stop training.
     """
 
     path: str
@@ -62,6 +63,8 @@ class DatasetSummary:
     token_lengths: dict[str, LengthStats] = field(default_factory=dict)
     tokenization: TokenizationReport | None = None
     settings: dict[str, Any] | None = None
+    implicit_prompt_rows: int = 0
+    warnings: list[str] = field(default_factory=list)
 
     def to_text(self) -> str:
         """Human-readable multi-line summary."""
@@ -72,6 +75,11 @@ class DatasetSummary:
             f"sources: {_counts_text(self.sources)}",
             f"groups: {_counts_text(self.groups)}",
         ]
+        if self.implicit_prompt_rows:
+            lines.append(
+                f"prompt: split off the shared start of chosen and rejected in {self.implicit_prompt_rows} "
+                "rows (implicit-prompt format)"
+            )
         if self.ignored_columns:
             lines.append(f"ignored columns: {', '.join(self.ignored_columns)}")
         if self.labels is not None:
@@ -93,6 +101,7 @@ class DatasetSummary:
                 f"max_prompt_length={self.settings['max_prompt_length']}, "
                 f"truncation={self.settings['truncation']}: {self.tokenization.summary()}"
             )
+        lines += [f"warning: {warning}" for warning in self.warnings]
         return "\n".join(lines)
 
 
@@ -140,11 +149,16 @@ def summarize_dataset(
     format: str = "auto",
     *,
     split: str = "train",
+    subset: str | None = None,
     limit: int | None = None,
 ) -> DatasetSummary:
     """Load (and validate) a dataset and summarise it; with a tokenizer, add token-length percentiles
     and the counts the truncation policy would produce. Raises ``DataError`` for invalid data."""
-    data = path if isinstance(path, LoadedData) else load_rows(path, format=format, split=split, limit=limit)
+    data = (
+        path
+        if isinstance(path, LoadedData)
+        else load_rows(path, format=format, split=split, subset=subset, limit=limit)
+    )
     rows = data.rows
     summary = DatasetSummary(
         path=data.path,
@@ -156,6 +170,8 @@ def summarize_dataset(
         sources=_tag_counts(rows, "source"),
         groups=_tag_counts(rows, "group"),
         reward_names=_reward_names(rows),
+        implicit_prompt_rows=data.implicit_prompt_rows,
+        warnings=list(data.warnings),
     )
     if data.format == "unpaired":
         positive = sum(1 for row in rows if row["label"])
@@ -167,4 +183,74 @@ def summarize_dataset(
         settings = settings or TokenizationSettings()
         summary.token_lengths, summary.tokenization = _token_lengths(data, tokenizer, settings)
         summary.settings = settings.as_dict()
+        if summary.tokenization.rows_kept == 0:
+            reason = nothing_kept_reason(
+                data.rows, data.format, tokenizer, settings, summary.tokenization, _FLAGS
+            )
+            summary.warnings.append(reason)
     return summary
+
+
+_FLAGS = ("--max-length", "--max-prompt-length", "--truncation truncate")
+_CONFIG_KEYS = ("data.max_length", "data.max_prompt_length", "data.truncation=truncate")
+
+
+def nothing_kept_reason(
+    rows: list[dict[str, Any]],
+    fmt: str,
+    tokenizer: Any,
+    settings: TokenizationSettings,
+    report: TokenizationReport,
+    names: tuple[str, str, str] = _CONFIG_KEYS,
+) -> str:
+    """Why tokenisation kept no row, with the limits that would keep them; ``names`` are how the user
+    sets max_length, max_prompt_length and truncate (config keys, or the ``data check`` flags)."""
+    if not report.dropped_too_long:
+        return (
+            f"all {report.rows_in} rows are dropped at tokenisation: the completions of "
+            f"{report.empty_completion_dropped} tokenise to nothing"
+        )
+    encoded = [row for row in encode_rows(rows, tokenizer, settings, fmt) if all(row.completions_ids)]
+    prompts = [len(row.prompt_ids) for row in encoded]
+    totals = [len(row.prompt_ids) + max(len(ids) for ids in row.completions_ids) for row in encoded]
+    length_name, prompt_name, truncate = names
+    over_prompt = sum(n > settings.max_prompt_length for n in prompts)
+    over_total = sum(n > settings.max_length for n in totals)
+    need_prompt = max(prompts)
+    need_total = max(max(totals), need_prompt + 1)
+    found, advice = [], []
+    if over_prompt:
+        found.append(
+            f"{over_prompt} prompts are longer than {prompt_name}={settings.max_prompt_length} tokens"
+        )
+    if over_total:
+        found.append(f"{over_total} rows are longer than {length_name}={settings.max_length} tokens")
+    if need_prompt > settings.max_prompt_length:
+        advice.append(f"{prompt_name} to {need_prompt}")
+    if need_total > settings.max_length:
+        advice.append(f"{length_name} to {need_total}")
+    return (
+        f"all {report.rows_in} rows are dropped for length (truncation=drop): {' and '.join(found)}; raise "
+        f"{' and '.join(advice)} to keep every row, or cut long rows instead with {truncate}"
+    )
+
+
+def format_mismatch(loss: str, loss_kind: str, path: str, fmt: str) -> str:
+    """Why ``loss`` (which trains on ``loss_kind`` rows) cannot train on ``path`` (``fmt`` rows), and the
+    losses that can."""
+    from distalign.losses import LOSSES
+
+    fitting = [name for name in LOSSES if LOSSES.get(name).data_kind == fmt]
+    reason = f"loss {loss!r} trains on {loss_kind} rows but {path} holds {fmt} rows"
+    options = []
+    if fmt == "paired" and loss_kind == "unpaired":
+        options.append("set data.unpair=true to split each pair into a positive and a negative")
+    if fitting:
+        options.append(f"pick a loss for {fmt} rows (loss.name): {', '.join(fitting)}")
+    elif fmt == "prompt":
+        options.append(
+            "prompt-only rows are for the online loop (an `online` section), which samples completions"
+        )
+    else:
+        options.append(f"no registered loss trains on {fmt} rows")
+    return f"{reason}; {'; or '.join(options)}"

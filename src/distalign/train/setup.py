@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import save_file
 
 from distalign.config import RunConfig
+from distalign.data.check import format_mismatch, nothing_kept_reason
 from distalign.data.collate import collate_sequences
 from distalign.data.formats import unpair_rows
 from distalign.data.loading import load_rows
@@ -178,23 +179,21 @@ def load_offline_data(config: RunConfig, tokenizer, objective: BatchObjective, e
     and refuse data without the per-row signals the loss or aggregator declares."""
     spec = objective.loss
     d = config.data
-    loaded = load_rows(d.path, format=d.format, split=d.split, limit=d.limit)
+    loaded = load_rows(d.path, format=d.format, split=d.split, subset=d.subset, limit=d.limit)
     rows, fmt = loaded.rows, loaded.format
     if d.unpair:
         if fmt != "paired":
             raise SetupError(f"data.unpair=true needs paired rows, but {d.path} is {fmt}")
         rows, fmt = unpair_rows(rows), "unpaired"
     if fmt != spec.data_kind:
-        hint = (
-            " (set data.unpair=true to split each pair into a positive and a negative)"
-            if fmt == "paired" and spec.data_kind == "unpaired"
-            else ""
-        )
-        raise SetupError(
-            f"loss {spec.name!r} trains on {spec.data_kind} rows but {d.path} holds {fmt} rows{hint}"
-        )
-    items, report = _TOKENIZERS[fmt](rows, tokenizer, tokenization_settings(config))
+        raise SetupError(format_mismatch(spec.name, spec.data_kind, d.path, fmt))
+    settings = tokenization_settings(config)
+    items, report = _TOKENIZERS[fmt](rows, tokenizer, settings)
     engine.print(f"data: {d.path}: {report.summary()}")
+    for warning in loaded.warnings:
+        engine.print(f"data: warning: {warning}")
+    if not items:
+        raise SetupError(f"{d.path}: {nothing_kept_reason(rows, fmt, tokenizer, settings, report)}")
     kl_items = None
     if spec.name == "kto":
         kl_items = _mismatched_completions(items, config.train.seed)
