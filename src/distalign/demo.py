@@ -115,9 +115,12 @@ class DemoSummary:
 
 
 def prepare_output_dir(output_dir: Path) -> None:
-    """Create ``output_dir``; a previous demo's outputs there are replaced, anything else is refused."""
+    """Create ``output_dir``, or use it if it exists and is empty; a previous demo's outputs there are
+    replaced, a directory holding anything else (or a file at that path) is refused."""
     from distalign.errors import SetupError
 
+    if output_dir.exists() and not output_dir.is_dir():
+        raise SetupError(f"{output_dir} is a file, not a directory; choose another --output-dir")
     if output_dir.exists() and any(output_dir.iterdir()):
         if not (output_dir / MARKER).exists():
             raise SetupError(
