@@ -66,6 +66,12 @@ def cmd_report(args: argparse.Namespace) -> int:
     missing = [str(p) for p in run_dirs if not p.is_dir()]
     if missing:
         raise SetupError(f"no such run directory: {', '.join(missing)}")
+    not_runs = [str(p) for p in run_dirs if not (p / "config.yaml").is_file()]
+    if not_runs:
+        raise SetupError(
+            f"not a run directory (it has no config.yaml): {', '.join(not_runs)}; "
+            "give the output_dir of a `distalign train` run"
+        )
     page = write_report(run_dirs, args.output or default_report_path(run_dirs))
     print(f"report: {page}")
     return 0
