@@ -236,6 +236,13 @@ def train_offline(config: RunConfig, *, stop_after_step: int | None = None) -> P
         rows = plan.global_batch(step)
         micro_batches = split_for_process(rows, engine.rank, engine.world_size, config.train.micro_batch_size)
         result = _train_step(engine, objective, compute, micro_batches, data)
+        if not bool(torch.isfinite(result.loss).all()):  # the global loss: every process stops here
+            from distalign.errors import NonFiniteLossError
+
+            engine.close()
+            raise NonFiniteLossError.at_step(
+                step, "the loss", float(result.loss), applied=True, checkpoints=engine.list_checkpoints()
+            )
         metrics = {name_codes(k, data.signal_vocab): float(v) for k, v in result.metrics.items()}
         engine.log(step, {"loss": float(result.loss), **metrics})
         if config.train.save_every and step % config.train.save_every == 0 and step != total_steps:
