@@ -153,6 +153,16 @@ class OnlineConfig(_Section):
     qrs_acceptance_rates: list[float] = []
     """Evaluation: for each rate, the QRS beta giving it with the policy as proposal and the resulting
     TV(p_beta, p) (e.g. [0.5, 0.1])."""
+    max_steps_without_support: int = Field(20, ge=0)
+    """f-DPG: stop (exit status 2) after this many steps in a row in which no sample satisfies the
+    target's constraints (a hard constraint: no sample in the target's support, P(x) = 0 for all, log Z
+    -inf, zero gradient; a soft one: samples that all violate it say nothing about the target either).
+    While no sample has ever satisfied them, the first such step prints a warning. Logged as
+    `warnings/steps_without_support`; 0 = never stop."""
+    max_steps_without_signal: int = Field(20, ge=0)
+    """Stop (exit status 2) after this many steps in a row whose advantages are all zero (every sample of
+    each prompt got the same (pseudo-)reward, or the gradient norm is 0), so the policy does not change.
+    Logged as `warnings/steps_without_signal`; 0 = never stop."""
 
     @field_validator("qrs_acceptance_rates")
     @classmethod

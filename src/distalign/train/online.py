@@ -17,13 +17,15 @@ moments) is checkpointed with the weights, so an interrupted run resumes exactly
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from distalign.config import RunConfig
 from distalign.data.collate import collate_sequences
-from distalign.errors import SetupError
+from distalign.errors import NonFiniteLossError, SetupError, TrainingStoppedError
 from distalign.eval.metrics import distinct_n
 from distalign.losses.fdivergence import fdpg_policy_gradient_loss
 from distalign.models.sampling import score_completions
@@ -48,7 +50,14 @@ from distalign.train.online_setup import (
     seeded_generator,
     shard,
 )
-from distalign.train.online_signal import GlobalBatch, Signal
+from distalign.train.online_signal import (
+    GlobalBatch,
+    Signal,
+    has_learning_signal,
+    non_finite_inputs,
+    non_finite_signal,
+    samples_in_support,
+)
 from distalign.train.setup import load_policy, save_final, wrap_for_training
 
 
@@ -60,9 +69,11 @@ def policy_gradient_backward(
     global_count: int,
     micro_batch_size: int,
     pad_id: int,
-) -> None:
+) -> float:
     """Back-propagate this process's share of mean_j(-w_j A_j log pi(x_j)) over the ``global_count``
-    samples of the step, micro-batch by micro-batch; ``advantages``, ``weights`` [len(rollout)]."""
+    samples of the step, micro-batch by micro-batch; ``advantages``, ``weights`` [len(rollout)]. Returns
+    that share's value (summed over processes: the step's surrogate loss)."""
+    total = 0.0
     starts = list(range(0, len(rollout), micro_batch_size))
     for k, start in enumerate(starts):
         stop = min(start + micro_batch_size, len(rollout))
@@ -73,8 +84,11 @@ def policy_gradient_backward(
                 logps, _ = engine.model(batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
             w = None if weights is None else weights[start:stop].to(engine.device)
             result = fdpg_policy_gradient_loss(logps.float(), advantages[start:stop].to(engine.device), w)
-            engine.backward(result.loss * (stop - start) / global_count)
+            share = result.loss * (stop - start) / global_count
+            engine.backward(share)
+        total += float(share.detach())
         engine.count_tokens(int(batch["attention_mask"].sum()))
+    return total
 
 
 # --- the run ---------------------------------------------------------------------------------------------
@@ -111,6 +125,7 @@ class OnlineRun:
             proposal = FrozenProposal(policy, is_base=config.reference.model is None)
         self.state = LoopState(cfg.baseline_window, proposal)
         self.refresh_rule = ProposalRefreshRule(cfg.refresh_min_ess_fraction)
+        self._warned_support = False
         self.evaluator = None
         if cfg.eval_every:
             split = "heldout" if cfg.prompts.task is not None and cfg.eval_split == "heldout" else "train"
@@ -142,11 +157,16 @@ class OnlineRun:
         engine, cfg = self.engine, self.cfg
         rollout = self.sample(step)  # 1. sample
         batch = self.score_and_gather(rollout)  # 2. score + 3. gather
-        signal = self.state.step_signal(cfg, batch)  # 3. log Z, (pseudo-)rewards, baseline, weights
+        self.stop_if_not_finite(step, non_finite_inputs(batch))
+        try:  # 3. log Z, (pseudo-)rewards, baseline, weights
+            signal = self.state.step_signal(cfg, batch)
+        except SetupError as err:  # an infinite pseudo-reward: the divergence is infinite at a sample
+            raise TrainingStoppedError(f"step {step}: {err}") from None
+        self.stop_if_not_finite(step, non_finite_signal(signal))
         offset = engine.rank * len(rollout)
         local = slice(offset, offset + len(rollout))
         local_weights = None if signal.weights is None else signal.weights[local]
-        policy_gradient_backward(  # 4. loss -> backward, then one optimizer step
+        surrogate = policy_gradient_backward(  # 4. loss -> backward, then one optimizer step
             engine,
             rollout,
             signal.advantages[local],
@@ -155,10 +175,16 @@ class OnlineRun:
             self.config.train.micro_batch_size,
             self.tokenizer.pad_token_id,
         )
+        surrogate = engine.sum_across(surrogate)  # the same on every process: all stop, or none
+        if not math.isfinite(surrogate):
+            raise self.non_finite(step, "the surrogate loss", surrogate, applied=False)
         grad_norm = engine.optimizer_step()
+        if grad_norm is not None and not math.isfinite(grad_norm):
+            raise self.non_finite(step, "the gradient norm", grad_norm, applied=True)
         metrics = self.step_metrics(batch, signal)
         if grad_norm is not None:
             metrics["grad_norm"] = grad_norm
+        metrics.update(self.watch(step, batch, signal, grad_norm))
         if self.state.proposal is not None:
             metrics.update(self.maybe_refresh(step, batch, signal))
         return metrics
@@ -269,6 +295,81 @@ class OnlineRun:
             "proposal/last_refresh_step": float(proposal.last_refresh_step),
         }
 
+    # --- runs that cannot learn: stop (or warn) instead of looking like success ----------------------
+    def watch(
+        self, step: int, batch: GlobalBatch, signal: Signal, grad_norm: float | None
+    ) -> dict[str, float]:
+        """Count the step towards the stall limits; warn once while no sample was ever in the support."""
+        in_support = samples_in_support(batch)
+        learning = has_learning_signal(signal) and grad_norm != 0.0
+        self.state.stalls.update(in_support, learning)
+        if in_support == 0 and not self.state.stalls.support_seen and not self._warned_support:
+            self._warned_support = True
+            limit = self.cfg.max_steps_without_support
+            stop = (
+                f"the run stops after {limit} such steps in a row (online.max_steps_without_support)"
+                if limit
+                else "online.max_steps_without_support is 0: the run will not stop for this"
+            )
+            self.warn(
+                f"step {step}: no sample has satisfied the target's constraints yet (alignment 0 for all "
+                f"{len(batch.texts)} samples: P(x) = 0 under a hard constraint, so log Z = -inf; the step "
+                f"teaches the policy nothing about the target); {stop}"
+            )
+        return self.state.stalls.metrics(self.target is not None)
+
+    def check_stalls(self, step: int) -> None:
+        """Stop with a TrainingStoppedError once a stall limit is reached (called after the step is logged)."""
+        cfg, stalls = self.cfg, self.state.stalls
+        samples = f"{cfg.prompts_per_step} prompts x {cfg.samples_per_prompt} samples"
+        if cfg.max_steps_without_support and stalls.without_support >= cfg.max_steps_without_support:
+            what = (
+                "no sample has satisfied the target's constraints"
+                if not stalls.support_seen
+                else "the policy's samples have left the target: none satisfied its constraints"
+            )
+            raise TrainingStoppedError(
+                f"step {step}: {what} in the last {stalls.without_support} steps ({samples} each; "
+                "alignment 0, and under a hard constraint log Z = -inf and a zero gradient): nothing is "
+                "being learned. Make the target reachable: more samples per step (online.samples_per_prompt, "
+                "online.prompts_per_step; longer completions: online.max_new_tokens), a base model that "
+                "satisfies the constraint now and then (model.name), or a constraint it can satisfy "
+                "(online.target.scorers). A soft constraint (epsilon > 0) does not help until some sample "
+                "satisfies it. online.max_steps_without_support (now "
+                f"{cfg.max_steps_without_support}; 0 = never stop) sets this limit"
+            )
+        if cfg.max_steps_without_signal and stalls.without_signal >= cfg.max_steps_without_signal:
+            cause = (
+                "no sample satisfies the target more than another, e.g. a soft constraint none of them meets"
+                if self.target is not None
+                else "the reward is the same for every sample of each prompt"
+            )
+            raise TrainingStoppedError(
+                f"step {step}: every advantage was zero in the last {stalls.without_signal} steps ({samples} "
+                f"each), so the gradient was zero and the policy did not change: {cause}. More samples per "
+                "prompt (online.samples_per_prompt), a target or reward the base model can reach, or a "
+                "larger train.lr may help; online.max_steps_without_signal (now "
+                f"{cfg.max_steps_without_signal}; 0 = never stop) sets this limit"
+            )
+
+    def stop_if_not_finite(self, step: int, problem: str | None) -> None:
+        if problem is not None:
+            raise TrainingStoppedError(
+                f"step {step}: {problem}; training stopped before this step's update (the checkpoints "
+                "saved so far are intact). Check the model's dtype (model.dtype=float32, "
+                "train.mixed_precision=no), the reward, and lower train.lr if the weights diverged"
+            )
+
+    def non_finite(self, step: int, what: str, value: float, *, applied: bool) -> NonFiniteLossError:
+        return NonFiniteLossError.at_step(
+            step, what, value, applied=applied, checkpoints=self.engine.list_checkpoints()
+        )
+
+    def warn(self, message: str) -> None:
+        """A warning on stderr, once (main process), above the progress bar."""
+        if self.engine.is_main:
+            tqdm.write(f"distalign: warning: {message}", file=sys.stderr)
+
     def evaluate(self) -> dict[str, float]:
         return self.evaluator(self.policy)
 
@@ -310,12 +411,17 @@ def train_online(config: RunConfig, *, stop_after_step: int | None = None) -> Pa
     engine.start_progress(total_steps, first_step, label)
     engine.model.train()
     for step in iterate_steps(first_step, total_steps):
-        metrics = run.train_step(step)
-        if run.evaluates_at(step, total_steps):
-            evaluation = run.evaluate()
-            eval_log.write(step, evaluation)
-            metrics.update(evaluation)
-        engine.log(step, metrics)
+        try:
+            metrics = run.train_step(step)
+            if run.evaluates_at(step, total_steps):
+                evaluation = run.evaluate()
+                eval_log.write(step, evaluation)
+                metrics.update(evaluation)
+            engine.log(step, metrics)
+            run.check_stalls(step)
+        except TrainingStoppedError:
+            engine.close()  # the progress bar ends above the error line
+            raise
         if config.train.save_every and step % config.train.save_every == 0 and step != total_steps:
             engine.save_checkpoint(step, run.state.state_dict())
         if stop_after_step is not None and step >= stop_after_step:

@@ -14,7 +14,7 @@ import hashlib
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 
@@ -181,6 +181,33 @@ class FrozenProposal:
 
 
 # --- the loop's state ---------------------------------------------------------------------------------
+@dataclass
+class Stalls:
+    """Steps in a row that taught the policy nothing (checkpointed, so a resumed run counts on).
+
+    ``without_support``: f-DPG steps with no sample in the target's support (P(x) = 0 for all);
+    ``without_signal``: steps whose advantages were all zero (zero gradient); ``support_seen``: some
+    sample of some step has been in the support."""
+
+    without_support: int = 0
+    without_signal: int = 0
+    support_seen: bool = False
+
+    def update(self, in_support: int | None, learning: bool) -> None:
+        """Count one step: ``in_support`` samples with P(x) > 0 (None without a target), ``learning``:
+        some advantage was non-zero."""
+        if in_support is not None:
+            self.without_support = 0 if in_support else self.without_support + 1
+            self.support_seen = self.support_seen or in_support > 0
+        self.without_signal = 0 if learning else self.without_signal + 1
+
+    def metrics(self, has_target: bool) -> dict[str, float]:
+        metrics = {"warnings/steps_without_signal": float(self.without_signal)}
+        if has_target:
+            metrics["warnings/steps_without_support"] = float(self.without_support)
+        return metrics
+
+
 class LoopState:
     """Everything besides weights and optimizer that a resumed run needs to continue exactly: the running
     log Z, the baseline window, the proposal's bookkeeping and the fitted moment lambdas.
@@ -193,6 +220,7 @@ class LoopState:
         self.window = WindowedMeanBaseline(window)
         self.proposal = proposal
         self.moment_lambdas: list[list[float]] = []
+        self.stalls = Stalls()
 
     def step_signal(self, cfg: OnlineConfig, batch: GlobalBatch) -> Signal:
         """The step's signal, advancing the running estimates: log Z absorbs the batch *before* its
@@ -215,6 +243,7 @@ class LoopState:
             "window": self.window.state_dict(),
             "proposal": None if self.proposal is None else self.proposal.loop_state(),
             "moment_lambdas": self.moment_lambdas,
+            "stalls": asdict(self.stalls),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -223,6 +252,7 @@ class LoopState:
         if self.proposal is not None:
             self.proposal.load_loop_state(state["proposal"])
         self.moment_lambdas = state["moment_lambdas"]
+        self.stalls = Stalls(**state.get("stalls", {}))  # absent in checkpoints of older versions
 
 
 def log_z_metrics(estimator: LogZEstimator, keys: list) -> dict[str, float]:

@@ -120,3 +120,60 @@ def _summary(prefix: str, values: torch.Tensor) -> dict[str, float]:
         f"{prefix}/max": float(values.max()),
         f"{prefix}/min": float(values.min()),
     }
+
+
+# --- health of a step: is there anything to learn from it? -------------------------------------------
+#: |w_j A_j| at or below this, relative to the largest |R_j| (at least 1), counts as zero: the
+#: leave-one-out mean of equal rewards equals them only up to rounding.
+ZERO_ADVANTAGE_TOLERANCE = 1e-9
+
+
+def samples_in_support(batch: GlobalBatch) -> int | None:
+    """f-DPG: how many of the step's samples satisfy the target's constraints (the ``alignment`` monitor:
+    with hard constraints, exactly the samples with P(x) > 0; soft ones count too, since samples that
+    all violate them carry no information about the target either), or have P(x) > 0 when the target
+    has no constraint. None without a target (RLOO / REINFORCE)."""
+    if batch.target_logps is None:
+        return None
+    if "alignment" in batch.monitors:
+        return int((batch.monitors["alignment"] > 0).sum())
+    return int((batch.target_logps > -torch.inf).sum())
+
+
+def has_learning_signal(signal: Signal) -> bool:
+    """False when every advantage (times its importance weight) is zero: the step's gradient is zero."""
+    weighted = signal.advantages if signal.weights is None else signal.advantages * signal.weights
+    if weighted.numel() == 0:
+        return False
+    scale = max(1.0, float(signal.rewards.abs().max()))
+    return bool((weighted.abs() > ZERO_ADVANTAGE_TOLERANCE * scale).any())
+
+
+def non_finite_inputs(batch: GlobalBatch) -> str | None:
+    """What is NaN or infinite among the step's per-sample inputs where it must be finite (log pi,
+    log q, log a, rewards; log P may be -inf, outside the support), or None when all is well."""
+    checks = {
+        "log pi (the policy's log-probabilities)": (batch.policy_logps, False),
+        "log q (the proposal's log-probabilities)": (batch.proposal_logps, False),
+        "log a (the base model's log-probabilities)": (batch.base_logps, False),
+        "log P (the target's unnormalised log-probabilities)": (batch.target_logps, True),
+        "the reward": (batch.rewards, False),
+    }
+    for name, (values, minus_inf_allowed) in checks.items():
+        if values is None:
+            continue
+        bad = torch.isnan(values) | (values == torch.inf)
+        if not minus_inf_allowed:
+            bad |= values == -torch.inf
+        if bool(bad.any()):
+            example = float(values[bad][0])
+            return f"{name} is {example} for {int(bad.sum())} of the {values.numel()} samples"
+    return None
+
+
+def non_finite_signal(signal: Signal) -> str | None:
+    """What is NaN or infinite in the step's advantages or importance weights, or None."""
+    for name, values in (("an advantage", signal.advantages), ("an importance weight", signal.weights)):
+        if values is not None and not bool(torch.isfinite(values).all()):
+            return f"{name} is {float(values[~torch.isfinite(values)][0])}"
+    return None
