@@ -14,13 +14,18 @@ plot), ``classifier`` (the probe, stored as arrays), ``features`` (the scored te
 """
 
 from distalign.shift.fit import FitSettings, ShiftModel, fit_density_ratio
+from distalign.shift.pipeline import FeatureOptions, fit_shift, write_fit_outputs, write_scored_data
 from distalign.shift.ratio import density_ratio, parse_proportions, resolve_proportions
 
 __all__ = [
+    "FeatureOptions",
     "FitSettings",
     "ShiftModel",
     "density_ratio",
     "fit_density_ratio",
+    "fit_shift",
     "parse_proportions",
     "resolve_proportions",
+    "write_fit_outputs",
+    "write_scored_data",
 ]

@@ -1,0 +1,311 @@
+"""From a data file to density ratios: validate, embed (cached), fit (cached), summarise, write.
+
+Cache layout (under ``distalign.models.cache.cache_root()``: ``--cache-dir``, ``$DISTALIGN_CACHE`` or
+``~/.cache/distalign``), each entry built in a temporary directory and renamed into place with a
+``COMPLETE`` marker (``models.cache.build_once``):
+
+```
+shift/embeddings-<texts>-<encoder>/embeddings.safetensors   float32 [N, d], one row per data row
+shift/fit-<data>-<settings>/model.json                      target, proportions, settings, and per
+                                                            source: gamma, calibration, held-out report
+shift/fit-<data>-<settings>/classifiers.safetensors         probe arrays (mean, scale, coef, intercept
+                                                            and C) and isotonic thresholds, float64
+shift/fit-<data>-<settings>/rows.safetensors                calibrated c_i [N, k] and the held-out mask
+```
+
+``<texts>`` hashes the scored texts (row by row), ``<encoder>`` every file of the embedding model,
+``<data>`` the texts and the per-row sources, ``<settings>`` the fit settings (target, proportions,
+calibration, split, C, bins), the encoder and the classifier kind — 16 hex digits each. Nothing is
+pickled: arrays are safetensors, everything else JSON.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from distalign.data.formats import DataError
+from distalign.errors import SetupError
+from distalign.models.cache import build_once, cache_root, settings_key
+from distalign.shift.features import (
+    MINILM,
+    SentenceEmbedder,
+    embed_rows,
+    embedding_model_dir,
+    model_dir_fingerprint,
+    row_texts,
+    texts_fingerprint,
+)
+from distalign.shift.fit import FORMAT_VERSION, FitSettings, ShiftModel, check_sources, fit_density_ratio
+
+SUMMARY_FILE = "shift_summary.json"
+PLOT_FILE = "reliability.png"
+LOGISTIC = "logistic"
+_ROWS_FILE = "rows.safetensors"
+
+
+@dataclass(frozen=True)
+class FeatureOptions:
+    """What is embedded, and with what (all but ``device`` / ``batch_size`` enter the cache keys)."""
+
+    response: str = "preferred"
+    with_prompt: bool = True
+    embedding_model: str = MINILM
+    classifier: str = LOGISTIC
+    device: str | None = None
+    batch_size: int = 32
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise SetupError(f"--batch-size must be >= 1, got {self.batch_size}")
+
+
+@dataclass
+class PreparedData:
+    """A validated data file: its rows, each row's source and the texts the classifier scores."""
+
+    loaded: Any  # distalign.data.loading.LoadedData
+    sources: list[str]
+    texts: list[list[str]]
+    proportions: dict[str, float]
+
+
+def _check_classifier(kind: str) -> None:
+    if kind == LOGISTIC:
+        return
+    if kind.startswith("hf:"):
+        raise SetupError(
+            f"--classifier {kind}: fine-tuning a Hugging Face sequence classifier is not implemented; "
+            f"use --classifier {LOGISTIC} (a logistic probe on sentence embeddings)"
+        )
+    raise SetupError(f"--classifier {kind!r}: valid: {LOGISTIC} (hf:<model> is not implemented)")
+
+
+def _row_number(loaded: Any, index: int) -> int:
+    numbers = getattr(loaded, "row_numbers", None)  # the file's own numbering, where the loader keeps it
+    return int(numbers[index]) if numbers is not None else index + 1
+
+
+def prepare(
+    path: str | Path, settings: FitSettings, options: FeatureOptions, *, format: str = "auto"
+) -> PreparedData:
+    """Load and validate ``path`` for density-ratio fitting; every user error is raised here, before
+    anything is embedded or written (DataError with file/row/field, SetupError for settings)."""
+    from distalign.data.loading import load_rows
+
+    _check_classifier(options.classifier)
+    loaded = load_rows(path, format=format)
+    if loaded.format == "prompt":
+        raise DataError(
+            "prompt-only rows have no responses to score: distalign shift needs paired, unpaired or "
+            "listwise rows with a `source` column",
+            file=loaded.path,
+        )
+    missing = [
+        DataError(
+            "missing source: every row must name where its response(s) came from",
+            file=loaded.path,
+            row=_row_number(loaded, index),
+            field="source",
+        )
+        for index, row in enumerate(loaded.rows)
+        if row.get("source") is None
+    ]
+    if missing:
+        raise DataError.collected(missing[:20], file=loaded.path, truncated=len(missing) > 20)
+    sources = [str(row["source"]) for row in loaded.rows]
+    try:
+        proportions = check_sources(sources, settings)
+    except SetupError as err:
+        raise SetupError(f"{loaded.path}: {err}") from None
+    texts = row_texts(loaded.rows, loaded.format, response=options.response, with_prompt=options.with_prompt)
+    return PreparedData(loaded, sources, texts, proportions)
+
+
+@dataclass
+class ShiftResult:
+    """A fitted (or cached) density-ratio model and its values on every row of the data."""
+
+    model: ShiftModel
+    data: PreparedData
+    probabilities: np.ndarray
+    density_ratio: np.ndarray
+    heldout: np.ndarray
+    cache_dir: Path
+    from_cache: bool
+    provenance: dict[str, Any]
+
+    def summary(self) -> dict[str, Any]:
+        """The JSON summary: data, mixture, per-source classifier reports and density-ratio statistics."""
+        model, h = self.model, self.density_ratio
+        sources = np.asarray(self.data.sources, dtype=object)
+        per_source = {}
+        for name, proportion in model.proportions.items():
+            rows = sources == name
+            per_source[name] = {
+                "rows": int(rows.sum()),
+                "proportion": proportion,
+                "density_ratio_mean": float(h[rows].mean()),
+                "density_ratio_min": float(h[rows].min()),
+                "density_ratio_max": float(h[rows].max()),
+                "density_ratio_mean_train_rows": _mean_or_none(h[rows & ~self.heldout]),
+                "density_ratio_mean_heldout_rows": _mean_or_none(h[rows & self.heldout]),
+            }
+        mixture_mean = sum(
+            model.proportions[name] * per_source[name]["density_ratio_mean"] for name in per_source
+        )
+        return {
+            **self.provenance,
+            "rows": len(h),
+            "format": self.data.loaded.format,
+            "target": model.target,
+            "alpha": model.proportions[model.target],
+            "bound": model.bound,
+            "sources": per_source,
+            "classifiers": {
+                name: {"gamma": fit.gamma, **fit.report} for name, fit in sorted(model.fits.items())
+            },
+            "density_ratio": {
+                "mean_over_mixture": mixture_mean,
+                "min": float(h.min()),
+                "max": float(h.max()),
+                "fraction_at_bound": float((h >= model.bound * (1 - 1e-9)).mean()),
+                "note": "E_P[h] = 1 for the exact ratio: mean_over_mixture (sum over sources of proportion "
+                "x mean h of its rows) far from 1 signals a miscalibrated classifier; train rows are scored "
+                "in-sample, so compare their mean with the held-out rows'",
+            },
+            "cache_dir": str(self.cache_dir),
+            "from_cache": self.from_cache,
+        }
+
+
+def _mean_or_none(values: np.ndarray) -> float | None:
+    return float(values.mean()) if values.size else None
+
+
+def _digest(*parts: str) -> str:
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
+
+
+def _embeddings(
+    data: PreparedData,
+    encoder_dir: Path,
+    encoder_fp: str,
+    options: FeatureOptions,
+    root: Path,
+    progress: bool,
+) -> np.ndarray:
+    from safetensors.numpy import load_file, save_file
+
+    entry = root / f"embeddings-{texts_fingerprint(data.texts)[:16]}-{encoder_fp[:16]}"
+
+    def build(staging: Path) -> None:
+        embedder = SentenceEmbedder(encoder_dir, device=options.device, batch_size=options.batch_size)
+        features = embed_rows(embedder, data.texts, progress=progress)
+        save_file({"embeddings": features}, staging / "embeddings.safetensors")
+
+    build_once(entry, build)
+    return load_file(entry / "embeddings.safetensors")["embeddings"]
+
+
+def fit_shift(
+    path: str | Path,
+    settings: FitSettings,
+    options: FeatureOptions = FeatureOptions(),
+    *,
+    format: str = "auto",
+    cache_dir: str | Path | None = None,
+    progress: bool = True,
+) -> ShiftResult:
+    """Validate ``path``, then load the fitted density-ratio model from the cache or fit it (embedding
+    the texts, themselves cached), and evaluate it on every row."""
+    from safetensors.numpy import load_file, save_file
+
+    data = prepare(path, settings, options, format=format)
+    encoder_dir = embedding_model_dir(options.embedding_model)
+    encoder_fp = model_dir_fingerprint(encoder_dir)
+    root = cache_root(cache_dir) / "shift"
+    data_key = _digest(texts_fingerprint(data.texts), *data.sources)
+    fit_key = settings_key(
+        {
+            "fit": settings.to_json(),
+            "encoder": encoder_fp,
+            "classifier": options.classifier,
+            "format_version": FORMAT_VERSION,
+        }
+    )
+    entry = root / f"fit-{data_key}-{fit_key}"
+    built = False
+
+    def build(staging: Path) -> None:
+        nonlocal built
+        features = _embeddings(data, encoder_dir, encoder_fp, options, root, progress)
+        model, heldout = fit_density_ratio(features, data.sources, settings)
+        model.save(staging)
+        arrays = {"probabilities": model.probabilities(features), "heldout": heldout.astype(np.float64)}
+        save_file(arrays, staging / _ROWS_FILE)
+        built = True
+
+    build_once(entry, build)
+    model = ShiftModel.load(entry)
+    arrays = load_file(entry / _ROWS_FILE)
+    probabilities = arrays["probabilities"]
+    provenance = {
+        "data": data.loaded.path,
+        "data_fingerprint": data.loaded.fingerprint,
+        "proportions_from": "data" if settings.proportions is None else "given",
+        "text": {
+            "response": options.response,
+            "with_prompt": options.with_prompt,
+            "embedding_model": options.embedding_model,
+            "encoder_dir": str(encoder_dir),
+            "encoder_fingerprint": encoder_fp,
+            "pooling": "mean over non-padding tokens, L2-normalised",
+        },
+        "classifier": options.classifier,
+        "settings": settings.to_json(),
+    }
+    return ShiftResult(
+        model=model,
+        data=data,
+        probabilities=probabilities,
+        density_ratio=model.ratio_from_probabilities(probabilities),
+        heldout=arrays["heldout"] > 0.5,
+        cache_dir=entry,
+        from_cache=not built,
+        provenance=provenance,
+    )
+
+
+def write_fit_outputs(result: ShiftResult, output_dir: str | Path) -> tuple[Path, Path]:
+    """``OUTPUT_DIR/shift_summary.json`` and ``OUTPUT_DIR/reliability.png``, each written atomically
+    (the plot first, the summary last)."""
+    from distalign.shift.calibration import plot_reliability
+    from distalign.tasks.io import _atomic_write  # temp file + fsync + rename
+
+    output = Path(output_dir)
+    title = f"held-out reliability of P({result.model.target} | text), {Path(result.data.loaded.path).name}"
+    target = result.model.target
+    curves = {f"{target} vs {name}": bins for name, bins in result.model.reliability().items()}
+    plot = plot_reliability(curves, output / PLOT_FILE, title=title)
+    summary = output / SUMMARY_FILE
+    _atomic_write(summary, json.dumps(result.summary(), indent=2, ensure_ascii=False, allow_nan=False) + "\n")
+    return summary, plot
+
+
+def write_scored_data(result: ShiftResult, output: str | Path) -> Path:
+    """The data rows (as ``load_rows`` normalises them) with ``density_ratio`` set on every row, as
+    JSONL, and a provenance sidecar ``OUTPUT.provenance.json`` holding the summary; both atomic."""
+    from distalign.tasks.io import write_jsonl_with_provenance
+
+    rows = [
+        {**row, "density_ratio": float(value)}
+        for row, value in zip(result.data.loaded.rows, result.density_ratio)
+    ]
+    provenance = {"command": "distalign shift score", "shift": result.summary()}
+    return write_jsonl_with_provenance(rows, output, provenance)
