@@ -102,3 +102,17 @@ def test_register_adds_the_shift_command_to_a_fresh_parser():
     shift.register(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["shift", "score", "d.jsonl", "--target", "g", "--output", "o.jsonl"])
     assert args.handler is shift.cmd_shift_score and args.calibration == "none" and args.C == "auto"
+
+
+def test_a_damaged_cache_entry_is_rebuilt(scored):
+    from distalign.shift import FitSettings, fit_shift
+
+    tmp, data, _, _ = scored
+    settings = FitSettings(target="human", calibration="temperature")
+    cached = fit_shift(data, settings, cache_dir=tmp / "cache", progress=False)
+    assert cached.from_cache
+    rows_file = cached.cache_dir / "rows.safetensors"
+    rows_file.write_bytes(rows_file.read_bytes()[:40])  # truncated
+    rebuilt = fit_shift(data, settings, cache_dir=tmp / "cache", progress=False)
+    assert not rebuilt.from_cache  # refitted (from the cached embeddings: the model does not reload)
+    np.testing.assert_allclose(rebuilt.density_ratio, cached.density_ratio, rtol=1e-10)

@@ -16,22 +16,25 @@ shift/fit-<data>-<settings>/rows.safetensors                calibrated c_i [N, k
 ``<texts>`` hashes the scored texts (row by row), ``<encoder>`` every file of the embedding model,
 ``<data>`` the texts and the per-row sources, ``<settings>`` the fit settings (target, proportions,
 calibration, split, C, bins), the encoder and the classifier kind — 16 hex digits each. Nothing is
-pickled: arrays are safetensors, everything else JSON.
+pickled: arrays are safetensors, everything else JSON. A complete entry that cannot be read back (a
+truncated or edited file, arrays of the wrong shape) is removed and rebuilt.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
 from distalign.data.formats import DataError
 from distalign.errors import SetupError
-from distalign.models.cache import build_once, cache_root, settings_key
+from distalign.models.cache import build_once, cache_root, remove_directory, settings_key
 from distalign.shift.features import (
     MINILM,
     SentenceEmbedder,
@@ -42,6 +45,9 @@ from distalign.shift.features import (
     texts_fingerprint,
 )
 from distalign.shift.fit import FORMAT_VERSION, FitSettings, ShiftModel, check_sources, fit_density_ratio
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 SUMMARY_FILE = "shift_summary.json"
 PLOT_FILE = "reliability.png"
@@ -188,6 +194,19 @@ def _mean_or_none(values: np.ndarray) -> float | None:
     return float(values.mean()) if values.size else None
 
 
+def _cached(entry: Path, build: Callable[[Path], None], load: Callable[[Path], T]) -> T:
+    """``load(entry)``, building the entry first unless it is complete; an entry that is complete but
+    unreadable (a truncated or edited file) is removed and rebuilt once."""
+    build_once(entry, build)
+    try:
+        return load(entry)
+    except Exception as err:  # whatever a damaged file raises (safetensors, JSON, shapes): rebuild
+        logger.warning("cache entry %s is unreadable (%s); rebuilding it", entry, err)
+        remove_directory(entry)
+        build_once(entry, build)
+        return load(entry)
+
+
 def _digest(*parts: str) -> str:
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
 
@@ -209,8 +228,13 @@ def _embeddings(
         features = embed_rows(embedder, data.texts, progress=progress)
         save_file({"embeddings": features}, staging / "embeddings.safetensors")
 
-    build_once(entry, build)
-    return load_file(entry / "embeddings.safetensors")["embeddings"]
+    def load(directory: Path) -> np.ndarray:
+        features = load_file(directory / "embeddings.safetensors")["embeddings"]
+        if features.ndim != 2 or len(features) != len(data.texts):
+            raise ValueError(f"{features.shape} embeddings for {len(data.texts)} rows")
+        return features
+
+    return _cached(entry, build, load)
 
 
 def fit_shift(
@@ -251,9 +275,15 @@ def fit_shift(
         save_file(arrays, staging / _ROWS_FILE)
         built = True
 
-    build_once(entry, build)
-    model = ShiftModel.load(entry)
-    arrays = load_file(entry / _ROWS_FILE)
+    def load(directory: Path) -> tuple[ShiftModel, dict[str, np.ndarray]]:
+        model = ShiftModel.load(directory)
+        arrays = load_file(directory / _ROWS_FILE)
+        expected = (len(data.sources), len(model.synthetic))
+        if arrays["probabilities"].shape != expected or arrays["heldout"].shape != expected[:1]:
+            raise ValueError(f"row arrays of shape {arrays['probabilities'].shape}, expected {expected}")
+        return model, arrays
+
+    model, arrays = _cached(entry, build, load)
     probabilities = arrays["probabilities"]
     provenance = {
         "data": data.loaded.path,
