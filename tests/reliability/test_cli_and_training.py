@@ -190,18 +190,18 @@ def _online_config(tmp_path: Path, **online) -> Path:
 
 def test_fdpg_without_any_sample_in_the_support_warns_once_then_stops(tmp_path, capsys):
     """The README's old example: the tiny model never writes "amazing"; alignment 0, log Z -inf."""
-    config = _online_config(tmp_path, max_steps_without_support=3)
+    config = _online_config(tmp_path, max_steps_without_support=4)
     err = _fails_cleanly(
         capsys,
         ["train", str(config)],
-        "step 3",
+        "step 4",
         "no sample has satisfied",
         "online.samples_per_prompt",
         "online.max_steps_without_support",
     )
-    assert err.count("distalign: warning: step 1: no sample has satisfied") == 1
+    assert err.count("distalign: warning: step 3: no sample has satisfied") == 1  # after 3 steps
     records = read_metrics(tmp_path / "run")
-    assert [r["warnings/steps_without_support"] for r in records] == [1.0, 2.0, 3.0]
+    assert [r["warnings/steps_without_support"] for r in records] == [1.0, 2.0, 3.0, 4.0]
     assert all(r["log_z"] == -math.inf and r["alignment"] == 0.0 for r in records)
     assert not (tmp_path / "run" / "final").exists()
 

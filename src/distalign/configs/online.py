@@ -157,7 +157,7 @@ class OnlineConfig(_Section):
     """f-DPG: stop (exit status 2) after this many steps in a row in which no sample satisfies the
     target's constraints (a hard constraint: no sample in the target's support, P(x) = 0 for all, log Z
     -inf, zero gradient; a soft one: samples that all violate it say nothing about the target either).
-    While no sample has ever satisfied them, the first such step prints a warning. Logged as
+    When the first 3 steps all go without such a sample, a warning is printed. Logged as
     `warnings/steps_without_support`; 0 = never stop."""
     max_steps_without_signal: int = Field(20, ge=0)
     """Stop (exit status 2) after this many steps in a row whose advantages are all zero (every sample of

@@ -92,6 +92,10 @@ def policy_gradient_backward(
 
 
 # --- the run ---------------------------------------------------------------------------------------------
+#: Steps in a row without a sample satisfying the target, from the start, after which a warning is printed.
+WARN_AFTER_STEPS = 3
+
+
 class OnlineRun:
     """The parts of one online run (prompts, base, target or reward, proposal, state) and its step."""
 
@@ -125,7 +129,6 @@ class OnlineRun:
             proposal = FrozenProposal(policy, is_base=config.reference.model is None)
         self.state = LoopState(cfg.baseline_window, proposal)
         self.refresh_rule = ProposalRefreshRule(cfg.refresh_min_ess_fraction)
-        self._warned_support = False
         self.evaluator = None
         if cfg.eval_every:
             split = "heldout" if cfg.prompts.task is not None and cfg.eval_split == "heldout" else "train"
@@ -299,12 +302,13 @@ class OnlineRun:
     def watch(
         self, step: int, batch: GlobalBatch, signal: Signal, grad_norm: float | None
     ) -> dict[str, float]:
-        """Count the step towards the stall limits; warn once while no sample was ever in the support."""
+        """Count the step towards the stall limits; warn once when the first WARN_AFTER_STEPS steps all
+        went without a sample satisfying the target (a rare target often misses a step or two)."""
         in_support = samples_in_support(batch)
         learning = has_learning_signal(signal) and grad_norm != 0.0
-        self.state.stalls.update(in_support, learning)
-        if in_support == 0 and not self.state.stalls.support_seen and not self._warned_support:
-            self._warned_support = True
+        stalls = self.state.stalls
+        stalls.update(in_support, learning)
+        if stalls.without_support == WARN_AFTER_STEPS and not stalls.support_seen:
             limit = self.cfg.max_steps_without_support
             stop = (
                 f"the run stops after {limit} such steps in a row (online.max_steps_without_support)"
@@ -312,9 +316,9 @@ class OnlineRun:
                 else "online.max_steps_without_support is 0: the run will not stop for this"
             )
             self.warn(
-                f"step {step}: no sample has satisfied the target's constraints yet (alignment 0 for all "
-                f"{len(batch.texts)} samples: P(x) = 0 under a hard constraint, so log Z = -inf; the step "
-                f"teaches the policy nothing about the target); {stop}"
+                f"step {step}: no sample has satisfied the target's constraints yet ({stalls.without_support} "
+                f"steps of {len(batch.texts)} samples, alignment 0: P(x) = 0 under a hard constraint, so "
+                f"log Z = -inf; these steps teach the policy nothing about the target); {stop}"
             )
         return self.state.stalls.metrics(self.target is not None)
 
