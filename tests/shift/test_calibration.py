@@ -104,7 +104,8 @@ def test_stratified_split_is_seeded_and_keeps_every_source_on_both_sides():
 def test_fitted_density_ratio_matches_the_known_ratio(calibration, tmp_path):
     counts = {"golden": 800, "gpt": 800, "rambling": 1600}
     x, names = _sample(counts, seed=4)
-    model, heldout = fit_density_ratio(x, names, FitSettings(target="golden", calibration=calibration))
+    settings = FitSettings(target="golden", calibration=calibration, C=1.0)  # "auto": the test above
+    model, heldout = fit_density_ratio(x, names, settings)
     assert model.proportions == {"golden": 0.25, "gpt": 0.25, "rambling": 0.5}
     assert model.fits["rambling"].gamma == pytest.approx(2.0)
     x_test, names_test = _sample(counts, seed=5)
