@@ -225,3 +225,11 @@ def test_weight_diagnostics():
     signals = {"density_ratio": t64(1.8, 1.6, 0.2, 0.4), "source": torch.tensor([0, 0, 1, 1])}
     dora = aggregate("dora", t64(1.0, 1.0, 1.0, 1.0), signals=signals)
     assert dora.metrics["weights/source=0"] > 1.0 > dora.metrics["weights/source=1"]
+
+
+def test_chi2_dro_with_equal_losses_has_a_finite_gradient():
+    losses = torch.full((4,), 25.0, dtype=torch.float64, requires_grad=True)
+    result = aggregate("chi2_dro", losses, radius=1.0)
+    result.loss.backward()
+    assert result.loss.item() == pytest.approx(25.0)
+    torch.testing.assert_close(losses.grad, torch.full((4,), 0.25, dtype=torch.float64))

@@ -5,7 +5,8 @@ all expectations below are ``w``-weighted means over the batch) and is batch-cou
 evaluates it on the global optimizer batch, so a log-mean-exp really runs over every example of the
 batch (the public DoRA script runs one example per device, which collapses it to plain reweighting).
 
-Each reports the example weights it effectively applies, ``q_i = d loss / d l_i`` normalised to mean 1
+Each reports the plain weighted mean of the losses (``aggregate/mean``, comparable across steps and
+methods, unlike the robust objective itself) and the example weights it effectively applies, ``q_i = d loss / d l_i`` normalised to mean 1
 over the batch, through :func:`weight_diagnostics`: ``weights/ess`` (effective sample size as a
 fraction of the batch), ``weights/max``, and ``weights/source=<code>`` (mean weight of the rows of
 each source, when the data has a ``source`` column).
@@ -45,6 +46,8 @@ def _with_diagnostics(loss_fn, losses, weights, signals, extra=None) -> LossResu
         leaf = losses.detach().clone().requires_grad_(True)
         (effective,) = torch.autograd.grad(loss_fn(leaf), leaf)
     metrics = weight_diagnostics(effective, weights, signals) | (extra or {})
+    # The plain (row-weighted) mean beside the robust objective: comparable across steps and methods.
+    metrics["aggregate/mean"] = weighted_mean(losses.detach(), weights).float()
     return LossResult(loss_fn(losses), metrics)
 
 
@@ -181,7 +184,13 @@ def chi2_dro(losses, *, weights, signals, state, radius: float = 1.0) -> LossRes
                 high = mid
             else:
                 low = mid
-        eta = ((low + high) / 2).to(losses.dtype)
+        eta = (low + high) / 2
+        degenerate = bool((pd * (detached - eta).clamp(min=0) ** 2).sum() <= 1e-300)
+    if degenerate:
+        # Every row has the same loss: the ball's worst case is that loss, and the dual's square root
+        # has no derivative at 0; take the mean's gradient (a subgradient of the supremum).
+        return _with_diagnostics(lambda x: (p * x).sum(), losses, weights, signals)
+    eta = eta.to(losses.dtype)
     return _with_diagnostics(lambda x: _chi2_dual(x, p, eta, radius), losses, weights, signals)
 
 
