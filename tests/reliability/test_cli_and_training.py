@@ -121,6 +121,20 @@ def test_disk_full_without_a_filename_names_where_it_was_writing(tmp_path, capsy
     _fails_cleanly(capsys, argv, "No space left on device", str(output))
 
 
+def test_out_of_memory_is_a_setting_to_change(capsys, monkeypatch):
+    def out_of_memory(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore details")
+
+    monkeypatch.setattr("distalign.train.run_training", out_of_memory)
+    argv = ["train", "configs/quickstart.yaml", "output_dir=unused"]
+    _fails_cleanly(
+        capsys,
+        argv,
+        "out of memory (CUDA out of memory. Tried to allocate 2.00 GiB)",
+        "train.micro_batch_size",
+    )
+
+
 @pytest.mark.parametrize("how", ["flag", "environment"])
 def test_debug_shows_the_traceback_of_a_user_error(tmp_path, capsys, monkeypatch, how):
     missing = str(tmp_path / "nope.yaml")

@@ -74,7 +74,15 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         TrackerUnavailableError,
         OSError,  # missing file, permission denied, disk full: the environment, not a bug
         UnicodeDecodeError,  # a binary file given as a config or data file
+        *_out_of_memory_errors(),
     )
+
+
+def _out_of_memory_errors() -> tuple[type[BaseException], ...]:
+    """Running out of (GPU) memory is a setting to change, not a bug; torch only if already imported."""
+    torch = sys.modules.get("torch")
+    oom = getattr(getattr(torch, "cuda", None), "OutOfMemoryError", None)
+    return (MemoryError,) + ((oom,) if isinstance(oom, type) else ())
 
 
 def prefer_passive_openmp() -> None:
@@ -139,6 +147,13 @@ def describe_user_error(err: BaseException, args: argparse.Namespace) -> str:
     if isinstance(err, UnicodeDecodeError):
         where = _file_being_handled(err)
         return f"{where or 'an input file'}: not UTF-8 text ({err.reason} at byte {err.start})"
+    if isinstance(err, _out_of_memory_errors()):
+        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        return (
+            f"out of memory ({first_line}): lower train.micro_batch_size (online: also "
+            "online.sampling_batch_size), shorten data.max_length / online.max_new_tokens, or train LoRA "
+            "adapters (model.lora.enabled=true)"
+        )
     if not isinstance(err, OSError):
         return str(err)
     reason = err.strerror or str(err) or type(err).__name__
