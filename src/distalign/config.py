@@ -185,11 +185,13 @@ class TrainConfig(Section):
     """Global rows (pairs or completions) per optimizer step, over all micro-batches and processes."""
     micro_batch_size: int = Field(8, gt=0)
     """Rows per forward pass on each process; batch_size / (micro_batch_size x processes) micro-batches
-    are accumulated per step."""
+    are accumulated per step. A memory knob (same objective): it may change when a run resumes."""
     max_steps: int | None = Field(None, gt=0)
-    """Optimizer steps; null = as many as `epochs` needs."""
+    """Optimizer steps; null = as many as `epochs` needs. Must match when a run resumes: the learning-rate
+    schedule is laid out over the total, so raising it would change the steps already taken (to train
+    longer, start a new run)."""
     epochs: float = Field(1.0, gt=0.0)
-    """Passes over the data when max_steps is null."""
+    """Passes over the data when max_steps is null (must match when a run resumes, like max_steps)."""
     lr: float = Field(5e-4, gt=0.0)
     """Peak learning rate (AdamW)."""
     head_lr: float | None = Field(None, gt=0.0)
@@ -205,15 +207,28 @@ class TrainConfig(Section):
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     """"auto" = bf16 on a GPU that supports it, otherwise full precision."""
     log_every: int = Field(1, gt=0)
-    """Steps between metric records (metrics.jsonl, trackers, progress bar)."""
+    """Steps between metric records (metrics.jsonl, trackers, progress bar). May change on resume."""
     save_every: int = Field(0, ge=0)
-    """Steps between checkpoints; 0 = no intermediate checkpoints."""
+    """Steps between checkpoints; 0 = no intermediate checkpoints. May change on resume."""
     keep_checkpoints: int = Field(2, gt=0)
-    """Most recent checkpoints kept on disk."""
+    """Most recent checkpoints kept on disk. May change on resume."""
     trackers: list[Literal["tensorboard", "wandb", "mlflow"]] = []
-    """Extra experiment trackers through accelerate (metrics.jsonl is always written)."""
+    """Extra experiment trackers through accelerate (metrics.jsonl is always written). May change on
+    resume."""
     progress: bool = True
-    """Show a progress bar."""
+    """Show a progress bar. May change on resume."""
+    overwrite_output_dir: bool = False
+    """Start over in an output_dir that holds an earlier run (CLI: `train --overwrite-output-dir`): its
+    config.yaml, metrics.jsonl, evals.jsonl, checkpoints/, final/, dominance.json, plots/, eval/ and logs/
+    are deleted once the new run's model and data have loaded and validated (a failed start deletes
+    nothing; other files there are left alone). Off (the default): `train` resumes from the newest intact
+    checkpoint when the run's config.yaml matches this config, and otherwise refuses, naming the
+    differing fields; a finished run (final/ present) of the same config is left as it is (nothing is
+    trained; the CLI exits 0). Fields that may differ on resume:
+    output_dir, eval.*, train.log_every / save_every / keep_checkpoints / trackers / progress /
+    micro_batch_size, model.gradient_checkpointing / logprob_chunk_size, loss.global_strategy,
+    reference.precompute / cache_dir (see distalign.train.checkpoints.RESULT_NEUTRAL_FIELDS). Saved as
+    false in the run's config.yaml."""
 
 
 class RunConfig(Section):

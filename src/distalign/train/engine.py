@@ -17,6 +17,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,12 +26,23 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import ProjectConfiguration, broadcast_object_list, set_seed
 from tqdm.auto import tqdm
 
 from distalign.config import RunConfig, TrainConfig, dump_config
-
-CHECKPOINT_PREFIX = "step_"
+from distalign.errors import SetupError
+from distalign.train.checkpoints import (
+    CHECKPOINT_PREFIX,
+    DAMAGED_PREFIX,
+    RunDirPlan,
+    RunFinished,
+    list_checkpoints,
+    move_aside,
+    plan_run_dir,
+    read_loop_state,
+    remove_run_files,
+    write_manifest,
+)
 
 
 class TrackerUnavailableError(ValueError):
@@ -145,6 +157,7 @@ class Engine:
             atexit.unregister(destroy_process_group_if_initialized)  # once per process, however many runs
             atexit.register(destroy_process_group_if_initialized)
         set_seed(cfg.seed)
+        self.run_plan = self._plan_run_dir()
         self.metrics_log = MetricsLog(self.run_dir / "metrics.jsonl")
         self.model: torch.nn.Module | None = None
         self.optimizer = None
@@ -172,12 +185,35 @@ class Engine:
                     f"(pip install {install[tracker]})"
                 )
 
+    def _plan_run_dir(self) -> RunDirPlan:
+        """Decide what to do with an output_dir that holds an earlier run (resume, start over, refuse:
+        :func:`distalign.train.checkpoints.plan_run_dir`) before any model or data is loaded. The main
+        process decides (it reads and hashes the checkpoints) and every process gets its answer.
+        A finished run of this config raises :class:`RunFinished` (a SetupError the CLI answers with
+        exit 0)."""
+        plan = broadcast_object_list([plan_run_dir(self.config) if self.is_main else None])[0]
+        if plan.finished:
+            raise RunFinished(plan.error, self.run_dir)
+        if plan.error:
+            raise SetupError(plan.error)
+        return plan
+
     def open_run_dir(self) -> None:
         """Create the run directory and save the resolved config. Called only once the model and data
-        have loaded and validated, so a bad input leaves nothing half-written behind."""
+        have loaded and validated, so a bad input leaves nothing half-written behind; with
+        ``train.overwrite_output_dir`` this is also when the earlier run's files are deleted."""
         if self.is_main:
+            if self.run_plan.clear:
+                removed = remove_run_files(self.run_dir)
+                self.warn(
+                    f"--overwrite-output-dir: deleted the earlier run's {', '.join(removed)} in {self.run_dir}"
+                )
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(dump_config(self.config))
+            saved = self.config.model_copy(deep=True)
+            saved.train.overwrite_output_dir = False  # re-running the saved config must not delete this run
+            temp = self.run_dir / ".config.yaml.tmp"
+            temp.write_text(dump_config(saved))
+            os.replace(temp, self.run_dir / "config.yaml")
         self.barrier()
         if self.config.train.trackers:
             self.accelerator.init_trackers(self.run_dir.name, config=self.config.model_dump(mode="json"))
@@ -203,6 +239,11 @@ class Engine:
         """Print once (main process), above the progress bar if one is showing."""
         if self.is_main:
             (self._progress.write if self._progress is not None else print)(message)
+
+    def warn(self, message: str) -> None:
+        """``distalign: warning: MESSAGE`` on stderr, once (main process)."""
+        if self.is_main:
+            print(f"distalign: warning: {message}", file=sys.stderr, flush=True)
 
     def barrier(self) -> None:
         self.accelerator.wait_for_everyone()
@@ -320,19 +361,26 @@ class Engine:
         return self.run_dir / "checkpoints"
 
     def save_checkpoint(self, step: int, loop_state: dict[str, Any] | None = None) -> Path:
-        """Write model, optimizer, scheduler and RNG states atomically (temp dir + rename)."""
+        """Write model, optimizer, scheduler and RNG states, ``loop_state.json`` and, last,
+        ``checksums.json`` into a temporary directory, then rename it into place (atomic)."""
         final = self.checkpoint_dir / f"{CHECKPOINT_PREFIX}{step}"
         temp = self.checkpoint_dir / f".tmp_{CHECKPOINT_PREFIX}{step}"
         if self.is_main:
             shutil.rmtree(temp, ignore_errors=True)
+            # left by a replace or prune that was interrupted
+            for stale in self.checkpoint_dir.glob(f".old_{CHECKPOINT_PREFIX}*"):
+                shutil.rmtree(stale, ignore_errors=True)
             temp.mkdir(parents=True)
         self.barrier()
         self.accelerator.save_state(str(temp))
         self.barrier()
         if self.is_main:
             (temp / "loop_state.json").write_text(json.dumps({"step": step, **(loop_state or {})}))
-            shutil.rmtree(final, ignore_errors=True)
+            write_manifest(temp)
+            old = move_aside(final, ".old_") if final.exists() else None
             os.replace(temp, final)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
             self._prune_checkpoints()
         self.barrier()
         return final
@@ -340,25 +388,49 @@ class Engine:
     def _prune_checkpoints(self) -> None:
         kept = self.config.train.keep_checkpoints
         for old in self.list_checkpoints()[:-kept]:
-            shutil.rmtree(old, ignore_errors=True)
+            shutil.rmtree(move_aside(old, ".old_"), ignore_errors=True)
 
     def list_checkpoints(self) -> list[Path]:
-        """Complete checkpoints, oldest first (temporary directories are ignored)."""
-        if not self.checkpoint_dir.is_dir():
-            return []
-        found = [
-            p for p in self.checkpoint_dir.glob(f"{CHECKPOINT_PREFIX}*") if (p / "loop_state.json").exists()
-        ]
-        return sorted(found, key=lambda p: int(p.name.removeprefix(CHECKPOINT_PREFIX)))
+        """Checkpoint directories (``step_N``), oldest first; temporary ones are not listed."""
+        return list_checkpoints(self.checkpoint_dir)
 
     def resume_latest(self) -> dict[str, Any] | None:
-        """Load the newest complete checkpoint, if any, and return its loop state (with ``step``)."""
-        checkpoints = self.list_checkpoints()
-        if not checkpoints:
+        """Load the newest intact checkpoint, if any, and return its loop state (with ``step``).
+
+        Which one was decided (and verified against its checksums) when the engine was built; damaged
+        newer ones are reported and moved aside to ``checkpoints/damaged_step_N`` here. Any error while
+        loading becomes a :class:`SetupError` naming the checkpoint."""
+        plan = self.run_plan
+        if plan.resume is None:
             return None
-        latest = checkpoints[-1]
-        self.accelerator.load_state(str(latest))
-        state = json.loads((latest / "loop_state.json").read_text())
+        latest = plan.resume
+        if self.is_main and plan.damaged:
+            damaged = "; ".join(
+                f"{path} is damaged ({problem}), kept as {move_aside(path, DAMAGED_PREFIX).name}"
+                for path, problem in plan.damaged
+            )
+            self.warn(f"{damaged}; resuming from {latest}, the newest intact checkpoint")
+        if plan.legacy:
+            self.warn(
+                f"checkpoint {latest} has no checksums.json (written by an older distalign); loading it unverified"
+            )
+        self.barrier()
+        try:
+            self.accelerator.load_state(str(latest))
+            state = read_loop_state(latest)
+        except Exception as err:  # noqa: BLE001  (any loading failure: see the docstring)
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            why = (
+                "it has no checksums.json, so it may be damaged"
+                if plan.legacy
+                else "it passed its checksums, so it was probably written by another version of distalign "
+                "or of its dependencies"
+            )
+            raise SetupError(
+                f"checkpoint {latest} could not be loaded ({type(err).__name__}: {reason}); {why}. Delete it "
+                "to resume from the checkpoint before it (or from step 0), pass --overwrite-output-dir "
+                "(config: train.overwrite_output_dir=true) to start the run over, or choose a new output_dir"
+            ) from err
         if self.is_main:
             self.metrics_log.truncate_after(state["step"])
         self.barrier()
