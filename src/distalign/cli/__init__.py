@@ -24,12 +24,12 @@ import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from distalign.cli import data, evaluate, train
+from distalign.cli import data, evaluate, shift, train
 
 EXIT_USAGE = 2
 EXIT_INTERNAL = 1
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for Ctrl-C
-COMMAND_MODULES = (train, data, evaluate)
+COMMAND_MODULES = (train, data, evaluate, shift)
 DEBUG_ENV = "DISTALIGN_DEBUG"
 REPORT_LINE = (
     "distalign: internal error — please report it with the command and this traceback "
