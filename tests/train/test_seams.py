@@ -52,7 +52,7 @@ def weighted_pairs(tmp_path) -> Path:
     ("overrides", "message"),
     [
         (["loss.name=aot_paired", "aggregator.name=cvar"], "composes only with mean"),
-        (["aggregator.name=worst"], "valid names: cvar, mean"),
+        (["aggregator.name=worst"], "valid names: chi2_dro, cvar, dora"),
         (["aggregator.name=cvar", "aggregator.alfa=0.2"], "aggregator.alfa is not an option"),
         (["aggregator.name=cvar", "aggregator.alpha=0"], "alpha must lie in"),
         (["aggregator.alpha=0.2"], "not an option of aggregator 'mean'"),

@@ -197,12 +197,16 @@ def _gather(engine: Engine, local: Stats) -> tuple[Stats, int]:
 
 
 def _mean_over_micro_batches(engine: Engine, objective, detached: list[Stats]) -> LossResult:
+    """Micro-batch coupling scope: the mean over micro-batches and processes of the objective and of
+    its metrics. Metrics per source or group (``...=<name>``) exist only for the rows a micro-batch
+    happens to hold, so they are left out (every process must enter the same collectives)."""
     results = [objective(stats) for stats in detached]
     scale = 1.0 / (len(results) * engine.world_size)
     loss = engine.sum_across(float(sum(r.loss for r in results))) * scale
+    keys = [key for key in results[0].metrics if "=" not in key]
     metrics = {
         key: torch.tensor(engine.sum_across(float(sum(r.metrics[key] for r in results))) * scale)
-        for key in results[0].metrics
+        for key in keys
     }
     return LossResult(torch.tensor(loss), metrics)
 
