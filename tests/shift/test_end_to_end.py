@@ -19,18 +19,12 @@ from .conftest import paired_rows, write_jsonl
 def scored(tmp_path_factory):
     """One fit (temperature calibration) and one score of the same file through the CLI."""
     from distalign import cli
-    from distalign.cli import shift
 
     tmp = tmp_path_factory.mktemp("shift_e2e")
     data = write_jsonl(tmp / "mixed.jsonl", paired_rows(20))
     common = ["--target", "human", "--calibration", "temperature", "--cache-dir", str(tmp / "cache")]
-    saved = cli.COMMAND_MODULES
-    cli.COMMAND_MODULES = (*saved, shift)
-    try:
-        fit_code = cli.main(["shift", "fit", str(data), *common, "--output", str(tmp / "fit")])
-        score_code = cli.main(["shift", "score", str(data), *common, "--output", str(tmp / "scored.jsonl")])
-    finally:
-        cli.COMMAND_MODULES = saved
+    fit_code = cli.main(["shift", "fit", str(data), *common, "--output", str(tmp / "fit")])
+    score_code = cli.main(["shift", "score", str(data), *common, "--output", str(tmp / "scored.jsonl")])
     return tmp, data, fit_code, score_code
 
 
