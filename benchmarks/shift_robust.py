@@ -123,6 +123,14 @@ def train(args: argparse.Namespace, data: Path, method: dict, seed: int, run_dir
     return train_offline(build_config(tree, source="shift benchmark"))
 
 
+def noise_levels(args: argparse.Namespace) -> list[float]:
+    return [float(x) for x in args.noise.split(",")]
+
+
+def methods(args: argparse.Namespace) -> list[str]:
+    return args.methods.split(",")
+
+
 def t_interval(values: list[float]) -> tuple[float, float, float]:
     mean = statistics.fmean(values)
     if len(values) < 2:
@@ -153,35 +161,37 @@ def main() -> None:
     reference = draw_reference_samples(base, tokenizer, plan, cfg)
     results_path = root / "results.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
-    for rate in [float(x) for x in args.noise.split(",")]:
+    # Seed-major order: an interrupted run has every (noise, method) cell with fewer seeds, and a
+    # rerun continues where it stopped (results.json).
+    cells = [
+        (seed, rate, label)
+        for seed in range(args.seeds)
+        for rate in noise_levels(args)
+        for label in methods(args)
+    ]
+    for seed, rate, label in cells:
         data = noisy_copy(scored, rate)
-        for label in args.methods.split(","):
-            for seed in range(args.seeds):
-                key = f"{label}|{rate}|{seed}"
-                if key in results:
-                    continue
-                run_dir = train(
-                    args, data, METHODS[label], seed, root / "runs" / f"{label}_noise{rate}_seed{seed}"
-                )
-                from distalign.config import load_config
+        key = f"{label}|{rate}|{seed}"
+        if key in results:
+            continue
+        run_dir = train(args, data, METHODS[label], seed, root / "runs" / f"{label}_noise{rate}_seed{seed}")
+        from distalign.config import load_config
 
-                policy, _ = load_eval_model(str(run_dir / "final"), load_config(run_dir / "config.yaml"))
-                outcome = evaluate_models(
-                    policy, base, tokenizer, cfg, reference_samples=reference, plan=plan
-                )
-                r = outcome.result
-                gold, ref = r.gold_reward["policy"], r.gold_reward["reference"]
-                results[key] = {
-                    "gold_reward": gold.value,
-                    "gold_reward_ci": [gold.low, gold.high],
-                    "win_rate": r.win_rate.value,
-                    "win_rate_ci": [r.win_rate.low, r.win_rate.high],
-                    "kl": r.kl.k1.value if r.kl is not None else None,
-                    "reference_gold_reward": ref.value,
-                }
-                results_path.write_text(json.dumps(results, indent=1))
-                print(key, json.dumps(results[key]), flush=True)
-                del policy
+        policy, _ = load_eval_model(str(run_dir / "final"), load_config(run_dir / "config.yaml"))
+        outcome = evaluate_models(policy, base, tokenizer, cfg, reference_samples=reference, plan=plan)
+        r = outcome.result
+        gold, ref = r.gold_reward["policy"], r.gold_reward["reference"]
+        results[key] = {
+            "gold_reward": gold.value,
+            "gold_reward_ci": [gold.low, gold.high],
+            "win_rate": r.win_rate.value,
+            "win_rate_ci": [r.win_rate.low, r.win_rate.high],
+            "kl": r.kl.k1.value if r.kl is not None else None,
+            "reference_gold_reward": ref.value,
+        }
+        results_path.write_text(json.dumps(results, indent=1))
+        print(key, json.dumps(results[key]), flush=True)
+        del policy
     print_table(results, args)
     print(f"total wall time {time.time() - started:.0f} s")
 
