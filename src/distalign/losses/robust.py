@@ -6,10 +6,10 @@ evaluates it on the global optimizer batch, so a log-mean-exp really runs over e
 batch (the public DoRA script runs one example per device, which collapses it to plain reweighting).
 
 Each reports the plain weighted mean of the losses (``aggregate/mean``, comparable across steps and
-methods, unlike the robust objective itself) and the example weights it effectively applies, ``q_i = d loss / d l_i`` normalised to mean 1
-over the batch, through :func:`weight_diagnostics`: ``weights/ess`` (effective sample size as a
-fraction of the batch), ``weights/max``, and ``weights/source=<code>`` (mean weight of the rows of
-each source, when the data has a ``source`` column).
+methods, unlike the robust objective itself) and the weights it effectively puts on examples on top of
+the row weights (from ``d loss / d l_i``, normalised to mean 1; :func:`weight_diagnostics`):
+``weights/ess`` (effective sample size as a fraction of the batch), ``weights/max``, and
+``weights/source=<code>`` (mean weight of each source, when the data has a ``source`` column).
 """
 
 from __future__ import annotations
