@@ -79,26 +79,41 @@ def plot_training_curves(
     title: str = "",
 ) -> Path | None:
     """One panel per metric key against ``step`` (``keys`` default: :func:`curve_keys`); with more than
-    20 points a moving average over 1/20 of the run is drawn over the raw curve. ``None`` if nothing to plot."""
+    20 points a moving average over 1/20 of the run is drawn over the raw curve. Keys of one family
+    ``name=<value>`` (e.g. ``weights/source=golden``, ``weights/source=hot``) share a panel with a
+    legend. ``None`` if nothing to plot."""
     keys = list(keys) if keys is not None else curve_keys(rows)
-    series = {}
+    panels: dict[str, dict[str, np.ndarray]] = {}
     for key in keys:
         points = [(row.get("step", i), row[key]) for i, row in enumerate(rows) if _is_number(row.get(key))]
         if points:
-            series[key] = np.asarray(points, dtype=np.float64)
-    if not series:
+            family, sep, member = key.rpartition("=")
+            panel, label = (family, member) if sep else (key, key)
+            panels.setdefault(panel, {})[label] = np.asarray(points, dtype=np.float64)
+    if not panels:
         return None
-    ncols = min(3, len(series))
-    nrows = math.ceil(len(series) / ncols)
+    ncols = min(3, len(panels))
+    nrows = math.ceil(len(panels) / ncols)
     fig = Figure(figsize=(4.2 * ncols, 3.0 * nrows))
-    for index, (key, points) in enumerate(series.items()):
+    for index, (panel, series) in enumerate(panels.items()):
         ax = fig.add_subplot(nrows, ncols, index + 1)
-        steps, values = points[:, 0], points[:, 1]
-        window = max(1, len(values) // 20)
-        ax.plot(steps, values, color="tab:blue", alpha=0.35 if window > 1 else 1.0, linewidth=1)
-        if window > 1:
-            ax.plot(steps[window - 1 :], _moving_average(values, window), color="tab:blue", linewidth=1.8)
-        ax.set_title(key, fontsize=10)
+        several = len(series) > 1
+        for number, (label, points) in enumerate(series.items()):
+            color = f"C{number}" if several else "tab:blue"
+            steps, values = points[:, 0], points[:, 1]
+            window = max(1, len(values) // 20)
+            raw_label = None if window > 1 or not several else label
+            ax.plot(
+                steps, values, color=color, alpha=0.35 if window > 1 else 1.0, linewidth=1, label=raw_label
+            )
+            if window > 1:
+                smooth = _moving_average(values, window)
+                ax.plot(
+                    steps[window - 1 :], smooth, color=color, linewidth=1.8, label=label if several else None
+                )
+        if several:
+            ax.legend(fontsize=8, loc="best")
+        ax.set_title(panel, fontsize=10)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     if title:
