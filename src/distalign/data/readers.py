@@ -21,10 +21,21 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from distalign.data.file_diagnosis import (
+    FILE_SUFFIXES,
+    SNIFF_BYTES,
+    UTF8_BOM,
+    conversion_hint,
+    decode_utf8,
+    not_utf8,
+    output_name,
+    refuse_binary,
+    sniff,
+    unsupported_file,
+)
 from distalign.data.formats import DataError
 
 BUILTIN_PREFIX = "builtin:"
-FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet")
 # Data files a directory may hold for ``datasets.load_dataset`` (the ones this package reads, plus arrow).
 DIRECTORY_DATA_SUFFIXES = (*FILE_SUFFIXES, ".arrow")
 # Names with these endings are local files, never hub ids (so a missing one is "file not found").
@@ -44,9 +55,6 @@ _CSV_JSON_COLUMNS = frozenset(
     }
 )
 _DATASET_DIR_MARKERS = ("dataset_info.json", "dataset_dict.json", "state.json")
-_UTF8_BOM = b"\xef\xbb\xbf"
-_UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
-_SNIFF_BYTES = 4096
 
 RawRow = tuple[int, Any]
 
@@ -63,138 +71,6 @@ def resource_path(name: str) -> Path:
 
 # ---------------------------------------------------------------------------------------------------
 # What a file looks like, and how to convert it
-
-
-def _looks_utf16(head: bytes) -> bool:
-    start = head[:64]
-    return head.startswith(_UTF16_BOMS) or (len(start) >= 4 and start.count(0) >= len(start) // 4)
-
-
-def sniff(head: bytes) -> tuple[str, str]:
-    """``(kind, description)`` of what the first bytes of a file look like; ``kind`` keys the
-    conversion hints of :func:`conversion_hint`."""
-    if not head.strip():
-        return "empty", "an empty file"
-    if head.startswith(b"PAR1"):
-        return "parquet", "a Parquet file"
-    if head.startswith(b"PK\x03\x04"):
-        return "spreadsheet", "a ZIP archive (an .xlsx or .ods spreadsheet, or zipped files)"
-    if head.startswith(b"\xd0\xcf\x11\xe0"):
-        return "spreadsheet", "an Excel 97-2003 (.xls) workbook"
-    if head.startswith(b"\x1f\x8b"):
-        return "gzip", "gzip-compressed data"
-    if _looks_utf16(head):
-        return "utf16", "UTF-16 encoded text"
-    if b"\x00" in head:
-        return "binary", "binary data"
-    text = head.decode("utf-8", errors="replace").lstrip("\ufeff").lstrip()
-    first_line = text.splitlines()[0] if text else ""
-    if text.startswith("["):
-        return "json_array", "a JSON array"
-    if text.startswith("{"):
-        return "jsonl", "JSON objects (JSON lines)"
-    if "\t" in first_line:
-        return "tsv", "tab-separated values"
-    if "," in first_line:
-        return "csv", "comma-separated values"
-    return "text", "plain text"
-
-
-def _output_name(name: str, suffix: str) -> str:
-    """The file a conversion of ``name`` writes: ``STEM.SUFFIX``, or ``STEM.fixed.SUFFIX`` if that is ``name``."""
-    stem = Path(name).stem
-    return f"{stem}.fixed{suffix}" if f"{stem}{suffix}" == name else f"{stem}{suffix}"
-
-
-def conversion_hint(kind: str, name: str) -> str:
-    """What to do with a file of ``kind`` (see :func:`sniff`) named ``name``."""
-    stem = Path(name).stem
-    jsonl, csv_name = _output_name(name, ".jsonl"), _output_name(name, ".csv")
-    hints = {
-        "empty": "the file is empty; write rows into it",
-        "parquet": f"rename it to {stem}.parquet",
-        "spreadsheet": f"export it as CSV (in the spreadsheet program: Save As > CSV UTF-8), or: python -c "
-        f"\"import pandas as pd; pd.read_excel('{name}').to_csv('{csv_name}', index=False)\"",
-        "gzip": f"decompress it first: gunzip -k {name}",
-        "utf16": f"re-save it as UTF-8: iconv -f utf-16 -t utf-8 {name} > {stem}.utf8{Path(name).suffix}",
-        "binary": "write the rows as JSON lines, CSV or Parquet",
-        "json_array": f"write one object per line (JSON lines): jq -c '.[]' {name} > {jsonl}",
-        "jsonl": f"rename it to {stem}.jsonl",
-        "tsv": f"rename it to {stem}.tsv",
-        "csv": f"rename it to {stem}.csv",
-        "text": f"for prompt-only data with one prompt per line: jq -R -c '{{prompt: .}}' {name} > {jsonl}",
-    }
-    return hints[kind]
-
-
-def _head(path: Path) -> bytes:
-    with path.open("rb") as handle:
-        return handle.read(_SNIFF_BYTES)
-
-
-def unsupported_file(path: Path, shown: str) -> DataError:
-    """The error for a file whose suffix this package does not read, saying what it looks like."""
-    kind, description = sniff(_head(path))
-    supported = ", ".join(FILE_SUFFIXES)
-    return DataError(
-        f"unsupported file type {path.suffix or '(no suffix)'!r} (supported: {supported}, or a directory); "
-        f"it looks like {description}: {conversion_hint(kind, path.name)}",
-        file=shown,
-    )
-
-
-def _refuse_binary(path: Path, head: bytes, expected: str) -> None:
-    """A text container (JSONL/JSON/CSV) whose first bytes are UTF-16, compressed or binary."""
-    kind, description = sniff(head)
-    if kind in ("parquet", "spreadsheet", "gzip", "utf16", "binary"):
-        raise DataError(
-            f"not {expected}: the file holds {description}; {conversion_hint(kind, path.name)}",
-            file=str(path),
-        )
-
-
-# ---------------------------------------------------------------------------------------------------
-# Text decoding
-
-
-def _guess_encoding(sample: bytes) -> str:
-    """The likeliest legacy encoding of bytes that are not UTF-8, named as iconv knows it."""
-    try:
-        sample.decode("cp1252")
-    except UnicodeDecodeError:
-        return "latin1"
-    # bytes 0x80-0x9f are control codes in latin1 but curly quotes, dashes, euro in Windows-1252
-    return "cp1252" if any(0x80 <= byte <= 0x9F for byte in sample) else "latin1"
-
-
-def _not_utf8(
-    path: Path, sample: bytes, byte: int, offset: int, row: int | None, what: str = ""
-) -> DataError:
-    encoding = _guess_encoding(sample)
-    fixed = f"{path.stem}.utf8{path.suffix}"
-    return DataError(
-        f"not UTF-8 (byte 0x{byte:02x} at offset {offset}{what}): re-save the file as UTF-8, e.g. "
-        f"iconv -f {encoding} -t utf-8 {path.name} > {fixed}",
-        file=str(path),
-        row=row,
-    )
-
-
-def _decode(path: Path, data: bytes, locate_row: Any) -> str:
-    """``data`` as UTF-8 text without a byte-order mark; ``locate_row(offset)`` gives the row (or
-    ``None``) reported for an undecodable byte at that offset of ``data``."""
-    skip = len(_UTF8_BOM) if data.startswith(_UTF8_BOM) else 0
-    try:
-        return data[skip:].decode("utf-8")
-    except UnicodeDecodeError as exc:
-        offset = skip + exc.start
-        line = data.count(b"\n", 0, offset) + 1
-        row = locate_row(data, offset)
-        raise _not_utf8(path, data, data[offset], offset, row, f", line {line}") from None
-
-
-# ---------------------------------------------------------------------------------------------------
-# JSON
 
 
 class _DuplicateKey(Exception):
@@ -235,7 +111,7 @@ def _json_line(line: str, path: Path, line_number: int, first: bool) -> Any:
             hint = (
                 conversion_hint("json_array", path.name)
                 if stripped.startswith("[")
-                else f"write one object per line: jq -c . {path.name} > {_output_name(path.name, '.jsonl')}"
+                else f"write one object per line: jq -c . {path.name} > {output_name(path.name, '.jsonl')}"
             )
             raise DataError(
                 f"this is JSON written over several lines, not JSON lines (one object per line): {hint}",
@@ -264,9 +140,9 @@ def read_jsonl(path: Path, limit: int | None) -> Iterator[RawRow]:
             start = offset
             offset += len(raw)
             if line_number == 1:
-                _refuse_binary(path, raw[:_SNIFF_BYTES], "JSON lines")
-                if raw.startswith(_UTF8_BOM):
-                    raw, start = raw[len(_UTF8_BOM) :], start + len(_UTF8_BOM)
+                refuse_binary(path, raw[:SNIFF_BYTES], "JSON lines")
+                if raw.startswith(UTF8_BOM):
+                    raw, start = raw[len(UTF8_BOM) :], start + len(UTF8_BOM)
             if not raw.strip():
                 continue
             if limit is not None and count >= limit:
@@ -275,7 +151,7 @@ def read_jsonl(path: Path, limit: int | None) -> Iterator[RawRow]:
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as exc:
-                raise _not_utf8(path, raw, raw[exc.start], start + exc.start, line_number) from None
+                raise not_utf8(path, raw, raw[exc.start], start + exc.start, line_number) from None
             yield line_number, _json_line(line, path, line_number, first=count == 1)
 
 
@@ -328,13 +204,13 @@ def _single_object_reason(document: dict[str, Any], path: Path) -> str:
 def read_json(path: Path, limit: int | None) -> Iterator[RawRow]:
     """A ``.json`` file: one JSON array of row objects (row i is element i, 1-based), or JSON lines."""
     data = path.read_bytes()
-    _refuse_binary(path, data[:_SNIFF_BYTES], "JSON")
-    is_array = data.lstrip(_UTF8_BOM).lstrip()[:1] == b"["  # rows are elements, not lines
+    refuse_binary(path, data[:SNIFF_BYTES], "JSON")
+    is_array = data.lstrip(UTF8_BOM).lstrip()[:1] == b"["  # rows are elements, not lines
 
     def line_of(raw: bytes, offset: int) -> int | None:
         return None if is_array else raw.count(b"\n", 0, offset) + 1
 
-    text = _decode(path, data, line_of)
+    text = decode_utf8(path, data, line_of)
     stripped = text.lstrip()
     if stripped.startswith("["):
         try:
@@ -398,14 +274,14 @@ def read_csv(path: Path, limit: int | None, delimiter: str = ",") -> Iterator[Ra
     Header names are stripped of surrounding spaces (``prompt, chosen`` names ``chosen``)."""
     data = path.read_bytes()
     expected = "CSV" if delimiter == "," else "tab-separated values"
-    _refuse_binary(path, data[:_SNIFF_BYTES], expected)
-    text = _decode(path, data, _csv_row_at(delimiter))
+    refuse_binary(path, data[:SNIFF_BYTES], expected)
+    text = decode_utf8(path, data, _csv_row_at(delimiter))
     reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
     if reader.fieldnames is None:
         return
     header = [name.strip() for name in reader.fieldnames]
     if header and header[0].startswith(("{", "[")):
-        kind, description = sniff(data[:_SNIFF_BYTES])
+        kind, description = sniff(data[:SNIFF_BYTES])
         raise DataError(
             f"the header line starts with {header[0][:1]!r}: this is {description}, not {expected}; "
             f"{conversion_hint(kind, path.name)}",
@@ -446,7 +322,7 @@ def read_tsv(path: Path, limit: int | None) -> Iterator[RawRow]:
 
 def _not_parquet(path: Path, exc: Exception) -> DataError:
     with path.open("rb") as handle:
-        head = handle.read(_SNIFF_BYTES)
+        head = handle.read(SNIFF_BYTES)
         handle.seek(0, 2)
         size = handle.tell()
         handle.seek(max(0, size - 4))
