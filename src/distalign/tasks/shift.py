@@ -99,7 +99,6 @@ def build_shift_dataset(
         raise ValueError(f"no sampler for source(s) {sorted(missing)}")
     prompts = select_prompts(task, split=split, num_prompts=num_prompts, seed=seed)
     assigned = assign_sources(len(prompts), sources, seed)
-    flip_rng = np.random.default_rng(np.random.SeedSequence([seed, 2]))
     rows: list[dict[str, Any]] = []
     counts: dict[str, Any] = {"prompts": len(prompts), "ties_skipped": 0, "flipped": 0, "per_source": {}}
     for source in sources:
@@ -116,12 +115,8 @@ def build_shift_dataset(
         counts["per_source"][source.name] = kept
     # Noise is drawn after all sources are sampled, in a fixed row order, so a noise level changes
     # which labels flip and nothing else.
-    for row in rows:
-        if flip_rng.random() < label_noise:
-            row["chosen"], row["rejected"] = row["rejected"], row["chosen"]
-            row["chosen_reward"], row["rejected_reward"] = row["rejected_reward"], row["chosen_reward"]
-            row["label_flipped"] = True
-            counts["flipped"] += 1
+    rows = flip_labels(rows, label_noise, seed)
+    counts["flipped"] = sum(row["label_flipped"] for row in rows)
     counts["pairs"] = len(rows)
     return rows, counts
 
