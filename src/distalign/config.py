@@ -163,6 +163,29 @@ class AggregatorConfig(Section):
         return dict(self.model_extra or {})
 
 
+class DesignerConfig(Section):
+    """Designer objectives: rewards the preference labels do not capture (brevity, readability, ...),
+    combined per response into ``r_aux = sum_k w_k * normalise(r_k)`` and carried to the loss as the
+    per-row signals ``chosen_reward/designer`` and ``rejected_reward/designer`` (pairs) or
+    ``reward/designer`` (unpaired rows); each reward also travels under its own alias. Computed once
+    over the training data when it is loaded (raw scores cached), fitted normalisation saved in the run
+    directory (``designer.json``) so evaluation scores samples on the same scale. UPO and the MODPO /
+    relabelling baselines read them; ``distalign eval`` reports them. See docs/upo.md."""
+
+    rewards: list[dict[str, Any] | str] = []
+    """Reward specs as ``distalign.rewards.build_reward`` takes them (``{name: length, alias: brevity,
+    direction: minimize}``), or ``{column: NAME}`` to read the data's own ``rewards`` /
+    ``chosen_rewards`` / ``rejected_rewards`` column NAME instead of computing it."""
+    weights: dict[str, float] = {}
+    """w_k by reward alias (default 1 each)."""
+    normalize: Literal["zscore", "minmax", "none"] = "zscore"
+    """Normalisation of each reward fitted over the training responses, unless its spec sets its own."""
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.rewards)
+
+
 class ReferenceConfig(Section):
     """Where reference log-probs come from."""
 
@@ -240,6 +263,7 @@ class RunConfig(Section):
     data: DataConfig = DataConfig()
     loss: LossConfig = LossConfig()
     aggregator: AggregatorConfig = AggregatorConfig()
+    designer: DesignerConfig = DesignerConfig()
     reference: ReferenceConfig = ReferenceConfig()
     train: TrainConfig = TrainConfig()
     online: OnlineConfig | None = None

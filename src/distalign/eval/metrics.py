@@ -332,6 +332,12 @@ class EvalResult:
     * ``diversity``: per model, :func:`diversity_stats`; ``length``: per model, :func:`length_stats`.
     * ``dominance``: first-order dominance of the policy's gold rewards over the reference's
       (:func:`distalign.eval.dominance.dominance_metrics`: violation_rate, w1, signed_mean_gap, ...).
+    * ``designer``: designer scores (``designer:`` config section) of the same samples, by name:
+      ``"designer"`` is the composite ``r_aux = sum_k w_k normalise(r_k)`` (higher is better, normalised
+      with the statistics fitted on the training data), then each reward by alias in its own raw units
+      (``direction`` in ``settings["designer"]`` says which way is better). Each entry maps
+      ``"policy"`` / ``"reference"`` to the mean with CI and ``"difference"`` to the mean of policy minus
+      reference, paired by prompt and sample index, with CI. Empty without a designer section.
     * ``settings``: how the numbers were made (models, generation settings, seeds, n_boot, alpha).
     * ``samples_file``: path, relative to the JSON, of the per-sample JSONL, if one was written.
     """
@@ -346,6 +352,7 @@ class EvalResult:
     diversity: dict[str, dict[str, float]] = field(default_factory=dict)
     length: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
     dominance: dict[str, float] = field(default_factory=dict)
+    designer: dict[str, dict[str, Estimate]] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)
     samples_file: str | None = None
     schema_version: int = 1
@@ -360,6 +367,10 @@ class EvalResult:
         known["gold_reward"] = {k: Estimate.from_dict(v) for k, v in data["gold_reward"].items()}
         if data.get("win_rate") is not None:
             known["win_rate"] = Estimate.from_dict(data["win_rate"])
+        known["designer"] = {
+            name: {key: Estimate.from_dict(value) for key, value in entry.items()}
+            for name, entry in (data.get("designer") or {}).items()
+        }
         if data.get("kl") is not None:
             known["kl"] = KLEstimate(
                 Estimate.from_dict(data["kl"]["k1"]), Estimate.from_dict(data["kl"]["k3"])
