@@ -219,6 +219,10 @@ class TrainConfig(Section):
     """Peak learning rate (AdamW)."""
     head_lr: float | None = Field(None, gt=0.0)
     """Peak learning rate of model heads a loss adds (e.g. a value head); null = lr."""
+    head_gradient_to_policy: bool = False
+    """Let the losses of model heads (UPO's value loss) also train the policy through the hidden state
+    the head reads. Default false: a head is a probe on the policy's representation of the prompt and
+    does not reshape the policy, as the UPO paper's separate value model does not."""
     weight_decay: float = Field(0.0, ge=0.0)
     adam_betas: tuple[float, float] = (0.9, 0.999)
     scheduler: Literal["constant", "linear", "cosine"] = "cosine"

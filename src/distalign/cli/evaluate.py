@@ -44,6 +44,12 @@ def _eval_lines(result) -> str:
         lines.append(f"  win rate vs reference {show(result.win_rate)}")
     if result.kl is not None:
         lines.append(f"  KL(policy || reference) {show(result.kl.k1)} nats")
+    for name, entry in result.designer.items():
+        label = "designer score (r_aux)" if name == "designer" else f"designer {name}"
+        lines.append(
+            f"  {label}: policy {show(entry['policy'])}, reference {show(entry['reference'])}, "
+            f"difference {show(entry['difference'])}"
+        )
     return "\n".join(lines)
 
 

@@ -54,6 +54,7 @@ def cmd_losses(args: argparse.Namespace) -> int:
         flags = [spec.data_kind, "reference" if spec.needs_reference else "reference-free"]
         if spec.batch_coupled:
             flags.append("batch-coupled")
+        flags += [f"batch-coupled when {option}" for option in spec.coupled_by]
         if spec.aggregators is not None:
             flags.append(f"aggregators: {', '.join(spec.aggregators)}")
         flags += [f"signal {s}" for s in spec.signals] + [f"head {h}" for h in spec.heads]

@@ -22,9 +22,11 @@ from typing import Any
 import yaml
 
 from distalign.eval.metrics import Estimate, EvalResult
+from distalign.eval.pareto import has_designer_scores, pareto_rows, shared_designer_reference
 from distalign.eval.plots import (
     FrontierPoint,
     curve_keys,
+    plot_designer_pareto,
     plot_frontier,
     plot_gold_rewards,
     plot_quantile_curves,
@@ -311,7 +313,50 @@ def _comparison_section(runs: Sequence[RunSummary], assets: Path) -> str:
             )
         png = plot_frontier(points, assets / "frontier.png")
         parts.append(_image(png, "gold reward vs KL(policy || reference): the frontier"))
+    if any(has_designer_scores(ev) for _, ev in evaluated):
+        parts.append(_designer_section(runs, assets))
     return "".join(parts)
+
+
+def _designer_section(runs: Sequence[RunSummary], assets: Path) -> str:
+    """The Pareto view of runs with designer scores: plot and table (see :mod:`distalign.eval.pareto`)."""
+    rows = pareto_rows([(r.name, r.config, r.eval) for r in runs])
+    reference = shared_designer_reference([r.eval for r in runs if r.eval is not None])
+    png = plot_designer_pareto(
+        [row.point for row in rows], assets / "designer_pareto.png", reference=reference
+    )
+    table = _table(
+        [
+            "run",
+            "designer score [CI]",
+            "difference vs reference [CI]",
+            "win rate [CI]",
+            "on the Pareto front",
+        ],
+        [
+            [
+                row.point.label,
+                row.point.designer,
+                row.difference,
+                row.point.win_rate,
+                "yes" if row.on_front else "no",
+            ]
+            for row in rows
+        ],
+    )
+    note = (
+        "Designer score: the composite designer reward of the policy's samples (higher is better); win rate: "
+        "gold reward against the reference. The front joins the runs no other run beats on both, judged on "
+        "point estimates: runs whose intervals overlap are not separated beyond noise. Squares are plain DPO."
+    )
+    if reference is None:
+        note += " The runs were scored against different references, so no reference point is drawn."
+    return (
+        "<h3>Designer score vs win rate (Pareto view)</h3>"
+        + f'<p class="muted">{html.escape(note)}</p>'
+        + _image(png, "designer score vs gold-reward win rate: the Pareto view")
+        + table
+    )
 
 
 def _reference_diversity(runs: Sequence[RunSummary]) -> list[Any]:

@@ -25,9 +25,10 @@ from tqdm.auto import tqdm
 
 from distalign.config import ConfigError, RunConfig, load_config
 from distalign.configs.evaluation import EvalConfig
+from distalign.data.designer import FittedDesigner, designer_for_run
 from distalign.eval.dominance import dominance_metrics
 from distalign.eval.dominance import plot_quantile_curves as plot_dominance
-from distalign.eval.metrics import EvalResult, evaluate_samples
+from distalign.eval.metrics import EvalResult, evaluate_samples, mean_with_ci
 from distalign.tasks import Task, get_task, select_prompts
 from distalign.tasks.sampler import model_device, render_task_prompts, uses_chat_template
 
@@ -55,6 +56,7 @@ class ModelSamples:
     logprobs: np.ndarray
     rewards: np.ndarray
     ended_with_eos: np.ndarray
+    designer: dict[str, np.ndarray] | None = None
 
 
 @dataclass
@@ -169,11 +171,13 @@ def evaluate_models(
     reference_samples: ModelSamples | None = None,
     plan: EvalPrompts | None = None,
     settings: dict[str, Any] | None = None,
+    designer: FittedDesigner | None = None,
 ) -> EvalOutcome:
     """Evaluate ``policy`` against ``reference`` (both on their devices; one shared tokenizer).
 
     ``policy is reference`` evaluates a model against itself: two independent sample sets, KL exactly 0.
     Pass ``reference_samples`` (and the ``plan`` they were drawn for) to reuse a reference's samples.
+    ``designer`` (:func:`distalign.data.designer.designer_for_run`) adds the designer scores.
     """
     plan = plan or eval_prompts(cfg, tokenizer)
     if reference_samples is None:
@@ -209,7 +213,32 @@ def evaluate_models(
     dominance = dominance_metrics(policy_samples.rewards, reference_samples.rewards)
     dominance.pop("ot_cost")  # AOT's cost at its training beta means nothing on a gold-reward scale
     result.dominance = dominance
-    return EvalOutcome(result, plan, policy_samples, reference_samples, ref_logps)
+    outcome = EvalOutcome(result, plan, policy_samples, reference_samples, ref_logps)
+    if designer is not None and designer.can_score_text:
+        _add_designer_scores(outcome, designer, cfg)
+    elif designer is not None:
+        result.settings["designer"] = "not scored: a designer reward is read from a data column"
+    return outcome
+
+
+def _add_designer_scores(outcome: EvalOutcome, designer: FittedDesigner, cfg: EvalConfig) -> None:
+    """Designer scores of both sample sets (:attr:`EvalResult.designer`); the per-sample values go to
+    samples.jsonl. Differences pair sample j of the policy with sample j of the reference on a prompt."""
+    prompts = outcome.prompts.prompts
+    scores = {}
+    for role, samples in (("policy", outcome.policy), ("reference", outcome.reference)):
+        scores[role] = designer.score([prompts[i] for i in samples.prompt_index], samples.texts)
+        samples.designer = scores[role]
+    boot = {"n_boot": cfg.n_boot, "alpha": cfg.alpha, "seed": cfg.seed, "groups": outcome.policy.prompt_index}
+    outcome.result.designer = {
+        name: {
+            "policy": mean_with_ci(scores["policy"][name], **boot),
+            "reference": mean_with_ci(scores["reference"][name], **boot),
+            "difference": mean_with_ci(scores["policy"][name] - scores["reference"][name], **boot),
+        }
+        for name in scores["policy"]
+    }
+    outcome.result.settings["designer"] = designer.to_json()
 
 
 def _eval_settings(cfg: EvalConfig, plan: EvalPrompts) -> dict[str, Any]:
@@ -258,6 +287,8 @@ def _write_samples(outcome: EvalOutcome, path: Path) -> None:
             }
             if role == "policy":
                 row["reference_logprob"] = float(outcome.reference_logprobs_of_policy[i])
+            if samples.designer is not None:
+                row["designer"] = {name: float(values[i]) for name, values in samples.designer.items()}
             lines.append(json.dumps(row, ensure_ascii=False))
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
@@ -335,6 +366,7 @@ def evaluate_run(
         tokenizer,
         config.eval,
         settings={"policy": str(final), "reference": reference_name},
+        designer=_designer(config, run_dir),
     )
     return write_eval(outcome, output or run_dir / "eval", save_samples=config.eval.save_samples)
 
@@ -356,10 +388,20 @@ def evaluate_config(config: RunConfig, output: str | Path | None = None) -> Path
         tokenizer,
         config.eval,
         settings={"policy": config.model.name, "reference": config.model.name},
+        designer=_designer(config, None),
     )
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.yaml").write_text(dump_config(config))
     return write_eval(outcome, out_dir / "eval", save_samples=config.eval.save_samples)
+
+
+def _designer(config: RunConfig, run_dir: Path | None) -> FittedDesigner | None:
+    from distalign.errors import SetupError
+
+    try:
+        return designer_for_run(config, run_dir)
+    except ValueError as err:
+        raise SetupError(f"designer: {err}") from None
 
 
 def evaluate_target(target: str, overrides: Sequence[str] = (), output: str | None = None) -> Path:

@@ -4,7 +4,7 @@ Importing this package registers every built-in loss and aggregator; ``distalign
 ``distalign.losses.AGGREGATORS`` list them.
 """
 
-from distalign.losses import aggregators, aot, kto, listwise, preference, robust  # noqa: F401  (registration side effects)
+from distalign.losses import aggregators, aot, kto, listwise, preference, robust, upo  # noqa: F401  (registration side effects)
 from distalign.losses.aggregators import AGGREGATORS, get_aggregator, register_aggregator
 from distalign.losses.base import (
     LOSSES,

@@ -184,6 +184,8 @@ class LossSpec:
     ``aggregators``: the aggregators this loss composes with (``None`` = every one); a coupled loss
     whose per-example values only mean something under the weighted mean lists ``("mean",)`` and says
     why in ``aggregator_note``. ``signals`` / ``heads``: per-row signals and model heads it reads.
+    ``coupled_by``: options that, when set, make an otherwise per-example loss batch-coupled.
+    ``needs_kl_pairs``: the loss reads ``kl_policy_logps`` / ``kl_ref_logps`` (KTO's mismatched pairs).
     """
 
     name: str
@@ -196,6 +198,13 @@ class LossSpec:
     aggregator_note: str = ""
     signals: tuple[str, ...] = ()
     heads: tuple[str, ...] = ()
+    coupled_by: tuple[str, ...] = ()
+    needs_kl_pairs: bool = False
+
+    def is_batch_coupled(self, options: dict[str, Any]) -> bool:
+        """Whether the loss couples the batch with these options: always when ``batch_coupled``, else
+        when one of the ``coupled_by`` options is set (e.g. UPO's batch-normalised weights)."""
+        return self.batch_coupled or any(options.get(name) for name in self.coupled_by)
 
     @property
     def options(self) -> dict[str, Any]:
@@ -220,21 +229,26 @@ class LossSpec:
 
 
 def example_stats(spec: LossSpec) -> Stats:
-    """Two rows of made-up float64 statistics of ``spec``'s data kind (with its declared heads), for
-    checking option values at config time by calling the loss once."""
+    """Two rows of made-up float64 statistics of ``spec``'s data kind (with its declared heads and its
+    exactly named numeric signals), for checking option values at config time by calling the loss once."""
     values = torch.tensor([-1.5, -2.5], dtype=torch.float64)
     lengths = torch.tensor([3.0, 4.0], dtype=torch.float64)
-    heads = {name: torch.zeros(2, dtype=torch.float64) for name in spec.heads}
+    extra = {
+        "heads": {name: torch.zeros(2, dtype=torch.float64) for name in spec.heads},
+        "signals": {
+            name: torch.tensor([0.5, -0.5], dtype=torch.float64)
+            for name in spec.signals
+            if not name.endswith("*") and name not in ("source", "group")
+        },
+    }
     if spec.data_kind == "paired":
-        return PairedStats(values, values - 1, lengths, lengths, values - 0.5, values - 0.5, heads=heads)
+        return PairedStats(values, values - 1, lengths, lengths, values - 0.5, values - 0.5, **extra)
     if spec.data_kind == "unpaired":
         labels = torch.tensor([1.0, 0.0], dtype=torch.float64)
-        return UnpairedStats(
-            values, lengths, labels, values - 0.5, values.flip(0), values.flip(0), heads=heads
-        )
+        return UnpairedStats(values, lengths, labels, values - 0.5, values.flip(0), values.flip(0), **extra)
     grid = torch.stack([values, values - 1], dim=1)
     ones = torch.ones(2, 2, dtype=torch.float64)
-    return ListwiseStats(grid, ones, torch.tensor([[1.0, 0.0], [0.0, 1.0]]), ones, grid - 0.5, heads=heads)
+    return ListwiseStats(grid, ones, torch.tensor([[1.0, 0.0], [0.0, 1.0]]), ones, grid - 0.5, **extra)
 
 
 LOSSES: Registry[LossSpec] = Registry("loss")
@@ -251,6 +265,8 @@ def register_loss(
     aggregator_note: str = "",
     signals: tuple[str, ...] = (),
     heads: tuple[str, ...] = (),
+    coupled_by: tuple[str, ...] = (),
+    needs_kl_pairs: bool = False,
 ) -> Callable[[LossFunction], LossFunction]:
     """Register ``fn(stats, *, option=default, ...) -> PerExampleLosses`` under ``name``."""
 
@@ -268,6 +284,8 @@ def register_loss(
                 aggregator_note=aggregator_note,
                 signals=signals,
                 heads=heads,
+                coupled_by=coupled_by,
+                needs_kl_pairs=needs_kl_pairs,
             ),
         )
         return fn

@@ -45,6 +45,7 @@ def _kto_metrics(
     data_kind="unpaired",
     needs_reference=True,
     batch_coupled=True,
+    needs_kl_pairs=True,
     paper="Ethayarajh et al. 2024, KTO (loss lambda_y - v(x, y); z_ref from mismatched pairs)",
 )
 def kto_per_example(

@@ -255,6 +255,7 @@ def sequence_logprobs(
     lean: bool | None = None,
     heads: nn.ModuleDict | None = None,
     head_positions: Tensor | None = None,
+    detach_head_input: bool = False,
 ) -> SequenceLogprobs:
     """Exact summed log-probability of each row's completion tokens, memory-lean.
 
@@ -267,6 +268,7 @@ def sequence_logprobs(
         lean: force (True) or forbid (False) the decoder + chunked-head path; None decides per model.
         heads: model heads (:mod:`distalign.models.heads`) to evaluate on the final hidden state.
         head_positions: [B] the position each head reads (the last prompt token); needed with heads.
+        detach_head_input: heads read a detached hidden state, so their losses train the heads only.
 
     Returns:
         :class:`SequenceLogprobs` with ``summed`` [B], ``counts`` [B] and ``heads`` (name -> [B]).
@@ -303,6 +305,7 @@ def sequence_logprobs(
         if head_positions is None:
             raise ValueError("model heads need head_positions (each row's last prompt token)")
         states = hidden[torch.arange(hidden.shape[0], device=hidden.device), head_positions]  # [B, H]
+        states = states.detach() if detach_head_input else states
         head_outputs = {name: module(states) for name, module in heads.items()}
     return SequenceLogprobs(summed=summed, counts=counts, heads=head_outputs)
 
@@ -329,10 +332,12 @@ class SequenceLogprobModel(nn.Module):
         chunk_size: int = 1024,
         lean: bool | None = None,
         heads: nn.ModuleDict | None = None,
+        detach_head_input: bool = False,
     ) -> None:
         super().__init__()
         self.model = model
         self.heads = heads if heads is not None else nn.ModuleDict()
+        self.detach_head_input = detach_head_input
         self.chunk_size = chunk_size
         # Decided now, on the plain model, rather than inside a sharded forward later.
         self.lean = lean_path_supported(model) if lean is None else lean
@@ -355,6 +360,7 @@ class SequenceLogprobModel(nn.Module):
             lean=self.lean,
             heads=self.heads if head_positions is not None else None,
             head_positions=head_positions,
+            detach_head_input=self.detach_head_input,
         )
         if head_positions is None:
             return result.summed, result.counts

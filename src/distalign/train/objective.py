@@ -33,7 +33,7 @@ class BatchObjective:
 
     @property
     def batch_coupled(self) -> bool:
-        return self.loss.batch_coupled or self.aggregator.batch_coupled
+        return self.loss.is_batch_coupled(self.loss_options) or self.aggregator.batch_coupled
 
     @property
     def heads(self) -> tuple[str, ...]:

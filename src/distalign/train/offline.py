@@ -221,6 +221,8 @@ def train_offline(config: RunConfig, *, stop_after_step: int | None = None) -> P
     data = load_offline_data(config, tokenizer, objective, engine)
     reference = ReferenceLogps.build(config, spec, policy, data, engine) if spec.needs_reference else None
     engine.open_run_dir()
+    if data.designer is not None and engine.is_main:
+        data.designer.save(engine.run_dir / "designer.json")  # eval scores samples on this scale
 
     plan = BatchPlan(len(data), config.train.batch_size, config.train.seed, data.plan_labels())
     total_steps = config.train.max_steps or plan.steps_for_epochs(config.train.epochs)

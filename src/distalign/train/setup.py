@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 from distalign.config import RunConfig
 from distalign.data.check import format_mismatch, nothing_kept_reason
 from distalign.data.collate import collate_sequences
+from distalign.data.designer import FittedDesigner, attach_designer, build_designer, fit_designer
 from distalign.data.formats import unpair_rows
 from distalign.data.loading import load_rows
 from distalign.data.signals import missing_signals, signal_table
@@ -79,7 +80,8 @@ class OfflineData:
     ``kind`` is "paired" (TokenizedPair items), "unpaired" (TokenizedCompletion items) or "listwise"
     (TokenizedList items). For losses that anchor on mismatched pairs (KTO), ``kl_items[i]`` is row i's
     prompt with another row's completion, fixed once so its reference log-prob can be cached like any
-    other. ``signal_table`` holds every per-row signal of the data as a tensor over rows (see
+    other. ``designer``: the fitted designer rewards (``designer:`` section) whose normalised values
+    and composite the rows carry as signals. ``signal_table`` holds every per-row signal of the data as a tensor over rows (see
     :mod:`distalign.data.signals`); ``signal_vocab`` the strings behind categorical codes.
     """
 
@@ -87,6 +89,7 @@ class OfflineData:
     items: list
     pad_token_id: int
     kl_items: list | None = None
+    designer: FittedDesigner | None = None
     signal_table: dict[str, torch.Tensor] = field(init=False)
     signal_vocab: dict[str, list[str]] = field(init=False)
 
@@ -187,6 +190,9 @@ def load_offline_data(config: RunConfig, tokenizer, objective: BatchObjective, e
         rows, fmt = unpair_rows(rows), "unpaired"
     if fmt != spec.data_kind:
         raise SetupError(format_mismatch(spec.name, spec.data_kind, d.path, fmt))
+    designer = None
+    if config.designer.enabled:
+        rows, designer = _with_designer_rewards(config, rows, fmt, engine)
     settings = tokenization_settings(config)
     items, report = _TOKENIZERS[fmt](rows, tokenizer, settings)
     engine.print(f"data: {d.path}: {report.summary()}")
@@ -195,9 +201,9 @@ def load_offline_data(config: RunConfig, tokenizer, objective: BatchObjective, e
     if not items:
         raise SetupError(f"{d.path}: {nothing_kept_reason(rows, fmt, tokenizer, settings, report)}")
     kl_items = None
-    if spec.name == "kto":
+    if spec.needs_kl_pairs:
         kl_items = _mismatched_completions(items, config.train.seed)
-    data = OfflineData(kind=fmt, items=items, pad_token_id=tokenizer.pad_token_id, kl_items=kl_items)
+    data = OfflineData(fmt, items, tokenizer.pad_token_id, kl_items=kl_items, designer=designer)
     for owner, declared in (
         ("loss " + spec.name, spec.signals),
         ("aggregator " + objective.aggregator.name, objective.aggregator.signals),
@@ -210,6 +216,24 @@ def load_offline_data(config: RunConfig, tokenizer, objective: BatchObjective, e
                 f"does not provide them (signals present: {have}); see docs/architecture.md, 'Per-row signals'"
             )
     return data
+
+
+def _with_designer_rewards(
+    config: RunConfig, rows: list, fmt: str, engine: Engine
+) -> tuple[list, FittedDesigner]:
+    """``rows`` carrying the designer rewards of the config (normalised, and their composite)."""
+    try:
+        rewards = build_designer(config.designer, config.reference.cache_dir)
+        designer, normalised = fit_designer(rewards, rows, fmt, config.data.path)
+    except ValueError as err:
+        raise SetupError(f"designer: {err}") from None
+    composite = designer.composite(normalised)
+    terms = " + ".join(f"{r.weight:g} x {r.normalization.kind}({r.alias})" for r in designer.rewards)
+    engine.print(
+        f"designer: r_aux = {terms} over {composite.size} responses: mean {composite.mean():.3f}, "
+        f"std {composite.std():.3f}"
+    )
+    return attach_designer(rows, fmt, designer, normalised), designer
 
 
 def _mismatched_completions(items: list, seed: int) -> list:
@@ -230,7 +254,12 @@ def wrap_for_training(policy, config: RunConfig, heads: tuple[str, ...] = ()) ->
     if heads:
         parameter = next(policy.parameters())
         modules = build_heads(heads, policy.config.hidden_size, parameter.dtype).to(parameter.device)
-    return SequenceLogprobModel(policy, chunk_size=config.model.logprob_chunk_size, heads=modules)
+    return SequenceLogprobModel(
+        policy,
+        chunk_size=config.model.logprob_chunk_size,
+        heads=modules,
+        detach_head_input=not config.train.head_gradient_to_policy,
+    )
 
 
 class ReferenceLogps:
