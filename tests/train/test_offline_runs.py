@@ -8,6 +8,14 @@ from safetensors.torch import load_file
 from distalign.losses import LOSSES
 from distalign.testing.runs import read_metrics
 
+#: Designer rewards for the losses that read them: brevity (minus the word count), z-scored.
+BREVITY = "designer.rewards=[{name: length, alias: brevity}]"
+#: The metric that must fall: the loss, except for UPO, whose advantage-weighted NLL term swings with
+#: each batch's designer rewards (weights exp(r_aux)); its preference term must fall.
+def falling(loss: str) -> str:
+    return "upo/preference_loss" if loss.startswith("upo") else "loss"
+
+
 SHORT = ["train.batch_size=16", "train.micro_batch_size=8", "train.max_steps=12", "train.log_every=1"]
 
 PAIRED_RUNS = {
@@ -18,9 +26,13 @@ PAIRED_RUNS = {
     "simpo": [],
     "aot_paired": ["loss.beta=1.0"],
     "sft": [],
+    "upo": [BREVITY, "loss.lambda_aux=0.1"],
+    "modpo": [BREVITY, "loss.lambda_aux=0.1"],
+    "dpo_relabel": [BREVITY, "loss.lambda_aux=0.3"],
 }
 UNPAIRED_RUNS = {
     "kto": [],
+    "upo_kto": [BREVITY, "loss.lambda_aux=0.1"],
     "aot_unpaired": ["loss.beta=1.0"],
 }
 LISTWISE_RUNS = {"plackett_luce": ["loss.beta=0.1", "data.path=builtin:quickstart_listwise.jsonl"]}
@@ -43,6 +55,7 @@ def test_listwise_loss_trains(run_tiny):
 PER_EXAMPLE_RUNS = {
     **{name: args for name, args in PAIRED_RUNS.items() if LOSSES.get(name).aggregators is None},
     "kto": ["data.path=builtin:quickstart_unpaired.jsonl"],
+    "upo_kto": ["data.path=builtin:quickstart_unpaired.jsonl", BREVITY],
     **LISTWISE_RUNS,
 }
 
@@ -73,7 +86,7 @@ def test_paired_loss_trains(run_tiny, loss):
     records = read_metrics(run)
     assert [r["step"] for r in records] == list(range(1, 13))
     first, last = records[0], records[-1]
-    assert last["loss"] < first["loss"]
+    assert last[falling(loss)] < first[falling(loss)]
     if loss == "sft":
         assert last["logps/chosen"] > first["logps/chosen"]
     elif loss == "simpo":  # reference-free: its rewards are beta * average log-probs
@@ -96,7 +109,7 @@ def test_unpaired_loss_trains(run_tiny, loss, data):
     run = run_tiny(f"loss.name={loss}", *UNPAIRED_RUNS[loss], *source, *SHORT, name=f"{loss}_{data[:7]}")
     records = read_metrics(run)
     first, last = records[0], records[-1]
-    assert last["loss"] < first["loss"]
+    assert last[falling(loss)] < first[falling(loss)]
     if loss == "aot_unpaired":
         gap = lambda r: r["rewards/positive"] - r["rewards/negative"]  # noqa: E731
         assert gap(last) > gap(first)

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from distalign.registry import UnknownNameError
 from distalign.rewards import Normalization, RewardFn, build_reward
 
 #: The alias of the composite designer reward; no single reward may take it.
@@ -137,7 +138,7 @@ def _build(spec: dict[str, Any], cache_dir: str | None) -> RewardFn | None:
 
     # Raw scores only: the designer fits the normalisation itself, over the training responses.
     unnormalised = {k: v for k, v in spec.items() if k != "normalize"}
-    return build_reward(unnormalised, cache_dir=spec.get("cache_dir") or cache_root(cache_dir) / "rewards")
+    return build_reward(unnormalised, cache_dir=cache_root(cache_dir) / "rewards")
 
 
 def build_designer(section, cache_dir: str | None = None) -> list[DesignerReward]:
@@ -153,7 +154,7 @@ def build_designer(section, cache_dir: str | None = None) -> list[DesignerReward
         else:
             try:
                 reward = _build(spec, cache_dir)
-            except ValueError as err:
+            except (ValueError, UnknownNameError) as err:
                 raise ValueError(f"{where}: {err}") from None
             alias = reward.alias  # type: ignore[union-attr]
         if alias == COMPOSITE:
