@@ -207,3 +207,12 @@ def test_relabelling_swaps_pairs_the_designer_prefers_the_other_way_by_more_than
     want = torch.where(torch.tensor([False, False, False, True, False]), swapped, straight)
     torch.testing.assert_close(result.losses, want, rtol=1e-15, atol=0)
     assert float(result.metrics["relabel/swapped_fraction"]) == pytest.approx(0.2)
+
+
+def test_out_of_range_options_fail_at_config_time_naming_the_field():
+    from distalign.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"loss\.expectile"):
+        load_config(None, ["loss.name=upo", "loss.expectile=1.5"])
+    with pytest.raises(ConfigError, match=r"loss\.lambda_aux.*'dpo' takes"):
+        load_config(None, ["loss.name=dpo", "loss.lambda_aux=1.0"])  # not an option of dpo
