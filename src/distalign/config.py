@@ -282,6 +282,15 @@ class RunConfig(Section):
         return value
 
     @model_validator(mode="after")
+    def _designer_is_offline(self) -> RunConfig:
+        if self.online is not None and self.designer.enabled:
+            raise ValueError(
+                "designer: designer rewards feed offline losses (UPO, MODPO); the online loop optimises "
+                "online.reward (a reward spec, or a \"pkg.module:function\" callable that combines several)"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _loss_accepts_options(self) -> RunConfig:
         from distalign.losses.base import get_loss
 
