@@ -24,12 +24,12 @@ import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from distalign.cli import data, evaluate, shift, train
+from distalign.cli import data, evaluate, shift, sweep, train
 
 EXIT_USAGE = 2
 EXIT_INTERNAL = 1
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for Ctrl-C
-COMMAND_MODULES = (train, data, evaluate, shift)
+COMMAND_MODULES = (train, data, evaluate, shift, sweep)
 DEBUG_ENV = "DISTALIGN_DEBUG"
 REPORT_LINE = (
     "distalign: internal error — please report it with the command and this traceback "
@@ -132,6 +132,8 @@ def _output_location(args: argparse.Namespace) -> str | None:
         return args.output_dir or ("runs/demo_tiny" if args.tiny else "runs/demo")
     if command in ("eval", "report"):
         return args.output
+    if command == "sweep":
+        return getattr(args, "output_dir", None)
     return None
 
 
@@ -172,6 +174,11 @@ def _interrupted_line(args: argparse.Namespace) -> str:
         return (
             "distalign: interrupted; `distalign train` with the same config resumes from the newest "
             "checkpoint in its output_dir (train.save_every > 0 writes them)"
+        )
+    if getattr(args, "command", None) == "sweep":
+        return (
+            "distalign: interrupted; the same `distalign sweep` command continues where it stopped "
+            "(finished runs are skipped; a run resumes from its newest checkpoint, train.save_every > 0)"
         )
     return "distalign: interrupted"
 

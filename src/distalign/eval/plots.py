@@ -262,33 +262,50 @@ class DesignerPoint:
 
 
 #: Label positions tried around a point, in typographic points (dx, dy); the first free one is used.
-_LABEL_OFFSETS = ((6, 5), (6, -5), (-6, 5), (-6, -5), (0, 11), (0, -11))
+_LABEL_OFFSETS = (
+    (6, 5),
+    (6, -5),
+    (-6, 5),
+    (-6, -5),
+    (0, 11),
+    (0, -11),
+    (6, 19),
+    (-6, 19),
+    (6, -19),
+    (-6, -19),
+)
 _LABEL_FONTSIZE = 8
 
 
 def _label_box(anchor: np.ndarray, offset: tuple[int, int], text: str, scale: float) -> tuple:
-    """Approximate display-space box (x0, y0, x1, y1) of a label placed at ``offset`` from ``anchor``;
-    character width taken as 0.6 of the font size, which is close enough to tell overlaps apart."""
+    """Approximate display-space box (x0, y0, x1, y1) of a label placed at ``offset`` from ``anchor``,
+    with 3 points of margin all round so that labels that merely touch count as overlapping; character
+    width taken as 0.6 of the font size, which is close enough to tell overlaps apart."""
     width = 0.6 * _LABEL_FONTSIZE * len(text) * scale
     height = _LABEL_FONTSIZE * 1.2 * scale
     x = anchor[0] + offset[0] * scale
     y = anchor[1] + offset[1] * scale
     x0 = x if offset[0] > 0 else x - width if offset[0] < 0 else x - width / 2
     y0 = y if offset[1] >= 0 else y - height
-    return (x0, y0, x0 + width, y0 + height)
+    margin = 3 * scale
+    return (x0 - margin, y0 - margin, x0 + width + margin, y0 + height + margin)
 
 
 def _overlap(a: tuple, b: tuple) -> float:
     return max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
 
 
-def _place_labels(ax: Any, xs: Sequence[float], ys: Sequence[float], labels: Sequence[str]) -> None:
+def _place_labels(
+    ax: Any, xs: Sequence[float], ys: Sequence[float], labels: Sequence[str], obstacles: Sequence = ()
+) -> None:
     """Annotate each point, trying a few offsets and keeping the one that covers the fewest already
-    placed labels and markers (a greedy stand-in for a label-repelling library)."""
+    placed labels and markers (the points' and the ``obstacles``' (x, y)): a greedy stand-in for a
+    label-repelling library."""
     scale = ax.figure.dpi / 72.0
     anchors = ax.transData.transform(np.column_stack([xs, ys]))
     marker = 4 * scale
-    taken = [(x - marker, y - marker, x + marker, y + marker) for x, y in anchors]
+    spots = [*anchors, *(ax.transData.transform(np.asarray(obstacles)) if len(obstacles) else [])]
+    taken = [(x - marker, y - marker, x + marker, y + marker) for x, y in spots]
     for anchor, text in sorted(zip(anchors, labels), key=lambda item: (item[0][0], item[0][1])):
         candidates = [(offset, _label_box(anchor, offset, text, scale)) for offset in _LABEL_OFFSETS]
         offset, box = min(candidates, key=lambda c: sum(_overlap(c[1], other) for other in taken))
@@ -352,18 +369,19 @@ def plot_designer_pareto(
             color="black",
             markersize=12,
             capsize=3,
+            zorder=1.5,  # under the runs: a run at the reference's score stays visible
             label="reference (win rate 0.5)",
         )
-    ax.autoscale_view()
-    _place_labels(
-        ax, [p.designer.value for p in points], [p.win_rate.value for p in points], [p.label for p in points]
-    )
     ax.set_xlabel("designer score of the policy (composite, higher is better)")
     ax.set_ylabel("gold-reward win rate vs reference")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, fontsize=8)
-    fig.tight_layout()
+    ax.autoscale_view()
+    fig.tight_layout()  # before the labels: they are placed in display space, which the layout changes
+    landmarks = [(reference.value, 0.5)] if reference is not None else []
+    xs, ys = [p.designer.value for p in points], [p.win_rate.value for p in points]
+    _place_labels(ax, xs, ys, [p.label for p in points], landmarks)
     return _save(fig, output)
 
 
