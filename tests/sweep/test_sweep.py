@@ -125,6 +125,9 @@ def test_grid_option_errors(tmp_path):
         load_sweep(tmp_path / "c.yaml", grid=["loss.beta"])
     with pytest.raises(ConfigError, match="--only nope"):
         select_runs(load_sweep(path), ["nope"])
+    with pytest.raises(SystemExit) as usage:
+        main(["sweep", "--dry-run"])
+    assert usage.value.code == 2
 
 
 def test_a_bad_value_in_any_run_fails_before_anything_is_created(tmp_path, capsys):

@@ -18,8 +18,9 @@ A sweep file (YAML; `base` is relative to the sweep file):
       grid: {loss.lambda_aux: [0.5, 1.0, 2.0]}   # -> upo-lambda_aux=0.5, upo-lambda_aux=1.0, ...
 
 Examples:
-  distalign sweep sweeps/upo.yaml --dry-run           # list and validate the runs, train nothing
-  distalign sweep sweeps/upo.yaml train.max_steps=8   # an override for every run
+  distalign sweep configs/sweeps/upo_tiny.yaml --dry-run          # list and validate the runs, train nothing
+  distalign sweep configs/sweeps/upo_tiny.yaml train.max_steps=4  # an override for every run
+  distalign sweep configs/sweeps/upo_tiny.yaml --only upo         # one group (or run) only
   distalign sweep configs/quickstart.yaml --grid loss.beta=0.05,0.1,0.5 --output-dir runs/beta
 Rerunning the same command continues where it stopped; a finished sweep redoes nothing. See docs/sweep.md.
 """
@@ -35,7 +36,9 @@ def _add_options(parser: argparse.ArgumentParser) -> None:
         metavar="KEY=V1,V2",
         help="with a run config: sweep KEY over the comma-separated values (repeat for a cartesian product)",
     )
-    parser.add_argument("--output-dir", help="where the runs go (default: the sweep file's output_dir)")
+    parser.add_argument(
+        "--output-dir", metavar="DIR", help="where the runs go (default: the sweep file's output_dir)"
+    )
     parser.add_argument(
         "--only", action="append", default=[], metavar="NAME", help="run only this run or group (repeatable)"
     )
@@ -58,6 +61,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if any(item in ("-h", "--help") for item in args.items):
         args.sweep_parser.print_help()
         return 0
+    if not args.items:
+        args.sweep_parser.error("give a sweep file, or a run config with --grid options")
     args = _parse_rest(args)
     from distalign.sweep import load_sweep, select_runs
     from distalign.sweep_run import format_table, planned_action, run_sweep
