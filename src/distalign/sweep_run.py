@@ -165,8 +165,7 @@ def _same_tokenizer(a: Any, b: Any) -> bool:
 
 def evaluate_sweep_run(run: SweepRun, pool: ReferencePool) -> Path:
     """Evaluate ``RUN/final`` against the shared reference samples; writes ``RUN/eval/``, returns eval.json."""
-    from distalign.eval.run import _designer as fitted_designer
-    from distalign.eval.run import evaluate_models, load_eval_model, write_eval
+    from distalign.eval.run import evaluate_models, load_eval_model, run_designer, write_eval
 
     config, final = run.config, run.path / "final"
     reference = pool.get(config)
@@ -188,7 +187,7 @@ def evaluate_sweep_run(run: SweepRun, pool: ReferencePool) -> Path:
             "reference": reference.name,
             SWEEP_EVAL_KEY: eval_fingerprint(config),
         },
-        designer=fitted_designer(config, run.path),  # RUN/designer.json: the scale training normalised with
+        designer=run_designer(config, run.path),  # RUN/designer.json: the scale training normalised with
     )
     del policy
     return write_eval(outcome, run.path / "eval", save_samples=config.eval.save_samples)

@@ -366,7 +366,7 @@ def evaluate_run(
         tokenizer,
         config.eval,
         settings={"policy": str(final), "reference": reference_name},
-        designer=_designer(config, run_dir),
+        designer=run_designer(config, run_dir),
     )
     return write_eval(outcome, output or run_dir / "eval", save_samples=config.eval.save_samples)
 
@@ -388,14 +388,16 @@ def evaluate_config(config: RunConfig, output: str | Path | None = None) -> Path
         tokenizer,
         config.eval,
         settings={"policy": config.model.name, "reference": config.model.name},
-        designer=_designer(config, None),
+        designer=run_designer(config, None),
     )
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.yaml").write_text(dump_config(config))
     return write_eval(outcome, out_dir / "eval", save_samples=config.eval.save_samples)
 
 
-def _designer(config: RunConfig, run_dir: Path | None) -> FittedDesigner | None:
+def run_designer(config: RunConfig, run_dir: Path | None) -> FittedDesigner | None:
+    """The fitted designer rewards that score a run's samples (see :func:`designer_for_run`); a bad
+    designer section is a :class:`~distalign.errors.SetupError`."""
     from distalign.errors import SetupError
 
     try:
