@@ -26,6 +26,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from distalign.models.fused_head import LogitTransform, fused_head_logprobs
+
 logger = logging.getLogger(__name__)
 
 # Architectures whose causal-LM head is exactly ``lm_head(final_hidden_states)``. Others are probed
@@ -114,27 +116,20 @@ def naive_sequence_logprobs(
     return (token_logps * mask).sum(-1), mask.sum(-1)
 
 
-def _logit_postprocess(config: Any) -> Callable[[Tensor], Tensor] | None:
+def _logit_postprocess(config: Any) -> LogitTransform | None:
     """The transform some architectures apply after the output head (scaling, soft-capping)."""
-    transforms: list[Callable[[Tensor], Tensor]] = []
+    scale = 1.0
     logit_scale = getattr(config, "logit_scale", None)  # Cohere multiplies
     if isinstance(logit_scale, (int, float)) and logit_scale != 1:
-        transforms.append(lambda logits: logits * logit_scale)
+        scale *= logit_scale
     logits_scaling = getattr(config, "logits_scaling", None)  # Granite divides
     if isinstance(logits_scaling, (int, float)) and logits_scaling != 1:
-        transforms.append(lambda logits: logits / logits_scaling)
+        scale /= logits_scaling
     softcap = getattr(config, "final_logit_softcapping", None)  # Gemma 2/3
-    if isinstance(softcap, (int, float)) and softcap > 0:
-        transforms.append(lambda logits: torch.tanh(logits / softcap) * softcap)
-    if not transforms:
+    softcap = float(softcap) if isinstance(softcap, (int, float)) and softcap > 0 else None
+    if scale == 1.0 and softcap is None:
         return None
-
-    def apply(logits: Tensor) -> Tensor:
-        for transform in transforms:
-            logits = transform(logits)
-        return logits
-
-    return apply
+    return LogitTransform(scale, softcap)
 
 
 def _causal_lm(model: nn.Module) -> nn.Module:
@@ -222,15 +217,26 @@ def _chunk_token_logprobs(
     return logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
+def _can_fuse(head: nn.Module | None) -> bool:
+    """The fused backward needs the head's own weight and bias: a plain ``nn.Linear`` (not LoRA-wrapped)."""
+    return type(head) is nn.Linear
+
+
 def _chunked_token_logprobs(
     head: nn.Module | None,
-    postprocess: Callable[[Tensor], Tensor] | None,
+    postprocess: LogitTransform | None,
     features: Tensor,
     targets: Tensor,
     chunk_size: int,
 ) -> Tensor:
-    """[N] token log-probs from features [N, H] (or [N, V] logits), one [chunk, V] block at a time."""
+    """[N] token log-probs from features [N, H] (or [N, V] logits), one [chunk, V] block at a time.
+
+    With gradients through a plain linear head, the fused function with a hand-written backward
+    (:mod:`distalign.models.fused_head`); otherwise (a wrapped head, e.g. LoRA on the output layer,
+    or full logits) each chunk runs under ``torch.utils.checkpoint``."""
     recompute = torch.is_grad_enabled() and features.requires_grad
+    if recompute and _can_fuse(head):
+        return fused_head_logprobs(features, head, targets, postprocess, chunk_size)
     chunk_fn = partial(_chunk_token_logprobs, head, postprocess)
     pieces = []
     for start in range(0, features.shape[0], chunk_size):
