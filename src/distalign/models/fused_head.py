@@ -91,17 +91,21 @@ class FusedHeadLogprobs(torch.autograd.Function):
             rows = slice(start, start + chunk_size)
             with torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_enabled):
                 logits = _chunk_logits(features[rows], weight, bias, dtype)
+            slope = transform.derivative(logits) if transform is not None else None
             transformed = transform(logits) if transform is not None else logits
             grad = grad_logprobs[rows, None].to(dtype)
-            grad_logits = torch.exp(transformed - normalisers[rows, None]).mul_(-grad)  # -g softmax
-            grad_logits.scatter_add_(-1, targets[rows, None], grad)  # + g at the target
-            if transform is not None:
-                grad_logits = grad_logits * transform.derivative(logits)
+            # In place on the chunk's own buffer: softmax = exp(s(z) - lse), then -g softmax + g onehot.
+            grad_logits = transformed.sub_(normalisers[rows, None]).exp_().mul_(-grad)
+            grad_logits.scatter_add_(-1, targets[rows, None], grad)
+            if slope is not None:
+                grad_logits.mul_(slope)
             grad_in_weight_dtype = grad_logits.to(weight.dtype)
             chunk_features = features[rows].to(weight.dtype)
             if grad_features is not None:
                 grad_features[rows] = (grad_in_weight_dtype @ weight).to(features.dtype)
-            if grad_weight is not None:
+            if grad_weight is not None and grad_weight.dtype == weight.dtype:
+                grad_weight.addmm_(grad_in_weight_dtype.T, chunk_features)  # no [V, H] temporary
+            elif grad_weight is not None:
                 grad_weight += (grad_in_weight_dtype.T @ chunk_features).to(dtype)
             if grad_bias is not None:
                 grad_bias += grad_logits.sum(0)
