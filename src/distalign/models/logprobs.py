@@ -7,9 +7,11 @@ A naive implementation materialises ``log_softmax`` over the whole ``[B, T, V]``
 for a 150k vocabulary and 8k tokens that is gigabytes per sequence. :func:`sequence_logprobs` instead
 runs the decoder to its final hidden states, keeps only the ``N`` positions that predict completion
 tokens, and pushes them through the output head in chunks: each chunk's ``[chunk, V]`` logits are
-reduced at once to ``target_logit - logsumexp`` in float32 and discarded. Every chunk runs under
-``torch.utils.checkpoint``, so backward recomputes the chunk's logits instead of keeping them: peak
-extra memory is one ``[chunk, V]`` block, forward and backward.
+reduced at once to ``target_logit - logsumexp`` in float32 and discarded. Backward recomputes each
+chunk's logits instead of keeping them: through a plain linear head with a hand-written backward
+(:mod:`distalign.models.fused_head`: one recompute, gradients written directly), through any other
+head (e.g. LoRA-wrapped) under ``torch.utils.checkpoint``. Peak extra memory is one ``[chunk, V]``
+block, forward and backward.
 """
 
 from __future__ import annotations
