@@ -9,10 +9,12 @@ Remote code is never trusted unless asked for, and weights are read with transfo
 from __future__ import annotations
 
 import copy
+import json
 import os
 import shutil
 import tempfile
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -68,6 +70,31 @@ class LoraSettings:
             raise ValueError("lora.target_modules must not be empty")
 
 
+#: Public Hugging Face ids of the embedded defaults: the checkpoints their weights come from.
+EMBEDDED_PUBLIC_IDS = {"smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+
+
+def _is_hub_id(name: str) -> bool:
+    """Whether ``name`` has the form of a hub id ("name" or "org/name"), not of a file path."""
+    return not (
+        name.startswith((".", "/", "~")) or name.endswith(".gguf") or name.count("/") > 1 or "\\" in name
+    )
+
+
+def public_model_id(name: str) -> str | None:
+    """The public Hugging Face id that ``model.name`` stands for, or None when it has none.
+
+    ``"smollm2"`` gives the id of the checkpoint the embedded weights come from, a hub id gives itself;
+    ``"tiny"`` (a random test model), a local directory and a ``.gguf`` file name files on this
+    machine only, so None. Loads, builds and converts nothing.
+    """
+    if name in EMBEDDED_PUBLIC_IDS:
+        return EMBEDDED_PUBLIC_IDS[name]
+    if name == "tiny" or Path(name).expanduser().exists() or not _is_hub_id(name):
+        return None
+    return name
+
+
 def resolve_model_source(name: str, cache_dir: str | os.PathLike[str] | None = None) -> tuple[str, bool]:
     """Map a model name to ``(path_or_hub_id, is_local)``, building or converting cached copies as needed."""
     if name == "tiny":
@@ -82,7 +109,7 @@ def resolve_model_source(name: str, cache_dir: str | os.PathLike[str] | None = N
     if path.exists():
         raise ModelLoadError(f"model path {name!r} is a file but not a .gguf file; pass a model directory")
     # Hub ids are "name" or "org/name"; anything else that names no existing file is a missing path.
-    if name.startswith((".", "/", "~")) or name.endswith(".gguf") or name.count("/") > 1 or "\\" in name:
+    if not _is_hub_id(name):
         raise ModelLoadError(f"model path {name!r} does not exist")
     return name, False
 
@@ -256,15 +283,41 @@ def _save_merged_copy(peft_model: Any, directory: Path) -> None:
                 param.copy_(saved.to(param.device))
 
 
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def set_adapter_base_model(adapter_dir: str | os.PathLike[str], base_model: str) -> Path:
+    """Make a saved peft adapter name ``base_model`` (a public id) as the model it applies to.
+
+    peft records the path the base was loaded from, which for an embedded default is a cache directory
+    on this machine; ``base_model_name_or_path`` in ``adapter_config.json`` is rewritten, every other
+    field kept. Returns the config's path.
+    """
+    path = Path(adapter_dir) / ADAPTER_CONFIG
+    config = json.loads(path.read_text(encoding="utf-8"))
+    config["base_model_name_or_path"] = base_model
+    path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    return path
+
+
 def save_final_model(
-    model: Any, tokenizer: Any, output_dir: str | os.PathLike[str], *, merge_lora: bool = True
+    model: Any,
+    tokenizer: Any,
+    output_dir: str | os.PathLike[str],
+    *,
+    merge_lora: bool = True,
+    base_model_id: str | None = None,
+    add_files: Callable[[Path], None] | None = None,
 ) -> Path:
     """Save the trained model (and tokenizer) to ``output_dir``, replacing it atomically.
 
     A full fine-tune is saved with ``save_pretrained``. A LoRA model saves its adapter to
     ``output_dir/adapter`` and, with ``merge_lora``, a merged copy to ``output_dir`` itself that plain
-    ``AutoModelForCausalLM.from_pretrained`` loads; the live model is not changed. Call it on one
-    process only, with full (not sharded) parameters.
+    ``AutoModelForCausalLM.from_pretrained`` loads; the live model is not changed. ``base_model_id``:
+    the public id the adapter's config names as its base (:func:`set_adapter_base_model`) instead of
+    the local path the base was loaded from. ``add_files`` is called with the staging directory before
+    it is published, to add files (a model card) in the same atomic step. Call it on one process only,
+    with full (not sharded) parameters.
     """
     model = unwrap_model(model)
     output_dir = Path(output_dir)
@@ -273,12 +326,16 @@ def save_final_model(
     try:
         if is_peft_model(model):
             model.save_pretrained(staging / "adapter")
+            if base_model_id is not None:
+                set_adapter_base_model(staging / "adapter", base_model_id)
             if merge_lora:
                 _save_merged_copy(model, staging)
         else:
             model.save_pretrained(staging)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
+        if add_files is not None:
+            add_files(staging)
         publish_directory(staging, output_dir, replace=True)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
