@@ -344,7 +344,8 @@ def evaluate_run(
     """Evaluate ``RUN_DIR/final`` against the run's reference (``reference.model``, else ``model.name``).
 
     ``overrides`` apply to the run's config.yaml (e.g. ``eval.num_prompts=16``). Writes
-    ``RUN_DIR/eval/`` (or ``output``) and returns the path of eval.json.
+    ``RUN_DIR/eval/`` and refreshes the model card ``final/README.md`` with it (or writes ``output``
+    only), and returns the path of eval.json.
     """
     from distalign.errors import SetupError
 
@@ -368,7 +369,12 @@ def evaluate_run(
         settings={"policy": str(final), "reference": reference_name},
         designer=run_designer(config, run_dir),
     )
-    return write_eval(outcome, output or run_dir / "eval", save_samples=config.eval.save_samples)
+    written = write_eval(outcome, output or run_dir / "eval", save_samples=config.eval.save_samples)
+    if output is None:  # the run's own evaluation: final/README.md (the model card) shows it
+        from distalign.models.card import refresh_model_card
+
+        refresh_model_card(run_dir, outcome.result, overrides)
+    return written
 
 
 def evaluate_config(config: RunConfig, output: str | Path | None = None) -> Path:

@@ -23,6 +23,9 @@ run's inputs have loaded and validated (:func:`remove_run_files`, called by ``En
 again would reproduce it, so ``train`` does nothing (:class:`RunFinished`; the CLI says so and exits 0,
 which also makes a retry after a crash at the very end succeed). ``--overwrite-output-dir`` trains it
 again from step 0.
+
+**Stale evaluations.** ``eval/`` measures one saved model: training deletes it before it saves a new
+``final/`` (:func:`remove_stale_evaluation`, which says why it is deleted rather than set aside).
 """
 
 from __future__ import annotations
@@ -357,16 +360,38 @@ def plan_run_dir(config: RunConfig) -> RunDirPlan:
 def remove_run_files(run_dir: Path) -> list[str]:
     """Delete an earlier run's files from ``run_dir`` (:data:`RUN_FILES`, and the staging directories of
     an interrupted save of ``final/``); anything else there is left alone. Returns the names removed."""
-    removed = []
-    for name in RUN_FILES:
-        path = run_dir / name
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        elif path.exists() or path.is_symlink():
-            path.unlink()
-        else:
-            continue
-        removed.append(name)
+    removed = [name for name in RUN_FILES if _delete(run_dir / name)]
     for staging in run_dir.glob(".final.tmp-*"):
         shutil.rmtree(staging, ignore_errors=True)
     return removed
+
+
+def remove_stale_evaluation(run_dir: Path) -> bool:
+    """Delete ``run_dir/eval`` (``distalign eval``'s results) before a new ``final/`` is saved there;
+    returns whether there was one.
+
+    An evaluation measures one saved model. When training saves a new ``final/``, the model the
+    evaluation measured is being replaced, so its numbers would sit next to a model they were not
+    measured on, and ``distalign report`` and the model card would show them as current. A re-run with
+    ``--overwrite-output-dir`` deletes ``eval/`` with the earlier run's other files
+    (:func:`remove_run_files`); this catches the other ways in: a run resumed after its ``final/`` was
+    deleted, or a directory holding an ``eval/`` but no run files.
+
+    Removed, not moved to ``eval.stale/`` with a note: every reader (report, sweep, model card, demo)
+    would have to learn the marker, and one that did not would again show old numbers as current;
+    the model they describe is gone, and ``distalign eval RUN`` measures the new one. It is deleted
+    before the new model is published, so an interruption in between leaves no evaluation, never a
+    wrong one.
+    """
+    return _delete(run_dir / "eval")
+
+
+def _delete(path: Path) -> bool:
+    """Delete a file, link or directory tree; returns whether there was anything to delete."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+    else:
+        return False
+    return True

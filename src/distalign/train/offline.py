@@ -259,5 +259,5 @@ def train_offline(config: RunConfig, *, stop_after_step: int | None = None) -> P
     engine.close()
     if reference is not None and data.kind != "listwise":
         write_dominance_summary(engine, compute, len(data), config.train.micro_batch_size)
-    save_final(engine, tokenizer, config)
+    save_final(engine, tokenizer, config, data.record(config, total_steps, engine.world_size))
     return engine.run_dir

@@ -432,5 +432,5 @@ def train_online(config: RunConfig, *, stop_after_step: int | None = None) -> Pa
             engine.close()
             return engine.run_dir
     engine.close()
-    save_final(engine, tokenizer, config)
+    save_final(engine, tokenizer, config, run.prompts.record(config, total_steps, engine.world_size))
     return engine.run_dir

@@ -24,6 +24,8 @@ from distalign.data.formats import DataError
 from distalign.data.loading import load_rows
 from distalign.data.tokenize import TokenizationSettings, tokenize_prompts
 from distalign.errors import SetupError
+from distalign.models.card import TrainingRecord
+from distalign.models.fingerprint import data_fingerprint
 from distalign.models.loading import load_model_and_tokenizer
 from distalign.models.reference import adapters_disabled
 from distalign.models.sampling import sample_completions, score_completions
@@ -51,6 +53,12 @@ class PromptSet:
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    def record(self, config: RunConfig, steps: int, processes: int) -> TrainingRecord:
+        """What the model card says about these prompts (source, count, fingerprint) and the run."""
+        prompts = config.online.prompts
+        source = f"task:{prompts.task}" if prompts.task else (prompts.path or "unconditional")
+        return TrainingRecord(source, "prompt", len(self), data_fingerprint(self.ids), steps, processes)
 
 
 def _raw_text(prompt: str | list[dict]) -> str:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import os
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -30,11 +31,13 @@ from distalign.data.tokenize import (
 )
 from distalign.errors import SetupError
 from distalign.losses.base import LossSpec
+from distalign.models.card import TrainingRecord, write_model_card
 from distalign.models.fingerprint import data_fingerprint, model_fingerprint
 from distalign.models.heads import build_heads
-from distalign.models.loading import LoraSettings, load_model_and_tokenizer, save_final_model
+from distalign.models.loading import LoraSettings, load_model_and_tokenizer, public_model_id, save_final_model
 from distalign.models.logprobs import SequenceLogprobModel
 from distalign.models.reference import ReferenceLogprobCache, adapters_disabled
+from distalign.train.checkpoints import remove_stale_evaluation
 from distalign.train.engine import Engine
 from distalign.train.objective import BatchObjective
 
@@ -99,6 +102,16 @@ class OfflineData:
 
     def __len__(self) -> int:
         return len(self.items)
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """:func:`~distalign.models.fingerprint.data_fingerprint` of every row's sequences (prompt and
+        completion ids of each, in the order of :meth:`sequences`)."""
+        return data_fingerprint([s for pair in zip(*self.sequences(range(len(self)))) for s in pair])
+
+    def record(self, config: RunConfig, steps: int, processes: int) -> TrainingRecord:
+        """What the model card says about this data (source, kind, rows, fingerprint) and the run."""
+        return TrainingRecord(config.data.path, self.kind, len(self), self.fingerprint, steps, processes)
 
     @property
     def needs_kl(self) -> bool:
@@ -288,7 +301,7 @@ class ReferenceLogps:
         scorer = _ReferenceScorer(ref_model, adapters_off, config)
         key = {
             "reference_model": model_fingerprint(ref_model, exclude_adapters=True),
-            "data": data_fingerprint([s for pair in zip(*data.sequences(range(len(data)))) for s in pair]),
+            "data": data.fingerprint,
             "tokenization": tokenization_settings(config).as_dict(),
             "kind": data.kind,
             "logprobs": "sum_over_completion_tokens_float32",
@@ -391,14 +404,33 @@ def _cached_or_sharded(cache, key, scorer, data, engine, micro_batch_size) -> di
     return table
 
 
-def save_final(engine: Engine, tokenizer, config: RunConfig) -> Path:
-    """Save the trained policy to ``RUN_DIR/final`` (merged weights; adapter in final/adapter)."""
+def save_final(engine: Engine, tokenizer, config: RunConfig, record: TrainingRecord | None = None) -> Path:
+    """Save the trained policy to ``RUN_DIR/final`` (merged weights; adapter in final/adapter) with its
+    model card (``final/README.md``) and ``record`` (``final/distalign_training.json``), in one atomic
+    step. An evaluation in ``RUN_DIR/eval`` measured an earlier model: it is deleted first."""
     target = engine.run_dir / "final"
     engine.barrier()
     if engine.is_main:
+        if remove_stale_evaluation(engine.run_dir):
+            engine.warn(
+                f"deleted {engine.run_dir / 'eval'}: it evaluated an earlier model of this run directory"
+            )
         unwrapped = engine.unwrapped()
-        save_final_model(unwrapped.model, tokenizer, target, merge_lora=True)
-        if len(unwrapped.heads):  # model heads (e.g. a value head) beside the LM weights
-            save_file(unwrapped.heads.state_dict(), str(target / "heads.safetensors"))
+
+        def add_files(staging: Path) -> None:
+            if len(unwrapped.heads):  # model heads (e.g. a value head) beside the LM weights
+                save_file(unwrapped.heads.state_dict(), str(staging / "heads.safetensors"))
+            if record is not None:
+                record.save(staging)
+            write_model_card(staging, config, record)
+
+        save_final_model(
+            unwrapped.model,
+            tokenizer,
+            target,
+            merge_lora=True,
+            base_model_id=public_model_id(config.model.name),
+            add_files=add_files,
+        )
     engine.barrier()
     return target
