@@ -13,8 +13,9 @@ prompt length before batching (less padding) and returned in the original order.
 
 from __future__ import annotations
 
+import functools
 import inspect
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -161,9 +162,34 @@ def _model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def _forward_parameters(model: torch.nn.Module) -> Mapping[str, inspect.Parameter]:
+    """Named parameters of the transformers model's own ``forward`` (through peft and DDP wrappers).
+
+    A peft model's ``forward`` takes ``**kwargs`` and passes them on, so its own signature says
+    nothing about what the wrapped model accepts.
+    """
+    from distalign.models.loading import is_peft_model, unwrap_model
+
+    inner = unwrap_model(model)
+    if is_peft_model(inner):
+        inner = inner.get_base_model()
+    return _signature_parameters(type(inner))
+
+
+@functools.cache
+def _signature_parameters(model_class: type) -> Mapping[str, inspect.Parameter]:
+    return inspect.signature(model_class.forward).parameters
+
+
 def _supports_logits_to_keep(model: torch.nn.Module) -> bool:
     # Computing logits only for the positions we need avoids a [B, T, V] tensor over the prompt.
-    return "logits_to_keep" in inspect.signature(model.forward).parameters
+    return "logits_to_keep" in _forward_parameters(model)
+
+
+def _cache_keyword(model: torch.nn.Module) -> str:
+    """Name of the KV-cache argument and output field: ``cache`` in transformers >= 5.x, where the old
+    ``past_key_values`` is deprecated, else ``past_key_values`` (transformers 4.x)."""
+    return "cache" if "cache" in _forward_parameters(model) else "past_key_values"
 
 
 def _draw(log_probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -193,16 +219,17 @@ def _sample_batch(
     generated: list[torch.Tensor] = []
     past = None
     extra = {"logits_to_keep": 1} if _supports_logits_to_keep(model) else {}
+    cache_keyword = _cache_keyword(model)
     for _ in range(max_new_tokens):
         out = model(
             input_ids=input_ids,
             attention_mask=mask,
             position_ids=positions,
-            past_key_values=past,
             use_cache=True,
+            **{cache_keyword: past},
             **extra,
         )
-        past = out.past_key_values
+        past = getattr(out, cache_keyword)
         log_probs = warped_log_probs(out.logits[:, -1], *warping)
         tokens = _draw(log_probs, generator)
         chosen = log_probs.gather(-1, tokens[:, None]).squeeze(-1).double()
