@@ -8,13 +8,14 @@ Remote code is never trusted unless asked for, and weights are read with transfo
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
 import shutil
 import tempfile
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -95,6 +96,29 @@ def public_model_id(name: str) -> str | None:
     return name
 
 
+@contextlib.contextmanager
+def quiet_transformers_progress() -> Iterator[None]:
+    """Silence transformers' own per-call progress bars ("Loading weights", "Writing model shards")
+    inside the block, and restore the previous setting afterwards, so the user's process keeps its bars.
+
+    distalign shows one progress display per phase; a bar per model load or save would repeat inside
+    it. Uses transformers' documented switch (``transformers.utils.logging.disable_progress_bar``),
+    which also covers huggingface_hub's bars; when those were off already (``HF_HUB_DISABLE_PROGRESS_BARS``)
+    but transformers' were on, nothing is changed, since switching them back on would warn.
+    """
+    from huggingface_hub.utils import are_progress_bars_disabled
+    from transformers.utils import logging as hf_logging
+
+    if not hf_logging.is_progress_bar_enabled() or are_progress_bars_disabled():
+        yield
+        return
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.enable_progress_bar()
+
+
 def resolve_model_source(name: str, cache_dir: str | os.PathLike[str] | None = None) -> tuple[str, bool]:
     """Map a model name to ``(path_or_hub_id, is_local)``, building or converting cached copies as needed."""
     if name == "tiny":
@@ -172,13 +196,17 @@ def load_model_and_tokenizer(
         model config's ``pad_token_id`` matches it.
     """
     dtype_kwargs = _dtype_kwargs(dtype)  # validate before any expensive build or conversion
-    source, is_local = resolve_model_source(name, cache_dir)
+    with quiet_transformers_progress():  # building the tiny model or converting a GGUF file saves one
+        source, is_local = resolve_model_source(name, cache_dir)
     common: dict[str, Any] = {"trust_remote_code": trust_remote_code}
     if revision is not None and not is_local:
         common["revision"] = revision
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, **common)
-        model = AutoModelForCausalLM.from_pretrained(source, **common, **dtype_kwargs)
+        # A hub id may download: its download bars stay. A local load's "Loading weights" bar would
+        # repeat inside the caller's own progress display.
+        with quiet_transformers_progress() if is_local else contextlib.nullcontext():
+            tokenizer = AutoTokenizer.from_pretrained(source, **common)
+            model = AutoModelForCausalLM.from_pretrained(source, **common, **dtype_kwargs)
     except (OSError, ValueError) as error:
         where = "local directory" if is_local else "Hugging Face hub id (needs network or a warm HF cache)"
         raise ModelLoadError(f"could not load model {name!r} as a {where}: {error}") from error
@@ -300,6 +328,7 @@ def set_adapter_base_model(adapter_dir: str | os.PathLike[str], base_model: str)
     return path
 
 
+@quiet_transformers_progress()
 def save_final_model(
     model: Any,
     tokenizer: Any,
