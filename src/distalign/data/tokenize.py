@@ -83,7 +83,8 @@ class TokenizationSettings:
 
 @dataclass
 class TokenizationReport:
-    """Counts of what tokenisation did to the rows; every count is a number of rows."""
+    """Counts of what tokenisation did to the rows (every count is a number of rows), with the limits
+    applied and the longest untruncated lengths seen (tokens), so a cut can name the limit to raise."""
 
     rows_in: int = 0
     rows_kept: int = 0
@@ -92,17 +93,54 @@ class TokenizationReport:
     prompt_truncated: int = 0
     completion_truncated: int = 0
     eos_lost: int = 0
+    max_prompt_length: int | None = None
+    max_length: int | None = None
+    longest_prompt: int = 0
+    longest_sequence: int = 0
 
-    def summary(self) -> str:
-        """One line for logs and the CLI."""
-        return (
+    def summary(self, prompt_limit: str = "max_prompt_length", length_limit: str = "max_length") -> str:
+        """One line for logs and the CLI; ``prompt_limit`` / ``length_limit`` are how the user sets the
+        two limits (e.g. the config keys ``data.max_prompt_length`` / ``data.max_length``)."""
+        parts = [
             f"tokenised {self.rows_in} rows: kept {self.rows_kept}, dropped {self.dropped_too_long} too long "
-            f"and {self.empty_completion_dropped} with an empty completion; truncated prompt in "
-            f"{self.prompt_truncated}, completion in {self.completion_truncated} ({self.eos_lost} lost EOS)"
-        )
+            f"and {self.empty_completion_dropped} with an empty completion"
+        ]
+        if self.dropped_too_long:
+            parts.append(
+                f"the dropped rows exceed {prompt_limit}={self.max_prompt_length} or "
+                f"{length_limit}={self.max_length} tokens (longest prompt: {self.longest_prompt} tokens, "
+                f"longest prompt + completion: {self.longest_sequence}; raise the limits to keep them)"
+            )
+        if self.prompt_truncated:
+            parts.append(
+                f"truncated the prompt of {self.prompt_truncated} rows to {prompt_limit}="
+                f"{self.max_prompt_length} tokens (longest prompt: {self.longest_prompt} tokens; raise "
+                f"{prompt_limit} to keep them whole)"
+            )
+        if self.completion_truncated:
+            parts.append(
+                f"cut the completion of {self.completion_truncated} rows to fit {length_limit}="
+                f"{self.max_length} tokens, {self.eos_lost} of them losing their EOS (longest prompt + "
+                f"completion: {self.longest_sequence} tokens; raise {length_limit} to keep them whole)"
+            )
+        if not (self.prompt_truncated or self.completion_truncated or self.dropped_too_long):
+            parts.append("nothing truncated")
+        return "; ".join(parts)
 
     def as_dict(self) -> dict[str, int]:
-        return asdict(self)
+        """The row counts (not the limits and lengths)."""
+        return {key: value for key, value in asdict(self).items() if key in _REPORT_COUNTS}
+
+
+_REPORT_COUNTS = (
+    "rows_in",
+    "rows_kept",
+    "dropped_too_long",
+    "empty_completion_dropped",
+    "prompt_truncated",
+    "completion_truncated",
+    "eos_lost",
+)
 
 
 @dataclass(slots=True)
@@ -317,13 +355,19 @@ def apply_length_policy(
 
     Returns the kept rows (new objects; the inputs are not modified) and the report.
     """
-    report = TokenizationReport(rows_in=len(encoded))
+    report = TokenizationReport(
+        rows_in=len(encoded), max_prompt_length=settings.max_prompt_length, max_length=settings.max_length
+    )
     kept: list[EncodedRow] = []
     for row in encoded:
         prompt, completions = row.prompt_ids, row.completions_ids
         if any(not ids for ids in completions):
             report.empty_completion_dropped += 1
             continue
+        report.longest_prompt = max(report.longest_prompt, len(prompt))
+        report.longest_sequence = max(
+            report.longest_sequence, len(prompt) + max((len(ids) for ids in completions), default=0)
+        )
         too_long = any(len(prompt) + len(ids) > settings.max_length for ids in completions)
         if settings.truncation == "drop":
             if len(prompt) > settings.max_prompt_length or too_long:

@@ -208,7 +208,7 @@ def load_offline_data(config: RunConfig, tokenizer, objective: BatchObjective, e
         rows, designer = _with_designer_rewards(config, rows, fmt, engine)
     settings = tokenization_settings(config)
     items, report = _TOKENIZERS[fmt](rows, tokenizer, settings)
-    engine.print(f"data: {d.path}: {report.summary()}")
+    engine.print(f"data: {d.path}: {report.summary('data.max_prompt_length', 'data.max_length')}")
     for warning in loaded.warnings:
         engine.print(f"data: warning: {warning}")
     if not items:
