@@ -65,11 +65,12 @@ def _task_settings(items: list[str]) -> dict:
 
 def cmd_data_make(args: argparse.Namespace) -> int:
     from distalign.tasks.io import provenance_path
+    from distalign.tasks.make import default_output_path
     from distalign.tasks.sampler import make_task_dataset
 
     path = make_task_dataset(
         args.task,
-        args.output or f"{args.task}_{args.kind}.jsonl",
+        args.output or default_output_path(args.task, args.kind),
         model_name=args.model,
         kind=args.kind,
         k=args.k,
@@ -118,7 +119,12 @@ def _register_make(data_commands: argparse._SubParsersAction) -> None:
     make.add_argument(
         "--seed", type=int, default=0, help="seeds the prompt choice, the samples and the noise"
     )
-    make.add_argument("--output", help="JSONL file to write (default: TASK_KIND.jsonl)")
+    make.add_argument(
+        "--output",
+        help="JSONL file to write (default: runs/data/TASK_KIND.jsonl under the current directory: generated "
+        "data is an output like the runs that train on it, kept under runs/ with them rather than loose in "
+        "the working directory)",
+    )
     make.add_argument(
         "--bt-noise",
         type=float,

@@ -24,6 +24,16 @@ from distalign.tasks.io import write_jsonl_with_provenance
 #: listwise row, or the prompts alone (no sampling).
 KINDS = ("paired", "unpaired", "listwise", "prompt")
 
+#: Where ``distalign data make`` writes without ``--output``, relative to the current directory. Generated
+#: files are run outputs like the runs themselves (``runs/NAME``): kept together, out of the working
+#: directory's top level, and out of version control (the repository ignores ``runs/``).
+DEFAULT_DATA_DIR = Path("runs") / "data"
+
+
+def default_output_path(task: str, kind: str) -> Path:
+    """``runs/data/TASK_KIND.jsonl``: the file ``distalign data make TASK --kind KIND`` writes by default."""
+    return DEFAULT_DATA_DIR / f"{task}_{kind}.jsonl"
+
 
 def make_dataset(
     task: Task,
