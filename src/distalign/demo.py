@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import shutil
 import time
@@ -99,6 +100,70 @@ TINY = DemoSettings(
     max_length=96,
     max_prompt_length=64,
 )
+
+
+@dataclass(frozen=True)
+class MeasuredTimes:
+    """Wall seconds per demo phase measured on 2 CPU cores (docs/demo.md, "Wall time"), the training
+    phases at ``steps`` optimizer steps each; ``peak_memory_gb``: peak resident memory, when measured."""
+
+    phases: dict[str, float]
+    steps: int
+    peak_memory_gb: float | None = None
+
+
+#: The measurements each preset's estimate is based on (keyed by ``DemoSettings.model``).
+MEASURED = {
+    # SmolLM2, quiet 2-core machine: 5 min 50 s wall in all (with interpreter start-up), 8.4 GB peak RSS.
+    "smollm2": MeasuredTimes(
+        {"load": 0.5, "data": 55, "train_dpo": 102, "train_aot": 102, "eval": 83, "report": 1.4},
+        steps=8,
+        peak_memory_gb=8.4,
+    ),
+    # Tiny model, CPU seconds per phase (a busy 2-core machine's wall time was twice that).
+    "tiny": MeasuredTimes(
+        {"load": 3, "data": 1, "train_dpo": 2, "train_aot": 2, "eval": 1, "report": 3.5}, steps=16
+    ),
+}
+
+_PHASE_NAMES = {"train_dpo": "DPO", "train_aot": "AOT"}
+
+
+def estimated_seconds(settings: DemoSettings) -> float | None:
+    """Expected wall seconds of the demo on 2 idle CPU cores: the measured phases of its preset, the
+    training phases scaled to ``settings.steps``; None for a model without a measurement."""
+    measured = MEASURED.get(settings.model)
+    if measured is None:
+        return None
+    return sum(
+        seconds * (settings.steps / measured.steps if name.startswith("train_") else 1.0)
+        for name, seconds in measured.phases.items()
+    )
+
+
+def _duration_text(seconds: float) -> str:
+    if seconds < 90:
+        return f"{5 * max(1, math.ceil(seconds / 5))} seconds"
+    return f"{round(seconds / 60)} minutes"
+
+
+def estimate_line(settings: DemoSettings, device: str = "cpu") -> str | None:
+    """What the demo will take, said before it starts: its phases and the time (and memory) measured
+    on 2 CPU cores, scaled to the steps asked for; None for a model without a measurement."""
+    total = estimated_seconds(settings)
+    if total is None:
+        return None
+    measured = MEASURED[settings.model]
+    phases = ", ".join(
+        f"{_PHASE_NAMES.get(name, name)} {seconds:g} s" for name, seconds in measured.phases.items()
+    )
+    scaled = f", training scaled to {settings.steps} steps" if settings.steps != measured.steps else ""
+    memory = f", peak memory about {measured.peak_memory_gb:g} GB" if measured.peak_memory_gb else ""
+    where = "; a GPU is used here, so expect less" if device != "cpu" else "; longer on a busy machine"
+    return (
+        f"6 phases, about {_duration_text(total)} on 2 idle CPU cores{memory} "
+        f"(measured per phase: {phases}{scaled}; docs/demo.md){where}"
+    )
 
 
 @dataclass
@@ -245,6 +310,9 @@ def run_demo(output_dir: str | Path, *, tiny: bool = False, steps: int | None = 
     prepare_output_dir(output_dir)
     clock = Stopwatch()
 
+    estimate = estimate_line(settings, str(model_device().type))
+    if estimate is not None:
+        print(f"distalign demo ({settings.model}): {estimate}", flush=True)
     _phase(1, f"loading the base model ({settings.model}) on {model_device()}")
     with clock.phase("load"):
         base, tokenizer = _load_base(settings.model)
