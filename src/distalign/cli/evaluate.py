@@ -50,6 +50,11 @@ def _eval_lines(result) -> str:
             f"  {label}: policy {show(entry['policy'])}, reference {show(entry['reference'])}, "
             f"difference {show(entry['difference'])}"
         )
+    if "tiny" in (result.settings.get("policy"), result.settings.get("reference")):
+        lines.append(
+            "note: 'tiny' is the randomly initialised test model: these numbers check the pipeline "
+            "(plumbing), they say nothing about alignment quality"
+        )
     return "\n".join(lines)
 
 
