@@ -26,6 +26,35 @@ NON_CURVE_KEYS = frozenset(
 )
 DPI = 110
 
+#: The reference's colour in every plot of the report.
+REFERENCE_COLOR = "#4d4d4d"
+#: Run colours in order: matplotlib's tab10 without its grey (the reference's), then tab20's light tones.
+RUN_COLORS = (
+    "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#bcbd22", "#17becf",
+    "#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5", "#c49c94", "#f7b6d2", "#dbdb8d", "#9edae5",
+)  # fmt: skip
+
+
+def run_colors(names: Sequence[str]) -> dict[str, str]:
+    """One colour per run name, in order (cycling after 18 runs), plus ``"reference"`` in
+    :data:`REFERENCE_COLOR`: the report passes this map to every plot so a run keeps its colour."""
+    colors = {name: RUN_COLORS[i % len(RUN_COLORS)] for i, name in enumerate(names)}
+    colors["reference"] = REFERENCE_COLOR
+    return colors
+
+
+#: Panel titles for metric prefixes that are easy to misread: DPO-family losses log their *implicit*
+#: reward, which is not the gold reward the evaluation measures.
+PANEL_NOTES = {"rewards/": "implicit reward (β·log π/π_ref), not the gold reward"}
+
+
+def panel_title(key: str) -> str:
+    """A training-curve panel's title: the metric key, with a second line for keys in :data:`PANEL_NOTES`."""
+    for prefix, note in PANEL_NOTES.items():
+        if key.startswith(prefix):
+            return f"{key}\n{note}"
+    return key
+
 
 def read_metrics_jsonl(path: str | Path) -> list[dict[str, Any]]:
     """Rows of a run's metrics.jsonl; malformed lines (e.g. a last line cut off by a crash) are skipped
@@ -77,11 +106,13 @@ def plot_training_curves(
     *,
     keys: Sequence[str] | None = None,
     title: str = "",
+    color: str = "tab:blue",
 ) -> Path | None:
-    """One panel per metric key against ``step`` (``keys`` default: :func:`curve_keys`); with more than
-    20 points a moving average over 1/20 of the run is drawn over the raw curve. Keys of one family
-    ``name=<value>`` (e.g. ``weights/source=golden``, ``weights/source=hot``) share a panel with a
-    legend. ``None`` if nothing to plot."""
+    """One panel per metric key against ``step`` (``keys`` default: :func:`curve_keys`), in ``color``
+    (the run's); with more than 20 points a moving average over 1/20 of the run is drawn over the raw
+    curve. Keys of one family ``name=<value>`` (e.g. ``weights/source=golden``, ``weights/source=hot``)
+    share a panel with a legend at the best place. Panel titles: :func:`panel_title`. ``None`` if
+    nothing to plot."""
     keys = list(keys) if keys is not None else curve_keys(rows)
     panels: dict[str, dict[str, np.ndarray]] = {}
     for key in keys:
@@ -99,21 +130,31 @@ def plot_training_curves(
         ax = fig.add_subplot(nrows, ncols, index + 1)
         several = len(series) > 1
         for number, (label, points) in enumerate(series.items()):
-            color = f"C{number}" if several else "tab:blue"
+            line_color = f"C{number}" if several else color
             steps, values = points[:, 0], points[:, 1]
             window = max(1, len(values) // 20)
             raw_label = None if window > 1 or not several else label
             ax.plot(
-                steps, values, color=color, alpha=0.35 if window > 1 else 1.0, linewidth=1, label=raw_label
+                steps,
+                values,
+                color=line_color,
+                alpha=0.35 if window > 1 else 1.0,
+                linewidth=1,
+                marker="." if len(values) <= 20 else None,  # a few points (or one) stay visible
+                label=raw_label,
             )
             if window > 1:
                 smooth = _moving_average(values, window)
                 ax.plot(
-                    steps[window - 1 :], smooth, color=color, linewidth=1.8, label=label if several else None
+                    steps[window - 1 :],
+                    smooth,
+                    color=line_color,
+                    linewidth=1.8,
+                    label=label if several else None,
                 )
         if several:
             ax.legend(fontsize=8, loc="best")
-        ax.set_title(panel, fontsize=10)
+        ax.set_title(panel_title(panel), fontsize=9)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     if title:
@@ -135,14 +176,17 @@ def plot_estimates(
     ylabel: str,
     reference_line: float | None = None,
     ylim: tuple[float, float] | None = None,
+    colors: Mapping[str, str] | None = None,
 ) -> Path:
-    """Bar chart of point estimates with their confidence intervals as error bars (one bar per label)."""
+    """Bar chart of point estimates with their confidence intervals as error bars (one bar per label,
+    coloured by ``colors[label]`` where given)."""
     values = np.array([e.value for e in estimates])
     errors = np.array([[e.value - e.low for e in estimates], [e.high - e.value for e in estimates]])
     fig = Figure(figsize=(max(4.0, 1.1 * len(labels) + 2), 3.6))
     ax = fig.add_subplot(1, 1, 1)
     positions = np.arange(len(labels))
-    ax.bar(positions, values, yerr=np.clip(errors, 0, None), capsize=5, color="tab:blue", alpha=0.8)
+    bar_colors = [(colors or {}).get(label, "tab:blue") for label in labels]
+    ax.bar(positions, values, yerr=np.clip(errors, 0, None), capsize=5, color=bar_colors, alpha=0.85)
     ax.set_xticks(
         positions,
         list(labels),
@@ -160,14 +204,31 @@ def plot_estimates(
     return _save(fig, output)
 
 
-def plot_gold_rewards(labels: Sequence[str], estimates: Sequence[Estimate], output: str | Path) -> Path:
+def plot_gold_rewards(
+    labels: Sequence[str],
+    estimates: Sequence[Estimate],
+    output: str | Path,
+    *,
+    colors: Mapping[str, str] | None = None,
+) -> Path:
     """Mean gold reward per model with its CI."""
     return plot_estimates(
-        labels, estimates, output, title="Gold reward (mean, bootstrap CI)", ylabel="gold reward"
+        labels,
+        estimates,
+        output,
+        title="Gold reward (mean, bootstrap CI)",
+        ylabel="gold reward",
+        colors=colors,
     )
 
 
-def plot_win_rates(labels: Sequence[str], estimates: Sequence[Estimate], output: str | Path) -> Path:
+def plot_win_rates(
+    labels: Sequence[str],
+    estimates: Sequence[Estimate],
+    output: str | Path,
+    *,
+    colors: Mapping[str, str] | None = None,
+) -> Path:
     """Win rate against the reference per model, with CI and the 0.5 line of no improvement."""
     return plot_estimates(
         labels,
@@ -177,6 +238,7 @@ def plot_win_rates(labels: Sequence[str], estimates: Sequence[Estimate], output:
         ylabel="win rate",
         reference_line=0.5,
         ylim=(0, 1),
+        colors=colors,
     )
 
 
@@ -219,16 +281,21 @@ def pareto_front(points: Sequence[FrontierPoint]) -> list[FrontierPoint]:
 
 
 def plot_frontier(
-    points: Sequence[FrontierPoint], output: str | Path, *, title: str = "Gold reward vs KL"
+    points: Sequence[FrontierPoint],
+    output: str | Path,
+    *,
+    title: str = "Gold reward vs KL",
+    colors: Mapping[str, str] | None = None,
 ) -> Path:
-    """Scatter of gold reward against KL(pi || ref), one labelled point per run, CIs as error bars; the
+    """Scatter of gold reward against KL(pi || ref), one labelled point per run (coloured by
+    ``colors[label]`` where given), CIs as error bars, labels placed apart (:func:`_place_labels`); the
     Pareto front (less KL, more reward) is joined by a dashed line."""
     fig = Figure(figsize=(5.6, 4.2))
     ax = fig.add_subplot(1, 1, 1)
     for p in points:
         xerr, yerr = _error_bar(p.kl, p.kl_ci), _error_bar(p.reward, p.reward_ci)
-        ax.errorbar([p.kl], [p.reward], xerr=xerr, yerr=yerr, fmt="o", capsize=3)
-        ax.annotate(p.label, (p.kl, p.reward), textcoords="offset points", xytext=(5, 5), fontsize=9)
+        color = (colors or {}).get(p.label)
+        ax.errorbar([p.kl], [p.reward], xerr=xerr, yerr=yerr, fmt="o", capsize=3, color=color)
     front = pareto_front(points)
     if len(front) > 1:
         ax.plot([p.kl for p in front], [p.reward for p in front], linestyle="--", color="gray", linewidth=1)
@@ -236,7 +303,9 @@ def plot_frontier(
     ax.set_ylabel("mean gold reward")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
+    ax.autoscale_view()
+    fig.tight_layout()  # before the labels: they are placed in display space
+    _place_labels(ax, [p.kl for p in points], [p.reward for p in points], [p.label for p in points])
     return _save(fig, output)
 
 
@@ -329,11 +398,13 @@ def plot_designer_pareto(
     *,
     reference: Estimate | None = None,
     title: str = "Designer score vs win rate: the Pareto view",
+    colors: Mapping[str, str] | None = None,
 ) -> Path:
     """Scatter of the policy's designer score (x, horizontal CI bar) against its gold-reward win rate
     vs the reference (y, vertical CI bar), one labelled point per run; plain DPO runs as squares; the
     runs no other run beats on both axes (:func:`non_dominated`, on point estimates) ringed and joined;
-    the reference (its designer score, win rate 0.5 by definition) as a star. Legend outside the axes."""
+    the reference (its designer score, win rate 0.5 by definition) as a star. With ``colors`` each run
+    has its colour (the legend then shows the shapes in grey). Legend outside the axes."""
     fig = Figure(figsize=(6.8, 4.6))
     ax = fig.add_subplot(1, 1, 1)
     ax.axhline(0.5, color="gray", linestyle=":", linewidth=1)
@@ -341,6 +412,10 @@ def plot_designer_pareto(
     shown: set[bool] = set()
     for p in points:
         marker, color, legend = styles[p.dpo]
+        if colors and p.label in colors:
+            color, legend = colors[p.label], None
+            if p.dpo not in shown:  # a grey stand-in for the shape's legend entry
+                ax.plot([], [], marker, color="0.45", linestyle="none", label=styles[p.dpo][2])
         ax.errorbar(
             [p.designer.value],
             [p.win_rate.value],
@@ -358,15 +433,16 @@ def plot_designer_pareto(
     )
     if front:
         xs, ys = [p.designer.value for p in front], [p.win_rate.value for p in front]
-        ax.plot(xs, ys, color="tab:green", linewidth=1.5, zorder=1)
-        ax.scatter(xs, ys, s=170, facecolors="none", edgecolors="tab:green", label="Pareto front")
+        # Dark and dashed, not a hue: every hue may be a run's colour.
+        ax.plot(xs, ys, color="0.2", linestyle="--", linewidth=1.2, zorder=1)
+        ax.scatter(xs, ys, s=170, facecolors="none", edgecolors="0.2", label="Pareto front")
     if reference is not None:
         ax.errorbar(
             [reference.value],
             [0.5],
             xerr=_error_bar(reference.value, (reference.low, reference.high)),
             fmt="*",
-            color="black",
+            color=REFERENCE_COLOR,
             markersize=12,
             capsize=3,
             zorder=1.5,  # under the runs: a run at the reference's score stays visible
@@ -392,17 +468,72 @@ def plot_quantile_curves(
     *,
     title: str = "Gold-reward quantiles",
     ylabel: str = "gold reward",
+    colors: Mapping[str, str] | None = None,
 ) -> Path:
-    """Quantile functions (level on x, reward quantile on y), one line per model. A curve lying on or
-    above another at every level dominates it in the first-order stochastic sense."""
-    fig = Figure(figsize=(5.6, 4.0))
+    """Quantile functions (level on x, reward quantile on y), one line per model, coloured by
+    ``colors[label]`` where given, the legend outside the axes. A curve lying on or above another at
+    every level dominates it in the first-order stochastic sense."""
+    fig = Figure(figsize=(6.8, 4.0))
     ax = fig.add_subplot(1, 1, 1)
     for label, values in curves.items():
-        ax.plot(list(levels), list(values), marker=".", label=label)
+        ax.plot(list(levels), list(values), marker=".", label=label, color=(colors or {}).get(label))
     ax.set_xlabel("quantile level")
     ax.set_ylabel(ylabel)
     ax.set_title(title)
-    ax.legend()
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, fontsize=8)
     ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return _save(fig, output)
+
+
+def plot_policy_vs_reference(
+    policy: Sequence[float],
+    reference: Sequence[float],
+    output: str | Path,
+    *,
+    label: str = "policy",
+    color: str = RUN_COLORS[0],
+    reward: str = "gold reward",
+) -> Path:
+    """One run's gold rewards against the reference's: their quantile functions on the merged grid
+    (:func:`distalign.eval.dominance.quantile_curves`; where the policy's is below, dominance is
+    violated, shaded) and their histograms; the policy in ``color``, the reference in
+    :data:`REFERENCE_COLOR`, legends outside the axes."""
+    from distalign.eval.dominance import quantile_curves
+
+    t, q_policy, q_reference = (x.numpy() for x in quantile_curves(policy, reference))
+    edges = np.concatenate([[0.0], t])
+    fig = Figure(figsize=(11.0, 3.8))
+    quantiles, histogram = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    quantiles.stairs(q_policy, edges, baseline=None, linewidth=2.0, color=color, label=label)
+    quantiles.stairs(
+        q_reference, edges, baseline=None, linewidth=2.0, color=REFERENCE_COLOR, label="reference"
+    )
+    # Shade the gap where the policy's quantile is below the reference's (zero height elsewhere).
+    below = np.where(q_policy < q_reference, q_reference, q_policy)
+    share = float(np.diff(edges)[q_policy < q_reference].sum())
+    quantiles.fill_between(
+        edges,
+        np.append(q_policy, q_policy[-1]),
+        np.append(below, below[-1]),
+        step="post",
+        color=color,
+        alpha=0.2,
+        linewidth=0,
+        label=f"policy below ({share:.0%} of levels)",
+    )
+    quantiles.set_xlim(0.0, 1.0)
+    quantiles.set_xlabel("quantile level")
+    quantiles.set_ylabel(reward)
+    quantiles.set_title("Quantiles: a curve above the other dominates it", fontsize=10)
+    bins = np.histogram_bin_edges(np.concatenate([np.asarray(policy), np.asarray(reference)]), bins=20)
+    histogram.hist(reference, bins=bins, color=REFERENCE_COLOR, alpha=0.45, label="reference")
+    histogram.hist(policy, bins=bins, color=color, alpha=0.55, label=label)
+    histogram.set_xlabel(reward)
+    histogram.set_ylabel("completions")
+    histogram.set_title("Histogram", fontsize=10)
+    for ax in (quantiles, histogram):
+        ax.grid(alpha=0.3)
+        ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, fontsize=8)
     fig.tight_layout()
     return _save(fig, output)

@@ -5,12 +5,17 @@ A run directory holds ``config.yaml`` (resolved config), ``metrics.jsonl`` (trai
 and ``eval/``. Every piece is optional: a missing or unreadable piece is reported on the page and the
 rest still renders. Images are embedded as base64 data URIs so the page can be mailed or archived
 alone, and are also written as files in ``<report stem>_files/`` beside it.
+
+The page answers the question first: the verdict per run (:mod:`distalign.eval.overview`), then the
+comparison across runs (:mod:`distalign.eval.comparison`), example generations from
+``eval/samples.jsonl`` (:mod:`distalign.eval.generations`) and one section per run. Each run keeps one
+colour in every plot (:func:`distalign.eval.plots.run_colors`; the reference is grey).
 """
 
 from __future__ import annotations
 
-import base64
 import html
+import os
 import re
 import shutil
 from collections.abc import Sequence
@@ -21,28 +26,25 @@ from typing import Any
 
 import yaml
 
-from distalign.eval.metrics import Estimate, EvalResult
-from distalign.eval.pareto import has_designer_scores, pareto_rows, shared_designer_reference
+from distalign.eval.comparison import comparison_section
+from distalign.eval.generations import by_prompt, generations_section, read_samples
+from distalign.eval.metrics import EvalResult
+from distalign.eval.overview import verdict_section
+from distalign.eval.page import CSS
+from distalign.eval.page import image as _image
+from distalign.eval.page import table as _table
 from distalign.eval.plots import (
-    FrontierPoint,
+    REFERENCE_COLOR,
     curve_keys,
-    plot_designer_pareto,
-    plot_frontier,
-    plot_gold_rewards,
+    plot_policy_vs_reference,
     plot_quantile_curves,
     plot_training_curves,
-    plot_win_rates,
     read_metrics_jsonl,
+    run_colors,
 )
 
-_CSS = """
-body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1150px; color: #222; }
-h1 { border-bottom: 2px solid #ccc; } h2 { margin-top: 2em; border-bottom: 1px solid #ddd; }
-table { border-collapse: collapse; margin: 0.8em 0; font-size: 0.92em; }
-th, td { border: 1px solid #ccc; padding: 3px 9px; text-align: left; } th { background: #f2f2f2; }
-img { max-width: 100%; margin: 0.5em 0; border: 1px solid #eee; } .note { color: #a33; }
-.muted { color: #777; font-size: 0.9em; } details { margin: 0.5em 0; }
-"""
+Samples = dict[str, list[dict[str, Any]]]
+"""samples.jsonl rows per run name (empty list: none)."""
 
 
 @dataclass
@@ -123,28 +125,6 @@ def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def _fmt(value: Any) -> str:
-    if isinstance(value, Estimate):
-        return f"{value.value:.4g} [{value.low:.4g}, {value.high:.4g}]"
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return "" if value is None else str(value)
-
-
-def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in headers)
-    body = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(_fmt(c))}</td>" for c in row) + "</tr>" for row in rows
-    )
-    return f"<table><tr>{head}</tr>{body}</table>"
-
-
-def _image(path: Path, caption: str) -> str:
-    data = base64.b64encode(path.read_bytes()).decode("ascii")
-    alt = html.escape(caption, quote=True)
-    return f'<figure><img src="data:image/png;base64,{data}" alt="{alt}"><figcaption class="muted">{alt}</figcaption></figure>'
-
-
 def _eval_tables(result: EvalResult) -> str:
     rows: list[list[Any]] = [
         [f"gold reward ({result.reward or 'gold'}), {m}", e] for m, e in result.gold_reward.items()
@@ -182,8 +162,15 @@ def _eval_tables(result: EvalResult) -> str:
 WEIGHT_METRIC_PREFIXES = ("weights/", "group/")
 
 
-def _run_section(run: RunSummary, assets: Path) -> str:
-    parts = [f"<h2>Run: {html.escape(run.name)}</h2>", f'<p class="muted">{html.escape(str(run.path))}</p>']
+#: PNGs of ``distalign eval`` the report redraws in the run's colours when it has the samples.
+REDRAWN_EVAL_PNGS = frozenset({"gold_reward_quantiles.png", "gold_reward_histogram.png"})
+
+
+def _run_section(run: RunSummary, assets: Path, color: str, samples: list[dict[str, Any]]) -> str:
+    parts = [
+        f'<h2 id="run-{_slug(run.name)}">Run: {html.escape(run.name)}</h2>',
+        f'<p class="muted">{html.escape(str(run.path))}</p>',
+    ]
     parts += [f'<p class="note">{html.escape(p)}</p>' for p in run.problems]
     if run.config:
         flat = flatten(run.config)
@@ -198,14 +185,18 @@ def _run_section(run: RunSummary, assets: Path) -> str:
     weight_keys = [k for k in curve_keys(run.metrics, limit=1000) if k.startswith(WEIGHT_METRIC_PREFIXES)]
     training_keys = [k for k in curve_keys(run.metrics, limit=1000) if k not in weight_keys][:12]
     curves = (
-        plot_training_curves(run.metrics, assets / f"{slug}_training.png", keys=training_keys, title=run.name)
+        plot_training_curves(
+            run.metrics, assets / f"{slug}_training.png", keys=training_keys, title=run.name, color=color
+        )
         if run.metrics
         else None
     )
     if curves is not None:
         parts.append("<h3>Training curves</h3>" + _image(curves, f"{run.name}: training curves"))
     weights_png = (
-        plot_training_curves(run.metrics, assets / f"{slug}_weights.png", keys=weight_keys, title=run.name)
+        plot_training_curves(
+            run.metrics, assets / f"{slug}_weights.png", keys=weight_keys, title=run.name, color=color
+        )
         if weight_keys
         else None
     )
@@ -220,174 +211,43 @@ def _run_section(run: RunSummary, assets: Path) -> str:
             f"<h3>Evaluation: {html.escape(run.eval.task)} ({run.eval.num_prompts} held-out prompts)</h3>"
         )
         parts.append(_eval_tables(run.eval))
-        levels = run.eval.quantiles.get("levels")
-        curves_by_model = {k: v for k, v in run.eval.quantiles.items() if k != "levels"}
-        # `distalign eval` leaves a finer picture (every sample's quantile, violations shaded) in eval/.
-        has_eval_plot = any(p.name == "gold_reward_quantiles.png" for p in run.pngs)
-        if levels and curves_by_model and not has_eval_plot:
-            png = plot_quantile_curves(
-                levels,
-                curves_by_model,
-                assets / f"{slug}_quantiles.png",
-                title=f"{run.name}: gold-reward quantiles",
-            )
-            parts.append(_image(png, f"{run.name}: gold-reward quantiles (dominance view)"))
+        parts.append(_eval_pictures(run, assets / f"{slug}_quantiles.png", color, samples))
+    redrawn = samples and run.eval is not None
     for png in run.pngs:
+        if redrawn and png.parent.name == "eval" and png.name in REDRAWN_EVAL_PNGS:
+            continue
         copy = assets / f"{slug}_{png.parent.name}_{png.name}"
         shutil.copyfile(png, copy)
         parts.append(_image(copy, f"{run.name}: {png.parent.name}/{png.name}"))
     return "".join(parts)
 
 
-def _shared_reference(runs: Sequence[RunSummary]) -> Estimate | None:
-    """The reference's gold reward when every evaluated run measured the same one, else ``None``."""
-    refs = [r.eval.gold_reward.get("reference") for r in runs if r.eval is not None]
-    if refs and all(ref is not None and ref == refs[0] for ref in refs):
-        return refs[0]
-    return None
-
-
-def _comparison_row(run: RunSummary) -> list[Any]:
-    last = run.metrics[-1] if run.metrics else {}
-    row: list[Any] = [run.name, run.method, last.get("step"), last.get("loss")]
-    ev = run.eval
-    if ev is None:
-        return row + [None] * 6
-    div = ev.diversity.get("policy", {})
-    words = ev.length.get("policy", {}).get("words", {})
-    kl = ev.kl.k1 if ev.kl else None
-    return row + [
-        ev.gold_reward.get("policy"),
-        ev.win_rate,
-        kl,
-        div.get("distinct_2"),
-        div.get("self_bleu"),
-        words.get("mean"),
-    ]
-
-
-def _comparison_section(runs: Sequence[RunSummary], assets: Path) -> str:
-    headers = [
-        "run",
-        "method",
-        "steps",
-        "final loss",
-        "gold reward",
-        "win rate",
-        "KL k1 [nats]",
-        "distinct-2",
-        "self-BLEU",
-        "mean words",
-    ]
-    rows = [_comparison_row(run) for run in runs]
-    reference = _shared_reference(runs)
-    if reference is not None:
-        rows.insert(0, ["reference", "(base)", None, None, reference, None, 0.0, *_reference_diversity(runs)])
-    parts = ["<h2>Comparison</h2>", _table(headers, rows)]
-    evaluated = [(r.name, r.eval) for r in runs if r.eval is not None and "policy" in r.eval.gold_reward]
-    if not evaluated:
-        return "".join(parts) + '<p class="muted">No run has eval/eval.json: no comparison plots.</p>'
-    quantiles = _comparison_quantiles(evaluated, reference is not None)
-    if quantiles is not None:
-        png = plot_quantile_curves(
-            quantiles["levels"],
-            {k: v for k, v in quantiles.items() if k != "levels"},
-            assets / "quantiles.png",
-            title="Gold-reward quantiles: a curve above another dominates it",
+def _eval_pictures(run: RunSummary, output: Path, color: str, samples: list[dict[str, Any]]) -> str:
+    """The run's gold rewards against the reference's, in the report's colours: from every sample
+    when samples.jsonl is there, else from the quantile curves of eval.json unless `distalign eval`
+    left its own picture in eval/."""
+    assert run.eval is not None
+    prompts = by_prompt(samples).values()
+    policy = [r for prompt in prompts for _, r in prompt.policy]
+    reference = [r for prompt in prompts for _, r in prompt.reference]
+    if policy and reference:
+        png = plot_policy_vs_reference(
+            policy, reference, output, label=run.name, color=color, reward=run.eval.reward or "gold reward"
         )
-        parts.append(_image(png, "gold-reward quantile curves of every run (the dominance view)"))
-    labels = [name for name, _ in evaluated] + (["reference"] if reference else [])
-    rewards = [ev.gold_reward["policy"] for _, ev in evaluated] + ([reference] if reference else [])
-    parts.append(
-        _image(plot_gold_rewards(labels, rewards, assets / "gold_reward.png"), "mean gold reward per run")
+        return _image(png, f"{run.name}: gold rewards of the policy and the reference (dominance view)")
+    levels = run.eval.quantiles.get("levels")
+    curves = {k: v for k, v in run.eval.quantiles.items() if k != "levels"}
+    if not levels or not curves or any(p.name == "gold_reward_quantiles.png" for p in run.pngs):
+        return ""
+    named = {(run.name if k == "policy" else k): v for k, v in curves.items()}
+    png = plot_quantile_curves(
+        levels,
+        named,
+        output,
+        title=f"{run.name}: gold-reward quantiles",
+        colors={run.name: color, "reference": REFERENCE_COLOR},
     )
-    wins = [(name, ev.win_rate) for name, ev in evaluated if ev.win_rate is not None]
-    if wins:
-        png = plot_win_rates([n for n, _ in wins], [w for _, w in wins], assets / "win_rate.png")
-        parts.append(_image(png, "win rate against the reference per run"))
-    points = [_frontier_point(name, ev) for name, ev in evaluated if ev.kl is not None]
-    if points:
-        if reference is not None:
-            points.append(
-                FrontierPoint("reference", 0.0, reference.value, None, (reference.low, reference.high))
-            )
-        png = plot_frontier(points, assets / "frontier.png")
-        parts.append(_image(png, "gold reward vs KL(policy || reference): the frontier"))
-    if any(has_designer_scores(ev) for _, ev in evaluated):
-        parts.append(_designer_section(runs, assets))
-    return "".join(parts)
-
-
-def _designer_section(runs: Sequence[RunSummary], assets: Path) -> str:
-    """The Pareto view of runs with designer scores: plot and table (see :mod:`distalign.eval.pareto`)."""
-    rows = pareto_rows([(r.name, r.config, r.eval) for r in runs])
-    reference = shared_designer_reference([r.eval for r in runs if r.eval is not None])
-    png = plot_designer_pareto(
-        [row.point for row in rows], assets / "designer_pareto.png", reference=reference
-    )
-    table = _table(
-        [
-            "run",
-            "designer score [CI]",
-            "difference vs reference [CI]",
-            "win rate [CI]",
-            "on the Pareto front",
-        ],
-        [
-            [
-                row.point.label,
-                row.point.designer,
-                row.difference,
-                row.point.win_rate,
-                "yes" if row.on_front else "no",
-            ]
-            for row in rows
-        ],
-    )
-    note = (
-        "Designer score: the composite designer reward of the policy's samples (higher is better); win rate: "
-        "gold reward against the reference. The front joins the runs no other run beats on both, judged on "
-        "point estimates: runs whose intervals overlap are not separated beyond noise. Squares are plain DPO."
-    )
-    if reference is None:
-        note += " The runs were scored against different references, so no reference point is drawn."
-    return (
-        "<h3>Designer score vs win rate (Pareto view)</h3>"
-        + f'<p class="muted">{html.escape(note)}</p>'
-        + _image(png, "designer score vs gold-reward win rate: the Pareto view")
-        + table
-    )
-
-
-def _reference_diversity(runs: Sequence[RunSummary]) -> list[Any]:
-    """distinct-2, self-BLEU and mean words of the shared reference (from the first evaluated run)."""
-    ev = next(r.eval for r in runs if r.eval is not None)
-    div = ev.diversity.get("reference", {})
-    words = ev.length.get("reference", {}).get("words", {})
-    return [div.get("distinct_2"), div.get("self_bleu"), words.get("mean")]
-
-
-def _comparison_quantiles(
-    evaluated: Sequence[tuple[str, EvalResult]], shared_reference: bool
-) -> dict[str, list[float]] | None:
-    """Quantile curves of every run's policy (plus the shared reference) when all use the same levels."""
-    levels = evaluated[0][1].quantiles.get("levels")
-    if not levels or any(
-        ev.quantiles.get("levels") != levels or "policy" not in ev.quantiles for _, ev in evaluated
-    ):
-        return None
-    curves: dict[str, list[float]] = {"levels": levels}
-    if shared_reference and "reference" in evaluated[0][1].quantiles:
-        curves["reference"] = evaluated[0][1].quantiles["reference"]
-    for name, ev in evaluated:
-        curves[name] = ev.quantiles["policy"]
-    return curves
-
-
-def _frontier_point(name: str, result: EvalResult) -> FrontierPoint:
-    assert result.kl is not None
-    kl, reward = result.kl.k1, result.gold_reward["policy"]
-    return FrontierPoint(name, kl.value, reward.value, (kl.low, kl.high), (reward.low, reward.high))
+    return _image(png, f"{run.name}: gold-reward quantiles (dominance view)")
 
 
 def report_paths(output: str | Path) -> tuple[Path, Path]:
@@ -397,27 +257,55 @@ def report_paths(output: str | Path) -> tuple[Path, Path]:
     return page, page.parent / f"{page.stem}_files"
 
 
-def write_report(run_dirs: Sequence[str | Path], output: str | Path) -> Path:
-    """Write the HTML report for ``run_dirs`` and return the page's path (see :func:`report_paths`)."""
+def _read_run_samples(run: RunSummary) -> list[dict[str, Any]]:
+    if run.eval is None:
+        return []
+    return read_samples(run.path / "eval" / (run.eval.samples_file or "samples.jsonl"))
+
+
+def write_report(
+    run_dirs: Sequence[str | Path], output: str | Path, *, refresh_seconds: float | None = None
+) -> Path:
+    """Write the HTML report for ``run_dirs`` and return the page's path (see :func:`report_paths`).
+
+    The page opens with the verdict per run, then the comparison (settings, results, plots with one
+    colour per run and the reference in grey), example generations, and one section per run.
+    ``refresh_seconds`` (the live view of ``distalign report --watch``) makes the browser reload the
+    page that often. The page is replaced atomically, so a reload never sees half of it.
+    """
     if not run_dirs:
         raise ValueError("write_report needs at least one run directory")
     paths = [Path(p) for p in run_dirs]
     runs = [load_run(p, name) for p, name in zip(paths, _unique_names(paths))]
     page, assets = report_paths(output)
     assets.mkdir(parents=True, exist_ok=True)
+    colors = run_colors([r.name for r in runs])
+    samples: Samples = {run.name: _read_run_samples(run) for run in runs}
     stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
     body = [
         f"<h1>distalign report: {html.escape(', '.join(r.name for r in runs))}</h1>",
         f'<p class="muted">generated {html.escape(stamp)}; images also in {html.escape(assets.name)}/</p>',
     ]
+    head = ""
+    if refresh_seconds is not None:
+        seconds = max(1, round(refresh_seconds))
+        head = f'<meta http-equiv="refresh" content="{seconds}">'
+        body.append(
+            f'<p class="live">Live view: <code>distalign report --watch</code> rewrites this page when a '
+            f"run's metrics or evaluation change; the browser reloads it every {seconds} s.</p>"
+        )
+    body.append(verdict_section(runs, samples, colors))
     if len(runs) > 1 or runs[0].eval is not None:
-        body.append(_comparison_section(runs, assets))
-    body += [_run_section(run, assets) for run in runs]
+        body.append(comparison_section(runs, assets, colors))
+    body.append(generations_section({name: by_prompt(rows) for name, rows in samples.items()}, colors))
+    body += [_run_section(run, assets, colors[run.name], samples[run.name]) for run in runs]
     title = html.escape("distalign report: " + ", ".join(r.name for r in runs))
     document = (
-        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{title}</title>'
-        f"<style>{_CSS}</style></head><body>{''.join(body)}</body></html>\n"
+        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">{head}<title>{title}</title>'
+        f"<style>{CSS}</style></head><body>{''.join(body)}</body></html>\n"
     )
     page.parent.mkdir(parents=True, exist_ok=True)
-    page.write_text(document, encoding="utf-8")
+    temporary = page.with_name(f".{page.name}.tmp")
+    temporary.write_text(document, encoding="utf-8")
+    os.replace(temporary, page)
     return page
