@@ -67,8 +67,16 @@ def eval_fingerprint(config: RunConfig) -> dict[str, Any]:
     }
 
 
+#: Files of final/ rewritten by an evaluation (the model card shows its numbers), not by training.
+_EVAL_WRITTEN = ("README.md",)
+
+
 def _newest_mtime(path: Path) -> int:
-    stamps = [p.stat().st_mtime_ns for p in path.rglob("*") if p.is_file()]
+    stamps = [
+        p.stat().st_mtime_ns
+        for p in path.rglob("*")
+        if p.is_file() and not (p.parent == path and p.name in _EVAL_WRITTEN)
+    ]
     return max(stamps, default=path.stat().st_mtime_ns)
 
 
@@ -166,6 +174,7 @@ def _same_tokenizer(a: Any, b: Any) -> bool:
 def evaluate_sweep_run(run: SweepRun, pool: ReferencePool) -> Path:
     """Evaluate ``RUN/final`` against the shared reference samples; writes ``RUN/eval/``, returns eval.json."""
     from distalign.eval.run import evaluate_models, load_eval_model, run_designer, write_eval
+    from distalign.models.card import refresh_model_card
 
     config, final = run.config, run.path / "final"
     reference = pool.get(config)
@@ -190,7 +199,9 @@ def evaluate_sweep_run(run: SweepRun, pool: ReferencePool) -> Path:
         designer=run_designer(config, run.path),  # RUN/designer.json: the scale training normalised with
     )
     del policy
-    return write_eval(outcome, run.path / "eval", save_samples=config.eval.save_samples)
+    written = write_eval(outcome, run.path / "eval", save_samples=config.eval.save_samples)
+    refresh_model_card(run.path, outcome.result)  # final/README.md shows the sweep's evaluation
+    return written
 
 
 def train_sweep_run(run: SweepRun) -> str | None:

@@ -181,6 +181,8 @@ def test_a_tiny_sweep_trains_evaluates_reports_and_resumes(tmp_path, capsys):
     assert results[1].settings[SWEEP_EVAL_KEY]["eval"]["num_prompts"] == 4
     page = (out / "report.html").read_text()
     assert "Run: dpo" in page and "Run: ipo" in page and "Comparison" in page
+    card = (out / "ipo" / "final" / "README.md").read_text()  # the model card shows the sweep's numbers
+    assert "win rate against the reference" in card and "Not evaluated yet" not in card
 
     # A finished sweep redoes nothing, the report included.
     stamps, report_stamp = _eval_stamps(out), (out / "report.html").stat().st_mtime_ns
