@@ -290,3 +290,13 @@ def test_the_report_shows_the_pareto_view_when_runs_have_designer_scores(tmp_pat
         plain / "eval" / "eval.json"
     )
     assert "Pareto view" not in write_report([plain], tmp_path / "plain.html").read_text()
+
+
+@pytest.mark.parametrize(
+    "path", sorted((Path(__file__).parents[2] / "configs" / "sweeps").glob("*.yaml")), ids=lambda p: p.name
+)
+def test_shipped_sweep_files_expand_and_validate(path):
+    sweep = load_sweep(path)
+    assert len(sweep.runs) >= 3
+    assert any(run.config.loss.name == "upo" for run in sweep.runs)
+    assert any(run.config.loss.name == "dpo" and not run.config.loss.sft_weight for run in sweep.runs)
