@@ -87,6 +87,19 @@ class DataConfig(Section):
     """Over-long rows: "truncate" (prompt from the left, then completion from the right) or "drop"."""
     chat_template: ChatTemplateMode = "auto"
     """Render with the tokenizer's chat template: "auto" = iff the rows are conversational."""
+    packing: bool = False
+    """Padding-free forward passes in the offline loop (policy and reference log-probs): each
+    micro-batch's sequences laid end to end with position ids restarting at 0 and a block-diagonal
+    causal attention mask (flash-attention: variable-length attention through position_ids, one row),
+    so no compute goes to padding. Exact: the same log-probs and gradients as padded batches, up to
+    float rounding. A model it cannot be exact for (sliding-window or chunked attention shorter than
+    max_length, attention that ignores the mask; checked by a probe at setup) is refused, naming its
+    model type. See docs/architecture.md, 'Packing'."""
+    group_by_length: bool = False
+    """Form each step's micro-batches from rows of similar length (less padding). The global batch keeps
+    exactly its rows, so every objective is unchanged, batch-coupled ones included (with
+    loss.coupling_scope=global); with coupling_scope=micro_batch it would change which rows are coupled
+    and is refused."""
 
     @model_validator(mode="after")
     def _prompt_fits(self) -> DataConfig:
@@ -305,6 +318,7 @@ class RunConfig(Section):
             raise ValueError(f"loss.{option} is not an option of loss {spec.name!r} (its options: {valid})")
         _check_loss_option_values(spec, self.loss.loss_options())
         _check_aggregator(spec, self.aggregator, self.loss.coupling_scope)
+        _check_grouping(spec, self.loss, self.aggregator, self.data.group_by_length)
         if self.train.batch_size % self.train.micro_batch_size:
             raise ValueError(
                 f"train.batch_size ({self.train.batch_size}) must be a multiple of "
@@ -366,6 +380,22 @@ def _check_aggregator(loss_spec, section: AggregatorConfig, coupling_scope: str)
         spec(torch.tensor([0.0, 1.0], dtype=torch.float64), signals=signals, **options)
     except (ValueError, TypeError) as err:
         raise ValueError(f"aggregator ({spec.name}): {err}") from None
+
+
+def _check_grouping(loss_spec, loss: LossConfig, section: AggregatorConfig, group_by_length: bool) -> None:
+    """Grouping by length regroups the micro-batches; under micro-batch coupling those are the coupled
+    sets, so the objective would change with the data's lengths."""
+    from distalign.losses.aggregators import get_aggregator
+
+    if not group_by_length or loss.coupling_scope != "micro_batch":
+        return
+    if loss_spec.is_batch_coupled(loss.loss_options()) or get_aggregator(section.name).batch_coupled:
+        raise ValueError(
+            "data.group_by_length: with loss.coupling_scope=micro_batch the micro-batches are the coupled "
+            f"sets of {loss_spec.name!r} x {section.name!r}, and grouping by length would change which "
+            "rows are coupled; use loss.coupling_scope=global (exact over the whole batch) or turn "
+            "grouping off"
+        )
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:

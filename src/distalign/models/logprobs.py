@@ -12,14 +12,22 @@ chunk's logits instead of keeping them: through a plain linear head with a hand-
 (:mod:`distalign.models.fused_head`: one recompute, gradients written directly), through any other
 head (e.g. LoRA-wrapped) under ``torch.utils.checkpoint``. Peak extra memory is one ``[chunk, V]``
 block, forward and backward.
+
+:func:`packed_sequence_logprobs` scores the padding-free layout of
+:func:`distalign.data.collate.pack_sequences` (sequences end to end, position ids restarting at 0): the
+attention is block-diagonal and causal, given as a 4D mask to eager/SDPA attention or, for
+flash-attention kernels, left to their variable-length path through ``position_ids``. Each token's
+log-prob is summed into its own sequence's total. :func:`distalign.models.packing.packing_problem` decides,
+once per model, whether packing is exact for it (a probe against the padded layout), and says why not.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -28,6 +36,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from distalign.data.collate import PackedRows, packed_attention_mask
 from distalign.models.fused_head import LogitTransform, fused_head_logprobs
 
 logger = logging.getLogger(__name__)
@@ -163,21 +172,32 @@ def _lean_matches_full(causal_lm: nn.Module, decoder: nn.Module, head: nn.Module
     vocab_size = int(getattr(causal_lm.config, "vocab_size", 2))
     input_ids = (torch.arange(1, 9, device=parameter.device) % vocab_size)[None]
     attention_mask = torch.ones_like(input_ids)
+    with _probing(causal_lm):
+        full = causal_lm(**_model_inputs(causal_lm, input_ids, attention_mask, None)).logits.float()
+        hidden = decoder(**_model_inputs(decoder, input_ids, attention_mask, None))[0]
+        lean = head(hidden).float()
+        postprocess = _logit_postprocess(causal_lm.config)
+        if postprocess is not None:
+            lean = postprocess(lean)
+    tolerance = _probe_tolerance(parameter.dtype)
+    return full.shape == lean.shape and torch.allclose(lean, full, atol=tolerance, rtol=tolerance)
+
+
+@contextlib.contextmanager
+def _probing(causal_lm: nn.Module) -> Iterator[None]:
+    """No gradients and every module in eval mode (dropout would make two passes differ), restored."""
     modes = {module: module.training for module in causal_lm.modules()}
-    causal_lm.eval()  # dropout would make the two passes differ
+    causal_lm.eval()
     try:
         with torch.no_grad():
-            full = causal_lm(**_model_inputs(causal_lm, input_ids, attention_mask, None)).logits.float()
-            hidden = decoder(**_model_inputs(decoder, input_ids, attention_mask, None))[0]
-            lean = head(hidden).float()
-            postprocess = _logit_postprocess(causal_lm.config)
-            if postprocess is not None:
-                lean = postprocess(lean)
+            yield
     finally:
         for module, training in modes.items():
             module.training = training
-    tolerance = 1e-4 if parameter.dtype in (torch.float32, torch.float64) else 5e-2
-    return full.shape == lean.shape and torch.allclose(lean, full, atol=tolerance, rtol=tolerance)
+
+
+def _probe_tolerance(dtype: torch.dtype) -> float:
+    return 1e-4 if dtype in (torch.float32, torch.float64) else 5e-2
 
 
 def lean_path_supported(model: nn.Module) -> bool:
@@ -252,6 +272,57 @@ def _chunked_token_logprobs(
     return torch.cat(pieces)
 
 
+def _summed_logprobs(
+    model: nn.Module,
+    input_ids: Tensor,
+    inputs: Callable[[nn.Module], dict],
+    predicts: Tensor,
+    owner: Tensor,
+    num_sequences: int,
+    *,
+    chunk_size: int,
+    lean: bool | None,
+    heads: nn.ModuleDict | None,
+    head_index: Tensor | None,
+    detach_head_input: bool,
+) -> SequenceLogprobs:
+    """The computation both layouts share. ``inputs(module)`` gives the keyword arguments of the decoder
+    (lean) or the causal LM; ``predicts`` [R, T-1] marks the positions predicting a completion token
+    (row-major), ``owner`` [N] the sequence each of them scores; ``head_index`` [S] is the flat
+    position ``r * T + t`` each head reads per sequence."""
+    if chunk_size <= 0:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    targets = input_ids[:, 1:][predicts]  # [N]
+    causal_lm = _causal_lm(model)
+    if lean is None:
+        lean = lean_path_supported(model)
+    if lean:
+        parts = _decoder_and_head(causal_lm)
+        if parts is None:
+            raise ValueError(f"{type(causal_lm).__name__} exposes no decoder/output head for the lean path")
+        decoder, head = parts
+        hidden = decoder(**inputs(decoder))[0]  # [R, T, H]
+        features = hidden[:, :-1][predicts]  # [N, H]
+        postprocess = _logit_postprocess(causal_lm.config)
+    else:
+        outputs = causal_lm(**inputs(causal_lm), output_hidden_states=bool(heads))
+        hidden = outputs.hidden_states[-1] if heads else None  # the final (normalised) decoder state
+        features, head, postprocess = outputs.logits[:, :-1][predicts], None, None  # [N, V], post-processed
+    token_logps = _chunked_token_logprobs(head, postprocess, features, targets, chunk_size)
+    # Accumulate in float64 so a long completion's sum carries only the final float32 rounding.
+    accumulated = token_logps.new_zeros(num_sequences, dtype=torch.float64)
+    summed = accumulated.index_add(0, owner, token_logps.double()).to(token_logps.dtype)
+    counts = torch.bincount(owner, minlength=num_sequences).to(summed.dtype)
+    head_outputs = {}
+    if heads:
+        if head_index is None:
+            raise ValueError("model heads need head_positions (each sequence's last prompt token)")
+        states = hidden.flatten(0, 1)[head_index]  # [S, H]
+        states = states.detach() if detach_head_input else states
+        head_outputs = {name: module(states) for name, module in heads.items()}
+    return SequenceLogprobs(summed=summed, counts=counts, heads=head_outputs)
+
+
 def sequence_logprobs(
     model: nn.Module,
     input_ids: Tensor,
@@ -281,41 +352,134 @@ def sequence_logprobs(
     Returns:
         :class:`SequenceLogprobs` with ``summed`` [B], ``counts`` [B] and ``heads`` (name -> [B]).
     """
-    if chunk_size <= 0:
-        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     _check_masks(input_ids, attention_mask, completion_mask)
     predicts = completion_mask[:, 1:].bool()  # [B, T-1]: position t predicts token t + 1
-    batch_index = predicts.nonzero(as_tuple=True)[0]  # [N], row-major like the boolean selections below
-    targets = input_ids[:, 1:][predicts]  # [N]
-    causal_lm = _causal_lm(model)
-    if lean is None:
-        lean = lean_path_supported(model)
-    if lean:
-        parts = _decoder_and_head(causal_lm)
-        if parts is None:
-            raise ValueError(f"{type(causal_lm).__name__} exposes no decoder/output head for the lean path")
-        decoder, head = parts
-        hidden = decoder(**_model_inputs(decoder, input_ids, attention_mask, position_ids))[0]  # [B, T, H]
-        features = hidden[:, :-1][predicts]  # [N, H]
-        postprocess = _logit_postprocess(causal_lm.config)
-    else:
-        inputs = _model_inputs(causal_lm, input_ids, attention_mask, position_ids)
-        outputs = causal_lm(**inputs, output_hidden_states=bool(heads))
-        hidden = outputs.hidden_states[-1] if heads else None  # the final (normalised) decoder state
-        features, head, postprocess = outputs.logits[:, :-1][predicts], None, None  # [N, V], post-processed
-    token_logps = _chunked_token_logprobs(head, postprocess, features, targets, chunk_size)
-    # Accumulate in float64 so a long completion's sum carries only the final float32 rounding.
-    accumulated = token_logps.new_zeros(input_ids.shape[0], dtype=torch.float64)
-    summed = accumulated.index_add(0, batch_index, token_logps.double()).to(token_logps.dtype)
-    counts = predicts.sum(-1).to(summed.dtype)
-    head_outputs = {}
-    if heads:
-        if head_positions is None:
-            raise ValueError("model heads need head_positions (each row's last prompt token)")
-        states = hidden[torch.arange(hidden.shape[0], device=hidden.device), head_positions]  # [B, H]
-        states = states.detach() if detach_head_input else states
-        head_outputs = {name: module(states) for name, module in heads.items()}
-    return SequenceLogprobs(summed=summed, counts=counts, heads=head_outputs)
+    batch_index = predicts.nonzero(as_tuple=True)[0]  # [N], row-major like the boolean selections
+    head_index = None
+    if head_positions is not None:
+        rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+        head_index = rows * input_ids.shape[1] + head_positions
+    return _summed_logprobs(
+        model,
+        input_ids,
+        partial(_model_inputs, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids),
+        predicts,
+        batch_index,
+        input_ids.shape[0],
+        chunk_size=chunk_size,
+        lean=lean,
+        heads=heads,
+        head_index=head_index,
+        detach_head_input=detach_head_input,
+    )
+
+
+# ------------------------------------------------------------------------------------------ packing
+def packed_attention_kind(model: nn.Module) -> str:
+    """How a packed batch's attention is confined to each sequence: "varlen" for flash-attention
+    kernels (transformers derives the sequence boundaries from ``position_ids``; the batch must be one
+    row), "mask" otherwise (a block-diagonal causal 4D mask)."""
+    implementation = getattr(getattr(_causal_lm(model), "config", None), "_attn_implementation", None)
+    return "varlen" if "flash" in str(implementation or "") else "mask"
+
+
+def packed_rows(model: nn.Module) -> PackedRows:
+    """The row layout :func:`~distalign.data.collate.pack_sequences` should use for ``model``."""
+    return "one" if packed_attention_kind(model) == "varlen" else "longest"
+
+
+def _packed_inputs(
+    module: nn.Module, *, input_ids: Tensor, position_ids: Tensor, sequence_index: Tensor, attention: str
+) -> dict:
+    if not _accepts(module, "position_ids"):
+        raise ValueError(f"{type(module).__name__}.forward takes no position_ids: packing needs them")
+    if attention == "varlen":
+        if input_ids.shape[0] != 1:
+            raise ValueError("variable-length (flash) attention needs the packed batch in one row")
+        return _model_inputs(module, input_ids, None, position_ids)
+    implementation = getattr(getattr(module, "config", None), "_attn_implementation", None)
+    dtype = next(module.parameters()).dtype if implementation == "eager" else None
+    return _model_inputs(module, input_ids, packed_attention_mask(sequence_index, dtype), position_ids)
+
+
+def _check_packed(
+    input_ids: Tensor, position_ids: Tensor, sequence_index: Tensor, completion_mask: Tensor
+) -> None:
+    shapes = {tuple(t.shape) for t in (input_ids, position_ids, sequence_index, completion_mask)}
+    if input_ids.dim() != 2 or len(shapes) != 1:
+        raise ValueError(
+            "input_ids, position_ids, sequence_index and completion_mask must all be [R, W]; got "
+            + ", ".join(
+                str(tuple(t.shape)) for t in (input_ids, position_ids, sequence_index, completion_mask)
+            )
+        )
+    completion = completion_mask.bool()
+    if bool((completion & (sequence_index < 0)).any()):
+        raise ValueError("a completion token lies on padding (sequence_index -1)")
+    if bool(completion[:, 0].any()) or bool(
+        (completion[:, 1:] & (sequence_index[:, 1:] != sequence_index[:, :-1])).any()
+    ):
+        raise ValueError(
+            "a completion token starts a packed sequence: no position of its sequence predicts it"
+        )
+
+
+def packed_sequence_logprobs(
+    model: nn.Module,
+    input_ids: Tensor,
+    position_ids: Tensor,
+    sequence_index: Tensor,
+    completion_mask: Tensor,
+    *,
+    num_sequences: int | None = None,
+    attention: str | None = None,
+    chunk_size: int = 1024,
+    lean: bool | None = None,
+    heads: nn.ModuleDict | None = None,
+    head_positions: Tensor | None = None,
+    detach_head_input: bool = False,
+) -> SequenceLogprobs:
+    """:func:`sequence_logprobs` of a packed batch (:func:`~distalign.data.collate.pack_sequences`).
+
+    Args:
+        input_ids, position_ids, sequence_index, completion_mask: [R, W]; ``sequence_index`` names the
+            sequence of each token (-1 on row-end padding); positions restart at 0 per sequence.
+        num_sequences: M; default ``sequence_index.max() + 1``.
+        attention: "mask" (block-diagonal causal 4D mask: eager/SDPA) or "varlen" (``position_ids``
+            only, one row: flash-attention kernels); default :func:`packed_attention_kind`.
+        head_positions: [M] flat index ``r * W + t`` of each sequence's last prompt token.
+        chunk_size, lean, heads, detach_head_input: as for :func:`sequence_logprobs`.
+
+    Returns:
+        :class:`SequenceLogprobs` with ``summed`` [M], ``counts`` [M] and ``heads`` (name -> [M]), in
+        sequence order. Exact: equal, up to float rounding, to the padded batch of the same sequences
+        when :func:`~distalign.models.packing.packing_problem` finds none for the model.
+    """
+    _check_packed(input_ids, position_ids, sequence_index, completion_mask)
+    predicts = completion_mask[:, 1:].bool()  # [R, W-1]: position t predicts token t + 1
+    owner = sequence_index[:, 1:][predicts]  # [N] the sequence each predicted token belongs to
+    if num_sequences is None:
+        num_sequences = int(sequence_index.max()) + 1 if sequence_index.numel() else 0
+    inputs = partial(
+        _packed_inputs,
+        input_ids=input_ids,
+        position_ids=position_ids,
+        sequence_index=sequence_index,
+        attention=attention or packed_attention_kind(model),
+    )
+    return _summed_logprobs(
+        model,
+        input_ids,
+        inputs,
+        predicts,
+        owner,
+        num_sequences,
+        chunk_size=chunk_size,
+        lean=lean,
+        heads=heads,
+        head_index=head_positions,
+        detach_head_input=detach_head_input,
+    )
 
 
 class SequenceLogprobModel(nn.Module):
@@ -330,7 +494,10 @@ class SequenceLogprobModel(nn.Module):
     ``forward(input_ids, attention_mask, completion_mask, position_ids=None) -> (summed [B], counts [B])``;
     with ``head_positions`` [B] (each row's last prompt token) it returns ``(summed, counts, heads)``,
     ``heads`` the outputs [B] of the module's model heads by name. The heads live in this module
-    (``self.heads``), so a DDP/FSDP wrapper synchronises them with the model.
+    (``self.heads``), so a DDP/FSDP wrapper synchronises them with the model. With ``sequence_index``
+    the batch is packed (:func:`packed_sequence_logprobs`: ``attention_mask`` is then only the [R, W]
+    token mask, ``position_ids`` are required, ``head_positions`` are flat indices) and the results are
+    per sequence. :func:`batch_logprobs` calls it with either layout's batch dict.
     """
 
     def __init__(
@@ -349,6 +516,7 @@ class SequenceLogprobModel(nn.Module):
         self.chunk_size = chunk_size
         # Decided now, on the plain model, rather than inside a sharded forward later.
         self.lean = lean_path_supported(model) if lean is None else lean
+        self.packed_attention = packed_attention_kind(model)
 
     def forward(
         self,
@@ -357,22 +525,57 @@ class SequenceLogprobModel(nn.Module):
         completion_mask: Tensor,
         position_ids: Tensor | None = None,
         head_positions: Tensor | None = None,
+        sequence_index: Tensor | None = None,
     ) -> tuple[Tensor, Tensor] | tuple[Tensor, Tensor, dict[str, Tensor]]:
-        result = sequence_logprobs(
-            self.model,
-            input_ids,
-            attention_mask,
-            completion_mask,
-            position_ids=position_ids,
+        common = dict(
             chunk_size=self.chunk_size,
             lean=self.lean,
             heads=self.heads if head_positions is not None else None,
             head_positions=head_positions,
             detach_head_input=self.detach_head_input,
         )
+        if sequence_index is None:
+            result = sequence_logprobs(
+                self.model, input_ids, attention_mask, completion_mask, position_ids=position_ids, **common
+            )
+        else:
+            if position_ids is None:
+                raise ValueError("a packed batch needs its position_ids")
+            result = packed_sequence_logprobs(
+                self.model,
+                input_ids,
+                position_ids,
+                sequence_index,
+                completion_mask,
+                attention=self.packed_attention,
+                **common,
+            )
         if head_positions is None:
             return result.summed, result.counts
         return result.summed, result.counts, result.heads
+
+
+def batch_logprobs(
+    module: nn.Module, batch: dict[str, Tensor], heads: bool = False
+) -> tuple[Tensor, Tensor] | tuple[Tensor, Tensor, dict[str, Tensor]]:
+    """Call a (possibly DDP/FSDP-wrapped) :class:`SequenceLogprobModel` on a padded
+    (:func:`~distalign.data.collate.collate_sequences`) or packed
+    (:func:`~distalign.data.collate.pack_sequences`) batch; with ``heads``, the heads read each
+    sequence's last prompt token. Returns what its ``forward`` returns, per sequence."""
+    packed = "sequence_index" in batch
+    head_positions = None
+    if heads:
+        head_positions = batch["head_positions"] if packed else batch["prompt_lengths"] - 1
+    extra = (
+        {"position_ids": batch["position_ids"], "sequence_index": batch["sequence_index"]} if packed else {}
+    )
+    return module(
+        batch["input_ids"],
+        batch["attention_mask"],
+        batch["completion_mask"],
+        head_positions=head_positions,
+        **extra,
+    )
 
 
 def split_pairs(values: Tensor) -> tuple[Tensor, Tensor]:

@@ -87,8 +87,20 @@ class BatchPlan:
         return [rows[i] for i in order]
 
 
-def split_for_process(rows: list[int], rank: int, world_size: int, micro_batch_size: int) -> list[list[int]]:
+def split_for_process(
+    rows: list[int],
+    rank: int,
+    world_size: int,
+    micro_batch_size: int,
+    lengths: list[int] | None = None,
+) -> list[list[int]]:
     """This process's micro-batches of a global batch (contiguous shard, then consecutive chunks).
+
+    With ``lengths`` (one per row: the longest sequence the row puts in a forward pass), the
+    micro-batches are formed from rows of similar length instead: the global batch sorted longest
+    first (ties in plan order) and cut into micro-batches, dealt to the processes in turn, so each
+    process gets long and short ones alike. Either way the global batch keeps exactly its rows; only
+    the split changes.
 
     Raises if the global batch does not divide into equal micro-batches on every process: every
     process must run the same number of backward passes for gradient synchronisation.
@@ -99,5 +111,14 @@ def split_for_process(rows: list[int], rank: int, world_size: int, micro_batch_s
             f"train.batch_size ({len(rows)}) must be divisible by train.micro_batch_size ({micro_batch_size}) "
             f"x number of processes ({world_size})"
         )
+    if lengths is not None:
+        if len(lengths) != len(rows):
+            raise ValueError(f"{len(lengths)} lengths for {len(rows)} rows")
+        order = sorted(range(len(rows)), key=lambda i: -lengths[i])
+        chunks = [
+            [rows[i] for i in order[start : start + micro_batch_size]]
+            for start in range(0, len(rows), micro_batch_size)
+        ]
+        return chunks[rank::world_size]
     shard = rows[rank * per_process : (rank + 1) * per_process]
     return [shard[i : i + micro_batch_size] for i in range(0, per_process, micro_batch_size)]

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from distalign.config import RunConfig
+from distalign.data.collate import PackedRows
 from distalign.losses.base import (
     ListwiseStats,
     LossResult,
@@ -28,6 +29,7 @@ from distalign.losses.base import (
     stats_fields,
     stats_from_fields,
 )
+from distalign.models.logprobs import batch_logprobs
 from distalign.train.batching import BatchPlan, split_for_process
 from distalign.train.coupling import (
     concat_stats,
@@ -42,6 +44,7 @@ from distalign.train.setup import (
     ReferenceLogps,
     load_offline_data,
     load_policy,
+    packing_layout,
     save_final,
     wrap_for_training,
 )
@@ -50,32 +53,33 @@ from distalign.train.summary import write_dominance_summary
 
 class StatsComputer:
     """Runs the policy forward on rows and assembles the loss statistics: log-probs, reference values,
-    weights, per-row signals and the outputs of the model heads the loss declares."""
+    weights, per-row signals and the outputs of the model heads the loss declares. ``packing``: the
+    packed row layout of the forward passes (``data.packing``), None for padded batches."""
 
     def __init__(
-        self, engine: Engine, data: OfflineData, reference: ReferenceLogps | None, heads: bool = False
+        self,
+        engine: Engine,
+        data: OfflineData,
+        reference: ReferenceLogps | None,
+        heads: bool = False,
+        packing: PackedRows | None = None,
     ) -> None:
         self.engine = engine
         self.data = data
         self.reference = reference
         self.heads = heads
+        self.packing = packing
 
     def __call__(self, rows: list[int], with_kl: bool = True, count_tokens: bool = True) -> Stats:
         """Statistics of ``rows``; ``with_kl=False`` skips KTO's mismatched pairs (for evaluation);
         ``count_tokens=False`` for a pass that repeats one already counted (throughput is honest)."""
         with_kl = with_kl and self.data.needs_kl
         device = self.engine.device
-        batch = {k: v.to(device) for k, v in self.data.collate(rows, with_kl).items()}
-        head_positions = batch["prompt_lengths"] - 1 if self.heads else None
+        batch = {k: v.to(device) for k, v in self.data.collate(rows, with_kl, self.packing).items()}
         with self.engine.accelerator.autocast():
-            logps, counts, *head_outputs = self.engine.model(
-                batch["input_ids"],
-                batch["attention_mask"],
-                batch["completion_mask"],
-                head_positions=head_positions,
-            )
-        if count_tokens:
-            self.engine.count_tokens(int(batch["attention_mask"].sum()))
+            logps, counts, *head_outputs = batch_logprobs(self.engine.model, batch, self.heads)
+        if count_tokens:  # positions: what the forward processed, padding included
+            self.engine.count_tokens(int(batch["attention_mask"].sum()), batch["attention_mask"].numel())
         # Losses run in at least float32 (float64 models keep float64, for exactness checks).
         precision = torch.promote_types(logps.dtype, torch.float32)
         logps, counts = logps.to(precision), counts.to(precision)
@@ -218,6 +222,7 @@ def train_offline(config: RunConfig, *, stop_after_step: int | None = None) -> P
     objective = build_objective(config)
     spec = objective.loss
     policy, tokenizer = load_policy(config)
+    packing = packing_layout(policy, config)  # refuses a model packing cannot be exact for
     data = load_offline_data(config, tokenizer, objective, engine)
     reference = ReferenceLogps.build(config, spec, policy, data, engine) if spec.needs_reference else None
     engine.open_run_dir()
@@ -234,13 +239,16 @@ def train_offline(config: RunConfig, *, stop_after_step: int | None = None) -> P
         engine.print(f"resumed from step {first_step}")
     elif engine.is_main:
         engine.metrics_log.truncate_after(0)  # a fresh run replaces an earlier run's log
-    compute = StatsComputer(engine, data, reference, heads=bool(objective.heads))
+    compute = StatsComputer(engine, data, reference, heads=bool(objective.heads), packing=packing)
     engine.set_final_step(total_steps)
     engine.start_progress(total_steps, first_step, f"{spec.name}")
     engine.model.train()
     for step in iterate_steps(first_step, total_steps):
         rows = plan.global_batch(step)
-        micro_batches = split_for_process(rows, engine.rank, engine.world_size, config.train.micro_batch_size)
+        lengths = data.row_lengths(rows) if config.data.group_by_length else None
+        micro_batches = split_for_process(
+            rows, engine.rank, engine.world_size, config.train.micro_batch_size, lengths
+        )
         result = _train_step(engine, objective, compute, micro_batches, data)
         if not bool(torch.isfinite(result.loss).all()):  # the global loss: every process stops here
             from distalign.errors import NonFiniteLossError

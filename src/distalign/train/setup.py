@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 
 from distalign.config import RunConfig
 from distalign.data.check import format_mismatch, nothing_kept_reason
-from distalign.data.collate import collate_sequences
+from distalign.data.collate import PackedRows, collate_sequences, pack_sequences
 from distalign.data.designer import FittedDesigner, attach_designer, build_designer, fit_designer
 from distalign.data.formats import unpair_rows
 from distalign.data.loading import load_rows
@@ -35,7 +35,8 @@ from distalign.models.card import TrainingRecord, write_model_card
 from distalign.models.fingerprint import data_fingerprint, model_fingerprint
 from distalign.models.heads import build_heads
 from distalign.models.loading import LoraSettings, load_model_and_tokenizer, public_model_id, save_final_model
-from distalign.models.logprobs import SequenceLogprobModel
+from distalign.models.logprobs import SequenceLogprobModel, batch_logprobs, packed_rows
+from distalign.models.packing import packing_problem
 from distalign.models.reference import ReferenceLogprobCache, adapters_disabled
 from distalign.train.checkpoints import remove_stale_evaluation
 from distalign.train.engine import Engine
@@ -143,9 +144,25 @@ class OfflineData:
             completions += [c.completion_ids for c in mismatched]
         return prompts, completions
 
-    def collate(self, rows: list[int], with_kl: bool = True) -> dict[str, torch.Tensor]:
+    def collate(
+        self, rows: list[int], with_kl: bool = True, packing: PackedRows | None = None
+    ) -> dict[str, torch.Tensor]:
+        """The batch of :meth:`sequences`: padded, or packed in the row layout ``packing``
+        (:func:`~distalign.data.collate.pack_sequences`)."""
         prompts, completions = self.sequences(rows, with_kl)
-        return collate_sequences(prompts, completions, self.pad_token_id)
+        if packing is None:
+            return collate_sequences(prompts, completions, self.pad_token_id)
+        return pack_sequences(prompts, completions, self.pad_token_id, rows=packing)
+
+    def row_lengths(self, rows: list[int]) -> list[int]:
+        """Per row, the longest of the sequences it puts in a forward pass (to group rows by length)."""
+        prompts, completions = self.sequences(rows)
+        lengths = [len(p) + len(c) for p, c in zip(prompts, completions)]
+        if self.kind == "listwise":
+            starts = self.first_sequence(rows).tolist() + [len(lengths)]
+            return [max(lengths[a:b]) for a, b in zip(starts, starts[1:])]
+        # chosen then rejected, or completions then their mismatched pairs: row i is i-th of each half
+        return [max(lengths[i :: len(rows)]) for i in range(len(rows))]
 
     def to_grid(self, rows: list[int], flat: torch.Tensor) -> torch.Tensor:
         """Listwise: per-sequence values [M] (layout of :meth:`sequences`) -> [len(rows), K], 0-padded."""
@@ -261,6 +278,20 @@ def _mismatched_completions(items: list, seed: int) -> list:
     ]
 
 
+def packing_layout(model, config: RunConfig) -> PackedRows | None:
+    """The packed row layout for ``model``'s forward passes when ``data.packing`` is on (None: padded).
+    A model packing cannot be exact for is refused here, before any step, naming its model type."""
+    if not config.data.packing:
+        return None
+    problem = packing_problem(model, config.data.max_length)
+    if problem is not None:
+        raise SetupError(
+            f"data.packing=true cannot be exact for {problem}; set data.packing=false (padded batches; "
+            "data.group_by_length=true also cuts padding)"
+        )
+    return packed_rows(model)
+
+
 def wrap_for_training(policy, config: RunConfig, heads: tuple[str, ...] = ()) -> SequenceLogprobModel:
     """The policy's log-prob module, with the model heads a loss declares attached."""
     modules = None
@@ -319,7 +350,7 @@ class ReferenceLogps:
         if self.table is not None:
             index = torch.tensor(rows)
             return {name: values[index].to(self.engine.device) for name, values in self.table.items()}
-        return _split(self.data, rows, self.model(self.data.collate(rows), self.engine.device))
+        return _split(self.data, rows, self.model(self.data, rows, self.engine.device))
 
 
 def _reference_model(config: RunConfig, policy):
@@ -333,22 +364,24 @@ def _reference_model(config: RunConfig, policy):
 
 
 class _ReferenceScorer:
-    """Summed completion log-probs of a batch under the reference, without gradients."""
+    """Summed completion log-probs of rows under the reference, without gradients (packed like the
+    policy's when ``data.packing`` is on, in the reference model's own layout)."""
 
     def __init__(self, model, adapters_off: bool, config: RunConfig) -> None:
         self.model = model
         self.adapters_off = adapters_off
         self.wrapper = SequenceLogprobModel(model, chunk_size=config.model.logprob_chunk_size)
+        self.packing = packing_layout(model, config)
 
     @torch.no_grad()
-    def __call__(self, batch: dict[str, torch.Tensor], device) -> torch.Tensor:
+    def __call__(self, data: OfflineData, rows: list[int], device) -> torch.Tensor:
         self.model.to(device)
         was_training = self.model.training
         self.model.eval()
         context = adapters_disabled(self.model) if self.adapters_off else nullcontext()
         with context:
-            batch = {k: v.to(device) for k, v in batch.items()}
-            logps, _ = self.wrapper(batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+            batch = {k: v.to(device) for k, v in data.collate(rows, packing=self.packing).items()}
+            logps, _ = batch_logprobs(self.wrapper, batch)
         self.model.train(was_training)
         return logps.to(torch.promote_types(logps.dtype, torch.float32))
 
@@ -384,7 +417,7 @@ def _cached_or_sharded(cache, key, scorer, data, engine, micro_batch_size) -> di
     parts: dict[str, list[torch.Tensor]] = {}
     for start in range(0, len(shard), micro_batch_size):
         rows = shard[start : start + micro_batch_size]
-        for name, values in _split(data, rows, scorer(data.collate(rows), engine.device)).items():
+        for name, values in _split(data, rows, scorer(data, rows, engine.device)).items():
             parts.setdefault(name, []).append(values)
     table = {}
     for name, chunks in parts.items():

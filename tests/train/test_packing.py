@@ -1,0 +1,339 @@
+"""Padding-free packing (data.packing) and length-grouped micro-batches (data.group_by_length).
+
+Packing must be exact: per-sequence log-probs, head outputs and gradients equal to the padded batch's
+(float64, tiny Llama), whatever the attention path (SDPA or eager 4D mask, or the position-ids-only
+path that flash attention's variable-length kernel uses, run here through SDPA); every offline loss
+kind applies the same gradient packed as padded; a model it cannot be exact for is refused, naming
+its type. Grouping by length only regroups the global batch, so a batch-coupled gradient is unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import MistralConfig, MistralForCausalLM
+
+import distalign.models.logprobs as logprobs_module
+import distalign.models.packing as packing_module
+from distalign.data.collate import collate_sequences, pack_sequences, packed_attention_mask
+from distalign.data.loading import load_rows
+from distalign.errors import SetupError
+from distalign.models.heads import build_heads
+from distalign.models.logprobs import SequenceLogprobModel, batch_logprobs, packed_sequence_logprobs
+from distalign.models.packing import packing_problem
+from distalign.models.tiny import build_tiny_model
+from distalign.testing.runs import gradients_close, read_metrics, run_gradient
+from distalign.train.batching import split_for_process
+
+PAD = 0
+# Lengths chosen so "longest" rows hold several sequences and some rows end in padding.
+PROMPTS, COMPLETIONS = [3, 6, 2, 4, 1, 2], [5, 9, 1, 7, 3, 2]
+
+
+def _sequences(seed: int = 0) -> tuple[list[list[int]], list[list[int]]]:
+    generator = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(5, 512, (n,), generator=generator).tolist() for n in PROMPTS]
+    completions = [torch.randint(5, 512, (n,), generator=generator).tolist() for n in COMPLETIONS]
+    return prompts, completions
+
+
+@pytest.fixture(scope="module")
+def model64():
+    model, _ = build_tiny_model(seed=0)
+    with torch.no_grad():  # sharper next-token distributions than the random initialisation
+        for parameter in model.parameters():
+            parameter.mul_(2.0)
+    return model.double()
+
+
+# ------------------------------------------------------------------------------------------ layout
+def test_pack_sequences_hand_built():
+    batch = pack_sequences([[1, 2], [3], [4]], [[5, 6, 7], [8], [9, 10]], PAD)
+    # longest first into rows of the longest length (5): [seq 0], [seq 2, seq 1]
+    assert batch["input_ids"].tolist() == [[1, 2, 5, 6, 7], [4, 9, 10, 3, 8]]
+    assert batch["sequence_index"].tolist() == [[0, 0, 0, 0, 0], [2, 2, 2, 1, 1]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 4], [0, 1, 2, 0, 1]]
+    assert batch["completion_mask"].tolist() == [[0, 0, 1, 1, 1], [0, 1, 1, 0, 1]]
+    assert batch["head_positions"].tolist() == [1, 8, 5]  # flat r * W + t of each last prompt token
+    assert batch["attention_mask"].tolist() == [[1] * 5, [1] * 5]
+    one = pack_sequences([[1, 2], [3], [4]], [[5, 6, 7], [8], [9, 10]], PAD, rows="one")
+    assert one["input_ids"].shape == (1, 10) and one["attention_mask"].all()
+
+
+def test_row_end_padding_is_its_own_block():
+    batch = pack_sequences([[1, 2, 3], [4]], [[5, 6], [7]], PAD)  # rows of 5: [seq 0], [seq 1 + 3 pads]
+    assert batch["sequence_index"].tolist() == [[0] * 5, [1, 1, -1, -1, -1]]
+    assert batch["position_ids"][1].tolist() == [0, 1, 0, 1, 2]
+    mask = packed_attention_mask(batch["sequence_index"])[1, 0]
+    assert mask.tolist()[1] == [True, True, False, False, False]  # seq 1 never sees padding
+    assert mask.tolist()[2] == [False, False, True, False, False]  # padding sees itself: no empty row
+    additive = packed_attention_mask(batch["sequence_index"], torch.float64)
+    assert additive[1, 0, 1, 2] == torch.finfo(torch.float64).min and additive[1, 0, 1, 0] == 0
+
+
+def test_no_sequence_attends_to_another():
+    prompts, completions = _sequences()
+    batch = pack_sequences(prompts, completions, PAD, rows="one")
+    mask = packed_attention_mask(batch["sequence_index"])[0, 0]
+    index = batch["sequence_index"][0]
+    query, key = mask.nonzero(as_tuple=True)
+    assert bool((index[query] == index[key]).all()) and bool((key <= query).all())
+    per_sequence = torch.bincount(index, minlength=len(prompts))
+    assert int(mask.sum()) == int((per_sequence * (per_sequence + 1) // 2).sum())  # causal within each
+
+
+# ----------------------------------------------------------------------------------- exactness
+def _padded_and_packed(model, rows, attention, heads=None):
+    """(padded, packed) SequenceLogprobs and gradients of the same weighted objective."""
+    prompts, completions = _sequences()
+    padded_batch = collate_sequences(prompts, completions, PAD)
+    packed_batch = pack_sequences(prompts, completions, PAD, rows=rows)
+    weights = torch.linspace(-1.0, 2.0, len(prompts), dtype=torch.float64)  # distinct per sequence
+    results = []
+    for packed in (False, True):
+        model.zero_grad()
+        kwargs = {"heads": heads, "chunk_size": 4}
+        if packed:
+            keys = ("input_ids", "position_ids", "sequence_index", "completion_mask")
+            head_positions = packed_batch["head_positions"] if heads else None
+            out = packed_sequence_logprobs(
+                model,
+                *(packed_batch[k] for k in keys),
+                attention=attention,
+                head_positions=head_positions,
+                **kwargs,
+            )
+        else:
+            keys = ("input_ids", "attention_mask", "completion_mask")
+            head_positions = padded_batch["prompt_lengths"] - 1 if heads else None
+            out = logprobs_module.sequence_logprobs(
+                model, *(padded_batch[k] for k in keys), head_positions=head_positions, **kwargs
+            )
+        objective = (out.summed * weights).sum() + sum(
+            (v.squeeze(-1) * weights).sum() for v in out.heads.values()
+        )
+        objective.backward()
+        grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+        results.append((out, grads.clone()))
+    return results
+
+
+@pytest.mark.parametrize(
+    ("implementation", "rows", "attention"),
+    [
+        ("sdpa", "longest", "mask"),
+        ("sdpa", "one", "mask"),
+        ("sdpa", "one", "varlen"),  # position ids only: the path flash attention takes
+        ("eager", "longest", "mask"),
+    ],
+)
+def test_packed_logprobs_and_gradients_equal_padded(model64, implementation, rows, attention):
+    model64.set_attn_implementation(implementation)
+    try:
+        (padded, padded_grads), (packed, packed_grads) = _padded_and_packed(model64, rows, attention)
+    finally:
+        model64.set_attn_implementation("sdpa")
+    assert packed.summed.shape == (len(PROMPTS),)
+    torch.testing.assert_close(packed.summed, padded.summed, atol=1e-12, rtol=0)
+    assert packed.counts.tolist() == [float(c) for c in COMPLETIONS]
+    torch.testing.assert_close(packed_grads, padded_grads, atol=1e-12, rtol=0)
+
+
+def test_eager_one_row_is_exact_up_to_its_float32_softmax(model64):
+    """Eager Llama attention takes its softmax in float32 even for a float64 model, so a longer row sums
+    in another order: equal to float32 rounding, not 1e-12."""
+    model64.set_attn_implementation("eager")
+    try:
+        (padded, _), (packed, _) = _padded_and_packed(model64, "one", "mask")
+    finally:
+        model64.set_attn_implementation("sdpa")
+    torch.testing.assert_close(packed.summed, padded.summed, atol=1e-6, rtol=1e-7)
+
+
+def test_heads_read_each_sequences_last_prompt_token(model64):
+    heads = build_heads(("value",), model64.config.hidden_size, torch.float64)
+    torch.manual_seed(0)
+    torch.nn.init.normal_(heads["value"].linear.weight, std=0.1)
+    (padded, padded_grads), (packed, packed_grads) = _padded_and_packed(model64, "longest", "mask", heads)
+    torch.testing.assert_close(packed.heads["value"], padded.heads["value"], atol=1e-12, rtol=0)
+    torch.testing.assert_close(packed_grads, padded_grads, atol=1e-12, rtol=0)
+    assert heads["value"].linear.weight.grad is not None
+
+
+def test_the_training_module_takes_either_layout(model64):
+    prompts, completions = _sequences()
+    module = SequenceLogprobModel(model64, chunk_size=4)
+    padded_sums, _ = batch_logprobs(module, collate_sequences(prompts, completions, PAD))
+    packed_sums, counts = batch_logprobs(module, pack_sequences(prompts, completions, PAD))
+    torch.testing.assert_close(packed_sums, padded_sums, atol=1e-12, rtol=0)
+    assert counts.tolist() == [float(c) for c in COMPLETIONS]
+
+
+def test_a_completion_token_cannot_start_a_packed_sequence(model64):
+    batch = pack_sequences([[1, 2]], [[3]], PAD)
+    completion = batch["completion_mask"].clone()
+    completion[0, 0] = 1
+    keys = ("input_ids", "position_ids", "sequence_index")
+    with pytest.raises(ValueError, match="starts a packed sequence"):
+        packed_sequence_logprobs(model64, *(batch[k] for k in keys), completion)
+
+
+# ------------------------------------------------------------------------------------ support
+def test_the_tiny_llama_packs_and_the_probe_catches_a_leak(monkeypatch):
+    model, _ = build_tiny_model(seed=0)
+    assert packing_problem(model, 64) is None
+
+    def causal_only(sequence_index, dtype=None):  # a model whose attention ignored the blocks
+        width = sequence_index.shape[-1]
+        return (
+            torch.ones(width, width, dtype=torch.bool).tril().expand(sequence_index.shape[0], 1, width, width)
+        )
+
+    monkeypatch.setattr(logprobs_module, "packed_attention_mask", causal_only)
+    fresh, _ = build_tiny_model(seed=0)
+    problem = packing_problem(fresh, 64)
+    assert problem is not None and "'llama'" in problem and "differ from padded" in problem
+
+
+def test_sliding_window_shorter_than_max_length_is_refused():
+    config = MistralConfig(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        sliding_window=16,
+    )
+    model = MistralForCausalLM(config)
+    problem = packing_problem(model, 64)
+    assert problem is not None and "'mistral'" in problem and "sliding-window" in problem
+    assert packing_problem(model, 16) is None  # the window never binds on sequences of 16 tokens
+
+
+# -------------------------------------------------------------------------------- training runs
+def _repeat(text: str, times: int) -> str:
+    return (text + " ") * (times - 1) + text
+
+
+@pytest.fixture(scope="module")
+def mixed_pairs(tmp_path_factory) -> Path:
+    """24 quickstart pairs, one sequence in four made 6x as long: padded micro-batches are about half
+    padding; packed, the short sequences share rows."""
+    rows = load_rows("builtin:quickstart_pairs.jsonl", limit=24).rows
+    path = tmp_path_factory.mktemp("packing") / "pairs.jsonl"
+    with path.open("w") as handle:
+        for i, row in enumerate(rows):
+            record = {"prompt": row["prompt"], "source": row["source"]}
+            record["chosen"] = _repeat(row["chosen"], 6 if i % 4 == 0 else 1)
+            record["rejected"] = _repeat(row["rejected"], 6 if i % 4 == 2 else 1)
+            handle.write(json.dumps(record) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def mixed_lists(tmp_path_factory) -> Path:
+    rows = load_rows("builtin:quickstart_listwise.jsonl", limit=16).rows
+    path = tmp_path_factory.mktemp("packing") / "lists.jsonl"
+    with path.open("w") as handle:
+        for i, row in enumerate(rows):
+            responses = [_repeat(r, 6 if (i + j) % 4 == 0 else 1) for j, r in enumerate(row["responses"])]
+            handle.write(
+                json.dumps({"prompt": row["prompt"], "responses": responses, "scores": row["scores"]}) + "\n"
+            )
+    return path
+
+
+FLOAT64 = ["model.dtype=float64", "train.batch_size=8", "data.max_length=192"]
+
+
+def _packed_vs_padded(tmp_path, *overrides: str, step: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    padded = run_gradient(tmp_path / "padded", *FLOAT64, *overrides, step=step)
+    packed = run_gradient(tmp_path / "packed", *FLOAT64, *overrides, "data.packing=true", step=step)
+    return padded, packed
+
+
+def test_dpo_starts_at_ln2_packed_and_logs_less_padding(tmp_path, mixed_pairs):
+    data = [f"data.path={mixed_pairs}", "loss.name=dpo", "train.micro_batch_size=4"]
+    padded, packed = _packed_vs_padded(tmp_path, *data)
+    assert padded.abs().max() > 0 and gradients_close(packed, padded, tol=1e-10)
+    first_packed = read_metrics(tmp_path / "packed")[0]
+    first_padded = read_metrics(tmp_path / "padded")[0]
+    assert first_packed["loss"] == pytest.approx(math.log(2), abs=1e-12)  # reference = policy at step 1
+    assert first_packed["tokens"] == first_padded["tokens"]  # the same tokens, fewer padded positions
+    assert 0 <= first_packed["tokens/padding_fraction"] < first_padded["tokens/padding_fraction"] / 2
+
+
+@pytest.mark.parametrize(
+    ("loss", "extra"),
+    [
+        ("kto", ["data.unpair=true", "train.micro_batch_size=4"]),  # + mismatched KL rows
+        ("plackett_luce", ["train.micro_batch_size=4"]),
+        (
+            "upo",
+            [
+                "designer.rewards=[{name: length, alias: brevity}]",
+                "train.micro_batch_size=4",
+                "train.head_lr=0.05",
+            ],
+        ),
+    ],
+)
+def test_every_loss_kind_applies_the_same_gradient_packed(tmp_path, mixed_pairs, mixed_lists, loss, extra):
+    data = mixed_lists if loss == "plackett_luce" else mixed_pairs
+    padded, packed = _packed_vs_padded(tmp_path, f"loss.name={loss}", f"data.path={data}", *extra, step=2)
+    assert padded.abs().max() > 0
+    assert gradients_close(packed, padded, tol=1e-9)
+
+
+AOT = ["loss.name=aot_paired", "loss.beta=1.0", "train.micro_batch_size=2"]
+AOT_STEP = 3  # at step 1 every AOT gap is 0 (policy = reference)
+
+
+def test_aot_global_coupling_packed_equals_padded(tmp_path, mixed_pairs):
+    padded, packed = _packed_vs_padded(tmp_path, *AOT, f"data.path={mixed_pairs}", step=AOT_STEP)
+    assert padded.abs().max() > 0
+    # 1e-6 as in the AOT invariance test: by step 3 Adam amplifies float64 round-off where a gradient ~0
+    assert gradients_close(packed, padded)
+
+
+def test_unsupported_model_is_refused_naming_its_type(tmp_path, monkeypatch, mixed_pairs):
+    monkeypatch.setattr(packing_module, "_packed_vs_padded", lambda *args: 0.5)
+    with pytest.raises(SetupError, match=r"data.packing=true cannot be exact for model type 'llama'"):
+        run_gradient(tmp_path / "refused", "data.packing=true", f"data.path={mixed_pairs}")
+    assert not (tmp_path / "refused").exists()  # refused before the run directory is made
+
+
+# ------------------------------------------------------------------------------ group by length
+def test_group_by_length_regroups_the_same_rows():
+    rows = [10, 11, 12, 13, 14, 15, 16, 17]
+    lengths = [5, 40, 7, 38, 6, 41, 8, 39]
+    parts = [split_for_process(rows, rank, 2, 2, lengths) for rank in range(2)]
+    assert sorted(r for part in parts for mb in part for r in mb) == rows
+    assert parts[0] == [[15, 11], [16, 12]] and parts[1] == [[17, 13], [14, 10]]  # dealt in turn
+    assert split_for_process(rows, 0, 1, 4) == [rows[:4], rows[4:]]  # default unchanged
+
+
+def test_group_by_length_keeps_a_coupled_gradient(tmp_path, mixed_pairs):
+    common = [*FLOAT64, *AOT, f"data.path={mixed_pairs}"]
+    default = run_gradient(tmp_path / "default", *common, step=AOT_STEP)
+    grouped = run_gradient(tmp_path / "grouped", *common, "data.group_by_length=true", step=AOT_STEP)
+    assert default.abs().max() > 0 and gradients_close(grouped, default)
+    assert (
+        read_metrics(tmp_path / "grouped")[0]["tokens/padding_fraction"]
+        < read_metrics(tmp_path / "default")[0]["tokens/padding_fraction"]
+    )
+
+
+def test_group_by_length_with_micro_batch_coupling_is_refused():
+    from distalign.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="data.group_by_length"):
+        load_config(
+            None, ["loss.name=aot_paired", "loss.coupling_scope=micro_batch", "data.group_by_length=true"]
+        )
+    load_config(None, ["loss.name=dpo", "loss.coupling_scope=micro_batch", "data.group_by_length=true"])
