@@ -26,7 +26,7 @@ from distalign.models.heads import build_heads
 from distalign.models.logprobs import SequenceLogprobModel, batch_logprobs, packed_sequence_logprobs
 from distalign.models.packing import packing_problem
 from distalign.models.tiny import build_tiny_model
-from distalign.testing.runs import gradients_close, read_metrics, run_gradient
+from distalign.testing.runs import gradients_close, read_metrics, run_gradient, run_gradient_two_processes
 from distalign.train.batching import split_for_process
 
 PAD = 0
@@ -327,6 +327,17 @@ def test_group_by_length_keeps_a_coupled_gradient(tmp_path, mixed_pairs):
         read_metrics(tmp_path / "grouped")[0]["tokens/padding_fraction"]
         < read_metrics(tmp_path / "default")[0]["tokens/padding_fraction"]
     )
+
+
+@pytest.mark.slow
+def test_packed_grouped_two_processes_equal_one_padded_process(tmp_path, mixed_pairs):
+    """Two processes, each packing micro-batches grouped by length, apply the coupled AOT gradient of
+    one padded process."""
+    common = [*FLOAT64, *AOT, f"data.path={mixed_pairs}"]
+    whole = run_gradient(tmp_path / "whole", *common, "train.micro_batch_size=8", step=AOT_STEP)
+    both = ["data.packing=true", "data.group_by_length=true"]
+    two = run_gradient_two_processes(tmp_path / "ddp", *common, *both, step=AOT_STEP)
+    assert whole.abs().max() > 0 and gradients_close(two, whole)
 
 
 def test_group_by_length_with_micro_batch_coupling_is_refused():
