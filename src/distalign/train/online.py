@@ -1,6 +1,6 @@
 """The online loop: sample -> score -> loss -> step, for f-DPG and KL-regularised REINFORCE / RLOO.
 
-One step (``OnlineRun.train_step``), on one screen:
+One step (``OnlineRun.run_step``), on one screen:
   1. sample: the plan gives the step's prompts; this process draws ``samples_per_prompt`` completions of
      its share from q (the policy on-policy, a frozen proposal off-policy) with exact log q;
   2. score: log a under the base; f-DPG: log P = log a + the target's log-scores; RLOO: the reward r;
@@ -11,7 +11,8 @@ One step (``OnlineRun.train_step``), on one screen:
      off-policy, q is refreshed when the rule fires.
 Pseudo-rewards use the detached log pi of the policy the samples were scored under (on-policy: log q
 itself, exact); only the policy gets gradients. Loop state (log Z, baseline window, proposal, fitted
-moments) is checkpointed with the weights, so an interrupted run resumes exactly.
+moments) is checkpointed with the weights, so an interrupted run resumes exactly. Each step's phases are
+timed (``time/<phase>`` in metrics.jsonl, :data:`STEP_PHASES`).
 """
 
 from __future__ import annotations
@@ -59,6 +60,12 @@ from distalign.train.online_signal import (
     samples_in_support,
 )
 from distalign.train.setup import load_policy, save_final, wrap_for_training
+from distalign.train.timing import PhaseTimer
+
+#: Phases of a step, logged as ``time/<phase>`` (seconds, the slowest process's): drawing the samples
+#: (log q comes with them), log a under the base, a separate no-grad pass for log pi (off-policy only),
+#: target scorers / rewards / monitors, gathering, the signal, and forward + backward + optimizer step.
+STEP_PHASES = ("sample", "score_reference", "score_policy", "reward", "gather", "signal", "update")
 
 
 def policy_gradient_backward(
@@ -129,6 +136,8 @@ class OnlineRun:
             proposal = FrozenProposal(policy, is_base=config.reference.model is None)
         self.state = LoopState(cfg.baseline_window, proposal)
         self.refresh_rule = ProposalRefreshRule(cfg.refresh_min_ess_fraction)
+        phases = STEP_PHASES + (("refresh",) if proposal is not None else ())
+        self.timer = PhaseTimer(engine.device, ("step", *phases))
         self.evaluator = None
         if cfg.eval_every:
             split = "heldout" if cfg.prompts.task is not None and cfg.eval_split == "heldout" else "train"
@@ -156,32 +165,42 @@ class OnlineRun:
             restore_moments(self.target, self.state.moment_lambdas)
 
     def train_step(self, step: int) -> dict[str, float]:
-        """One optimizer step; returns the step's globally reduced metrics."""
-        engine, cfg = self.engine, self.cfg
-        rollout = self.sample(step)  # 1. sample
+        """One optimizer step; returns the step's globally reduced metrics, with its phases' seconds."""
+        self.timer.reset()
+        with self.timer("step"):
+            metrics = self.run_step(step)
+        metrics.update(slowest_process(self.engine, self.timer.metrics()))
+        return metrics
+
+    def run_step(self, step: int) -> dict[str, float]:
+        engine, cfg, timer = self.engine, self.cfg, self.timer
+        with timer("sample"):
+            rollout = self.sample(step)  # 1. sample
         batch = self.score_and_gather(rollout)  # 2. score + 3. gather
         self.stop_if_not_finite(step, non_finite_inputs(batch))
         try:  # 3. log Z, (pseudo-)rewards, baseline, weights
-            signal = self.state.step_signal(cfg, batch)
+            with timer("signal"):
+                signal = self.state.step_signal(cfg, batch)
         except SetupError as err:  # an infinite pseudo-reward: the divergence is infinite at a sample
             raise TrainingStoppedError(f"step {step}: {err}") from None
         self.stop_if_not_finite(step, non_finite_signal(signal))
         offset = engine.rank * len(rollout)
         local = slice(offset, offset + len(rollout))
         local_weights = None if signal.weights is None else signal.weights[local]
-        surrogate = policy_gradient_backward(  # 4. loss -> backward, then one optimizer step
-            engine,
-            rollout,
-            signal.advantages[local],
-            local_weights,
-            len(batch.texts),
-            self.config.train.micro_batch_size,
-            self.tokenizer.pad_token_id,
-        )
-        surrogate = engine.sum_across(surrogate)  # the same on every process: all stop, or none
-        if not math.isfinite(surrogate):
-            raise self.non_finite(step, "the surrogate loss", surrogate, applied=False)
-        grad_norm = engine.optimizer_step()
+        with timer("update"):
+            surrogate = policy_gradient_backward(  # 4. loss -> backward, then one optimizer step
+                engine,
+                rollout,
+                signal.advantages[local],
+                local_weights,
+                len(batch.texts),
+                self.config.train.micro_batch_size,
+                self.tokenizer.pad_token_id,
+            )
+            surrogate = engine.sum_across(surrogate)  # the same on every process: all stop, or none
+            if not math.isfinite(surrogate):
+                raise self.non_finite(step, "the surrogate loss", surrogate, applied=False)
+            grad_norm = engine.optimizer_step()
         if grad_norm is not None and not math.isfinite(grad_norm):
             raise self.non_finite(step, "the gradient norm", grad_norm, applied=True)
         metrics = self.step_metrics(batch, signal)
@@ -189,7 +208,8 @@ class OnlineRun:
             metrics["grad_norm"] = grad_norm
         metrics.update(self.watch(step, batch, signal, grad_norm))
         if self.state.proposal is not None:
-            metrics.update(self.maybe_refresh(step, batch, signal))
+            with timer("refresh"):
+                metrics.update(self.maybe_refresh(step, batch, signal))
         return metrics
 
     def sample(self, step: int) -> Rollout:
@@ -212,30 +232,35 @@ class OnlineRun:
 
     @torch.no_grad()
     def score_and_gather(self, rollout: Rollout) -> GlobalBatch:
-        engine, proposal = self.engine, self.state.proposal
+        engine, proposal, timer = self.engine, self.state.proposal, self.timer
         log_q = rollout.proposal_logps
-        if proposal is not None and proposal.is_base:
-            log_a = log_q  # q is still the base model itself
-        else:
-            log_a = self.base(rollout.prompt_ids, rollout.completion_ids, engine.device)
+        with timer("score_reference"):
+            if proposal is not None and proposal.is_base:
+                log_a = log_q  # q is still the base model itself
+            else:
+                log_a = self.base(rollout.prompt_ids, rollout.completion_ids, engine.device)
         log_pi = log_q
         if proposal is not None:  # off-policy: the current policy's log-probs of q's samples
-            log_pi = score_completions(
-                self.policy,
-                self.tokenizer,
-                rollout.keys,
-                rollout.completion_ids,
-                self.cfg.sampling_batch_size,
-                prompt_ids=rollout.prompt_ids,
-            ).double()
+            with timer("score_policy"):
+                log_pi = score_completions(
+                    self.policy,
+                    self.tokenizer,
+                    rollout.keys,
+                    rollout.completion_ids,
+                    self.cfg.sampling_batch_size,
+                    prompt_ids=rollout.prompt_ids,
+                ).double()
         local = {"log_pi": log_pi, "log_q": log_q, "log_a": log_a, "group": rollout.group.double()}
         local["prompt"] = rollout.prompt_index.double()
         local["tokens"] = torch.tensor([float(len(c)) for c in rollout.completion_ids])
         local["eos"] = rollout.ended_with_eos.double()
-        if self.target is not None:
-            local["log_p"] = self.target.log_unnormalized(log_a, rollout.texts, rollout.contexts)
-        monitors = sample_monitors(self.target, self.reward, rollout.texts, rollout.contexts)
-        merged = {name: gather(engine, values.double()) for name, values in {**local, **monitors}.items()}
+        with timer("reward"):
+            if self.target is not None:
+                local["log_p"] = self.target.log_unnormalized(log_a, rollout.texts, rollout.contexts)
+            monitors = sample_monitors(self.target, self.reward, rollout.texts, rollout.contexts)
+        with timer("gather"):
+            merged = {name: gather(engine, values.double()) for name, values in {**local, **monitors}.items()}
+            texts = gather_texts(engine, self.tokenizer, rollout.completion_ids)
         prompt_keys = [self.prompts.keys[int(i)] for i in merged["prompt"].tolist()]
         return GlobalBatch(
             policy_logps=merged["log_pi"],
@@ -248,7 +273,7 @@ class OnlineRun:
             if self.target is not None
             else prompt_keys,
             monitors={name: merged[name] for name in monitors},
-            texts=gather_texts(engine, self.tokenizer, rollout.completion_ids),
+            texts=texts,
             completion_tokens=merged["tokens"],
             ended_with_eos=merged["eos"],
         )
@@ -381,6 +406,15 @@ class OnlineRun:
         return bool(self.cfg.eval_every) and (step % self.cfg.eval_every == 0 or step == total_steps)
 
 
+def slowest_process(engine: Engine, seconds: dict[str, float]) -> dict[str, float]:
+    """Per key, the largest value over the processes (every process passes the same keys, in order):
+    a step's phase takes as long as its slowest process, which the others wait for at the next gather."""
+    if engine.world_size == 1:
+        return seconds
+    values = gather(engine, torch.tensor(list(seconds.values()), dtype=torch.float64))
+    return dict(zip(seconds, values.view(engine.world_size, -1).amax(dim=0).tolist()))
+
+
 def train_online(config: RunConfig, *, stop_after_step: int | None = None) -> Path:
     """Train with the online loop (``config.online``); returns the run directory. Resumes from the newest
     checkpoint in ``output_dir`` when there is one; ``stop_after_step`` interrupts the run (for tests)."""
@@ -418,9 +452,12 @@ def train_online(config: RunConfig, *, stop_after_step: int | None = None) -> Pa
         try:
             metrics = run.train_step(step)
             if run.evaluates_at(step, total_steps):
-                evaluation = run.evaluate()
+                eval_timer = PhaseTimer(engine.device)
+                with eval_timer("eval"):
+                    evaluation = run.evaluate()
                 eval_log.write(step, evaluation)
                 metrics.update(evaluation)
+                metrics.update(slowest_process(engine, eval_timer.metrics()))
             engine.log(step, metrics)
             run.check_stalls(step)
         except TrainingStoppedError:
