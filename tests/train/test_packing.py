@@ -272,6 +272,11 @@ def test_dpo_starts_at_ln2_packed_and_logs_less_padding(tmp_path, mixed_pairs):
     ("loss", "extra"),
     [
         ("kto", ["data.unpair=true", "train.micro_batch_size=4"]),  # + mismatched KL rows
+        # LoRA, the reference scored every step with adapters off (packed too), checkpointed activations
+        (
+            "dpo",
+            ["model.lora.enabled=true", "reference.precompute=false", "model.gradient_checkpointing=true"],
+        ),
         ("plackett_luce", ["train.micro_batch_size=4"]),
         (
             "upo",
