@@ -304,6 +304,16 @@ class RunConfig(Section):
         return self
 
     @model_validator(mode="after")
+    def _batching_is_offline(self) -> RunConfig:
+        if self.online is not None and (self.data.packing or self.data.group_by_length):
+            field = "data.packing" if self.data.packing else "data.group_by_length"
+            raise ValueError(
+                f"{field}: applies to the offline loop's forward passes; the online loop batches its own "
+                "samples (padded) and would ignore it"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _loss_accepts_options(self) -> RunConfig:
         from distalign.losses.base import get_loss
 

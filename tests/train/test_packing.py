@@ -353,3 +353,13 @@ def test_group_by_length_with_micro_batch_coupling_is_refused():
             None, ["loss.name=aot_paired", "loss.coupling_scope=micro_batch", "data.group_by_length=true"]
         )
     load_config(None, ["loss.name=dpo", "loss.coupling_scope=micro_batch", "data.group_by_length=true"])
+
+
+def test_the_online_loop_refuses_packing_rather_than_ignoring_it():
+    from distalign.config import ConfigError, load_config
+
+    config = Path(__file__).parents[2] / "configs" / "rloo_keyword.yaml"
+    assert load_config(config).online is not None
+    for field in ("data.packing", "data.group_by_length"):
+        with pytest.raises(ConfigError, match=field):
+            load_config(config, [f"{field}=true"])
