@@ -266,8 +266,8 @@ class TrainConfig(Section):
     differing fields; a finished run (final/ present) of the same config is left as it is (nothing is
     trained; the CLI exits 0). Fields that may differ on resume:
     output_dir, eval.*, train.log_every / save_every / keep_checkpoints / trackers / progress /
-    micro_batch_size, model.gradient_checkpointing / logprob_chunk_size, loss.global_strategy,
-    reference.precompute / cache_dir (see distalign.train.checkpoints.RESULT_NEUTRAL_FIELDS). Saved as
+    micro_batch_size, data.packing / group_by_length, model.gradient_checkpointing / logprob_chunk_size,
+    loss.global_strategy, reference.precompute / cache_dir (see distalign.train.checkpoints.RESULT_NEUTRAL_FIELDS). Saved as
     false in the run's config.yaml."""
 
 
@@ -299,7 +299,7 @@ class RunConfig(Section):
         if self.online is not None and self.designer.enabled:
             raise ValueError(
                 "designer: designer rewards feed offline losses (UPO, MODPO); the online loop optimises "
-                "online.reward (a reward spec, or a \"pkg.module:function\" callable that combines several)"
+                'online.reward (a reward spec, or a "pkg.module:function" callable that combines several)'
             )
         return self
 

@@ -88,6 +88,8 @@ RESULT_NEUTRAL_FIELDS = (
     "train.progress",
     "train.overwrite_output_dir",
     "train.micro_batch_size",
+    "data.packing",
+    "data.group_by_length",
     "model.gradient_checkpointing",
     "model.logprob_chunk_size",
     "loss.global_strategy",
