@@ -39,7 +39,8 @@ def _grads(loss: torch.Tensor, *tensors: torch.Tensor) -> list[torch.Tensor]:
 
 def _token_mean_nll(stats: PairedStats) -> torch.Tensor:
     return -0.5 * (
-        stats.policy_chosen_logps / stats.chosen_lengths + stats.policy_rejected_logps / stats.rejected_lengths
+        stats.policy_chosen_logps / stats.chosen_lengths
+        + stats.policy_rejected_logps / stats.rejected_lengths
     )
 
 
@@ -50,7 +51,8 @@ def test_constant_designer_reward_makes_the_aux_term_a_scaled_sft_loss():
     options = dict(lambda_aux=lam, advantage_temperature=temperature, value_weight=0.0, weight_clip=None)
     upo = get_loss("upo").per_example(stats, **options).losses
     dpo = dpo_loss(
-        stats.policy_chosen_logps - stats.ref_chosen_logps, stats.policy_rejected_logps - stats.ref_rejected_logps
+        stats.policy_chosen_logps - stats.ref_chosen_logps,
+        stats.policy_rejected_logps - stats.ref_rejected_logps,
     )
     expected = dpo + lam * math.exp(c / temperature) * _token_mean_nll(stats)
     torch.testing.assert_close(upo, expected, rtol=1e-14, atol=0)
@@ -92,7 +94,9 @@ def test_upo_kto_with_lambda_zero_is_kto():
         heads={"value": torch.zeros(6, dtype=torch.float64, requires_grad=True)},
     )
     got = get_loss("upo_kto").per_example(stats, lambda_aux=0.0, value_weight=0.0).losses
-    want = kto_loss(stats.policy_logps - stats.ref_logps, stats.labels, torch.tensor(0.5, dtype=torch.float64))
+    want = kto_loss(
+        stats.policy_logps - stats.ref_logps, stats.labels, torch.tensor(0.5, dtype=torch.float64)
+    )
     torch.testing.assert_close(got, want, rtol=1e-15, atol=0)
     with_aux = get_loss("upo_kto").per_example(stats, lambda_aux=1.0, value_weight=0.0, weight_clip=None)
     weights = torch.exp(stats.signals["reward/designer"])
@@ -157,7 +161,9 @@ def test_advantage_weights_clip_normalise_and_effective_sample_size():
     assert float(clipped.clipped_fraction) == 0.25
     assert float(clipped.effective_sample_size) == pytest.approx(17.0**2 / (4 * 121.0))
     normalised = advantage_weights(advantages, temperature=1.0, clip=None, normalize=True)
-    torch.testing.assert_close(normalised.weights, torch.tensor([1.0, 2, 4, 100], dtype=torch.float64) / 26.75)
+    torch.testing.assert_close(
+        normalised.weights, torch.tensor([1.0, 2, 4, 100], dtype=torch.float64) / 26.75
+    )
     hot = advantage_weights(torch.tensor([1e4, 0.0]), temperature=1.0, clip=20.0, normalize=False)
     assert torch.isfinite(hot.weights).all() and float(hot.weights[0]) == pytest.approx(20.0)
     equal = advantage_weights(torch.zeros(3), temperature=2.0, clip=5.0, normalize=True)
@@ -185,7 +191,10 @@ def test_missing_designer_signal_names_the_config_section():
 
 
 def test_modpo_folds_the_designer_margin_into_the_dpo_margin():
-    chosen, rejected = torch.tensor([1.0, -1, 0, 2, 0], dtype=torch.float64), torch.zeros(N, dtype=torch.float64)
+    chosen, rejected = (
+        torch.tensor([1.0, -1, 0, 2, 0], dtype=torch.float64),
+        torch.zeros(N, dtype=torch.float64),
+    )
     stats = _paired(chosen, rejected)
     margin = (stats.policy_chosen_logps - stats.ref_chosen_logps) - (
         stats.policy_rejected_logps - stats.ref_rejected_logps
@@ -194,7 +203,9 @@ def test_modpo_folds_the_designer_margin_into_the_dpo_margin():
     want = torch.log1p(torch.exp(-(0.2 * margin - 0.5 * chosen)))
     torch.testing.assert_close(got, want, rtol=1e-13, atol=0)
     no_designer = get_loss("modpo").per_example(stats, beta=0.2, lambda_aux=0.0).losses
-    torch.testing.assert_close(no_designer, get_loss("dpo").per_example(stats, beta=0.2).losses, rtol=1e-15, atol=0)
+    torch.testing.assert_close(
+        no_designer, get_loss("dpo").per_example(stats, beta=0.2).losses, rtol=1e-15, atol=0
+    )
 
 
 def test_relabelling_swaps_pairs_the_designer_prefers_the_other_way_by_more_than_one_over_lambda():

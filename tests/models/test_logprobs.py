@@ -145,7 +145,9 @@ def test_lora_model_equals_naive(tiny_model_factory, batch_factory):
 
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused_backward", "checkpointed_chunks"])
-def test_lean_path_never_materialises_full_vocab_logits(tiny_model_factory, batch_factory, monkeypatch, fused):
+def test_lean_path_never_materialises_full_vocab_logits(
+    tiny_model_factory, batch_factory, monkeypatch, fused
+):
     model, _ = tiny_model_factory()
     batch = batch_factory(PROMPTS, COMPLETIONS)
     chunk_size, total_completion = 3, sum(COMPLETIONS)

@@ -10,6 +10,8 @@ from distalign.testing.runs import read_metrics
 
 #: Designer rewards for the losses that read them: brevity (minus the word count), z-scored.
 BREVITY = "designer.rewards=[{name: length, alias: brevity}]"
+
+
 #: The metric that must fall: the loss, except for UPO, whose advantage-weighted NLL term swings with
 #: each batch's designer rewards (weights exp(r_aux)); its preference term must fall.
 def falling(loss: str) -> str:

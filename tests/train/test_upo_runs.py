@@ -56,7 +56,9 @@ def test_designer_reward_read_from_a_data_column(run_tiny, tmp_path):
     with path.open("w") as handle:
         for row in rows:
             scores = {"chosen_rewards": {"polite": 1.0}, "rejected_rewards": {"polite": -1.0}}
-            handle.write(json.dumps({**{k: row[k] for k in ("prompt", "chosen", "rejected")}, **scores}) + "\n")
+            handle.write(
+                json.dumps({**{k: row[k] for k in ("prompt", "chosen", "rejected")}, **scores}) + "\n"
+            )
     column = "designer.rewards=[{column: polite}]"
     run = run_tiny("loss.name=modpo", f"data.path={path}", column, "train.max_steps=2", name="column")
     assert read_metrics(run)[0]["designer/chosen"] == pytest.approx(1.0)  # z-scored +-1 stays +-1
@@ -92,9 +94,7 @@ def _heldout_accuracy(run: Path, rows: list[dict]) -> float:
 
 
 @pytest.mark.slow
-def test_upo_moves_the_designer_score_its_way_and_keeps_held_out_preference_accuracy(
-    run_tiny, split_pairs
-):
+def test_upo_moves_the_designer_score_its_way_and_keeps_held_out_preference_accuracy(run_tiny, split_pairs):
     """Two runs differing only in the designer's direction (brevity vs verbosity): the brevity run's
     samples are shorter, and both rank held-out pairs well above chance."""
     from distalign.eval.run import evaluate_run
