@@ -70,6 +70,7 @@ def default_report_path(run_dirs: list[Path]) -> Path:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    from distalign.config import ConfigError
     from distalign.errors import SetupError
     from distalign.eval.report import write_report
 
@@ -83,8 +84,43 @@ def cmd_report(args: argparse.Namespace) -> int:
             f"not a run directory (it has no config.yaml): {', '.join(not_runs)}; "
             "give the output_dir of a `distalign train` run"
         )
-    page = write_report(run_dirs, args.output or default_report_path(run_dirs))
+    output = args.output or default_report_path(run_dirs)
+    if args.interval is not None and not args.watch:
+        raise ConfigError("--interval sets how often --watch polls; add --watch")
+    if args.watch:
+        return _watch_report(run_dirs, output, args.interval if args.interval is not None else 10.0)
+    page = write_report(run_dirs, output)
     print(f"report: {page}")
+    return 0
+
+
+def _watch_report(run_dirs: list[Path], output: str | Path, interval: float) -> int:
+    """The live view: rewrite the report on change until Ctrl-C, which ends it with exit status 0."""
+    import time
+
+    from distalign.config import ConfigError
+    from distalign.eval.report import report_paths
+    from distalign.eval.watch import watch
+
+    if interval <= 0:
+        raise ConfigError(f"--interval {interval} must be positive (seconds)")
+    page = report_paths(output)[0]
+    print(
+        f"report: {page} (open {page.resolve().as_uri()}; it reloads every {interval:g} s)\n"
+        f"watching {len(run_dirs)} run(s) every {interval:g} s for new metrics or evaluations; Ctrl-C stops",
+        flush=True,
+    )
+
+    def written(path: Path) -> None:
+        print(f"{time.strftime('%H:%M:%S')} report updated: {path}", flush=True)
+
+    def failed(err: Exception) -> None:
+        print(f"{time.strftime('%H:%M:%S')} report not updated ({err!r}); trying again at the next change")
+
+    try:
+        watch(run_dirs, output, interval=interval, on_write=written, on_error=failed)
+    except KeyboardInterrupt:
+        print(f"\nstopped watching; the last report is {page}")
     return 0
 
 
@@ -136,10 +172,28 @@ def register(commands: argparse._SubParsersAction) -> None:
         description="Training curves, evaluation tables and plots of each run, and a comparison of all "
         "runs (gold reward, win rate, quantile curves, gold reward vs KL frontier). Images are embedded "
         "in the page and also written to REPORT_files/. Default output: RUN_DIR/report.html for one run, "
-        "else report.html in the runs' common parent directory.",
+        "else report.html in the runs' common parent directory. The page opens with a verdict per run "
+        "(does the policy beat the reference, at what KL) and shows example generations of the policies "
+        "beside the reference's. --watch keeps it up to date during a long run.",
+        epilog="Examples:\n"
+        "  distalign report runs/quickstart runs/ipo\n"
+        "  distalign report runs/upo/dpo runs/upo/upo --watch --interval 30   # live view; Ctrl-C stops",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     report.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     report.add_argument("--output", help="an .html file, or a directory to write report.html into")
+    report.add_argument(
+        "--watch",
+        action="store_true",
+        help="keep running: rewrite the report whenever a run's metrics.jsonl or eval files change "
+        "(polling); the page reloads itself in the browser. Ctrl-C stops (exit status 0)",
+    )
+    report.add_argument(
+        "--interval",
+        type=float,
+        metavar="SECONDS",
+        help="with --watch: how often to look for changes and how often the page reloads (default 10)",
+    )
     report.set_defaults(handler=cmd_report)
 
     demo = commands.add_parser(
