@@ -18,12 +18,14 @@ import torch
 from transformers import MistralConfig, MistralForCausalLM
 
 import distalign.models.logprobs as logprobs_module
+import distalign.models.packed_logprobs as packed_logprobs_module
 import distalign.models.packing as packing_module
 from distalign.data.collate import collate_sequences, pack_sequences, packed_attention_mask
 from distalign.data.loading import load_rows
 from distalign.errors import SetupError
 from distalign.models.heads import build_heads
-from distalign.models.logprobs import SequenceLogprobModel, batch_logprobs, packed_sequence_logprobs
+from distalign.models.logprobs import SequenceLogprobModel, batch_logprobs
+from distalign.models.packed_logprobs import packed_sequence_logprobs
 from distalign.models.packing import packing_problem
 from distalign.models.tiny import build_tiny_model
 from distalign.testing.runs import gradients_close, read_metrics, run_gradient, run_gradient_two_processes
@@ -193,7 +195,7 @@ def test_the_tiny_llama_packs_and_the_probe_catches_a_leak(monkeypatch):
             torch.ones(width, width, dtype=torch.bool).tril().expand(sequence_index.shape[0], 1, width, width)
         )
 
-    monkeypatch.setattr(logprobs_module, "packed_attention_mask", causal_only)
+    monkeypatch.setattr(packed_logprobs_module, "packed_attention_mask", causal_only)
     fresh, _ = build_tiny_model(seed=0)
     problem = packing_problem(fresh, 64)
     assert problem is not None and "'llama'" in problem and "differ from padded" in problem

@@ -13,7 +13,7 @@ chunk's logits instead of keeping them: through a plain linear head with a hand-
 head (e.g. LoRA-wrapped) under ``torch.utils.checkpoint``. Peak extra memory is one ``[chunk, V]``
 block, forward and backward.
 
-:func:`packed_sequence_logprobs` scores the padding-free layout of
+:func:`~distalign.models.packed_logprobs.packed_sequence_logprobs` scores the padding-free layout of
 :func:`distalign.data.collate.pack_sequences` (sequences end to end, position ids restarting at 0): the
 attention is block-diagonal and causal, given as a 4D mask to eager/SDPA attention or, for
 flash-attention kernels, left to their variable-length path through ``position_ids``. Each token's
@@ -36,7 +36,6 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from distalign.data.collate import PackedRows, packed_attention_mask
 from distalign.models.fused_head import LogitTransform, fused_head_logprobs
 
 logger = logging.getLogger(__name__)
@@ -374,114 +373,6 @@ def sequence_logprobs(
     )
 
 
-# ------------------------------------------------------------------------------------------ packing
-def packed_attention_kind(model: nn.Module) -> str:
-    """How a packed batch's attention is confined to each sequence: "varlen" for flash-attention
-    kernels (transformers derives the sequence boundaries from ``position_ids``; the batch must be one
-    row), "mask" otherwise (a block-diagonal causal 4D mask)."""
-    implementation = getattr(getattr(_causal_lm(model), "config", None), "_attn_implementation", None)
-    return "varlen" if "flash" in str(implementation or "") else "mask"
-
-
-def packed_rows(model: nn.Module) -> PackedRows:
-    """The row layout :func:`~distalign.data.collate.pack_sequences` should use for ``model``."""
-    return "one" if packed_attention_kind(model) == "varlen" else "longest"
-
-
-def _packed_inputs(
-    module: nn.Module, *, input_ids: Tensor, position_ids: Tensor, sequence_index: Tensor, attention: str
-) -> dict:
-    if not _accepts(module, "position_ids"):
-        raise ValueError(f"{type(module).__name__}.forward takes no position_ids: packing needs them")
-    if attention == "varlen":
-        if input_ids.shape[0] != 1:
-            raise ValueError("variable-length (flash) attention needs the packed batch in one row")
-        return _model_inputs(module, input_ids, None, position_ids)
-    implementation = getattr(getattr(module, "config", None), "_attn_implementation", None)
-    dtype = next(module.parameters()).dtype if implementation == "eager" else None
-    return _model_inputs(module, input_ids, packed_attention_mask(sequence_index, dtype), position_ids)
-
-
-def _check_packed(
-    input_ids: Tensor, position_ids: Tensor, sequence_index: Tensor, completion_mask: Tensor
-) -> None:
-    shapes = {tuple(t.shape) for t in (input_ids, position_ids, sequence_index, completion_mask)}
-    if input_ids.dim() != 2 or len(shapes) != 1:
-        raise ValueError(
-            "input_ids, position_ids, sequence_index and completion_mask must all be [R, W]; got "
-            + ", ".join(
-                str(tuple(t.shape)) for t in (input_ids, position_ids, sequence_index, completion_mask)
-            )
-        )
-    completion = completion_mask.bool()
-    if bool((completion & (sequence_index < 0)).any()):
-        raise ValueError("a completion token lies on padding (sequence_index -1)")
-    if bool(completion[:, 0].any()) or bool(
-        (completion[:, 1:] & (sequence_index[:, 1:] != sequence_index[:, :-1])).any()
-    ):
-        raise ValueError(
-            "a completion token starts a packed sequence: no position of its sequence predicts it"
-        )
-
-
-def packed_sequence_logprobs(
-    model: nn.Module,
-    input_ids: Tensor,
-    position_ids: Tensor,
-    sequence_index: Tensor,
-    completion_mask: Tensor,
-    *,
-    num_sequences: int | None = None,
-    attention: str | None = None,
-    chunk_size: int = 1024,
-    lean: bool | None = None,
-    heads: nn.ModuleDict | None = None,
-    head_positions: Tensor | None = None,
-    detach_head_input: bool = False,
-) -> SequenceLogprobs:
-    """:func:`sequence_logprobs` of a packed batch (:func:`~distalign.data.collate.pack_sequences`).
-
-    Args:
-        input_ids, position_ids, sequence_index, completion_mask: [R, W]; ``sequence_index`` names the
-            sequence of each token (-1 on row-end padding); positions restart at 0 per sequence.
-        num_sequences: M; default ``sequence_index.max() + 1``.
-        attention: "mask" (block-diagonal causal 4D mask: eager/SDPA) or "varlen" (``position_ids``
-            only, one row: flash-attention kernels); default :func:`packed_attention_kind`.
-        head_positions: [M] flat index ``r * W + t`` of each sequence's last prompt token.
-        chunk_size, lean, heads, detach_head_input: as for :func:`sequence_logprobs`.
-
-    Returns:
-        :class:`SequenceLogprobs` with ``summed`` [M], ``counts`` [M] and ``heads`` (name -> [M]), in
-        sequence order. Exact: equal, up to float rounding, to the padded batch of the same sequences
-        when :func:`~distalign.models.packing.packing_problem` finds none for the model.
-    """
-    _check_packed(input_ids, position_ids, sequence_index, completion_mask)
-    predicts = completion_mask[:, 1:].bool()  # [R, W-1]: position t predicts token t + 1
-    owner = sequence_index[:, 1:][predicts]  # [N] the sequence each predicted token belongs to
-    if num_sequences is None:
-        num_sequences = int(sequence_index.max()) + 1 if sequence_index.numel() else 0
-    inputs = partial(
-        _packed_inputs,
-        input_ids=input_ids,
-        position_ids=position_ids,
-        sequence_index=sequence_index,
-        attention=attention or packed_attention_kind(model),
-    )
-    return _summed_logprobs(
-        model,
-        input_ids,
-        inputs,
-        predicts,
-        owner,
-        num_sequences,
-        chunk_size=chunk_size,
-        lean=lean,
-        heads=heads,
-        head_index=head_positions,
-        detach_head_input=detach_head_input,
-    )
-
-
 class SequenceLogprobModel(nn.Module):
     """A causal LM whose ``forward`` returns per-sequence completion log-probs (memory-lean).
 
@@ -495,9 +386,9 @@ class SequenceLogprobModel(nn.Module):
     with ``head_positions`` [B] (each row's last prompt token) it returns ``(summed, counts, heads)``,
     ``heads`` the outputs [B] of the module's model heads by name. The heads live in this module
     (``self.heads``), so a DDP/FSDP wrapper synchronises them with the model. With ``sequence_index``
-    the batch is packed (:func:`packed_sequence_logprobs`: ``attention_mask`` is then only the [R, W]
-    token mask, ``position_ids`` are required, ``head_positions`` are flat indices) and the results are
-    per sequence. :func:`batch_logprobs` calls it with either layout's batch dict.
+    the batch is packed (:func:`~distalign.models.packed_logprobs.packed_sequence_logprobs`:
+    ``attention_mask`` is then only the [R, W] token mask, ``position_ids`` are required,
+    ``head_positions`` are flat indices) and the results are per sequence. :func:`batch_logprobs` calls it with either layout's batch dict.
     """
 
     def __init__(
@@ -516,6 +407,8 @@ class SequenceLogprobModel(nn.Module):
         self.chunk_size = chunk_size
         # Decided now, on the plain model, rather than inside a sharded forward later.
         self.lean = lean_path_supported(model) if lean is None else lean
+        from distalign.models.packed_logprobs import packed_attention_kind  # imports this module
+
         self.packed_attention = packed_attention_kind(model)
 
     def forward(
@@ -541,6 +434,8 @@ class SequenceLogprobModel(nn.Module):
         else:
             if position_ids is None:
                 raise ValueError("a packed batch needs its position_ids")
+            from distalign.models.packed_logprobs import packed_sequence_logprobs
+
             result = packed_sequence_logprobs(
                 self.model,
                 input_ids,

@@ -1,7 +1,7 @@
 """Whether packed log-probs are exact for a model: refusals by configuration, and a one-off probe.
 
-Packing (:func:`distalign.models.logprobs.packed_sequence_logprobs`) replaces the model's own causal
-mask by a block-diagonal one (or, for flash-attention kernels, by sequence boundaries read from
+Packing (:func:`distalign.models.packed_logprobs.packed_sequence_logprobs`) replaces the model's own
+causal mask by a block-diagonal one (or, for flash-attention kernels, by sequence boundaries read from
 ``position_ids``). That is exact only where attention is plain causal attention over each sequence and
 honours that mask and the restarting positions. :func:`packing_problem` says why not, naming the model
 type, so the training loop can refuse before any step instead of silently training on a different
@@ -17,15 +17,8 @@ from typing import Any
 from torch import nn
 
 from distalign.data.collate import PackedRows, collate_sequences, pack_sequences
-from distalign.models.logprobs import (
-    _causal_lm,
-    _probe_tolerance,
-    _probing,
-    packed_attention_kind,
-    packed_rows,
-    packed_sequence_logprobs,
-    sequence_logprobs,
-)
+from distalign.models.logprobs import _causal_lm, _probe_tolerance, _probing, sequence_logprobs
+from distalign.models.packed_logprobs import packed_attention_kind, packed_rows, packed_sequence_logprobs
 
 logger = logging.getLogger(__name__)
 

@@ -35,7 +35,8 @@ from distalign.models.card import TrainingRecord, write_model_card
 from distalign.models.fingerprint import data_fingerprint, model_fingerprint
 from distalign.models.heads import build_heads
 from distalign.models.loading import LoraSettings, load_model_and_tokenizer, public_model_id, save_final_model
-from distalign.models.logprobs import SequenceLogprobModel, batch_logprobs, packed_rows
+from distalign.models.logprobs import SequenceLogprobModel, batch_logprobs
+from distalign.models.packed_logprobs import packed_rows
 from distalign.models.packing import packing_problem
 from distalign.models.reference import ReferenceLogprobCache, adapters_disabled
 from distalign.train.checkpoints import remove_stale_evaluation

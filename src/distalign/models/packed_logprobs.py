@@ -1,0 +1,130 @@
+"""Log-probs of a packed (padding-free) batch: sequences end to end in rows, positions restarting at 0.
+
+The computation is :func:`distalign.models.logprobs.sequence_logprobs`'s, with two differences: each
+token's log-prob is summed into its own sequence (``sequence_index``) rather than its row, and attention
+is confined to each sequence by a block-diagonal causal mask (eager / SDPA) or, for flash-attention
+kernels, by the sequence boundaries transformers reads from ``position_ids``. Whether that is exact for
+a model is :mod:`distalign.models.packing`'s question.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+from torch import Tensor, nn
+
+from distalign.data.collate import PackedRows, packed_attention_mask
+from distalign.models.logprobs import (
+    SequenceLogprobs,
+    _accepts,
+    _causal_lm,
+    _model_inputs,
+    _summed_logprobs,
+)
+
+
+def packed_attention_kind(model: nn.Module) -> str:
+    """How a packed batch's attention is confined to each sequence: "varlen" for flash-attention
+    kernels (transformers derives the sequence boundaries from ``position_ids``; the batch must be one
+    row), "mask" otherwise (a block-diagonal causal 4D mask)."""
+    implementation = getattr(getattr(_causal_lm(model), "config", None), "_attn_implementation", None)
+    return "varlen" if "flash" in str(implementation or "") else "mask"
+
+
+def packed_rows(model: nn.Module) -> PackedRows:
+    """The row layout :func:`~distalign.data.collate.pack_sequences` should use for ``model``."""
+    return "one" if packed_attention_kind(model) == "varlen" else "longest"
+
+
+def _packed_inputs(
+    module: nn.Module, *, input_ids: Tensor, position_ids: Tensor, sequence_index: Tensor, attention: str
+) -> dict:
+    if not _accepts(module, "position_ids"):
+        raise ValueError(f"{type(module).__name__}.forward takes no position_ids: packing needs them")
+    if attention == "varlen":
+        if input_ids.shape[0] != 1:
+            raise ValueError("variable-length (flash) attention needs the packed batch in one row")
+        return _model_inputs(module, input_ids, None, position_ids)
+    implementation = getattr(getattr(module, "config", None), "_attn_implementation", None)
+    dtype = next(module.parameters()).dtype if implementation == "eager" else None
+    return _model_inputs(module, input_ids, packed_attention_mask(sequence_index, dtype), position_ids)
+
+
+def _check_packed(
+    input_ids: Tensor, position_ids: Tensor, sequence_index: Tensor, completion_mask: Tensor
+) -> None:
+    shapes = {tuple(t.shape) for t in (input_ids, position_ids, sequence_index, completion_mask)}
+    if input_ids.dim() != 2 or len(shapes) != 1:
+        raise ValueError(
+            "input_ids, position_ids, sequence_index and completion_mask must all be [R, W]; got "
+            + ", ".join(
+                str(tuple(t.shape)) for t in (input_ids, position_ids, sequence_index, completion_mask)
+            )
+        )
+    completion = completion_mask.bool()
+    if bool((completion & (sequence_index < 0)).any()):
+        raise ValueError("a completion token lies on padding (sequence_index -1)")
+    if bool(completion[:, 0].any()) or bool(
+        (completion[:, 1:] & (sequence_index[:, 1:] != sequence_index[:, :-1])).any()
+    ):
+        raise ValueError(
+            "a completion token starts a packed sequence: no position of its sequence predicts it"
+        )
+
+
+def packed_sequence_logprobs(
+    model: nn.Module,
+    input_ids: Tensor,
+    position_ids: Tensor,
+    sequence_index: Tensor,
+    completion_mask: Tensor,
+    *,
+    num_sequences: int | None = None,
+    attention: str | None = None,
+    chunk_size: int = 1024,
+    lean: bool | None = None,
+    heads: nn.ModuleDict | None = None,
+    head_positions: Tensor | None = None,
+    detach_head_input: bool = False,
+) -> SequenceLogprobs:
+    """:func:`sequence_logprobs` of a packed batch (:func:`~distalign.data.collate.pack_sequences`).
+
+    Args:
+        input_ids, position_ids, sequence_index, completion_mask: [R, W]; ``sequence_index`` names the
+            sequence of each token (-1 on row-end padding); positions restart at 0 per sequence.
+        num_sequences: M; default ``sequence_index.max() + 1``.
+        attention: "mask" (block-diagonal causal 4D mask: eager/SDPA) or "varlen" (``position_ids``
+            only, one row: flash-attention kernels); default :func:`packed_attention_kind`.
+        head_positions: [M] flat index ``r * W + t`` of each sequence's last prompt token.
+        chunk_size, lean, heads, detach_head_input: as for :func:`sequence_logprobs`.
+
+    Returns:
+        :class:`SequenceLogprobs` with ``summed`` [M], ``counts`` [M] and ``heads`` (name -> [M]), in
+        sequence order. Exact: equal, up to float rounding, to the padded batch of the same sequences
+        when :func:`~distalign.models.packing.packing_problem` finds none for the model.
+    """
+    _check_packed(input_ids, position_ids, sequence_index, completion_mask)
+    predicts = completion_mask[:, 1:].bool()  # [R, W-1]: position t predicts token t + 1
+    owner = sequence_index[:, 1:][predicts]  # [N] the sequence each predicted token belongs to
+    if num_sequences is None:
+        num_sequences = int(sequence_index.max()) + 1 if sequence_index.numel() else 0
+    inputs = partial(
+        _packed_inputs,
+        input_ids=input_ids,
+        position_ids=position_ids,
+        sequence_index=sequence_index,
+        attention=attention or packed_attention_kind(model),
+    )
+    return _summed_logprobs(
+        model,
+        input_ids,
+        inputs,
+        predicts,
+        owner,
+        num_sequences,
+        chunk_size=chunk_size,
+        lean=lean,
+        heads=heads,
+        head_index=head_positions,
+        detach_head_input=detach_head_input,
+    )
