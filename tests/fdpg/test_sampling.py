@@ -12,19 +12,6 @@ from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWa
 
 from distalign.models.sampling import sample_completions, score_completions, warped_log_probs
 from distalign.targets import BooleanConstraint, Target, build_feature, lm_proposer, qrs_sample
-from distalign.testing.tiny_lm import build_word_llama, build_word_tokenizer
-
-WORDS = ["x", "y", "z", "w", "v"]
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return build_word_tokenizer(WORDS)
-
-
-@pytest.fixture(scope="module")
-def model(tokenizer):
-    return build_word_llama(tokenizer, seed=0)
 
 
 def unbatched_logprob(

@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from distalign.models.token_draw import check_warping, draw_from_logits, is_warped, warped_log_probs
+
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
@@ -49,49 +51,6 @@ class Samples:
 
     def __len__(self) -> int:
         return len(self.prompts)
-
-
-def _is_warped(temperature: float, top_k: int | None, top_p: float | None) -> bool:
-    return temperature != 1.0 or top_k is not None or (top_p is not None and top_p < 1.0)
-
-
-def _check_warping(temperature: float, top_k: int | None, top_p: float | None, warped_logprobs: bool) -> None:
-    if temperature <= 0:
-        raise ValueError(f"temperature={temperature} must be > 0 (greedy decoding has no sampling log-prob)")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k={top_k} must be >= 1 or None")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p={top_p} must be in (0, 1] or None")
-    if _is_warped(temperature, top_k, top_p) and not warped_logprobs:
-        raise ValueError(
-            f"temperature={temperature}, top_k={top_k}, top_p={top_p} warp the model's distribution: samples "
-            "would no longer come from the model, and log-probs under the model would make importance "
-            "weights, pseudo-rewards and log Z estimates wrong. Sample with temperature=1.0, top_k=None, "
-            "top_p=None, or pass warped_logprobs=True to get log-probs under the warped distribution."
-        )
-
-
-def warped_log_probs(
-    logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None
-) -> torch.Tensor:
-    """Log-probs of the next-token distribution after temperature, top-k and top-p (nucleus) warping.
-
-    ``logits`` [B, V] -> [B, V] float32 (removed tokens get -inf). Order as in HF generate: divide by
-    temperature, keep the k largest (ties with the k-th value are kept), then keep the smallest set of
-    most likely tokens whose probability reaches ``top_p`` (always at least one token).
-    """
-    logits = logits.float() / temperature
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth_largest = torch.topk(logits, top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth_largest, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        sorted_probs = torch.softmax(sorted_logits, dim=-1)
-        mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
-        remove_sorted = mass_before >= top_p  # the first token is never removed (mass_before = 0)
-        remove = torch.zeros_like(remove_sorted).scatter(-1, order, remove_sorted)
-        logits = logits.masked_fill(remove, float("-inf"))
-    return torch.log_softmax(logits, dim=-1)
 
 
 def _eos_token_ids(
@@ -148,14 +107,26 @@ def _left_padded(
     rows: Sequence[Sequence[int]], pad_id: int, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Token ids and attention mask, both [B, max_len] long, with each row right-aligned."""
-    width = max(len(r) for r in rows)
+    return _padded(rows, pad_id, device, left=True)
+
+
+def _right_padded(
+    rows: Sequence[Sequence[int]], pad_id: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and attention mask, both [B, max_len] long, with each row left-aligned."""
+    return _padded(rows, pad_id, device, left=False)
+
+
+def _padded(
+    rows: Sequence[Sequence[int]], pad_id: int, device: torch.device, *, left: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    lengths = torch.tensor([len(r) for r in rows], dtype=torch.long)
+    width = int(lengths.max()) if len(rows) else 0
+    columns = torch.arange(width)
+    mask = columns >= width - lengths[:, None] if left else columns < lengths[:, None]
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        if row:
-            ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)
-            mask[i, width - len(row) :] = 1
-    return ids.to(device), mask.to(device)
+    ids[mask] = torch.tensor([t for r in rows for t in r], dtype=torch.long)
+    return ids.to(device), mask.long().to(device)
 
 
 def _model_device(model: torch.nn.Module) -> torch.device:
@@ -192,11 +163,58 @@ def _cache_keyword(model: torch.nn.Module) -> str:
     return "cache" if "cache" in _forward_parameters(model) else "past_key_values"
 
 
-def _draw(log_probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    probs = torch.exp(log_probs)
-    if generator is not None and generator.device != probs.device:
-        probs = probs.to(generator.device)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1).to(log_probs.device)
+def _repeat_index(prompt_ids: Sequence[Sequence[int]]) -> tuple[list[int], list[int]]:
+    """(first row of each distinct prompt, per row the position of its prompt among the distinct ones)."""
+    position: dict[tuple[int, ...], int] = {}
+    first: list[int] = []
+    inverse: list[int] = []
+    for row, ids in enumerate(prompt_ids):
+        key = tuple(ids)
+        if key not in position:
+            position[key] = len(first)
+            first.append(row)
+        inverse.append(position[key])
+    return first, inverse
+
+
+def _prefill(
+    model: torch.nn.Module,
+    prompt_ids: Sequence[Sequence[int]],
+    input_ids: torch.Tensor,
+    mask: torch.Tensor,
+    positions: torch.Tensor,
+) -> tuple[torch.Tensor, object]:
+    """Run the left-padded prompts [B, P] through ``model``: last-position logits [B, V] and the KV cache.
+
+    Rows that repeat a prompt (the samples of one prompt) share its forward: each distinct prompt is run
+    once and its cache rows are copied to its repeats (``Cache.reorder_cache``), the same tensors a
+    forward of every row computes (up to floating-point summation order).
+    """
+    first, inverse = _repeat_index(prompt_ids)
+    if len(first) < len(inverse):
+        rows = torch.tensor(first, device=input_ids.device)
+        logits, cache = _prompt_forward(model, input_ids[rows], mask[rows], positions[rows])
+        if hasattr(cache, "reorder_cache"):  # else a legacy cache format: run every row below
+            expand = torch.tensor(inverse, device=input_ids.device)
+            cache.reorder_cache(expand)
+            return logits[expand], cache
+    return _prompt_forward(model, input_ids, mask, positions)
+
+
+def _prompt_forward(
+    model: torch.nn.Module, input_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor
+) -> tuple[torch.Tensor, object]:
+    cache_keyword = _cache_keyword(model)
+    extra = {"logits_to_keep": 1} if _supports_logits_to_keep(model) else {}
+    out = model(
+        input_ids=input_ids,
+        attention_mask=mask,
+        position_ids=positions,
+        use_cache=True,
+        **{cache_keyword: None},
+        **extra,
+    )
+    return out.logits[:, -1], getattr(out, cache_keyword)
 
 
 @torch.no_grad()
@@ -208,49 +226,45 @@ def _sample_batch(
     max_new_tokens: int,
     warping: tuple[float, int | None, float | None],
     generator: torch.Generator | None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Sample one batch: returns generated ids [B, T'] (pads after EOS), log-probs [B] f64, ended [B]."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sample one batch: generated ids [B, T'] (pads after EOS), log-probs [B] f64, ended [B] and the
+    completion lengths [B] (up to and including EOS)."""
     device = _model_device(model)
     input_ids, mask = _left_padded(prompt_ids, pad_id, device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     eos = torch.tensor(eos_ids, device=device)
     finished = torch.zeros(len(prompt_ids), dtype=torch.bool, device=device)
+    lengths = torch.zeros(len(prompt_ids), dtype=torch.long, device=device)
     logprobs = torch.zeros(len(prompt_ids), dtype=torch.float64, device=device)
     generated: list[torch.Tensor] = []
-    past = None
     extra = {"logits_to_keep": 1} if _supports_logits_to_keep(model) else {}
     cache_keyword = _cache_keyword(model)
-    for _ in range(max_new_tokens):
+    logits, past = _prefill(model, prompt_ids, input_ids, mask, positions) if max_new_tokens else (None, None)
+    for step in range(max_new_tokens):
+        logits = logits.float()
+        if is_warped(*warping):
+            logits = warped_log_probs(logits, *warping)
+        tokens, chosen = draw_from_logits(logits, generator)
+        logprobs += torch.where(finished, 0.0, chosen.double())
+        lengths += ~finished
+        tokens = torch.where(finished, pad_id, tokens)
+        generated.append(tokens)
+        finished |= torch.isin(tokens, eos)
+        if step == max_new_tokens - 1 or bool(finished.all()):
+            break
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        positions = positions[:, -1:] + 1
         out = model(
-            input_ids=input_ids,
+            input_ids=tokens[:, None],
             attention_mask=mask,
             position_ids=positions,
             use_cache=True,
             **{cache_keyword: past},
             **extra,
         )
-        past = getattr(out, cache_keyword)
-        log_probs = warped_log_probs(out.logits[:, -1], *warping)
-        tokens = _draw(log_probs, generator)
-        chosen = log_probs.gather(-1, tokens[:, None]).squeeze(-1).double()
-        logprobs += torch.where(finished, torch.zeros_like(chosen), chosen)
-        tokens = torch.where(finished, torch.full_like(tokens, pad_id), tokens)
-        generated.append(tokens)
-        finished |= torch.isin(tokens, eos)
-        if bool(finished.all()):
-            break
-        input_ids = tokens[:, None]
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        positions = positions[:, -1:] + 1
+        logits, past = out.logits[:, -1], getattr(out, cache_keyword)
     ids = torch.stack(generated, dim=1) if generated else torch.zeros((len(prompt_ids), 0), dtype=torch.long)
-    return ids.cpu(), logprobs.cpu(), finished.cpu()
-
-
-def _trim_at_eos(row: list[int], eos_ids: set[int]) -> tuple[list[int], bool]:
-    for i, token in enumerate(row):
-        if token in eos_ids:
-            return row[: i + 1], True
-    return row, False
+    return ids.cpu(), logprobs.cpu(), finished.cpu(), lengths.cpu()
 
 
 def _distinct_index(prompts: Sequence[str], owner: list[int]) -> torch.Tensor:
@@ -289,7 +303,7 @@ def sample_completions(
     ``prompt_ids`` [len(prompts)]: condition on these exact token ids instead of tokenising ``prompts``
     (which then only label the samples), so a training loop scores exactly what was sampled.
     """
-    _check_warping(temperature, top_k, top_p, warped_logprobs)
+    check_warping(temperature, top_k, top_p, warped_logprobs)
     if num_samples < 1 or batch_size < 1 or max_new_tokens < 0:
         raise ValueError("num_samples and batch_size must be >= 1 and max_new_tokens >= 0")
     eos_ids = _eos_token_ids(model, tokenizer, eos_token_ids)
@@ -306,12 +320,13 @@ def sample_completions(
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]
             batch = [encoded[owner[j]] for j in chunk]
-            ids, batch_logprobs, _ = _sample_batch(
+            ids, batch_logprobs, batch_ended, batch_lengths = _sample_batch(
                 model, batch, eos_ids, pad_id, max_new_tokens, (temperature, top_k, top_p), generator
             )
-            for k, j in enumerate(chunk):
-                rows[j], ended[j] = _trim_at_eos(ids[k].tolist(), set(eos_ids))
-                logprobs[j] = batch_logprobs[k]
+            for j, row, length in zip(chunk, ids.tolist(), batch_lengths.tolist()):
+                rows[j] = row[:length]
+            logprobs[chunk] = batch_logprobs
+            ended[chunk] = batch_ended
     finally:
         model.train(was_training)
     return Samples(
@@ -328,30 +343,38 @@ def sample_completions(
 def _score_batch(
     model: torch.nn.Module, prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_id: int
 ) -> torch.Tensor:
+    """[B] float64 summed log-probs of the completions. Same layout as sampling: left-padded prompts
+    ending in one column, completions right-padded after it."""
     device = _model_device(model)
-    prompt_width = max(len(p) for p in prompt_ids)
-    completion_width = max(len(c) for c in completion_ids)
-    if completion_width == 0:
+    width = max(len(c) for c in completion_ids)
+    if width == 0:
         return torch.zeros(len(prompt_ids), dtype=torch.float64)
-    # Same layout as sampling: left-padded prompts ending in one column, completions right-padded after it.
-    rows = [
-        [pad_id] * (prompt_width - len(p)) + list(p) + list(c) + [pad_id] * (completion_width - len(c))
-        for p, c in zip(prompt_ids, completion_ids)
-    ]
-    ids = torch.tensor(rows, dtype=torch.long, device=device)
-    mask = torch.zeros_like(ids)
-    for i, (p, c) in enumerate(zip(prompt_ids, completion_ids)):
-        mask[i, prompt_width - len(p) : prompt_width + len(c)] = 1
+    prompts, prompt_mask = _left_padded(prompt_ids, pad_id, device)
+    completions, completion_mask = _right_padded(completion_ids, pad_id, device)
+    mask = torch.cat([prompt_mask, completion_mask], dim=1)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    extra = {"logits_to_keep": completion_width + 1} if _supports_logits_to_keep(model) else {}
-    logits = model(
-        input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False, **extra
-    ).logits
-    logits = logits[:, -(completion_width + 1) : -1].float()  # positions predicting each completion token
-    targets = ids[:, prompt_width:]
-    token_logps = logits.gather(-1, targets[..., None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-    completion_mask = mask[:, prompt_width:].bool()
-    return torch.where(completion_mask, token_logps, torch.zeros_like(token_logps)).double().sum(-1).cpu()
+    prompt_width = prompts.shape[1]
+    first, inverse = _repeat_index(prompt_ids)
+    if len(first) < len(inverse):  # the prompts' forward shared by their repeats, then the completions
+        logits, cache = _prefill(model, prompt_ids, prompts, prompt_mask, positions[:, :prompt_width])
+        logits = logits[:, None]  # [B, 1, V]: predicts each completion's first token
+        if width > 1:
+            rest = model(
+                input_ids=completions[:, :-1],
+                attention_mask=mask[:, :-1],
+                position_ids=positions[:, prompt_width:-1],
+                use_cache=True,
+                **{_cache_keyword(model): cache},
+            ).logits
+            logits = torch.cat([logits, rest], dim=1)
+    else:
+        extra = {"logits_to_keep": width + 1} if _supports_logits_to_keep(model) else {}
+        ids = torch.cat([prompts, completions], dim=1)
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False, **extra)
+        logits = logits.logits[:, -(width + 1) : -1]  # the positions predicting each completion token
+    logits = logits.float()
+    token_logps = logits.gather(-1, completions[..., None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    return torch.where(completion_mask.bool(), token_logps, 0.0).double().sum(-1).cpu()
 
 
 def score_completions(
