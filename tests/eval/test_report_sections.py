@@ -75,6 +75,11 @@ def test_run_settings_labels(tmp_path, two_runs):
     (dpo.path / "dominance.json").unlink()
     dpo.config["data"]["limit"] = 100
     assert data_rows_label(dpo) == "≤ 100"
+    from distalign.models.card import TrainingRecord
+
+    (dpo.path / "final").mkdir(exist_ok=True)
+    TrainingRecord("data.jsonl", "paired", 1234, "f" * 64, 20).save(dpo.path / "final")
+    assert data_rows_label(dpo) == "1234"  # the exact count saved with the model wins
 
 
 def test_the_page_answers_first_and_shows_settings(two_runs, tmp_path):

@@ -2,9 +2,10 @@
 each run's key hyperparameters for the comparison table.
 
 Hyperparameters come from the run's resolved ``config.yaml``; the steps done from ``metrics.jsonl``;
-the number of training rows from ``dominance.json``, which the trainer writes at the end of training
-after scoring the first rows (at most :data:`SCORED_ROWS_CAP` of them), so a count at the cap is shown
-as a lower bound, and a run without it shows ``data.limit`` as an upper bound, or nothing.
+the number of training rows from ``final/distalign_training.json`` (the exact count, written with the
+model); for a run saved before that record existed, from ``dominance.json``, which scores at most
+:data:`SCORED_ROWS_CAP` rows (a count at the cap is a lower bound), else ``data.limit`` as an upper
+bound, or nothing.
 """
 
 from __future__ import annotations
@@ -49,6 +50,14 @@ def steps_label(run: RunSummary) -> str:
 
 def data_rows_label(run: RunSummary) -> str:
     """Training rows as the run recorded them (see the module docstring); ``""`` when unknown."""
+    from distalign.models.card import TrainingRecord
+
+    try:
+        record = TrainingRecord.load(run.path / "final")
+    except (OSError, ValueError, TypeError, KeyError):
+        record = None
+    if record is not None:
+        return str(record.rows)
     try:
         rows = json.loads((run.path / "dominance.json").read_text(encoding="utf-8")).get("rows")
     except (OSError, ValueError, AttributeError):
