@@ -25,10 +25,8 @@ import torch
 from tqdm.auto import tqdm
 
 from distalign.config import RunConfig
-from distalign.data.collate import collate_sequences
 from distalign.errors import NonFiniteLossError, SetupError, TrainingStoppedError
 from distalign.eval.metrics import distinct_n
-from distalign.losses.fdivergence import fdpg_policy_gradient_loss
 from distalign.models.sampling import score_completions
 from distalign.targets import ProposalRefreshRule, estimate_divergence, importance_weighted_mean
 from distalign.train.batching import BatchPlan
@@ -59,6 +57,11 @@ from distalign.train.online_signal import (
     non_finite_signal,
     samples_in_support,
 )
+from distalign.train.online_update import (
+    policy_forward,
+    policy_gradient_backward,
+    update_forward_scores_policy,
+)
 from distalign.train.setup import load_policy, save_final, wrap_for_training
 from distalign.train.timing import PhaseTimer
 
@@ -66,36 +69,6 @@ from distalign.train.timing import PhaseTimer
 #: (log q comes with them), log a under the base, a separate no-grad pass for log pi (off-policy only),
 #: target scorers / rewards / monitors, gathering, the signal, and forward + backward + optimizer step.
 STEP_PHASES = ("sample", "score_reference", "score_policy", "reward", "gather", "signal", "update")
-
-
-def policy_gradient_backward(
-    engine: Engine,
-    rollout: Rollout,
-    advantages: torch.Tensor,
-    weights: torch.Tensor | None,
-    global_count: int,
-    micro_batch_size: int,
-    pad_id: int,
-) -> float:
-    """Back-propagate this process's share of mean_j(-w_j A_j log pi(x_j)) over the ``global_count``
-    samples of the step, micro-batch by micro-batch; ``advantages``, ``weights`` [len(rollout)]. Returns
-    that share's value (summed over processes: the step's surrogate loss)."""
-    total = 0.0
-    starts = list(range(0, len(rollout), micro_batch_size))
-    for k, start in enumerate(starts):
-        stop = min(start + micro_batch_size, len(rollout))
-        batch = collate_sequences(rollout.prompt_ids[start:stop], rollout.completion_ids[start:stop], pad_id)
-        batch = {key: value.to(engine.device) for key, value in batch.items()}
-        with engine.sync_context(k == len(starts) - 1):
-            with engine.accelerator.autocast():
-                logps, _ = engine.model(batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
-            w = None if weights is None else weights[start:stop].to(engine.device)
-            result = fdpg_policy_gradient_loss(logps.float(), advantages[start:stop].to(engine.device), w)
-            share = result.loss * (stop - start) / global_count
-            engine.backward(share)
-        total += float(share.detach())
-        engine.count_tokens(int(batch["attention_mask"].sum()))
-    return total
 
 
 # --- the run ---------------------------------------------------------------------------------------------
@@ -136,6 +109,7 @@ class OnlineRun:
             proposal = FrozenProposal(policy, is_base=config.reference.model is None)
         self.state = LoopState(cfg.baseline_window, proposal)
         self.refresh_rule = ProposalRefreshRule(cfg.refresh_min_ess_fraction)
+        self._update_scores_policy: bool | None = None
         phases = STEP_PHASES + (("refresh",) if proposal is not None else ())
         self.timer = PhaseTimer(engine.device, ("step", *phases))
         self.evaluator = None
@@ -176,7 +150,11 @@ class OnlineRun:
         engine, cfg, timer = self.engine, self.cfg, self.timer
         with timer("sample"):
             rollout = self.sample(step)  # 1. sample
-        batch = self.score_and_gather(rollout)  # 2. score + 3. gather
+        forwarded = None  # off-policy, log pi from the update's own forward where that is exact
+        if self.state.proposal is not None and self.update_forward_scores_policy(len(rollout)):
+            with timer("update"):
+                forwarded = policy_forward(engine, rollout, 0, len(rollout), self.tokenizer.pad_token_id)
+        batch = self.score_and_gather(rollout, forwarded)  # 2. score + 3. gather
         self.stop_if_not_finite(step, non_finite_inputs(batch))
         try:  # 3. log Z, (pseudo-)rewards, baseline, weights
             with timer("signal"):
@@ -196,6 +174,7 @@ class OnlineRun:
                 len(batch.texts),
                 self.config.train.micro_batch_size,
                 self.tokenizer.pad_token_id,
+                forwarded,
             )
             surrogate = engine.sum_across(surrogate)  # the same on every process: all stop, or none
             if not math.isfinite(surrogate):
@@ -230,8 +209,19 @@ class OnlineRun:
             ),
         )
 
+    def update_forward_scores_policy(self, samples: int) -> bool:
+        """Whether this run's update forward gives the exact log pi (decided once: it depends on the
+        model, precision and micro-batch size, not on the step)."""
+        if self._update_scores_policy is None:
+            self._update_scores_policy = update_forward_scores_policy(
+                self.engine, samples, self.config.train.micro_batch_size
+            )
+        return self._update_scores_policy
+
     @torch.no_grad()
-    def score_and_gather(self, rollout: Rollout) -> GlobalBatch:
+    def score_and_gather(self, rollout: Rollout, forwarded: torch.Tensor | None = None) -> GlobalBatch:
+        """log a, log P or r, monitors of this process's samples, gathered from every process.
+        ``forwarded``: log pi from the update's forward (off-policy), instead of a scoring pass."""
         engine, proposal, timer = self.engine, self.state.proposal, self.timer
         log_q = rollout.proposal_logps
         with timer("score_reference"):
@@ -240,7 +230,9 @@ class OnlineRun:
             else:
                 log_a = self.base(rollout.prompt_ids, rollout.completion_ids, engine.device)
         log_pi = log_q
-        if proposal is not None:  # off-policy: the current policy's log-probs of q's samples
+        if forwarded is not None:
+            log_pi = forwarded.detach().double().cpu()
+        elif proposal is not None:  # off-policy: the current policy's log-probs of q's samples
             with timer("score_policy"):
                 log_pi = score_completions(
                     self.policy,
@@ -260,7 +252,7 @@ class OnlineRun:
             monitors = sample_monitors(self.target, self.reward, rollout.texts, rollout.contexts)
         with timer("gather"):
             merged = {name: gather(engine, values.double()) for name, values in {**local, **monitors}.items()}
-            texts = gather_texts(engine, self.tokenizer, rollout.completion_ids)
+            texts = gather_texts(engine, self.tokenizer, rollout.completion_ids, rollout.texts)
         prompt_keys = [self.prompts.keys[int(i)] for i in merged["prompt"].tolist()]
         return GlobalBatch(
             policy_logps=merged["log_pi"],

@@ -347,9 +347,14 @@ def gather(engine: Engine, values: torch.Tensor) -> torch.Tensor:
     return engine.gather_varlen(values.to(engine.device)).cpu()
 
 
-def gather_texts(engine: Engine, tokenizer, token_lists: list[list[int]]) -> list[str]:
-    """Decoded completions of every process in rank order (token ids travel, not strings)."""
+def gather_texts(
+    engine: Engine, tokenizer, token_lists: list[list[int]], local_texts: list[str] | None = None
+) -> list[str]:
+    """Decoded completions of every process in rank order (token ids travel, not strings).
+    ``local_texts``: this process's completions already decoded (used as they are on one process)."""
     if engine.world_size == 1:
+        if local_texts is not None:
+            return list(local_texts)
         return tokenizer.batch_decode(token_lists, skip_special_tokens=True)
     lengths = gather(engine, torch.tensor([len(t) for t in token_lists], dtype=torch.long))
     flat = gather(engine, torch.tensor([i for t in token_lists for i in t], dtype=torch.long))

@@ -1,0 +1,65 @@
+"""Off-policy, the update's forward supplies log pi of q's samples (no separate scoring pass) exactly
+where that is the same number: the training it gives equals the two-pass training, and it is not used
+with dropout, autocast or several micro-batches."""
+
+from __future__ import annotations
+
+import pytest
+
+import distalign.train.online as online_module
+from distalign.models import sampling
+from distalign.models.loading import LoraSettings, load_model_and_tokenizer
+from distalign.testing.runs import final_weights, max_weight_difference, read_metrics
+from distalign.train.online import OnlineRun, train_online
+from distalign.train.online_update import has_active_dropout
+
+OFF_POLICY = {"proposal": "offline", "baseline": "window", "baseline_window": 40}
+
+
+def _policy_scoring_passes(monkeypatch) -> list[int]:
+    """Sizes of the loop's separate no-grad scoring passes of the policy (the base is scored elsewhere)."""
+    calls: list[int] = []
+
+    def counting(model, tokenizer, prompts, *args, **kwargs):
+        calls.append(len(prompts))
+        return sampling.score_completions(model, tokenizer, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(online_module, "score_completions", counting)
+    return calls
+
+
+def test_off_policy_update_forward_gives_the_two_pass_training(tmp_path, online_config, monkeypatch):
+    train = {"max_steps": 4, "micro_batch_size": 32}  # the 32 samples of a step fit one micro-batch
+    passes = _policy_scoring_passes(monkeypatch)
+    fused = train_online(online_config(tmp_path / "fused", train=train, online=OFF_POLICY))
+    assert passes == []  # log pi came from the update's forward
+    monkeypatch.setattr(OnlineRun, "update_forward_scores_policy", lambda self, samples: False)
+    two_pass = train_online(online_config(tmp_path / "two_pass", train=train, online=OFF_POLICY))
+    assert passes == [32] * 4  # the separate no-grad pass, once per step
+    # Equal up to float rounding, which Adam's g / sqrt(v) magnifies for near-zero gradients; the
+    # weights moved ~100x more than this over the 4 steps (lr 3e-3).
+    assert max_weight_difference(final_weights(fused), final_weights(two_pass)) < 1e-4
+    fused_records, two_pass_records = read_metrics(fused), read_metrics(two_pass)
+    assert abs(fused_records[0]["kl_pi_a"]) < 1e-5  # step 1: pi = q = a, so log pi = log q to rounding
+    assert fused_records[0]["is/ess_fraction"] == pytest.approx(1.0, abs=1e-6)
+    for a, b in zip(fused_records, two_pass_records):
+        assert a["time/score_policy"] == 0.0 and b["time/score_policy"] > 0.0
+        for key in ("loss", "is/ess_fraction", "kl_pi_a", "pseudo_reward/mean"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
+
+
+def test_several_micro_batches_keep_the_separate_pass(tmp_path, online_config, monkeypatch):
+    passes = _policy_scoring_passes(monkeypatch)
+    config = online_config(tmp_path, train={"max_steps": 1, "micro_batch_size": 16}, online=OFF_POLICY)
+    train_online(config)
+    assert passes == [32]
+
+
+def test_dropout_is_seen_in_modules_and_in_configs():
+    model, _ = load_model_and_tokenizer("tiny")
+    assert not has_active_dropout(model)
+    model.config.attention_dropout = 0.1  # a functional dropout, applied in training mode only
+    assert has_active_dropout(model)
+    model.config.attention_dropout = 0.0
+    lora, _ = load_model_and_tokenizer("tiny", lora=LoraSettings(dropout=0.1))
+    assert has_active_dropout(lora)
