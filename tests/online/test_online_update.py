@@ -63,3 +63,12 @@ def test_dropout_is_seen_in_modules_and_in_configs():
     model.config.attention_dropout = 0.0
     lora, _ = load_model_and_tokenizer("tiny", lora=LoraSettings(dropout=0.1))
     assert has_active_dropout(lora)
+
+
+def test_off_policy_rloo_refreshes_on_the_ess_rule_alone(tmp_path, online_config):
+    """RLOO has no target (no log Z, no divergence to it): the refresh rule falls back to the ESS."""
+    online = {"method": "rloo", "target": None, "reward": {"name": "regex", "pattern": "s"}, "kl_coef": 0.05}
+    online |= {"proposal": "offline", "refresh_min_ess_fraction": 0.99}
+    records = read_metrics(train_online(online_config(tmp_path, train={"max_steps": 3}, online=online)))
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert records[-1]["proposal/refreshes"] >= 1  # lr 3e-3 moves pi off q: the ESS falls below 99%

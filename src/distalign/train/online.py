@@ -291,12 +291,13 @@ class OnlineRun:
         return metrics
 
     def maybe_refresh(self, step: int, batch: GlobalBatch, signal: Signal) -> dict[str, float]:
-        """GDC's rule: q <- pi when pi is estimated closer to the target than q, or when ESS(pi/q) collapses."""
+        """GDC's rule: q <- pi when pi is estimated closer to the target than q, or when ESS(pi/q) collapses.
+        RLOO has no target to be closer to: only the ESS rule applies."""
         proposal, cfg = self.state.proposal, self.cfg
-        log_z = self.state.log_z.log_z_for(batch.keys)
-        known = torch.isfinite(log_z)  # contexts without target mass yet carry no estimate
         divergences = [math.inf, math.inf]
-        if bool(known.any()):
+        log_z = self.state.log_z.log_z_for(batch.keys) if self.target is not None else None
+        known = torch.isfinite(log_z) if log_z is not None else None  # contexts with target mass yet
+        if known is not None and bool(known.any()):
             divergences = [
                 estimate_divergence(
                     cfg.refresh_divergence,
