@@ -7,6 +7,7 @@ them. Nothing here is imported by the library.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import resource
@@ -16,7 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -138,6 +139,27 @@ def distalign_step_times(run_dir: str | Path) -> tuple[list[float], list[float]]
         times.append(seconds)
         tokens.append(record["tokens_per_s"] * seconds)
     return times, tokens
+
+
+def call_after(owner: Any, name: str, hook: Callable[[], None]) -> None:
+    """Make every call of ``owner.name`` (a class or an instance) run ``hook()`` after it: measurement
+    only, the method's own behaviour and result are unchanged."""
+    method = getattr(owner, name)
+
+    @functools.wraps(method)
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        result = method(*args, **kwargs)
+        hook()
+        return result
+
+    setattr(owner, name, wrapped)
+
+
+def apply_preset(args: Any, preset: dict[str, Any]) -> None:
+    """Set every argument the command line left unset (None) from ``preset``."""
+    for key, value in preset.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
 
 
 def median_of(results: Iterable[dict], key: str) -> float:
