@@ -54,7 +54,17 @@ PRESETS = {
     "smollm2": dict(prompts=8, samples=4, new_tokens=32, micro=16, steps=6, warmup=1, repeats=3, lr=1e-5, lora=True),
 }  # fmt: skip
 QUICK = dict(steps=4, warmup=1, repeats=1)
-PHASES = ("sample", "score_reference", "score_policy", "reward", "gather", "signal", "update", "step")
+PHASES = (
+    "sample",
+    "score_reference",
+    "score_policy",
+    "reward",
+    "gather",
+    "signal",
+    "update",
+    "refresh",
+    "step",
+)
 
 
 # ------------------------------------------------------------------------------------------ inputs
@@ -147,7 +157,10 @@ def _phase_rows(results: dict[str, list[dict]], arms: list[str]) -> list[list]:
         medians = [median_of([{"v": r["phases"].get(phase)} for r in results[a]], "v") for a in arms]
         if all(m != m for m in medians):  # nan everywhere: a phase no arm has
             continue
-        ratio = medians[0] / medians[1] if len(arms) > 1 and medians[1] and medians[1] == medians[1] else ""
+        if len(arms) == 1:
+            rows.append([phase, *medians])
+            continue
+        ratio = medians[0] / medians[1] if medians[1] and medians[1] == medians[1] else ""
         rows.append([phase, *medians, ratio])
     return rows
 

@@ -1,9 +1,9 @@
 """The next-token distribution: warping (temperature, top-k, top-p) and exact draws from it, with the
 drawn token's log-probability.
 
-``torch.multinomial`` is exact but slow on CPU: for 32 rows over SmolLM2's 49,152-token vocabulary it
-takes about 50 ms a call, a large share of a decode step there (docs/benchmarks.md). Inverting the
-CDF with one uniform per row is 5x faster. A plain float32 cumulative sum would not be exact enough:
+``torch.multinomial`` is exact but slow on CPU: for 32 rows over SmolLM2's 49,152-token vocabulary,
+log_softmax + multinomial take about 45 ms a call, once per decoded token (docs/benchmarks.md). Inverting
+the CDF with one uniform per row takes about a quarter of that. A plain float32 cumulative sum would not be exact enough:
 each entry is rounded to an ulp of the running total (6e-8), which moves up to that much probability
 between neighbouring tokens, a large relative error for rare tokens (and up to ~1e-3 in total variation
 over a large vocabulary). So the CDF has two levels: block totals accumulated in float64, then a
