@@ -11,8 +11,9 @@ no evaluation, no saving. Full fine-tune (a frozen reference copy in both) unles
 reference is the base with adapters off in both). Each run is a fresh subprocess; the arms alternate
 within every repetition and reverse order every other one; tables report medians over repetitions.
 
-samples/s = prompts_per_step x samples_per_prompt / (median step wall time) over the steps after
-``--warmup``. Phases: distalign's own ``time/<phase>`` metrics; TRL's are measured by wrapping its
+samples/s = prompts_per_step x samples_per_prompt / (mean step wall time) over the steps after
+``--warmup``; samples per CPU s uses the worker process's CPU time instead (one intra-op thread: the work
+done, less sensitive to other jobs on a shared machine than wall time). Phases: distalign's own ``time/<phase>`` metrics; TRL's are measured by wrapping its
 generation, no-grad log-prob passes (old policy + reference) and reward calls in the worker (the rest of
 the step is reported as "update").
 
@@ -135,33 +136,52 @@ def _worker_args(args: argparse.Namespace, framework: str, path: str) -> list[st
     )
 
 
-def _summary_rows(results: dict[str, list[dict]]) -> list[list]:
-    trl = results.get("trl")
+def _ratio(ours: list[dict], theirs: list[dict], key: str) -> tuple[float, str]:
+    """Ratio of medians, and the range of per-repetition ratios (each run over the same repetition's)."""
+    per_rep = [a[key] / b[key] for a, b in zip(ours, theirs)]
+    return median_of(ours, key) / median_of(theirs, key), f"{min(per_rep):.2f}-{max(per_rep):.2f}"
+
+
+def _summary_rows(results: dict[str, list[dict]], baseline: str) -> list[list]:
+    """Medians per arm, with samples/s and peak RSS over the ``baseline`` arm's (TRL, or an old revision)."""
     rows = []
     for arm, runs in results.items():
-        ratios = ["", ""]
-        if trl and arm != "trl":
+        ratios = ["", "", "", "", ""]
+        if baseline in results and arm != baseline:
             ratios = [
-                median_of(runs, "samples_per_s") / median_of(trl, "samples_per_s"),
-                median_of(runs, "peak_rss_mb") / median_of(trl, "peak_rss_mb"),
+                *_ratio(runs, results[baseline], "samples_per_s"),
+                *_ratio(runs, results[baseline], "samples_per_cpu_s"),
+                _ratio(runs, results[baseline], "peak_rss_mb")[0],
             ]
-        keys = ("samples_per_s", "s_per_step", "peak_rss_mb", "completion_tokens", "setup_s")
+        keys = (
+            "samples_per_s",
+            "samples_per_cpu_s",
+            "s_per_step",
+            "peak_rss_mb",
+            "completion_tokens",
+            "setup_s",
+        )
         rows.append([arm, len(runs), *(median_of(runs, k) for k in keys), *ratios])
     return rows
 
 
 def _phase_rows(results: dict[str, list[dict]], arms: list[str]) -> list[list]:
-    """Median seconds per phase and arm; the last column is the first arm over the second (new / old)."""
+    """Median seconds per phase and arm; with two arms or more, the first arm over the second (new / old):
+    the ratio of medians and the range of per-repetition ratios."""
     rows = []
     for phase in PHASES:
-        medians = [median_of([{"v": r["phases"].get(phase)} for r in results[a]], "v") for a in arms]
+        per_arm = [[{"v": r["phases"].get(phase)} for r in results[a]] for a in arms]
+        medians = [median_of(runs, "v") for runs in per_arm]
         if all(m != m for m in medians):  # nan everywhere: a phase no arm has
             continue
-        if len(arms) == 1:
-            rows.append([phase, *medians])
-            continue
-        ratio = medians[0] / medians[1] if medians[1] and medians[1] == medians[1] else ""
-        rows.append([phase, *medians, ratio])
+        ratio: list = []
+        if len(arms) > 1:
+            pairs = [(a["v"], b["v"]) for a, b in zip(*per_arm[:2]) if a["v"] is not None and b["v"]]
+            ratio = ["", ""]
+            if pairs:
+                per_rep = [a / b for a, b in pairs]
+                ratio = [medians[0] / medians[1], f"{min(per_rep):.2f}-{max(per_rep):.2f}"]
+        rows.append([phase, *medians, *ratio])
     return rows
 
 
@@ -199,13 +219,23 @@ def parent_main(args: argparse.Namespace) -> None:
         f"not timed) lr={args.lr} kl_coef={args.kl_coef} lora={args.lora} threads={args.threads} "
         f"repeats={args.repeats}; prompt tokens per sample (both): {prompt_tokens:.1f}"
     )
-    header = ["framework", "runs", "samples/s", "s/step", "peak RSS MB", "completion tokens/sample",
-              "setup s", "samples/s vs TRL", "RSS vs TRL"]  # fmt: skip
-    print(markdown_table(header, _summary_rows(results)))
     labels = [label for label, _, _ in arms]
+    baseline = "trl" if "trl" in results else labels[-1]
+    header = ["framework", "runs", "samples/s", "samples per CPU s", "s/step", "peak RSS MB",
+              "completion tokens/sample", "setup s", f"samples/s vs {baseline}", "per-rep range",
+              f"per CPU s vs {baseline}", "per-rep range", f"RSS vs {baseline}"]  # fmt: skip
+    print(markdown_table(header, _summary_rows(results, baseline)))
+    for label in labels[1:]:
+        if label.startswith("distalign@"):
+            speed, spread = _ratio(results["distalign"], results[label], "samples_per_s")
+            work, work_spread = _ratio(results["distalign"], results[label], "samples_per_cpu_s")
+            print(
+                f"distalign vs {label}: samples/s x{speed:.2f} (per-repetition {spread}), samples per CPU "
+                f"second x{work:.2f} (per-repetition {work_spread})"
+            )
     print("\nmedian seconds per step and phase (TRL: sample = generate, score_reference = its no-grad "
           "passes, old policy + reference):")  # fmt: skip
-    ratio = [f"{labels[0]} / {labels[1]}"] if len(labels) > 1 else []
+    ratio = [f"{labels[0]} / {labels[1]}", "per-rep range"] if len(labels) > 1 else []
     print(markdown_table(["phase", *labels, *ratio], _phase_rows(results, labels)))
     print(environment_note(args.threads))
 

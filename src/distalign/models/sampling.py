@@ -373,7 +373,7 @@ def _score_batch(
         logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False, **extra)
         logits = logits.logits[:, -(width + 1) : -1]  # the positions predicting each completion token
     logits = logits.float()
-    token_logps = logits.gather(-1, completions[..., None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    token_logps = torch.log_softmax(logits, dim=-1).gather(-1, completions[..., None]).squeeze(-1)
     return torch.where(completion_mask.bool(), token_logps, 0.0).double().sum(-1).cpu()
 
 
