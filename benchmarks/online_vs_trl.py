@@ -12,10 +12,10 @@ reference is the base with adapters off in both). Each run is a fresh subprocess
 within every repetition and reverse order every other one; tables report medians over repetitions.
 
 samples/s = prompts_per_step x samples_per_prompt / (mean step wall time) over the steps after
-``--warmup``; samples per CPU s uses the worker process's CPU time instead (one intra-op thread: the work
-done, less sensitive to other jobs on a shared machine than wall time). Phases: distalign's own ``time/<phase>`` metrics; TRL's are measured by wrapping its
-generation, no-grad log-prob passes (old policy + reference) and reward calls in the worker (the rest of
-the step is reported as "update").
+``--warmup``; samples per CPU s uses the worker process's CPU time instead (one intra-op thread: the
+work done, less sensitive to other jobs on a shared machine than wall time). Phases: distalign's own
+``time/<phase>`` metrics; TRL's are measured by wrapping its generation, no-grad log-prob passes (old
+policy + reference) and reward calls in the worker (the rest of the step is reported as "update").
 
 ``--revisions REV ...`` adds arms running distalign as it was at those git revisions (``git archive`` of
 ``src/`` on ``PYTHONPATH``), for before/after comparisons in the same run (a revision needs the
@@ -23,9 +23,11 @@ the step is reported as "update").
 
     python benchmarks/online_vs_trl.py --quick                          # tiny model, ~2 minutes
     python benchmarks/online_vs_trl.py --model tiny --revisions c0347b1  # before/after + TRL, tiny model
-    python benchmarks/online_vs_trl.py --no-trl --revisions c0347b1 --distalign-set online.proposal=offline
-    # to run on a quiet machine (SmolLM2-135M-Instruct, LoRA r=16 as configs/rloo_sentiment.yaml):
-    python benchmarks/online_vs_trl.py --model smollm2 --threads 2
+    python benchmarks/online_vs_trl.py --no-trl --revisions c0347b1 --distalign-set online.method=fdpg \
+        online.reward=null 'online.target={scorers: [{kind: constraint, feature: {name: regex, pattern: s}}]}' \
+        online.proposal=offline                                         # off-policy f-DPG, before/after
+    # to run on a quiet machine (not run yet; SmolLM2-135M-Instruct, LoRA r=16 as configs/rloo_sentiment.yaml):
+    python benchmarks/online_vs_trl.py --model smollm2 --threads 2 --revisions c0347b1
 """
 
 from __future__ import annotations

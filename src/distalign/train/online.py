@@ -63,7 +63,7 @@ from distalign.train.online_update import (
     update_forward_scores_policy,
 )
 from distalign.train.setup import load_policy, save_final, wrap_for_training
-from distalign.train.timing import PhaseTimer
+from distalign.train.timing import PhaseTimer, slowest_process
 
 #: Phases of a step, logged as ``time/<phase>`` (seconds, the slowest process's): drawing the samples
 #: (log q comes with them), log a under the base, a separate no-grad pass for log pi (off-policy only),
@@ -397,15 +397,6 @@ class OnlineRun:
 
     def evaluates_at(self, step: int, total_steps: int) -> bool:
         return bool(self.cfg.eval_every) and (step % self.cfg.eval_every == 0 or step == total_steps)
-
-
-def slowest_process(engine: Engine, seconds: dict[str, float]) -> dict[str, float]:
-    """Per key, the largest value over the processes (every process passes the same keys, in order):
-    a step's phase takes as long as its slowest process, which the others wait for at the next gather."""
-    if engine.world_size == 1:
-        return seconds
-    values = gather(engine, torch.tensor(list(seconds.values()), dtype=torch.float64))
-    return dict(zip(seconds, values.view(engine.world_size, -1).amax(dim=0).tolist()))
 
 
 def train_online(config: RunConfig, *, stop_after_step: int | None = None) -> Path:

@@ -14,6 +14,8 @@ from contextlib import contextmanager
 
 import torch
 
+from distalign.train.engine import Engine
+
 
 class PhaseTimer:
     """Accumulates seconds per named phase; ``with timer("sample"): ...`` adds that block's wall time.
@@ -48,3 +50,14 @@ class PhaseTimer:
     def metrics(self, prefix: str = "time/") -> dict[str, float]:
         """``{prefix + phase: seconds}`` of the current step."""
         return {prefix + phase: seconds for phase, seconds in self.seconds.items()}
+
+
+def slowest_process(engine: Engine, seconds: dict[str, float]) -> dict[str, float]:
+    """Per key, the largest value over the processes (every process passes the same keys, in order):
+    a step's phase takes as long as its slowest process, which the others wait for at the next gather."""
+    if engine.world_size == 1:
+        return seconds
+    values = engine.gather_varlen(
+        torch.tensor(list(seconds.values()), dtype=torch.float64, device=engine.device)
+    )
+    return dict(zip(seconds, values.cpu().view(engine.world_size, -1).amax(dim=0).tolist()))
