@@ -4,7 +4,9 @@
 
 Writes the report of the runs into a temporary directory, then ``report_top.png`` (the top of the page,
 1300 x 2400) and ``report_generations.png`` (the example generations, cut to 1120 px high) into --out.
-The docs' pictures come from two tiny runs:
+The docs' pictures come from four runs of the SmolLM2 UPO sweep (``distalign sweep
+configs/sweeps/upo_smollm2.yaml``): ``runs/upo/sweep/{dpo,dpo_relabel,modpo,upo-lambda_aux=1.0}``. Two tiny
+runs give a quick check of the layout:
 
     distalign train configs/quickstart.yaml train.max_steps=8 train.log_every=1 output_dir=/tmp/shots/dpo
     distalign train configs/quickstart.yaml train.max_steps=40 train.log_every=2 loss.name=ipo \\

@@ -18,7 +18,7 @@ from distalign.eval.metrics import Estimate
 CSS = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1150px; padding: 0 1em; color: #222; }
 h1 { border-bottom: 2px solid #ccc; } h2 { margin-top: 2em; border-bottom: 1px solid #ddd; }
-table { border-collapse: collapse; margin: 0.8em 0; font-size: 0.92em; }
+table { border-collapse: collapse; margin: 0.8em 0; font-size: 0.92em; display: block; max-width: 100%; overflow-x: auto; }
 .wide { overflow-x: auto; } th, td { border: 1px solid #ccc; padding: 3px 7px; text-align: left; vertical-align: top; }
 th { background: #f2f2f2; }
 img { max-width: 100%; margin: 0.5em 0; border: 1px solid #eee; } .note { color: #a33; }
