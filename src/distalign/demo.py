@@ -60,7 +60,7 @@ class DemoSettings:
     seed: int = 0
 
 
-# Sized to finish well under 10 minutes on 2 CPU cores (5 min 50 s measured on a quiet machine);
+# Sized to finish well under 10 minutes on 2 CPU cores (7 min 0 s measured from a fresh clone);
 # docs/demo.md has the measurement and the choices.
 SMOLLM2 = DemoSettings(
     model="smollm2",
@@ -114,11 +114,11 @@ class MeasuredTimes:
 
 #: The measurements each preset's estimate is based on (keyed by ``DemoSettings.model``).
 MEASURED = {
-    # SmolLM2, quiet 2-core machine: 5 min 50 s wall in all (with interpreter start-up), 8.4 GB peak RSS.
+    # SmolLM2, 2-core machine, fresh clone: 7 min 0 s wall in all (419 s), 8.0 GB peak RSS.
     "smollm2": MeasuredTimes(
-        {"load": 0.5, "data": 55, "train_dpo": 102, "train_aot": 102, "eval": 83, "report": 1.4},
+        {"load": 3.1, "data": 51.2, "train_dpo": 150.6, "train_aot": 115.7, "eval": 95.2, "report": 3.5},
         steps=8,
-        peak_memory_gb=8.4,
+        peak_memory_gb=8.0,
     ),
     # Tiny model, CPU seconds per phase (a busy 2-core machine's wall time was twice that).
     "tiny": MeasuredTimes(
