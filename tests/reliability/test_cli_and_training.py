@@ -264,16 +264,16 @@ def test_a_learning_run_counts_no_stall(tmp_path, capsys):
 
 
 def test_online_nan_loss_stops_before_the_update(tmp_path, capsys, monkeypatch):
-    import distalign.train.online as online
+    import distalign.train.online_update as online_update  # where the online update computes its loss
 
-    real = online.fdpg_policy_gradient_loss
+    real = online_update.fdpg_policy_gradient_loss
 
     def nan_loss(*args, **kwargs):
         result = real(*args, **kwargs)
         result.loss = result.loss * float("nan")
         return result
 
-    monkeypatch.setattr(online, "fdpg_policy_gradient_loss", nan_loss)
+    monkeypatch.setattr(online_update, "fdpg_policy_gradient_loss", nan_loss)
     config = _online_config(
         tmp_path, target={"scorers": [{"kind": "constraint", "feature": {"name": "regex", "pattern": "e"}}]}
     )
