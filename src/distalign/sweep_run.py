@@ -67,15 +67,16 @@ def eval_fingerprint(config: RunConfig) -> dict[str, Any]:
     }
 
 
-#: Files of final/ rewritten by an evaluation (the model card shows its numbers), not by training.
-_EVAL_WRITTEN = ("README.md",)
+#: Files of final/ rewritten by an evaluation (the model cards, final/README.md and, for LoRA,
+#: final/adapter/README.md, show its numbers), not by training.
+_EVAL_WRITTEN = ("README.md", "adapter/README.md")
 
 
 def _newest_mtime(path: Path) -> int:
     stamps = [
         p.stat().st_mtime_ns
         for p in path.rglob("*")
-        if p.is_file() and not (p.parent == path and p.name in _EVAL_WRITTEN)
+        if p.is_file() and p.relative_to(path).as_posix() not in _EVAL_WRITTEN
     ]
     return max(stamps, default=path.stat().st_mtime_ns)
 

@@ -206,6 +206,12 @@ def test_eval_is_current_only_if_newer_than_final_and_made_with_the_same_setting
     result.settings[SWEEP_EVAL_KEY] = eval_fingerprint(run.config)
     eval_json = result.save(run.path / "eval" / "eval.json")
     assert eval_is_current(run.path, run.config)
+    later = eval_json.stat().st_mtime_ns + 10**9
+    for card in ("README.md", "adapter/README.md"):  # model cards the evaluation itself refreshes
+        (run.path / "final" / card).parent.mkdir(exist_ok=True)
+        (run.path / "final" / card).write_text("card")
+        os.utime(run.path / "final" / card, ns=(later, later))
+    assert eval_is_current(run.path, run.config)
     other = load_sweep(tmp_path / "c.yaml", ["eval.seed=5"]).runs[0]
     assert not eval_is_current(run.path, other.config)
     stamp = eval_json.stat().st_mtime_ns
