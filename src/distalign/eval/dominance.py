@@ -102,6 +102,36 @@ def dominance_metrics(
     }
 
 
+def draw_quantile_curves(
+    axes,
+    u: ArrayLike,
+    v: ArrayLike,
+    *,
+    labels: tuple[str, str] = ("positives", "negatives"),
+    colors: tuple[str, str] = ("tab:blue", "tab:red"),
+    shade: str | None = None,
+) -> None:
+    """Draw ``Q_U(t)`` and ``Q_V(t)`` on matplotlib ``axes`` as step curves over the merged quantile
+    grid, and one shaded rectangle (``shade``, default V's colour) per grid interval where U's curve is
+    below V's, labelled with the violated share of t."""
+    t, q_u, q_v = (x.numpy() for x in quantile_curves(u, v))
+    edges = np.concatenate([[0.0], t])
+    axes.stairs(q_u, edges, label=labels[0], baseline=None, linewidth=2.0, color=colors[0])
+    axes.stairs(q_v, edges, label=labels[1], baseline=None, linewidth=2.0, color=colors[1])
+    violated = q_u < q_v
+    axes.bar(
+        edges[:-1][violated],
+        (q_v - q_u)[violated],
+        width=np.diff(edges)[violated],
+        bottom=q_u[violated],
+        align="edge",
+        color=shade or colors[1],
+        alpha=0.25,
+        linewidth=0,
+        label=f"dominance violated ({quantile_violation_rate(u, v):.1%} of t)",
+    )
+
+
 def plot_quantile_curves(
     u: ArrayLike,
     v: ArrayLike,
@@ -127,26 +157,10 @@ def plot_quantile_curves(
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    t, q_u, q_v = (x.numpy() for x in quantile_curves(u, v))
-    edges = np.concatenate([[0.0], t])
     figure = Figure(figsize=(6.0, 4.0), dpi=110)
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
-    axes.stairs(q_u, edges, label=labels[0], baseline=None, linewidth=2.0, color="tab:blue")
-    axes.stairs(q_v, edges, label=labels[1], baseline=None, linewidth=2.0, color="tab:red")
-    # One rectangle per violated grid interval, spanning the gap between the two curves.
-    violated = q_u < q_v
-    axes.bar(
-        edges[:-1][violated],
-        (q_v - q_u)[violated],
-        width=np.diff(edges)[violated],
-        bottom=q_u[violated],
-        align="edge",
-        color="tab:red",
-        alpha=0.25,
-        linewidth=0,
-        label=f"dominance violated ({quantile_violation_rate(u, v):.1%} of t)",
-    )
+    draw_quantile_curves(axes, u, v, labels=labels)
     axes.set_xlim(0.0, 1.0)
     axes.set_xlabel("quantile level t")
     axes.set_ylabel(ylabel)

@@ -499,28 +499,17 @@ def plot_policy_vs_reference(
     (:func:`distalign.eval.dominance.quantile_curves`; where the policy's is below, dominance is
     violated, shaded) and their histograms; the policy in ``color``, the reference in
     :data:`REFERENCE_COLOR`, legends outside the axes."""
-    from distalign.eval.dominance import quantile_curves
+    from distalign.eval.dominance import draw_quantile_curves
 
-    t, q_policy, q_reference = (x.numpy() for x in quantile_curves(policy, reference))
-    edges = np.concatenate([[0.0], t])
     fig = Figure(figsize=(11.0, 3.8))
     quantiles, histogram = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
-    quantiles.stairs(q_policy, edges, baseline=None, linewidth=2.0, color=color, label=label)
-    quantiles.stairs(
-        q_reference, edges, baseline=None, linewidth=2.0, color=REFERENCE_COLOR, label="reference"
-    )
-    # Shade the gap where the policy's quantile is below the reference's (zero height elsewhere).
-    below = np.where(q_policy < q_reference, q_reference, q_policy)
-    share = float(np.diff(edges)[q_policy < q_reference].sum())
-    quantiles.fill_between(
-        edges,
-        np.append(q_policy, q_policy[-1]),
-        np.append(below, below[-1]),
-        step="post",
-        color=color,
-        alpha=0.2,
-        linewidth=0,
-        label=f"policy below ({share:.0%} of levels)",
+    draw_quantile_curves(
+        quantiles,
+        policy,
+        reference,
+        labels=(label, "reference"),
+        colors=(color, REFERENCE_COLOR),
+        shade=color,
     )
     quantiles.set_xlim(0.0, 1.0)
     quantiles.set_xlabel("quantile level")
