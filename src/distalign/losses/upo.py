@@ -117,6 +117,7 @@ class DesignerTerms:
     aux: torch.Tensor
     value: torch.Tensor
     metrics: dict[str, torch.Tensor]
+    combined: torch.Tensor  # lambda_aux * aux + value_weight * value, per response
 
 
 def designer_terms(
@@ -125,19 +126,24 @@ def designer_terms(
     designer_rewards: torch.Tensor,
     values: torch.Tensor,
     *,
+    lambda_aux: float,
+    value_weight: float,
     advantage_temperature: float,
     expectile: float,
     weight_clip: float | None,
     normalize_weights: bool,
-    likelihood: Likelihood,
+    aux_likelihood: Likelihood,
 ) -> DesignerTerms:
-    """``-w log pi(y|x)`` and ``|tau - 1(u<0)| u^2`` for M responses with rewards ``r_aux`` and values ``V(x)``.
+    """``-w log pi(y|x)`` and ``|tau - 1(u<0)| u^2`` for M responses with rewards ``r_aux`` and values
+    ``V(x)``, and ``lambda_aux`` x the first + ``value_weight`` x the second (UPO's designer side).
 
-    ``likelihood``: "sequence" uses the summed log-prob (the paper's ``log pi(y|x)``), "token_mean"
+    ``aux_likelihood``: "sequence" uses the summed log-prob (the paper's ``log pi(y|x)``), "token_mean"
     divides it by the completion length so long responses do not dominate.
     """
-    if likelihood not in ("sequence", "token_mean"):
-        raise ValueError(f"aux_likelihood must be 'sequence' or 'token_mean', got {likelihood!r}")
+    if lambda_aux < 0 or value_weight < 0:
+        raise ValueError(f"lambda_aux and value_weight must be >= 0, got {lambda_aux=}, {value_weight=}")
+    if aux_likelihood not in ("sequence", "token_mean"):
+        raise ValueError(f"aux_likelihood must be 'sequence' or 'token_mean', got {aux_likelihood!r}")
     rewards = designer_rewards.to(logps.dtype)
     if not bool(torch.isfinite(rewards).all()):
         raise ValueError(
@@ -148,7 +154,7 @@ def designer_terms(
     weighted = advantage_weights(
         residuals, temperature=advantage_temperature, clip=weight_clip, normalize=normalize_weights
     )
-    loglik = logps if likelihood == "sequence" else token_mean_logps(logps, lengths)
+    loglik = logps if aux_likelihood == "sequence" else token_mean_logps(logps, lengths)
     aux = -weighted.weights * loglik
     value = expectile_loss(residuals, expectile)
     with torch.no_grad():
@@ -162,7 +168,7 @@ def designer_terms(
             "upo/clipped_fraction": weighted.clipped_fraction,
             "upo/weight_ess": weighted.effective_sample_size.float(),
         }
-    return DesignerTerms(aux, value, metrics)
+    return DesignerTerms(aux, value, metrics, lambda_aux * aux + value_weight * value)
 
 
 def _signal(stats: PairedStats | UnpairedStats, name: str, loss_name: str) -> torch.Tensor:
@@ -206,8 +212,6 @@ def upo_per_example(
     ``normalize_weights`` divides ``w`` by its mean over the optimizer batch (then the loss is
     batch-coupled, and the loop makes it exact over the global batch).
     """
-    if lambda_aux < 0 or value_weight < 0:
-        raise ValueError(f"lambda_aux and value_weight must be >= 0, got {lambda_aux=}, {value_weight=}")
     chosen, rejected = paired_inputs(stats, "upo", "logratios")
     preference = dpo_loss(chosen, rejected, beta=beta)
     value = _value_head(stats, "upo")
@@ -216,16 +220,16 @@ def upo_per_example(
         torch.cat([stats.chosen_lengths, stats.rejected_lengths]),
         torch.cat([_signal(stats, CHOSEN_DESIGNER, "upo"), _signal(stats, REJECTED_DESIGNER, "upo")]),
         torch.cat([value, value]),
+        lambda_aux=lambda_aux,
+        value_weight=value_weight,
         advantage_temperature=advantage_temperature,
         expectile=expectile,
         weight_clip=weight_clip,
         normalize_weights=normalize_weights,
-        likelihood=aux_likelihood,
+        aux_likelihood=aux_likelihood,
     )
     n = len(stats)
-    aux = 0.5 * (terms.aux[:n] + terms.aux[n:])
-    value_loss = 0.5 * (terms.value[:n] + terms.value[n:])
-    losses = preference + lambda_aux * aux + value_weight * value_loss
+    losses = preference + 0.5 * (terms.combined[:n] + terms.combined[n:])  # a pair's responses: 1/2 each
     metrics = preference_metrics(
         chosen, rejected, beta, stats.policy_chosen_logps, stats.policy_rejected_logps
     )
@@ -259,8 +263,6 @@ def upo_kto_per_example(
 ) -> PerExampleLosses:
     """UPO per row on unpaired data: KTO (batch KL anchor, hence batch-coupled) + ``lambda_aux`` x
     advantage-weighted NLL of the row's response (desirable or not) + the value loss."""
-    if lambda_aux < 0 or value_weight < 0:
-        raise ValueError(f"lambda_aux and value_weight must be >= 0, got {lambda_aux=}, {value_weight=}")
     kto = kto_per_example(
         stats, beta=beta, desirable_weight=desirable_weight, undesirable_weight=undesirable_weight
     )
@@ -269,13 +271,15 @@ def upo_kto_per_example(
         stats.lengths,
         _signal(stats, UNPAIRED_DESIGNER, "upo_kto"),
         _value_head(stats, "upo_kto"),
+        lambda_aux=lambda_aux,
+        value_weight=value_weight,
         advantage_temperature=advantage_temperature,
         expectile=expectile,
         weight_clip=weight_clip,
         normalize_weights=normalize_weights,
-        likelihood=aux_likelihood,
+        aux_likelihood=aux_likelihood,
     )
-    losses = kto.losses + lambda_aux * terms.aux + value_weight * terms.value
+    losses = kto.losses + terms.combined
     metrics = {**kto.metrics, "upo/preference_loss": kto.losses.detach().float().mean(), **terms.metrics}
     return PerExampleLosses(losses, {**metrics, **_designer_means(stats)})
 
