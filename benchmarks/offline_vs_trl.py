@@ -299,6 +299,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--result", help=argparse.SUPPRESS)
     parser.add_argument("--scratch", help=argparse.SUPPRESS)
     parser.add_argument("--fixes", default="", help=argparse.SUPPRESS)
+    # worker-only, set by gpu_step.py (this script's own runs are fp32, padded)
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help=argparse.SUPPRESS)
+    parser.add_argument("--packing", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker is None:
         preset = dict(PRESETS[args.model])

@@ -25,7 +25,20 @@ class StepClock:
         self.stamps: list[tuple[float, float]] = []
 
     def tick(self) -> None:
+        import torch
+
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.synchronize()  # a step ends when its kernels have, not when they are queued
         self.stamps.append((time.perf_counter(), time.process_time()))
+
+
+def _peak_gpu_mb() -> float | None:
+    """Peak memory held by tensors on the GPU in this process (None on CPU)."""
+    import torch
+
+    if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+        return None
+    return torch.cuda.max_memory_allocated() / 2**20
 
 
 def _distalign_worker(args: argparse.Namespace) -> dict:
@@ -51,7 +64,9 @@ def _distalign_worker(args: argparse.Namespace) -> dict:
         f"train.lr={args.lr}",
         "train.scheduler=constant",
         "train.warmup_ratio=0.0",
-        "train.mixed_precision='no'",  # quoted: YAML reads a bare no as false
+        # quoted: YAML reads a bare no as false. bf16 = autocast over float32 weights, as TRL's bf16=True
+        f"train.mixed_precision='{'bf16' if args.precision == 'bf16' else 'no'}'",
+        f"data.packing={'true' if args.packing else 'false'}",
         "train.log_every=1",  # the default; one record per step gives per-step wall times
     ]
     imported_rss = current_rss_mb()
@@ -73,12 +88,14 @@ def _distalign_worker(args: argparse.Namespace) -> dict:
     return {
         "stamps": clock.stamps,
         "peak_rss_mb": peak,
+        "peak_gpu_mb": _peak_gpu_mb(),
         "rss_after_imports_mb": imported_rss,
         "tokens_per_pair": statistics.mean(step_tokens) / args.batch,
     }
 
 
 def _trl_worker(args: argparse.Namespace) -> dict:
+    import torch
     from datasets import Dataset
     from transformers import AutoTokenizer, TrainerCallback
     from trl import DPOConfig, DPOTrainer
@@ -93,7 +110,8 @@ def _trl_worker(args: argparse.Namespace) -> dict:
     rows = [{k: row[k] for k in ("prompt", "chosen", "rejected")} for row in rows]
     imported_rss = current_rss_mb()
     equal_footing = {
-        "optim": "adamw_torch",  # torch.optim.AdamW as in distalign (TRL's default is the fused variant)
+        # fused torch.optim.AdamW, as distalign's engine builds it (train/engine.py::build_adamw)
+        "optim": "adamw_torch_fused",
         "gradient_checkpointing": False,  # TRL's default is True; distalign's is False
         "precompute_ref_log_probs": args.setting == "precomputed",
     }
@@ -110,9 +128,9 @@ def _trl_worker(args: argparse.Namespace) -> dict:
         beta=0.1,
         loss_type=["sigmoid"],
         max_length=args.max_length,
-        bf16=False,  # TRL defaults to bf16 autocast; both run fp32 here
+        bf16=args.precision == "bf16",  # autocast over float32 weights (model_init_kwargs below)
         fp16=False,
-        use_cpu=True,
+        use_cpu=not torch.cuda.is_available(),
         model_init_kwargs={"dtype": "float32"},
         report_to="none",
         save_strategy="no",
@@ -133,6 +151,7 @@ def _trl_worker(args: argparse.Namespace) -> dict:
     )
     trainer.train()
     peak = peak_rss_mb()
+    peak_gpu = _peak_gpu_mb()
     data = trainer.train_dataset
     tokens = [
         2 * len(p) + len(c) + len(r)
@@ -141,6 +160,7 @@ def _trl_worker(args: argparse.Namespace) -> dict:
     return {
         "stamps": clock.stamps,
         "peak_rss_mb": peak,
+        "peak_gpu_mb": peak_gpu,
         "rss_after_imports_mb": imported_rss,
         "tokens_per_pair": statistics.mean(tokens),
     }
