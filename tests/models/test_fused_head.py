@@ -109,3 +109,49 @@ def test_empty_input_gives_an_empty_result():
     features, head, targets = _inputs()
     out = fused_head_logprobs(features[:0], head, targets[:0], None, 4)
     assert out.shape == (0,)
+
+
+def _matmul_dtypes_in_backward(loss: torch.Tensor) -> list[torch.dtype]:
+    """The input dtypes of every matrix product run by ``loss.backward()``."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    matmuls = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.addmm_.default}
+    seen: list[torch.dtype] = []
+
+    class RecordMatmuls(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in matmuls:
+                seen.extend(a.dtype for a in args if isinstance(a, torch.Tensor) and a.dim() == 2)
+            return func(*args, **(kwargs or {}))
+
+    with RecordMatmuls():
+        loss.backward()
+    return seen
+
+
+def test_under_autocast_the_gradient_matmuls_run_in_the_autocast_dtype_like_autograd():
+    """float32 weights under bf16 autocast (mixed-precision training): backward's matmuls run in bf16,
+    as autograd's backward of the autocast linear does (float32 ones take a GPU's slow path), and the
+    gradients match autograd's through the autocast head to bf16 precision, in float32."""
+    features, head, targets = _inputs(dtype=torch.float32)
+    features.requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused = fused_head_logprobs(features, head, targets, None, 4)
+        naive = _naive(features, head, targets, None)
+    torch.testing.assert_close(fused, naive.float(), rtol=1e-5, atol=1e-5)
+    dtypes = _matmul_dtypes_in_backward(fused.sum())
+    assert dtypes and set(dtypes) == {torch.bfloat16}
+    got = [t.grad.clone() for t in (features, head.weight, head.bias)]
+    for t in (features, head.weight, head.bias):
+        t.grad = None
+    naive.float().sum().backward()
+    for mine, autograds in zip(got, (features.grad, head.weight.grad, head.bias.grad)):
+        assert mine.dtype == torch.float32
+        torch.testing.assert_close(mine, autograds, rtol=2e-2, atol=2e-2)
+
+
+def test_without_autocast_float32_gradients_stay_float32():
+    features, head, targets = _inputs(dtype=torch.float32)
+    assert set(_matmul_dtypes_in_backward(fused_head_logprobs(features, head, targets, None, 4).sum())) == {
+        torch.float32
+    }

@@ -29,6 +29,7 @@ from distalign.losses.base import (
     stats_fields,
     stats_from_fields,
 )
+from distalign.models.attention import without_cudnn_attention
 from distalign.models.logprobs import batch_logprobs
 from distalign.train.batching import BatchPlan, split_for_process
 from distalign.train.coupling import (
@@ -215,6 +216,7 @@ def _mean_over_micro_batches(engine: Engine, objective, detached: list[Stats]) -
     return LossResult(torch.tensor(loss), metrics)
 
 
+@without_cudnn_attention
 def train_offline(config: RunConfig, *, stop_after_step: int | None = None) -> Path:
     """Train with an offline loss; returns the run directory. Resumes from the newest checkpoint in
     ``output_dir`` when there is one. ``stop_after_step`` interrupts the run (used to test resume)."""

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from distalign.config import RunConfig
 from distalign.errors import NonFiniteLossError, SetupError, TrainingStoppedError
 from distalign.eval.metrics import distinct_n
+from distalign.models.attention import without_cudnn_attention
 from distalign.models.sampling import score_completions
 from distalign.targets import ProposalRefreshRule, estimate_divergence, importance_weighted_mean
 from distalign.train.batching import BatchPlan
@@ -399,6 +400,7 @@ class OnlineRun:
         return bool(self.cfg.eval_every) and (step % self.cfg.eval_every == 0 or step == total_steps)
 
 
+@without_cudnn_attention
 def train_online(config: RunConfig, *, stop_after_step: int | None = None) -> Path:
     """Train with the online loop (``config.online``); returns the run directory. Resumes from the newest
     checkpoint in ``output_dir`` when there is one; ``stop_after_step`` interrupts the run (for tests)."""
