@@ -6,8 +6,11 @@ vLLM the option fails with the install hint and nothing else changes."""
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,7 +23,7 @@ from distalign.models.sampling import sample_completions
 from distalign.models.vllm_engine import EngineSample, GenerationRequest
 from distalign.testing.runs import read_metrics
 from distalign.train.online import OnlineRun, train_online
-from distalign.train.online_samplers import EngineSampler
+from distalign.train.online_samplers import EngineSampler, build_sampler
 from distalign.train.online_setup import LoopState, PromptSet
 
 RLOO = {"method": "rloo", "target": None, "reward": {"name": "regex", "pattern": "s"}, "kl_coef": 0.05}
@@ -194,27 +197,32 @@ def _record_steps(monkeypatch) -> tuple[list, list]:
 
 
 @pytest.mark.parametrize(
-    "online",
+    ("online", "micro_batch_size"),
     [
-        {},
-        {"proposal": "offline", "refresh_min_ess_fraction": 0.9, "max_importance_weight": None},
-        RLOO,
+        ({}, 16),
+        ({}, 32),  # log pi (= log q) from the update's own forward, no scoring pass
+        ({"proposal": "offline", "refresh_min_ess_fraction": 0.9, "max_importance_weight": None}, 16),
+        (RLOO, 16),
     ],
-    ids=["fdpg_on_policy", "fdpg_offline", "rloo"],
+    ids=["fdpg_on_policy", "fdpg_on_policy_update_forward", "fdpg_offline", "rloo"],
 )
 def test_ratios_and_signal_equal_those_of_hf_sampling_on_the_same_token_ids(
-    tmp_path, online_config, monkeypatch, online
+    tmp_path, online_config, monkeypatch, online, micro_batch_size
 ):
     rollouts, signals = _record_steps(monkeypatch)
-    train = {"max_steps": 3}
+    train = {"max_steps": 3, "micro_batch_size": micro_batch_size}
     train_online(online_config(tmp_path / "hf", train=train, online=online))
     hf_rollouts, hf_signals = list(rollouts), list(signals)
     rollouts.clear(), signals.clear()
     replay = ReplayEngine([r.completion_ids for r in hf_rollouts])
-    train_online(
-        online_config(tmp_path / "vllm", train=train, online={**online, "sampler": "vllm"}),
-        generation_engine=replay,
+    records = read_metrics(
+        train_online(
+            online_config(tmp_path / "vllm", train=train, online={**online, "sampler": "vllm"}),
+            generation_engine=replay,
+        )
     )
+    fused = micro_batch_size == 32
+    assert all((r["time/score_policy"] == 0.0) == fused for r in records)
     assert [r.completion_ids for r in rollouts] == [r.completion_ids for r in hf_rollouts]
     assert [bool(e) for r in rollouts for e in r.ended_with_eos] == [
         bool(e) for r in hf_rollouts for e in r.ended_with_eos
@@ -289,6 +297,37 @@ def test_without_vllm_the_option_names_the_install_and_everything_else_works(
         train_online(online_config(tmp_path / "vllm", train={"max_steps": 1}, online={"sampler": "vllm"}))
     records = read_metrics(train_online(online_config(tmp_path / "hf", train={"max_steps": 1})))
     assert records[0]["step"] == 1 and "sampler/weight_pushes" not in records[0]
+
+
+def test_vllm_with_several_processes_is_refused(online_config, tmp_path):
+    config = online_config(tmp_path, online={"sampler": "vllm"})
+    two_processes = types.SimpleNamespace(world_size=2, device=torch.device("cpu"))
+    with pytest.raises(SetupError, match="online.sampler=vllm runs one engine in this process"):
+        build_sampler(config, two_processes, None, _tokenizer(), CpuEngine(_tokenizer()))
+
+
+#: `distalign train` in a fresh interpreter in which `import vllm` fails, whether or not it is installed.
+WITHOUT_VLLM = "import sys; sys.modules['vllm'] = None; from distalign.cli import main; sys.exit(main())"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["online.vllm.top_k=50"], "online.vllm.top_k=50 is refused"),
+        ([], "pip install 'distalign[vllm]'"),
+    ],
+    ids=["truncation", "no_vllm"],
+)
+def test_the_cli_exits_2_naming_the_option(tmp_path, overrides, message):
+    args = ["train", "configs/fdpg_tiny.yaml", "online.sampler=vllm", *overrides, f"output_dir={tmp_path}"]
+    done = subprocess.run(
+        [sys.executable, "-c", WITHOUT_VLLM, *args],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).parents[2],
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
+    assert done.returncode == 2 and message in done.stderr, done.stderr
 
 
 def test_vllm_without_a_cuda_gpu_is_refused(tmp_path, online_config, monkeypatch):

@@ -102,6 +102,8 @@ class OnlineRun:
                 f"online.eval_every ({cfg.eval_every}) must be a multiple of train.log_every "
                 f"({config.train.log_every}) so every evaluation is logged"
             )
+        # First: a missing vLLM or GPU is reported before anything slow is loaded.
+        self.sampler = build_sampler(config, engine, policy, tokenizer, generation_engine)
         self.prompts = load_prompts(config, tokenizer, "train", engine)
         self.plan = BatchPlan(len(self.prompts), cfg.prompts_per_step, config.train.seed)
         self.target = build_target(config) if cfg.method == "fdpg" else None
@@ -113,7 +115,6 @@ class OnlineRun:
         self.state = LoopState(cfg.baseline_window, proposal)
         self.refresh_rule = ProposalRefreshRule(cfg.refresh_min_ess_fraction)
         self._update_scores_policy: bool | None = None
-        self.sampler = build_sampler(config, engine, policy, tokenizer, generation_engine)
         phases = STEP_PHASES + (("refresh",) if proposal is not None else ())
         if not self.sampler.returns_logprobs:
             phases += ENGINE_PHASES + (ENGINE_OFF_POLICY_PHASES if proposal is not None else ())
