@@ -19,8 +19,8 @@ from distalign.config import ConfigError, load_config
 from distalign.errors import SetupError
 from distalign.models.engine_weights import engine_weights
 from distalign.models.loading import LoraSettings, load_model_and_tokenizer
-from distalign.models.sampling import sample_completions
 from distalign.models.vllm_engine import EngineSample, GenerationRequest
+from distalign.testing.engines import CpuEngine
 from distalign.testing.runs import read_metrics
 from distalign.train.online import OnlineRun, train_online
 from distalign.train.online_samplers import EngineSampler, build_sampler
@@ -31,51 +31,6 @@ FDPG_CONFIG = [
     "online.method=fdpg",
     "online.target={scorers: [{kind: constraint, feature: {name: regex, pattern: s}}]}",
 ]
-
-
-class CpuEngine:
-    """The vLLM engine's interface on the CPU: a plain tiny model of its own, started with random weights
-    (as vLLM's dummy load), replaced by name on ``load_weights`` (an unknown name is an error, as in
-    vLLM), and seeded exact ancestral draws, with their log-probs, from whatever it holds."""
-
-    def __init__(self, tokenizer) -> None:
-        self.model, _ = load_model_and_tokenizer("tiny")
-        with torch.no_grad():
-            for param in self.model.parameters():
-                param.normal_(0.0, 0.5)
-        self.tokenizer = tokenizer
-        self.pushed_names: list[set[str]] = []
-        self.pushes_at_draw: list[int] = []
-
-    def load_weights(self, weights) -> None:
-        params = dict(self.model.named_parameters())
-        loaded = set()
-        with torch.no_grad():
-            for name, tensor in weights:
-                if name not in params:
-                    raise ValueError(f"There is no module or parameter named {name!r}")
-                params[name].copy_(tensor)
-                loaded.add(name)
-        self.pushed_names.append(loaded)
-
-    def generate(self, requests, *, max_new_tokens, stop_token_ids):
-        self.pushes_at_draw.append(len(self.pushed_names))
-        outputs = []
-        for request in requests:
-            drawn = sample_completions(
-                self.model,
-                self.tokenizer,
-                [""],
-                prompt_ids=[request.prompt_ids],
-                num_samples=request.num_samples,
-                max_new_tokens=max_new_tokens,
-                eos_token_ids=stop_token_ids,
-                generator=torch.Generator().manual_seed(request.seed),
-            )
-            outputs.append(
-                [EngineSample(ids, float(lp)) for ids, lp in zip(drawn.completion_ids, drawn.logprobs)]
-            )
-        return outputs
 
 
 class ReplayEngine:
@@ -95,6 +50,11 @@ class ReplayEngine:
 
 def _tokenizer():
     return load_model_and_tokenizer("tiny")[1]
+
+
+def _cpu_engine() -> CpuEngine:
+    """An engine for the tiny model, with random weights until the first push."""
+    return CpuEngine(*load_model_and_tokenizer("tiny"))
 
 
 def _max_difference(engine: CpuEngine, model: torch.nn.Module) -> float:
@@ -131,7 +91,7 @@ def test_on_policy_pushes_every_step_and_samples_from_the_current_policy(
 ):
     model = {"name": "tiny", "lora": {"enabled": lora, "target_modules": "all-linear"}}
     config = online_config(tmp_path, model=model, train={"max_steps": 3}, online={"sampler": "vllm"})
-    engine = CpuEngine(_tokenizer())
+    engine = _cpu_engine()
     records = read_metrics(train_online(config, generation_engine=engine))
     assert engine.pushes_at_draw == [1, 2, 3]  # one push before each step's draw
     every_name = {name for name, _ in engine.model.named_parameters()}
@@ -159,7 +119,7 @@ def test_off_policy_pushes_q_every_sync_every_steps_and_weights_use_the_stale_lo
         "max_importance_weight": None,
     }
     config = online_config(tmp_path, train={"max_steps": 5}, online=online)
-    engine = CpuEngine(_tokenizer())
+    engine = _cpu_engine()
     records = read_metrics(train_online(config, generation_engine=engine))
     assert engine.pushes_at_draw == [1, 1, 2, 2, 3]  # q refreshed at steps 2 and 4, pushed after
     assert [r["proposal/refreshes"] for r in records] == [0.0, 1.0, 1.0, 2.0, 2.0]
@@ -303,7 +263,7 @@ def test_vllm_with_several_processes_is_refused(online_config, tmp_path):
     config = online_config(tmp_path, online={"sampler": "vllm"})
     two_processes = types.SimpleNamespace(world_size=2, device=torch.device("cpu"))
     with pytest.raises(SetupError, match="online.sampler=vllm runs one engine in this process"):
-        build_sampler(config, two_processes, None, _tokenizer(), CpuEngine(_tokenizer()))
+        build_sampler(config, two_processes, None, _tokenizer(), _cpu_engine())
 
 
 #: `distalign train` in a fresh interpreter in which `import vllm` fails, whether or not it is installed.
