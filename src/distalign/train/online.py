@@ -2,7 +2,8 @@
 
 One step (``OnlineRun.run_step``), on one screen:
   1. sample: the plan gives the step's prompts; this process draws ``samples_per_prompt`` completions of
-     its share from q (the policy on-policy, a frozen proposal off-policy) with exact log q;
+     its share from q (the policy on-policy, a frozen proposal off-policy) with exact log q (a vLLM
+     engine holding q's weights draws token ids only, and log q is our own head's: online_samplers.py);
   2. score: log a under the base; f-DPG: log P = log a + the target's log-scores; RLOO: the reward r;
   3. gather every process's samples, then on the global batch (identically on every process): update
      the running log Z, pseudo-rewards R = -f'(pi/p) (f-DPG, fdpg.md) or R = r - beta (log pi - log a)
