@@ -90,6 +90,74 @@ class TargetConfig(_Section):
         return scorers
 
 
+#: vLLM sampling settings that change the distribution drawn from, with the value that leaves it alone
+#: (top_k: vLLM reads both 0 and -1 as "off"). The loop needs samples from the model itself, with the
+#: model's own log-probs: see VLLMConfig.
+DISTRIBUTION_CHANGING_SETTINGS: dict[str, tuple[float, ...]] = {
+    "top_p": (1.0,),
+    "top_k": (0, -1),
+    "min_p": (0.0,),
+    "temperature": (1.0,),
+    "repetition_penalty": (1.0,),
+    "presence_penalty": (0.0,),
+    "frequency_penalty": (0.0,),
+}
+
+
+class VLLMConfig(_Section):
+    """The vLLM sampler (``online.sampler: vllm``, extra ``distalign[vllm]``, one CUDA GPU).
+
+    vLLM only draws token ids. Every log-prob the estimator uses (log q of the draw, log pi, log a) is
+    computed by distalign's own exact head, so vLLM's log-probs (renormalised over the kept tokens
+    under top-p / top-k) never enter an importance ratio. The engine holds the weights of the model
+    sampled from: the policy, pushed before every step (``proposal: on_policy``), or the proposal q,
+    pushed whenever q is refreshed (``proposal: offline``). Untruncated ancestral sampling only:
+    top_p, top_k, min_p, temperature and the penalties are refused unless they are the identity
+    (top_p 1, top_k 0 or -1, min_p 0, temperature 1, repetition_penalty 1, presence/frequency 0).
+    """
+
+    sync_every: int | None = Field(None, gt=0)
+    """Steps between weight pushes. null: whenever the weights sampled from change (every step
+    on-policy; at each refresh of q off-policy). On-policy only 1 is allowed: with k > 1 the engine
+    would sample from weights up to k - 1 steps old while the loop treats the samples as the policy's.
+    Off-policy (proposal: offline) q is also refreshed to the policy, and pushed, every k steps (the
+    refresh rule may refresh it sooner); its kept copy gives the exact log q of the stale weights."""
+    gpu_memory_utilization: float = Field(0.3, gt=0.0, le=1.0)
+    """Share of the GPU's memory vLLM takes (weights + KV cache); the rest stays with training."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """vLLM's weight dtype; "auto" = the policy's. A lower precision than the policy's samples from a
+    slightly different distribution than the one log q is computed for (see sampler/logprob_gap)."""
+    enforce_eager: bool = False
+    """Disable CUDA graphs (slower decoding, faster start, less memory)."""
+    engine_args: dict[str, Any] = {}
+    """Further keyword arguments of ``vllm.LLM`` (e.g. {"max_num_seqs": 64}), passed as given."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _untruncated_only(cls, data: Any) -> Any:
+        """Refuse a setting that changes the distribution sampled from (accept its identity value, so a
+        config written for vLLM elsewhere that spells out top_p: 1.0 still loads)."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        for name, identity in DISTRIBUTION_CHANGING_SETTINGS.items():
+            if name not in data:
+                continue
+            value = data.pop(name)
+            if value is None or (isinstance(value, (int, float)) and value in identity):
+                continue
+            raise ValueError(
+                f"online.vllm.{name}={value!r} is refused: it makes vLLM sample from a distribution other "
+                "than the model's (top-p / top-k / min-p truncate it, temperature and penalties reshape "
+                "it), while log q in the importance ratios, log Z and the pseudo-rewards is the model's "
+                "own. Truncation cannot be corrected: tokens outside the kept set have q = 0 but pi > 0, "
+                "so no importance weight reaches them (and vLLM's log-probs are renormalised over the "
+                f"kept tokens: at top-p 0.8 the mean ratio was 0.896, not 1). Remove online.vllm.{name} "
+                "(the loop samples untruncated, temperature 1)"
+            )
+        return data
+
+
 class OnlineConfig(_Section):
     """Settings of the online loop. Present in a run config => ``distalign train`` runs the online loop.
 
@@ -120,6 +188,12 @@ class OnlineConfig(_Section):
     by the number of processes, which share the samples equally)."""
     samples_per_prompt: int = Field(4, gt=0)
     """Completions per prompt (>= 2 for the leave-one-out baseline)."""
+    sampler: Literal["hf", "vllm"] = "hf"
+    """What draws the training samples: "hf" = distalign's own KV-cached exact ancestral sampling
+    (any device), "vllm" = a vLLM engine in this process (extra distalign[vllm], one CUDA GPU, one
+    process; settings in online.vllm). Evaluation and moment fitting always sample with "hf"."""
+    vllm: VLLMConfig = VLLMConfig()
+    """The vLLM sampler's settings (online.sampler: vllm)."""
     max_new_tokens: int = Field(32, gt=0)
     """Completion tokens at most; a completion cut there is scored as that prefix (no EOS)."""
     sampling_batch_size: int = Field(32, gt=0)
@@ -196,7 +270,23 @@ class OnlineConfig(_Section):
             )
         if self.baseline == "loo" and self.samples_per_prompt < 2:
             raise ValueError("baseline 'loo' needs samples_per_prompt >= 2 (one sample has no others)")
+        self._check_sampler()
         return self
+
+    def _check_sampler(self) -> None:
+        if self.sampler != "vllm":
+            if self.vllm.model_fields_set:
+                raise ValueError("online.vllm is used only with online.sampler: vllm (now 'hf')")
+            return
+        stale = self.vllm.sync_every is not None and self.vllm.sync_every > 1
+        if stale and self.proposal == "on_policy":
+            raise ValueError(
+                f"online.vllm.sync_every={self.vllm.sync_every} with online.proposal=on_policy: between "
+                "pushes vLLM samples from weights up to sync_every - 1 steps old, but on-policy the loop "
+                "takes the samples as the current policy's (no importance weights), which biases the "
+                "gradient. Set online.proposal=offline (the engine then holds the proposal q, whose kept "
+                "copy gives the exact log q of those weights, and pi/q corrects for them) or sync_every=1"
+            )
 
 
 def _check_divergence(field: str, name: str, params: dict[str, float]) -> None:

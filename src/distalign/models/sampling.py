@@ -26,7 +26,7 @@ from distalign.models.token_draw import check_warping, draw_from_logits, is_warp
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-__all__ = ["Samples", "sample_completions", "score_completions", "warped_log_probs"]
+__all__ = ["Samples", "eos_token_ids", "sample_completions", "score_completions", "warped_log_probs"]
 
 
 @dataclass
@@ -68,6 +68,12 @@ def _eos_token_ids(
             "no EOS token: the tokenizer and the model's generation config define none; pass eos_token_ids"
         )
     return sorted(set(ids))
+
+
+def eos_token_ids(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The token ids that end a completion in :func:`sample_completions` by default: the tokenizer's EOS
+    and the model's generation config's (another sampler must stop at exactly these)."""
+    return _eos_token_ids(model, tokenizer, None)
 
 
 def _pad_token_id(tokenizer: PreTrainedTokenizerBase, eos_ids: list[int]) -> int:

@@ -2,7 +2,8 @@
 
 One step (``OnlineRun.run_step``), on one screen:
   1. sample: the plan gives the step's prompts; this process draws ``samples_per_prompt`` completions of
-     its share from q (the policy on-policy, a frozen proposal off-policy) with exact log q;
+     its share from q (the policy on-policy, a frozen proposal off-policy) with exact log q (a vLLM
+     engine holding q's weights draws token ids only, and log q is our own head's: online_samplers.py);
   2. score: log a under the base; f-DPG: log P = log a + the target's log-scores; RLOO: the reward r;
   3. gather every process's samples, then on the global batch (identically on every process): update
      the running log Z, pseudo-rewards R = -f'(pi/p) (f-DPG, fdpg.md) or R = r - beta (log pi - log a)
@@ -33,6 +34,7 @@ from distalign.targets import ProposalRefreshRule, estimate_divergence, importan
 from distalign.train.batching import BatchPlan
 from distalign.train.engine import Engine, iterate_steps
 from distalign.train.online_eval import EvalLog, OnlineEvaluator, sample_monitors
+from distalign.train.online_samplers import build_sampler
 from distalign.train.online_setup import (
     BaseScorer,
     FrozenProposal,
@@ -40,14 +42,12 @@ from distalign.train.online_setup import (
     Rollout,
     build_online_reward,
     build_target,
-    draw_rollout,
     fit_target_moments,
     gather,
     gather_texts,
     load_prompts,
     repeat_prompts,
     restore_moments,
-    seeded_generator,
     shard,
 )
 from distalign.train.online_signal import (
@@ -70,6 +70,10 @@ from distalign.train.timing import PhaseTimer, slowest_process
 #: (log q comes with them), log a under the base, a separate no-grad pass for log pi (off-policy only),
 #: target scorers / rewards / monitors, gathering, the signal, and forward + backward + optimizer step.
 STEP_PHASES = ("sample", "score_reference", "score_policy", "reward", "gather", "signal", "update")
+#: Phases of a step with the vLLM sampler as well: pushing weights to the engine, and (off-policy) the
+#: pass for log q under the kept proposal (the engine returns token ids only).
+ENGINE_PHASES = ("sync",)
+ENGINE_OFF_POLICY_PHASES = ("score_proposal",)
 
 
 # --- the run ---------------------------------------------------------------------------------------------
@@ -80,7 +84,7 @@ WARN_AFTER_STEPS = 3
 class OnlineRun:
     """The parts of one online run (prompts, base, target or reward, proposal, state) and its step."""
 
-    def __init__(self, config: RunConfig, engine: Engine, policy, tokenizer) -> None:
+    def __init__(self, config: RunConfig, engine: Engine, policy, tokenizer, generation_engine=None) -> None:
         cfg = self.cfg = config.online
         self.config, self.engine, self.tokenizer = config, engine, tokenizer
         samples_per_step = cfg.prompts_per_step * cfg.samples_per_prompt
@@ -100,6 +104,8 @@ class OnlineRun:
                 f"online.eval_every ({cfg.eval_every}) must be a multiple of train.log_every "
                 f"({config.train.log_every}) so every evaluation is logged"
             )
+        # First: a missing vLLM or GPU is reported before anything slow is loaded.
+        self.sampler = build_sampler(config, engine, policy, tokenizer, generation_engine)
         self.prompts = load_prompts(config, tokenizer, "train", engine)
         self.plan = BatchPlan(len(self.prompts), cfg.prompts_per_step, config.train.seed)
         self.target = build_target(config) if cfg.method == "fdpg" else None
@@ -112,6 +118,8 @@ class OnlineRun:
         self.refresh_rule = ProposalRefreshRule(cfg.refresh_min_ess_fraction)
         self._update_scores_policy: bool | None = None
         phases = STEP_PHASES + (("refresh",) if proposal is not None else ())
+        if not self.sampler.returns_logprobs:
+            phases += ENGINE_PHASES + (ENGINE_OFF_POLICY_PHASES if proposal is not None else ())
         self.timer = PhaseTimer(engine.device, ("step", *phases))
         self.evaluator = None
         if cfg.eval_every:
@@ -149,10 +157,14 @@ class OnlineRun:
 
     def run_step(self, step: int) -> dict[str, float]:
         engine, cfg, timer = self.engine, self.cfg, self.timer
+        if not self.sampler.returns_logprobs:
+            with timer("sync"):
+                self.sampler.sync(*self.sampled_model(step))
         with timer("sample"):
             rollout = self.sample(step)  # 1. sample
-        forwarded = None  # off-policy, log pi from the update's own forward where that is exact
-        if self.state.proposal is not None and self.update_forward_scores_policy(len(rollout)):
+        forwarded = None  # log pi from the update's own forward where that is exact, instead of a pass
+        needs_policy_pass = self.state.proposal is not None or rollout.proposal_logps is None
+        if needs_policy_pass and self.update_forward_scores_policy(len(rollout)):
             with timer("update"):
                 forwarded = policy_forward(engine, rollout, 0, len(rollout), self.tokenizer.pad_token_id)
         batch = self.score_and_gather(rollout, forwarded)  # 2. score + 3. gather
@@ -192,22 +204,24 @@ class OnlineRun:
                 metrics.update(self.maybe_refresh(step, batch, signal))
         return metrics
 
+    def sampled_model(self, step: int) -> tuple[torch.nn.Module, tuple]:
+        """The model q that step ``step`` samples from, and a version of its weights that changes when
+        they do: the policy (updated every step) on-policy, the proposal (changed by refreshes) off-policy."""
+        proposal = self.state.proposal
+        if proposal is None:
+            return self.policy, ("policy", step)
+        return proposal.model, ("proposal", proposal.refreshes)
+
     def sample(self, step: int) -> Rollout:
         """This process's equal share of the step's prompts x samples_per_prompt samples, from q."""
-        cfg = self.cfg
-        indices, groups = repeat_prompts(self.plan.global_batch(step), cfg.samples_per_prompt)
-        proposal = self.state.proposal
-        return draw_rollout(
-            self.policy if proposal is None else proposal.model,
-            self.tokenizer,
+        indices, groups = repeat_prompts(self.plan.global_batch(step), self.cfg.samples_per_prompt)
+        return self.sampler.draw(
+            self.sampled_model(step)[0],
             self.prompts,
             shard(indices, self.engine),
             shard(groups, self.engine),
-            max_new_tokens=cfg.max_new_tokens,
-            batch_size=cfg.sampling_batch_size,
-            generator=seeded_generator(
-                self.engine.device, self.config.train.seed, "sample", step, self.engine.rank
-            ),
+            step=step,
+            rank=self.engine.rank,
         )
 
     def update_forward_scores_policy(self, samples: int) -> bool:
@@ -219,31 +233,55 @@ class OnlineRun:
             )
         return self._update_scores_policy
 
+    def score(self, model: torch.nn.Module, rollout: Rollout) -> torch.Tensor:
+        """[N] float64 teacher-forced log-probs of the rollout's completions under ``model`` (no grad)."""
+        return score_completions(
+            model,
+            self.tokenizer,
+            rollout.keys,
+            rollout.completion_ids,
+            self.cfg.sampling_batch_size,
+            prompt_ids=rollout.prompt_ids,
+        ).double()
+
+    def policy_and_proposal_logps(
+        self, rollout: Rollout, forwarded: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log pi, log q) of the rollout's samples. log q: the sampler's, or (token-ids-only sampler)
+        our head's under the model that sampled: the policy on-policy (then log q = log pi), the kept
+        proposal off-policy - the weights the engine held, however stale. log pi: log q on-policy, else
+        the update's forward (``forwarded``) or a no-grad pass under the current policy."""
+        proposal, timer = self.state.proposal, self.timer
+        log_q = rollout.proposal_logps
+        if forwarded is not None:
+            log_pi = forwarded.detach().double().cpu()
+        elif proposal is not None or log_q is None:
+            with timer("score_policy"):
+                log_pi = self.score(self.policy, rollout)
+        else:
+            log_pi = log_q
+        if log_q is None:
+            if proposal is None:
+                log_q = log_pi  # the engine held the current policy's weights (pushed this step)
+            else:
+                with timer("score_proposal"):
+                    log_q = self.score(proposal.model, rollout)
+        return log_pi, log_q
+
     @torch.no_grad()
     def score_and_gather(self, rollout: Rollout, forwarded: torch.Tensor | None = None) -> GlobalBatch:
         """log a, log P or r, monitors of this process's samples, gathered from every process.
-        ``forwarded``: log pi from the update's forward (off-policy), instead of a scoring pass."""
+        ``forwarded``: log pi from the update's forward, instead of a scoring pass."""
         engine, proposal, timer = self.engine, self.state.proposal, self.timer
-        log_q = rollout.proposal_logps
+        log_pi, log_q = self.policy_and_proposal_logps(rollout, forwarded)
         with timer("score_reference"):
             if proposal is not None and proposal.is_base:
                 log_a = log_q  # q is still the base model itself
             else:
                 log_a = self.base(rollout.prompt_ids, rollout.completion_ids, engine.device)
-        log_pi = log_q
-        if forwarded is not None:
-            log_pi = forwarded.detach().double().cpu()
-        elif proposal is not None:  # off-policy: the current policy's log-probs of q's samples
-            with timer("score_policy"):
-                log_pi = score_completions(
-                    self.policy,
-                    self.tokenizer,
-                    rollout.keys,
-                    rollout.completion_ids,
-                    self.cfg.sampling_batch_size,
-                    prompt_ids=rollout.prompt_ids,
-                ).double()
         local = {"log_pi": log_pi, "log_q": log_q, "log_a": log_a, "group": rollout.group.double()}
+        if rollout.engine_logps is not None:  # the engine's own log-probs against our head's log q
+            local["logprob_gap"] = rollout.engine_logps - log_q
         local["prompt"] = rollout.prompt_index.double()
         local["tokens"] = torch.tensor([float(len(c)) for c in rollout.completion_ids])
         local["eos"] = rollout.ended_with_eos.double()
@@ -269,6 +307,7 @@ class OnlineRun:
             texts=texts,
             completion_tokens=merged["tokens"],
             ended_with_eos=merged["eos"],
+            sampler_logprob_gap=merged.get("logprob_gap"),
         )
 
     def step_metrics(self, batch: GlobalBatch, signal: Signal) -> dict[str, float]:
@@ -289,6 +328,20 @@ class OnlineRun:
         metrics["distinct_2"] = distinct_n(batch.texts, 2)
         metrics["completion_tokens"] = float(batch.completion_tokens.mean())
         metrics["eos_fraction"] = float(batch.ended_with_eos.mean())
+        metrics.update(self.sampler_metrics(batch))
+        return metrics
+
+    def sampler_metrics(self, batch: GlobalBatch) -> dict[str, float]:
+        """With a token-ids-only sampler: its weight pushes so far, and how far its own log-probs of the
+        draws are from our head's log q (kernels, precision; NaN where it reported none)."""
+        if self.sampler.returns_logprobs:
+            return {}
+        metrics = {"sampler/weight_pushes": float(self.sampler.weight_pushes)}
+        gap = batch.sampler_logprob_gap
+        if gap is not None and bool(torch.isfinite(gap).any()):
+            gap = gap[torch.isfinite(gap)].abs()
+            metrics["sampler/logprob_gap/mean_abs"] = float(gap.mean())
+            metrics["sampler/logprob_gap/max_abs"] = float(gap.max())
         return metrics
 
     def maybe_refresh(self, step: int, batch: GlobalBatch, signal: Signal) -> dict[str, float]:
@@ -310,7 +363,8 @@ class OnlineRun:
                 for logps in (batch.policy_logps, batch.proposal_logps)
             ]
         refresh, _ = self.refresh_rule.should_refresh(*divergences, signal.metrics["is/ess_fraction"])
-        if refresh:
+        sync_every = self.cfg.vllm.sync_every if self.cfg.sampler == "vllm" else None
+        if refresh or (sync_every is not None and step % sync_every == 0):  # q <- pi, pushed next step
             proposal.refresh(self.policy, step)
         return {
             "proposal/refreshes": float(proposal.refreshes),
@@ -401,16 +455,18 @@ class OnlineRun:
 
 
 @without_cudnn_attention
-def train_online(config: RunConfig, *, stop_after_step: int | None = None) -> Path:
+def train_online(config: RunConfig, *, stop_after_step: int | None = None, generation_engine=None) -> Path:
     """Train with the online loop (``config.online``); returns the run directory. Resumes from the newest
-    checkpoint in ``output_dir`` when there is one; ``stop_after_step`` interrupts the run (for tests)."""
+    checkpoint in ``output_dir`` when there is one; ``stop_after_step`` interrupts the run (for tests);
+    ``generation_engine``: with ``online.sampler: vllm``, an engine to sample with instead of starting
+    vLLM (a :class:`distalign.models.vllm_engine.GenerationEngine`; tests pass a CPU one)."""
     if config.online is None:
         raise SetupError("train_online needs an `online` section in the config")
     engine = Engine(config)
     if engine.accelerator.distributed_type.value in ("FSDP", "DEEPSPEED"):
         raise SetupError("the online loop samples with the unsharded model: run it with DDP or one process")
     policy, tokenizer = load_policy(config)
-    run = OnlineRun(config, engine, policy, tokenizer)
+    run = OnlineRun(config, engine, policy, tokenizer, generation_engine)
     engine.open_run_dir()
     plan_steps = run.plan.steps_for_epochs(config.train.epochs)
     total_steps = config.train.max_steps or plan_steps

@@ -34,11 +34,16 @@ from distalign.train.engine import Engine
 from distalign.train.online_signal import GlobalBatch, Signal, compute_signal
 
 
-def seeded_generator(device: torch.device, *parts: object) -> torch.Generator:
-    """A generator seeded from ``parts`` (e.g. seed, purpose, step, rank): the same parts give the same
-    stream in any run, so resuming needs no saved sampler state."""
+def stream_seed(*parts: object) -> int:
+    """A seed in [0, 2^63) derived from ``parts`` (e.g. seed, purpose, step, rank): the same parts give
+    the same seed in any run, so resuming needs no saved sampler state."""
     digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
-    return torch.Generator(device=device).manual_seed(int.from_bytes(digest, "big") >> 1)
+    return int.from_bytes(digest, "big") >> 1
+
+
+def seeded_generator(device: torch.device, *parts: object) -> torch.Generator:
+    """A generator seeded with :func:`stream_seed` of ``parts``."""
+    return torch.Generator(device=device).manual_seed(stream_seed(*parts))
 
 
 # --- prompts -----------------------------------------------------------------------------------------
@@ -284,7 +289,10 @@ class Rollout:
     """This process's samples of one step.
 
     ``prompt_index`` [N] indexes the PromptSet; ``group`` [N] is the prompt's position in the step's
-    global prompt list (the leave-one-out groups); ``proposal_logps`` [N] float64 is log q."""
+    global prompt list (the leave-one-out groups); ``proposal_logps`` [N] float64 is log q of the draw,
+    or None from a sampler that returns token ids only (vLLM: the loop computes log q with its own
+    head); ``engine_logps`` [N] float64: such a sampler's own log-probs of its draws where it reports
+    them (NaN where not), a diagnostic that never enters an estimator."""
 
     prompt_index: torch.Tensor
     group: torch.Tensor
@@ -293,8 +301,9 @@ class Rollout:
     texts: list[str]
     contexts: list[str]
     keys: list[str]
-    proposal_logps: torch.Tensor
+    proposal_logps: torch.Tensor | None
     ended_with_eos: torch.Tensor
+    engine_logps: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.texts)

@@ -30,7 +30,8 @@ class GlobalBatch:
 
     ``policy_logps``: log pi under the policy being trained (= ``proposal_logps`` on-policy);
     ``target_logps``: log P (f-DPG) and ``rewards``: r (RLOO), the other one None; ``groups`` [N] long:
-    leave-one-out groups; ``keys``: log Z keys; ``monitors``: per-sample values (alignment, reward ...).
+    leave-one-out groups; ``keys``: log Z keys; ``monitors``: per-sample values (alignment, reward ...);
+    ``sampler_logprob_gap``: a token-ids-only sampler's own log-prob minus log q (a diagnostic), or None.
     """
 
     policy_logps: torch.Tensor
@@ -44,6 +45,7 @@ class GlobalBatch:
     texts: list[str]
     completion_tokens: torch.Tensor
     ended_with_eos: torch.Tensor
+    sampler_logprob_gap: torch.Tensor | None = None
 
 
 @dataclass
