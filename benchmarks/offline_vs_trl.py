@@ -110,13 +110,16 @@ def _prepare_inputs(args: argparse.Namespace, scratch: Path) -> tuple[str, str]:
 
 
 def _arms(args: argparse.Namespace) -> list[tuple[str, str, str, str]]:
-    """(label, framework, setting, prototype fixes) of every run in one repetition."""
+    """(label, framework, setting, prototype fixes) of every run in one repetition; a label ending in
+    "packed" runs distalign with data.packing on."""
     arms = []
     for setting in args.settings:
         if setting == "trl_defaults":
             arms.append(("trl", "trl", setting, ""))
             continue
         arms += [("distalign", "distalign", setting, ""), ("trl", "trl", setting, "")]
+        if args.packed:
+            arms.append(("distalign packed", "distalign", setting, ""))
         if args.prototype_fixes and setting in args.fix_settings:
             arms.append(("distalign+fixes", "distalign", setting, ",".join(args.prototype_fixes)))
     return arms
@@ -142,6 +145,10 @@ def _worker_args(
     flags = [str(item) for pair in values.items() for item in pair]
     if fixes:
         flags += ["--fixes", fixes]
+    if arm[0].endswith("packed"):
+        flags.append("--packing")
+    if args.lora_r:
+        flags += ["--lora-r", str(args.lora_r)]
     return flags + (["--profile", framework] if args.profile == framework else [])
 
 
@@ -164,6 +171,8 @@ COMPARISONS = [
     ),
     (("distalign", "precomputed"), ("trl", "precomputed"), "equal footing: both precompute"),
     (("distalign", "on_the_fly"), ("trl", "on_the_fly"), "equal footing: both on the fly"),
+    (("distalign packed", "precomputed"), ("trl", "precomputed"), "packed, both precompute"),
+    (("distalign packed", "on_the_fly"), ("trl", "on_the_fly"), "packed, both on the fly"),
     (("distalign+fixes", "precomputed"), ("trl", "trl_defaults"), "prototype fixes vs TRL defaults (fp32)"),
     (("distalign+fixes", "precomputed"), ("trl", "on_the_fly"), "prototype fixes vs TRL on-the-fly, no GC"),
     (("distalign+fixes", "precomputed"), ("trl", "precomputed"), "prototype fixes, both precompute"),
@@ -236,7 +245,8 @@ def parent_main(args: argparse.Namespace) -> None:
     print(
         f"\nmodel={args.model} batch={args.batch} micro_batch={args.micro} steps={args.steps} "
         f"(first {args.warmup} not timed) lr={args.lr} max_length={args.max_length} "
-        f"max_prompt={args.max_prompt} threads={args.threads} repeats={args.repeats}"
+        f"max_prompt={args.max_prompt} threads={args.threads} repeats={args.repeats} "
+        f"{'LoRA r=' + str(args.lora_r) if args.lora_r else 'full fine-tune'}"
     )
     header = ["framework", "setting", "runs", "steps/s", "s/step", "steps per CPU s", "peak RSS MB",
               "RSS after imports MB", "setup s", "tokens/pair",
@@ -281,6 +291,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=SETTINGS[:2],
         default=list(SETTINGS[:2]),
         help="settings in which to run the prototype fixes",
+    )
+    parser.add_argument(
+        "--packed", action="store_true", help="also run distalign with data.packing (padding-free batches)"
+    )
+    parser.add_argument(
+        "--lora-r",
+        type=int,
+        default=0,
+        help="LoRA rank for both frameworks (adapters on q/k/v/o, alpha 2r); 0 = full fine-tune",
     )
     parser.add_argument("--profile", choices=("distalign", "trl"), help="cProfile that framework's workers")
     parser.add_argument(

@@ -17,6 +17,9 @@ from pathlib import Path
 
 from bench_utils import current_rss_mb, distalign_step_times, peak_rss_mb, steady_state, write_result
 
+# LoRA runs (--lora-r): adapters on these projections, alpha = 2r, no dropout, in both frameworks.
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
 
 class StepClock:
     """(wall, process CPU) seconds at the start and at the end of every optimizer step."""
@@ -69,6 +72,13 @@ def _distalign_worker(args: argparse.Namespace) -> dict:
         f"data.packing={'true' if args.packing else 'false'}",
         "train.log_every=1",  # the default; one record per step gives per-step wall times
     ]
+    if args.lora_r:  # the same adapters as the TRL worker's peft_config
+        overrides += [
+            "model.lora.enabled=true",
+            f"model.lora.r={args.lora_r}",
+            f"model.lora.alpha={2 * args.lora_r}",
+        ]
+        overrides += [f"model.lora.target_modules=[{','.join(LORA_TARGETS)}]"]
     imported_rss = current_rss_mb()
     clock = StepClock()
     log_step = engine_module.Engine.log
@@ -142,12 +152,20 @@ def _trl_worker(args: argparse.Namespace) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(args.model_path)
     if tokenizer.pad_token is None:  # what distalign's loader does too
         tokenizer.pad_token = tokenizer.eos_token
+    peft_config = None
+    if args.lora_r:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(
+            r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.0, target_modules=list(LORA_TARGETS)
+        )
     trainer = DPOTrainer(
         model=args.model_path,
         args=config,
         train_dataset=Dataset.from_list(rows),
         processing_class=tokenizer,
         callbacks=[StampSteps()],
+        peft_config=peft_config,
     )
     trainer.train()
     peak = peak_rss_mb()

@@ -49,7 +49,7 @@ def profile_run(args: argparse.Namespace, model: Path, data: Path, micro: int) -
     worker_args = argparse.Namespace(
         scratch=tempfile.mkdtemp(prefix="distalign_profile_"), model_path=str(model), data=str(data),
         max_length=args.length, max_prompt=3 * args.length // 8 + 1, setting="precomputed", batch=args.batch,
-        micro=micro, steps=wait + 1 + active + 1, lr=1e-6, precision="bf16", packing=args.packing,
+        micro=micro, steps=wait + 1 + active + 1, lr=1e-6, precision="bf16", packing=args.packing, lora_r=0,
     )  # fmt: skip
     try:
         with profiler:
