@@ -95,6 +95,13 @@ class DataConfig(Section):
     float rounding. A model it cannot be exact for (sliding-window or chunked attention shorter than
     max_length, attention that ignores the mask; checked by a probe at setup) is refused, naming its
     model type. See docs/architecture.md, 'Packing'."""
+    share_prompts: bool = True
+    """With ``packing``: sequences with the same prompt in a micro-batch (a pair's chosen and rejected, a
+    list's responses) share one copy of the prompt in the packed row; each completion attends to it
+    and to itself only, with the positions it would have alone, so log-probs and gradients are those of
+    separate sequences (exact) while the prompt's tokens go through the model once. Not available with
+    flash attention's variable-length kernel (sequence boundaries only); packing there lays prompts out
+    per sequence."""
     group_by_length: bool = False
     """Form each step's micro-batches from rows of similar length (less padding). The global batch keeps
     exactly its rows, so every objective is unchanged, batch-coupled ones included (with

@@ -20,7 +20,12 @@ from transformers import MistralConfig, MistralForCausalLM
 import distalign.models.logprobs as logprobs_module
 import distalign.models.packed_logprobs as packed_logprobs_module
 import distalign.models.packing as packing_module
-from distalign.data.collate import collate_sequences, pack_sequences, packed_attention_mask
+from distalign.data.collate import (
+    collate_sequences,
+    pack_sequences,
+    packed_attention_mask,
+    predictor_positions,
+)
 from distalign.data.loading import load_rows
 from distalign.errors import SetupError
 from distalign.models.heads import build_heads
@@ -41,6 +46,22 @@ def _sequences(seed: int = 0) -> tuple[list[list[int]], list[list[int]]]:
     prompts = [torch.randint(5, 512, (n,), generator=generator).tolist() for n in PROMPTS]
     completions = [torch.randint(5, 512, (n,), generator=generator).tolist() for n in COMPLETIONS]
     return prompts, completions
+
+
+def _rms_norm_in_input_dtype(self, hidden_states):
+    variance = hidden_states.pow(2).mean(-1, keepdim=True)
+    return self.weight * (hidden_states * torch.rsqrt(variance + self.variance_epsilon))
+
+
+@pytest.fixture(autouse=True)
+def float64_norms(monkeypatch):
+    """Llama's RMSNorm computes in float32 even in a float64 model. A shared prompt's tokens receive the
+    gradients of several completions summed before that float32 backward, separate copies each their
+    own, so the two layouts differ by float32 rounding (~1e-7) there alone; with the norm in the input
+    dtype every op is float64 and the layouts agree to 1e-12 (the stock norm is tested on its own)."""
+    from transformers.models.llama import modeling_llama
+
+    monkeypatch.setattr(modeling_llama.LlamaRMSNorm, "forward", _rms_norm_in_input_dtype)
 
 
 @pytest.fixture(scope="module")
@@ -89,9 +110,9 @@ def test_no_sequence_attends_to_another():
 
 
 # ----------------------------------------------------------------------------------- exactness
-def _padded_and_packed(model, rows, attention, heads=None):
+def _padded_and_packed(model, rows, attention, heads=None, sequences=None):
     """(padded, packed) SequenceLogprobs and gradients of the same weighted objective."""
-    prompts, completions = _sequences()
+    prompts, completions = sequences or _sequences()
     padded_batch = collate_sequences(prompts, completions, PAD)
     packed_batch = pack_sequences(prompts, completions, PAD, rows=rows)
     weights = torch.linspace(-1.0, 2.0, len(prompts), dtype=torch.float64)  # distinct per sequence
@@ -105,6 +126,7 @@ def _padded_and_packed(model, rows, attention, heads=None):
             out = packed_sequence_logprobs(
                 model,
                 *(packed_batch[k] for k in keys),
+                group_index=packed_batch.get("group_index"),
                 attention=attention,
                 head_positions=head_positions,
                 **kwargs,
@@ -143,6 +165,88 @@ def test_packed_logprobs_and_gradients_equal_padded(model64, implementation, row
     torch.testing.assert_close(packed.summed, padded.summed, atol=1e-12, rtol=0)
     assert packed.counts.tolist() == [float(c) for c in COMPLETIONS]
     torch.testing.assert_close(packed_grads, padded_grads, atol=1e-12, rtol=0)
+
+
+def _shared_sequences() -> tuple[list[list[int]], list[list[int]]]:
+    """Sequences 0, 2 and 5 share one prompt, 1 and 3 another (a pair, a list of three), 4 is alone."""
+    prompts, completions = _sequences()
+    prompts[2] = prompts[5] = prompts[0]
+    prompts[3] = prompts[1]
+    return prompts, completions
+
+
+def test_shared_prompt_layout_hand_built():
+    # a pair sharing prompt [1, 2] and a sequence of its own
+    batch = pack_sequences([[1, 2], [3], [1, 2]], [[5, 6], [7], [8]], PAD, rows="shared")
+    # groups: {0, 2} length 2 + 2 + 1 = 5, {1} length 2: rows of 5, the second padded
+    assert batch["input_ids"].tolist() == [[1, 2, 5, 6, 8], [3, 7, PAD, PAD, PAD]]
+    assert batch["group_index"].tolist() == [[0, 0, 0, 0, 0], [1, 1, -1, -1, -1]]
+    assert batch["sequence_index"].tolist() == [[0, 0, 0, 0, 2], [1, 1, -1, -1, -1]]
+    assert batch["position_ids"][0].tolist() == [0, 1, 2, 3, 2]  # the rejected one continues from the prompt
+    assert batch["completion_mask"].tolist() == [[0, 0, 1, 1, 1], [0, 1, 0, 0, 0]]
+    assert batch["head_positions"].tolist() == [1, 5, 1]  # both completions read the shared prompt's end
+    mask = packed_attention_mask(
+        batch["sequence_index"], group_index=batch["group_index"], completion_mask=batch["completion_mask"]
+    )[0, 0]
+    assert mask[4].tolist() == [True, True, False, False, True]  # sequence 2 sees the prompt, not 0
+    assert mask[3].tolist() == [True, True, True, True, False]
+    targets, predictors = predictor_positions(
+        batch["completion_mask"], batch["sequence_index"], batch["group_index"]
+    )
+    assert targets.tolist() == [2, 3, 4, 6] and predictors.tolist() == [1, 2, 1, 5]
+
+
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+def test_shared_prompts_give_the_padded_logprobs_heads_and_gradients(model64, implementation):
+    heads = build_heads(("value",), model64.config.hidden_size, torch.float64)
+    torch.manual_seed(0)
+    torch.nn.init.normal_(heads["value"].linear.weight, std=0.1)
+    model64.set_attn_implementation(implementation)
+    try:
+        (padded, padded_grads), (packed, packed_grads) = _padded_and_packed(
+            model64, "shared", "mask", heads, sequences=_shared_sequences()
+        )
+    finally:
+        model64.set_attn_implementation("sdpa")
+    # eager attention takes its softmax in float32 (see the one-row test below): float32 rounding
+    tolerance, gradient_tolerance = (1e-12, 1e-12) if implementation == "sdpa" else (1e-6, 1e-5)
+    torch.testing.assert_close(packed.summed, padded.summed, atol=tolerance, rtol=0)
+    torch.testing.assert_close(packed.heads["value"], padded.heads["value"], atol=tolerance, rtol=0)
+    assert packed.counts.tolist() == [float(c) for c in COMPLETIONS]
+    torch.testing.assert_close(packed_grads, padded_grads, atol=gradient_tolerance, rtol=0)
+
+
+def test_with_the_stock_float32_norm_shared_prompts_agree_to_float32_rounding(model64, monkeypatch):
+    from transformers.models.llama import modeling_llama
+
+    monkeypatch.undo()  # the stock LlamaRMSNorm: float32 inside a float64 model
+    assert modeling_llama.LlamaRMSNorm.forward is not _rms_norm_in_input_dtype
+    (padded, padded_grads), (packed, packed_grads) = _padded_and_packed(
+        model64, "shared", "mask", sequences=_shared_sequences()
+    )
+    torch.testing.assert_close(packed.summed, padded.summed, atol=1e-12, rtol=0)  # forward: per token
+    torch.testing.assert_close(packed_grads, padded_grads, atol=1e-5, rtol=1e-5)
+
+
+def test_the_shared_layout_forwards_each_prompt_once():
+    prompts, completions = _shared_sequences()
+    shared = pack_sequences(prompts, completions, PAD, rows="shared")
+    separate = pack_sequences(prompts, completions, PAD, rows="longest")
+    saved = 2 * len(prompts[0]) + len(prompts[1])  # the second and third copies, the second copy
+    assert int(separate["attention_mask"].sum()) - int(shared["attention_mask"].sum()) == saved
+
+
+def test_a_leaking_shared_mask_is_caught_by_the_probe(monkeypatch):
+    """A model whose attention let one completion see the other would differ from padded: refused."""
+    original = packed_logprobs_module.packed_attention_mask
+
+    def leaky(sequence_index, dtype=None, *, group_index=None, completion_mask=None):
+        return original(sequence_index if group_index is None else group_index, dtype)
+
+    monkeypatch.setattr(packed_logprobs_module, "packed_attention_mask", leaky)
+    fresh, _ = build_tiny_model(seed=0)
+    problem = packing_problem(fresh, 64)
+    assert problem is not None and "differ from padded" in problem
 
 
 def test_eager_one_row_is_exact_up_to_its_float32_softmax(model64):
@@ -189,7 +293,7 @@ def test_the_tiny_llama_packs_and_the_probe_catches_a_leak(monkeypatch):
     model, _ = build_tiny_model(seed=0)
     assert packing_problem(model, 64) is None
 
-    def causal_only(sequence_index, dtype=None):  # a model whose attention ignored the blocks
+    def causal_only(sequence_index, dtype=None, **_):  # a model whose attention ignored the blocks
         width = sequence_index.shape[-1]
         return (
             torch.ones(width, width, dtype=torch.bool).tril().expand(sequence_index.shape[0], 1, width, width)
@@ -337,11 +441,16 @@ def test_group_by_length_keeps_a_coupled_gradient(tmp_path, mixed_pairs):
 
 
 @pytest.mark.slow
-def test_packed_grouped_two_processes_equal_one_padded_process(tmp_path, mixed_pairs):
+def test_packed_grouped_two_processes_equal_one_packed_process(tmp_path, mixed_pairs, monkeypatch):
     """Two processes, each packing micro-batches grouped by length, apply the coupled AOT gradient of
-    one padded process."""
+    one process packing the whole batch. (Both packed: the worker processes run the stock float32
+    RMSNorm, under which shared prompts differ from padded by float32 rounding - see float64_norms -
+    while every pair's shared prompt is computed alike in both runs; packed = padded is tested above.)"""
+    monkeypatch.undo()  # the stock norm in this process too, as in the workers
     common = [*FLOAT64, *AOT, f"data.path={mixed_pairs}"]
-    whole = run_gradient(tmp_path / "whole", *common, "train.micro_batch_size=8", step=AOT_STEP)
+    whole = run_gradient(
+        tmp_path / "whole", *common, "train.micro_batch_size=8", "data.packing=true", step=AOT_STEP
+    )
     both = ["data.packing=true", "data.group_by_length=true"]
     two = run_gradient_two_processes(tmp_path / "ddp", *common, *both, step=AOT_STEP)
     assert whole.abs().max() > 0 and gradients_close(two, whole)
@@ -365,3 +474,14 @@ def test_the_online_loop_refuses_packing_rather_than_ignoring_it():
     for field in ("data.packing", "data.group_by_length"):
         with pytest.raises(ConfigError, match=field):
             load_config(config, [f"{field}=true"])
+
+
+def test_shared_prompts_are_the_packed_default_and_can_be_switched_off():
+    from distalign.config import load_config
+    from distalign.train.setup import packing_layout
+
+    model, _ = build_tiny_model(seed=0)
+    assert packing_layout(model, load_config(None, ["data.packing=true"])) == "shared"
+    off = load_config(None, ["data.packing=true", "data.share_prompts=false"])
+    assert packing_layout(model, off) == "longest"
+    assert packing_layout(model, load_config(None, [])) is None

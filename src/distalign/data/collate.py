@@ -13,6 +13,13 @@ restarting at 0 and a ``sequence_index`` naming the sequence every token belongs
 that ends a row shorter than the longest one). Consumers score the same shifted positions; position
 ``t - 1`` predicts token ``t`` only inside one sequence, which holds because every sequence starts with
 a prompt token (``completion_mask`` 0).
+
+Shared-prompt layout (``pack_sequences(rows="shared")``): sequences with the same prompt (a pair's
+chosen and rejected, a list's responses) form one group, laid out as the prompt once followed by each
+completion, every completion's positions continuing from the prompt's length; ``group_index`` names
+each token's group, and a completion token attends to its group's prompt and to its own completion
+only. A completion's first token is predicted from its group's last prompt token, the others from the
+token before them (:func:`predictor_positions`).
 """
 
 from __future__ import annotations
@@ -77,7 +84,7 @@ def collate_sequences(
     }
 
 
-PackedRows = Literal["longest", "one"]
+PackedRows = Literal["longest", "one", "shared"]
 
 
 def _first_fit_rows(lengths: list[int], capacity: int) -> list[list[int]]:
@@ -95,6 +102,17 @@ def _first_fit_rows(lengths: list[int], capacity: int) -> list[list[int]]:
     return rows
 
 
+def _prompt_groups(prompts_ids: Sequence[Sequence[int]], share: bool) -> list[list[int]]:
+    """Sequence indices per group: those with identical prompts together (first appearance order) when
+    ``share``, else one group per sequence."""
+    if not share:
+        return [[m] for m in range(len(prompts_ids))]
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for m, prompt in enumerate(prompts_ids):
+        groups.setdefault(tuple(prompt), []).append(m)
+    return list(groups.values())
+
+
 def pack_sequences(
     prompts_ids: Sequence[Sequence[int]],
     completions_ids: Sequence[Sequence[int]],
@@ -108,40 +126,55 @@ def pack_sequences(
     longest sequence down, so a packed batch never has more positions, nor (with a block-diagonal
     attention mask) more attention scores, than the padded one; only the last rows can end in padding.
     ``rows="one"``: every sequence in a single row (for variable-length attention kernels, which cost
-    the sum of squared sequence lengths whatever the row).
+    the sum of squared sequence lengths whatever the row). ``rows="shared"``: as "longest", over groups
+    of sequences with identical prompts, each group's prompt laid out once (module docstring).
 
     Returns (``torch.long``), with M sequences in R rows of width W:
     ``input_ids``, ``attention_mask`` (1 on tokens, 0 on row-end padding), ``completion_mask``,
     ``position_ids`` (restarting at 0 for each sequence; the row-end padding counts on from 0 too),
-    ``sequence_index`` (the sequence of each token, -1 on padding): all [R, W];
-    ``head_positions`` [M] (flat index ``r * W + t`` of each sequence's last prompt token) and
-    ``prompt_lengths`` [M]. Sequence m is the m-th input pair, wherever it lands.
+    ``sequence_index`` (the sequence of each token, -1 on padding; a shared prompt's tokens carry the
+    group's first sequence): all [R, W]; ``head_positions`` [M] (flat index ``r * W + t`` of each
+    sequence's last prompt token) and ``prompt_lengths`` [M]; with ``rows="shared"`` also
+    ``group_index`` [R, W] (-1 on padding). Sequence m is the m-th input pair, wherever it lands.
     """
-    if rows not in ("longest", "one"):
-        raise ValueError(f"rows must be 'longest' or 'one', got {rows!r}")
+    if rows not in ("longest", "one", "shared"):
+        raise ValueError(f"rows must be 'longest', 'one' or 'shared', got {rows!r}")
     lengths = _sequence_lengths(prompts_ids, completions_ids, pad_token_id)
-    capacity = sum(lengths) if rows == "one" else max(lengths, default=0)
-    layout = _first_fit_rows(lengths, capacity) if lengths else []
-    width = max((sum(lengths[i] for i in row) for row in layout), default=0)
+    groups = _prompt_groups(prompts_ids, share=rows == "shared")
+    group_lengths = [len(prompts_ids[g[0]]) + sum(len(completions_ids[m]) for m in g) for g in groups]
+    capacity = sum(group_lengths) if rows == "one" else max(group_lengths, default=0)
+    layout = _first_fit_rows(group_lengths, capacity) if lengths else []
+    width = max((sum(group_lengths[i] for i in row) for row in layout), default=0)
     shape = (len(layout), width)
     input_ids = torch.full(shape, pad_token_id, dtype=torch.long)
     completion_mask = torch.zeros(shape, dtype=torch.long)
     sequence_index = torch.full(shape, -1, dtype=torch.long)
+    group_index = torch.full(shape, -1, dtype=torch.long)
     position_ids = torch.zeros(shape, dtype=torch.long)
     head_positions = torch.zeros(len(lengths), dtype=torch.long)
     for r, row in enumerate(layout):
         start = 0
-        for m in row:
-            prompt, completion = prompts_ids[m], completions_ids[m]
-            span = slice(start, start + lengths[m])
-            input_ids[r, span] = torch.tensor(list(prompt) + list(completion), dtype=torch.long)
-            completion_mask[r, start + len(prompt) : span.stop] = 1
-            sequence_index[r, span] = m
-            position_ids[r, span] = torch.arange(lengths[m])
-            head_positions[m] = r * width + start + len(prompt) - 1
-            start = span.stop
+        for g in row:
+            members = groups[g]
+            prompt = prompts_ids[members[0]]
+            input_ids[r, start : start + len(prompt)] = torch.tensor(list(prompt), dtype=torch.long)
+            sequence_index[r, start : start + len(prompt)] = members[0]
+            group_index[r, start : start + len(prompt)] = g
+            position_ids[r, start : start + len(prompt)] = torch.arange(len(prompt))
+            last_prompt_token = r * width + start + len(prompt) - 1
+            start += len(prompt)
+            for m in members:
+                completion = completions_ids[m]
+                span = slice(start, start + len(completion))
+                input_ids[r, span] = torch.tensor(list(completion), dtype=torch.long)
+                completion_mask[r, span] = 1
+                sequence_index[r, span] = m
+                group_index[r, span] = g
+                position_ids[r, span] = torch.arange(len(prompt), len(prompt) + len(completion))
+                head_positions[m] = last_prompt_token
+                start = span.stop
         position_ids[r, start:] = torch.arange(width - start)
-    return {
+    batch = {
         "input_ids": input_ids,
         "attention_mask": (sequence_index >= 0).long(),
         "completion_mask": completion_mask,
@@ -150,15 +183,56 @@ def pack_sequences(
         "head_positions": head_positions,
         "prompt_lengths": torch.tensor([len(p) for p in prompts_ids], dtype=torch.long),
     }
+    if rows == "shared":
+        batch["group_index"] = group_index
+    return batch
 
 
-def packed_attention_mask(sequence_index: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+def predictor_positions(
+    completion_mask: torch.Tensor, sequence_index: torch.Tensor, group_index: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(completion [N], predictor [N]): the flat index ``r * W + t`` of every completion token of a
+    packed batch [R, W] (row-major), and of the position whose output predicts it: the token before it
+    in its own completion, or, for a completion's first token, its group's last prompt token (with no
+    ``group_index``, every sequence is its own group: the token before it)."""
+    width = completion_mask.shape[-1]
+    completion = completion_mask.flatten().bool()
+    sequences = sequence_index.flatten()
+    groups = sequences if group_index is None else group_index.flatten()
+    targets = completion.nonzero(as_tuple=True)[0]
+    previous = (targets - 1).clamp_min(0)
+    continues = completion[previous] & (sequences[previous] == sequences[targets]) & (targets % width != 0)
+    prompt_tokens = (~completion & (groups >= 0)).nonzero(as_tuple=True)[0]
+    last_prompt = torch.full((int(groups.max()) + 1 if groups.numel() else 0,), -1, dtype=torch.long,
+                             device=groups.device)  # fmt: skip
+    last_prompt = last_prompt.scatter_reduce(0, groups[prompt_tokens], prompt_tokens, reduce="amax")
+    predictors = torch.where(continues, previous, last_prompt[groups[targets]])
+    return targets, predictors
+
+
+def packed_attention_mask(
+    sequence_index: torch.Tensor,
+    dtype: torch.dtype | None = None,
+    *,
+    group_index: torch.Tensor | None = None,
+    completion_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
     """[R, 1, W, W] block-diagonal causal mask: query t sees key s iff s <= t in the same sequence (the
-    padding ending a row is one block of its own, so no query row is empty). Boolean (True = attend)
-    for SDPA-style attention; with ``dtype``, additive (0 or the dtype's minimum) for eager attention."""
+    padding ending a row is one block of its own, so no query row is empty). In the shared-prompt
+    layout (``group_index`` and ``completion_mask`` given): iff s <= t in the same group and s is a
+    prompt token or in the same completion. Boolean (True = attend) for SDPA-style attention; with
+    ``dtype``, additive (0 or the dtype's minimum) for eager attention."""
     width = sequence_index.shape[-1]
     causal = torch.ones(width, width, dtype=torch.bool, device=sequence_index.device).tril()
-    allowed = (sequence_index[:, :, None] == sequence_index[:, None, :]) & causal
+    same_sequence = sequence_index[:, :, None] == sequence_index[:, None, :]
+    if group_index is None:
+        allowed = same_sequence & causal
+    else:
+        if completion_mask is None:
+            raise ValueError("the shared-prompt mask needs the completion_mask")
+        key_is_prompt = ~completion_mask.bool()[:, None, :]
+        same_group = group_index[:, :, None] == group_index[:, None, :]
+        allowed = same_group & causal & (key_is_prompt | same_sequence)
     allowed = allowed[:, None]
     if dtype is None:
         return allowed

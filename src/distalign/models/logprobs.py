@@ -275,7 +275,8 @@ def _summed_logprobs(
     model: nn.Module,
     input_ids: Tensor,
     inputs: Callable[[nn.Module], dict],
-    predicts: Tensor,
+    predictors: Tensor,
+    targets: Tensor,
     owner: Tensor,
     num_sequences: int,
     *,
@@ -286,12 +287,12 @@ def _summed_logprobs(
     detach_head_input: bool,
 ) -> SequenceLogprobs:
     """The computation both layouts share. ``inputs(module)`` gives the keyword arguments of the decoder
-    (lean) or the causal LM; ``predicts`` [R, T-1] marks the positions predicting a completion token
-    (row-major), ``owner`` [N] the sequence each of them scores; ``head_index`` [S] is the flat
+    (lean) or the causal LM; ``predictors`` [N] are the flat positions ``r * T + t`` whose outputs
+    predict the completion tokens ``targets`` [N], ``owner`` [N] the sequence each of them scores
+    (a position may predict several tokens: a shared prompt's last one); ``head_index`` [S] is the flat
     position ``r * T + t`` each head reads per sequence."""
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
-    targets = input_ids[:, 1:][predicts]  # [N]
     causal_lm = _causal_lm(model)
     if lean is None:
         lean = lean_path_supported(model)
@@ -301,12 +302,12 @@ def _summed_logprobs(
             raise ValueError(f"{type(causal_lm).__name__} exposes no decoder/output head for the lean path")
         decoder, head = parts
         hidden = decoder(**inputs(decoder))[0]  # [R, T, H]
-        features = hidden[:, :-1][predicts]  # [N, H]
+        features = hidden.flatten(0, 1)[predictors]  # [N, H]
         postprocess = _logit_postprocess(causal_lm.config)
     else:
         outputs = causal_lm(**inputs(causal_lm), output_hidden_states=bool(heads))
         hidden = outputs.hidden_states[-1] if heads else None  # the final (normalised) decoder state
-        features, head, postprocess = outputs.logits[:, :-1][predicts], None, None  # [N, V], post-processed
+        features, head, postprocess = outputs.logits.flatten(0, 1)[predictors], None, None  # [N, V]
     token_logps = _chunked_token_logprobs(head, postprocess, features, targets, chunk_size)
     # Accumulate in float64 so a long completion's sum carries only the final float32 rounding.
     accumulated = token_logps.new_zeros(num_sequences, dtype=torch.float64)
@@ -353,7 +354,7 @@ def sequence_logprobs(
     """
     _check_masks(input_ids, attention_mask, completion_mask)
     predicts = completion_mask[:, 1:].bool()  # [B, T-1]: position t predicts token t + 1
-    batch_index = predicts.nonzero(as_tuple=True)[0]  # [N], row-major like the boolean selections
+    batch_index, position = predicts.nonzero(as_tuple=True)  # [N] each, row-major
     head_index = None
     if head_positions is not None:
         rows = torch.arange(input_ids.shape[0], device=input_ids.device)
@@ -362,7 +363,8 @@ def sequence_logprobs(
         model,
         input_ids,
         partial(_model_inputs, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids),
-        predicts,
+        batch_index * input_ids.shape[1] + position,
+        input_ids[:, 1:][predicts],
         batch_index,
         input_ids.shape[0],
         chunk_size=chunk_size,
@@ -388,7 +390,8 @@ class SequenceLogprobModel(nn.Module):
     (``self.heads``), so a DDP/FSDP wrapper synchronises them with the model. With ``sequence_index``
     the batch is packed (:func:`~distalign.models.packed_logprobs.packed_sequence_logprobs`:
     ``attention_mask`` is then only the [R, W] token mask, ``position_ids`` are required,
-    ``head_positions`` are flat indices) and the results are per sequence. :func:`batch_logprobs` calls it with either layout's batch dict.
+    ``head_positions`` are flat indices; with ``group_index`` too, prompts are shared) and the results
+    are per sequence. :func:`batch_logprobs` calls it with either layout's batch dict.
     """
 
     def __init__(
@@ -419,6 +422,7 @@ class SequenceLogprobModel(nn.Module):
         position_ids: Tensor | None = None,
         head_positions: Tensor | None = None,
         sequence_index: Tensor | None = None,
+        group_index: Tensor | None = None,
     ) -> tuple[Tensor, Tensor] | tuple[Tensor, Tensor, dict[str, Tensor]]:
         common = dict(
             chunk_size=self.chunk_size,
@@ -442,6 +446,7 @@ class SequenceLogprobModel(nn.Module):
                 position_ids,
                 sequence_index,
                 completion_mask,
+                group_index=group_index,
                 attention=self.packed_attention,
                 **common,
             )
@@ -461,9 +466,8 @@ def batch_logprobs(
     head_positions = None
     if heads:
         head_positions = batch["head_positions"] if packed else batch["prompt_lengths"] - 1
-    extra = (
-        {"position_ids": batch["position_ids"], "sequence_index": batch["sequence_index"]} if packed else {}
-    )
+    packed_keys = ("position_ids", "sequence_index", "group_index")
+    extra = {key: batch[key] for key in packed_keys if key in batch} if packed else {}
     return module(
         batch["input_ids"],
         batch["attention_mask"],

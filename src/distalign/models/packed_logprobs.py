@@ -13,7 +13,7 @@ from functools import partial
 
 from torch import Tensor, nn
 
-from distalign.data.collate import PackedRows, packed_attention_mask
+from distalign.data.collate import PackedRows, packed_attention_mask, predictor_positions
 from distalign.models.logprobs import (
     SequenceLogprobs,
     _accepts,
@@ -37,17 +37,29 @@ def packed_rows(model: nn.Module) -> PackedRows:
 
 
 def _packed_inputs(
-    module: nn.Module, *, input_ids: Tensor, position_ids: Tensor, sequence_index: Tensor, attention: str
+    module: nn.Module,
+    *,
+    input_ids: Tensor,
+    position_ids: Tensor,
+    sequence_index: Tensor,
+    group_index: Tensor | None,
+    completion_mask: Tensor,
+    attention: str,
 ) -> dict:
     if not _accepts(module, "position_ids"):
         raise ValueError(f"{type(module).__name__}.forward takes no position_ids: packing needs them")
     if attention == "varlen":
         if input_ids.shape[0] != 1:
             raise ValueError("variable-length (flash) attention needs the packed batch in one row")
+        if group_index is not None:
+            raise ValueError("variable-length (flash) attention cannot share prompts: pack with rows='one'")
         return _model_inputs(module, input_ids, None, position_ids)
     implementation = getattr(getattr(module, "config", None), "_attn_implementation", None)
     dtype = next(module.parameters()).dtype if implementation == "eager" else None
-    return _model_inputs(module, input_ids, packed_attention_mask(sequence_index, dtype), position_ids)
+    mask = packed_attention_mask(
+        sequence_index, dtype, group_index=group_index, completion_mask=completion_mask
+    )
+    return _model_inputs(module, input_ids, mask, position_ids)
 
 
 def _check_packed(
@@ -64,11 +76,9 @@ def _check_packed(
     completion = completion_mask.bool()
     if bool((completion & (sequence_index < 0)).any()):
         raise ValueError("a completion token lies on padding (sequence_index -1)")
-    if bool(completion[:, 0].any()) or bool(
-        (completion[:, 1:] & (sequence_index[:, 1:] != sequence_index[:, :-1])).any()
-    ):
+    if bool(completion[:, 0].any()):
         raise ValueError(
-            "a completion token starts a packed sequence: no position of its sequence predicts it"
+            "a completion token starts a packed sequence (a row's first position): nothing predicts it"
         )
 
 
@@ -79,6 +89,7 @@ def packed_sequence_logprobs(
     sequence_index: Tensor,
     completion_mask: Tensor,
     *,
+    group_index: Tensor | None = None,
     num_sequences: int | None = None,
     attention: str | None = None,
     chunk_size: int = 1024,
@@ -92,6 +103,8 @@ def packed_sequence_logprobs(
     Args:
         input_ids, position_ids, sequence_index, completion_mask: [R, W]; ``sequence_index`` names the
             sequence of each token (-1 on row-end padding); positions restart at 0 per sequence.
+        group_index: [R, W] the shared-prompt layout's groups (``pack_sequences(rows="shared")``):
+            completions attend to their group's prompt, laid out once; None: no prompt is shared.
         num_sequences: M; default ``sequence_index.max() + 1``.
         attention: "mask" (block-diagonal causal 4D mask: eager/SDPA) or "varlen" (``position_ids``
             only, one row: flash-attention kernels); default :func:`packed_attention_kind`.
@@ -104,8 +117,10 @@ def packed_sequence_logprobs(
         when :func:`~distalign.models.packing.packing_problem` finds none for the model.
     """
     _check_packed(input_ids, position_ids, sequence_index, completion_mask)
-    predicts = completion_mask[:, 1:].bool()  # [R, W-1]: position t predicts token t + 1
-    owner = sequence_index[:, 1:][predicts]  # [N] the sequence each predicted token belongs to
+    targets, predictors = predictor_positions(completion_mask, sequence_index, group_index)
+    if bool((predictors < 0).any()):
+        raise ValueError("a completion has no prompt token before it in its packed sequence or group")
+    owner = sequence_index.flatten()[targets]  # [N] the sequence each predicted token belongs to
     if num_sequences is None:
         num_sequences = int(sequence_index.max()) + 1 if sequence_index.numel() else 0
     inputs = partial(
@@ -113,13 +128,16 @@ def packed_sequence_logprobs(
         input_ids=input_ids,
         position_ids=position_ids,
         sequence_index=sequence_index,
+        group_index=group_index,
+        completion_mask=completion_mask,
         attention=attention or packed_attention_kind(model),
     )
     return _summed_logprobs(
         model,
         input_ids,
         inputs,
-        predicts,
+        predictors,
+        input_ids.flatten()[targets],
         owner,
         num_sequences,
         chunk_size=chunk_size,

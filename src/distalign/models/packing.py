@@ -56,11 +56,13 @@ def _mask_limit(config: Any, max_length: int | None) -> str | None:
 
 def _packed_vs_padded(causal_lm: nn.Module, model: nn.Module, rows: PackedRows) -> float:
     """Probe: the largest difference, relative to max(1, |value|), between the packed and the padded
-    summed log-probs of three short sequences (packed in two rows, one ending in padding, or in one)."""
+    summed log-probs of three short sequences, the first two with one prompt (packed in two rows, one
+    ending in padding, or in one; with ``rows="shared"`` the common prompt once)."""
     parameter = next(causal_lm.parameters())
     vocab_size = max(int(getattr(causal_lm.config, "vocab_size", 2)) - 1, 1)
     tokens = [[(t * (k + 3)) % vocab_size + 1 for t in range(1, n + 1)] for k, n in enumerate((9, 5, 3))]
     prompts, completions = [t[:2] for t in tokens], [t[2:] for t in tokens]
+    prompts[1] = prompts[0]
     padded_batch = collate_sequences(prompts, completions, 0)
     packed_batch = pack_sequences(prompts, completions, 0, rows=rows)
     padded_batch, packed_batch = (
@@ -68,7 +70,9 @@ def _packed_vs_padded(causal_lm: nn.Module, model: nn.Module, rows: PackedRows) 
     )
     with _probing(causal_lm):
         padded = sequence_logprobs(model, *(padded_batch[k] for k in _PADDED_KEYS))
-        packed = packed_sequence_logprobs(model, *(packed_batch[k] for k in _PACKED_KEYS))
+        packed = packed_sequence_logprobs(
+            model, *(packed_batch[k] for k in _PACKED_KEYS), group_index=packed_batch.get("group_index")
+        )
     scale = padded.summed.double().abs().clamp_min(1)
     return float(((packed.summed.double() - padded.summed.double()).abs() / scale).max())
 
@@ -88,8 +92,9 @@ def _probe_packing(causal_lm: nn.Module, model: nn.Module) -> str | None:
             "its flash-attention kernel cannot be probed before the model is on a GPU, and the "
             "architecture is not one known to pack exactly"
         )
+    layouts = ("longest", "shared") if packed_rows(model) == "longest" else (packed_rows(model),)
     try:
-        difference = _packed_vs_padded(causal_lm, model, packed_rows(model))
+        difference = max(_packed_vs_padded(causal_lm, model, rows) for rows in layouts)
     except (ValueError, TypeError, RuntimeError) as err:
         return f"a packed forward failed ({type(err).__name__}: {err})"
     if not difference <= _probe_tolerance(parameter.dtype):  # NaN fails too

@@ -165,7 +165,7 @@ class Engine:
         self._progress = None
         self._last_log_time = time.perf_counter()
         self._tokens_since_log = 0
-        self._positions_since_log = 0
+        self._positions_since_log = self._forwarded_since_log = 0
         self._steps_since_log = 0
         self._final_step = -1
 
@@ -321,10 +321,13 @@ class Engine:
         if self.is_main and self.config.train.progress:
             self._progress = tqdm(total=total_steps, initial=first_step, desc=description, dynamic_ncols=True)
 
-    def count_tokens(self, tokens: int, positions: int | None = None) -> None:
+    def count_tokens(self, tokens: int, positions: int | None = None, forwarded: int | None = None) -> None:
         """Record tokens processed by this process (for throughput) and, when given, the positions the
-        forward pass processed for them, padding included (for ``tokens/padding_fraction``)."""
+        forward pass processed for them, padding included (for ``tokens/padding_fraction``), and the
+        tokens it forwarded when fewer than ``tokens`` (a shared prompt counts once: for
+        ``tokens/shared_fraction``)."""
         self._tokens_since_log += tokens
+        self._forwarded_since_log += tokens if forwarded is None else forwarded
         if positions is not None:
             self._positions_since_log += positions
 
@@ -336,16 +339,21 @@ class Engine:
         if step % self.config.train.log_every and step != self._final_step:
             return
         tokens = self.sum_across(float(self._tokens_since_log))
+        forwarded = self.sum_across(float(self._forwarded_since_log))
         positions = self.sum_across(float(self._positions_since_log))
         elapsed = max(time.perf_counter() - self._last_log_time, 1e-9)
         record = {"step": step, **metrics, "lr": self.lr}
-        record["tokens"] = tokens  # attended tokens forwarded for training since the previous record
+        record["tokens"] = (
+            tokens  # the trained sequences' tokens (prompt + completion each) since the last record
+        )
         if positions > 0:  # padded positions / all positions processed (0 = padding-free)
-            record["tokens/padding_fraction"] = max(0.0, 1.0 - tokens / positions)
+            record["tokens/padding_fraction"] = max(0.0, 1.0 - forwarded / positions)
+        if forwarded < tokens:  # tokens not forwarded because a prompt was shared
+            record["tokens/shared_fraction"] = 1.0 - forwarded / tokens
         record["steps_per_s"] = self._steps_since_log / elapsed
         record["tokens_per_s"] = tokens / elapsed
         self._last_log_time, self._tokens_since_log, self._steps_since_log = time.perf_counter(), 0, 0
-        self._positions_since_log = 0
+        self._positions_since_log = self._forwarded_since_log = 0
         if self.is_main:
             self.metrics_log.write(record)
             if self._progress is not None:

@@ -79,8 +79,12 @@ class StatsComputer:
         batch = {k: v.to(device) for k, v in self.data.collate(rows, with_kl, self.packing).items()}
         with self.engine.accelerator.autocast():
             logps, counts, *head_outputs = batch_logprobs(self.engine.model, batch, self.heads)
-        if count_tokens:  # positions: what the forward processed, padding included
-            self.engine.count_tokens(int(batch["attention_mask"].sum()), batch["attention_mask"].numel())
+        if count_tokens:  # the sequences' tokens; the positions the forward processed, padding included
+            self.engine.count_tokens(
+                int(batch["prompt_lengths"].sum() + batch["completion_mask"].sum()),
+                batch["attention_mask"].numel(),
+                forwarded=int(batch["attention_mask"].sum()),  # fewer when prompts are shared
+            )
         # Losses run in at least float32 (float64 models keep float64, for exactness checks).
         precision = torch.promote_types(logps.dtype, torch.float32)
         logps, counts = logps.to(precision), counts.to(precision)
