@@ -138,7 +138,9 @@ def _deepspeed_problems(deepspeed: DeepSpeedPlugin, config: RunConfig, cpu_only:
             "plain DDP instead; use configs/accelerate/ddp.yaml (or fsdp2*.yaml on GPUs)"
         )
     elif importlib.util.find_spec("deepspeed") is None:
-        problems.append("the launch config asks for DeepSpeed, which is not installed (pip install deepspeed)")
+        problems.append(
+            "the launch config asks for DeepSpeed, which is not installed (pip install deepspeed)"
+        )
     ds = deepspeed.deepspeed_config
     zero = ds.get("zero_optimization", {})
     for section in ("optimizer", "scheduler"):

@@ -327,11 +327,11 @@ class Engine:
         # Sharded weights are gathered for saving in whatever dtype they trained in (FSDP2 keeps fp32
         # masters under mixed precision); the final model is saved in the dtype it was loaded in.
         self.loaded_dtypes = {name: tensor.dtype for name, tensor in model.state_dict().items()}
-        if self.sharding.kind == "deepspeed" and self.sharding.zero_stage == 3:
-            if isinstance(model, SequenceLogprobModel):
-                # ZeRO-3 gathers a module's weights only around that module's own forward; the lean
-                # path reads the output head's weight without calling it, so take the model's logits.
-                model.lean = False
+        zero3 = self.sharding.kind == "deepspeed" and self.sharding.zero_stage == 3
+        if zero3 and isinstance(model, SequenceLogprobModel):
+            # ZeRO-3 gathers a module's weights only around that module's own forward; the lean path
+            # reads the output head's weight without calling the head, so take the model's logits.
+            model.lean = False
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         # The schedule is stepped by hand once per optimizer step; accelerate's prepared scheduler would
         # step once per process, so it is only registered for checkpointing.

@@ -387,7 +387,9 @@ class ReferenceLogps:
             return
         pending, self._pending = self._pending, None
         scorer = _ReferenceScorer.prepared(self.engine, pending.adapters_off, pending.packing)
-        self.table = _score_every_row(scorer, self.data, self.engine, self.engine.config.train.micro_batch_size)
+        self.table = _score_every_row(
+            scorer, self.data, self.engine, self.engine.config.train.micro_batch_size
+        )
         if self.engine.is_main:
             pending.cache.store(pending.key, self.table)
         self.engine.barrier()
@@ -452,7 +454,7 @@ class _ReferenceScorer:
         was_training = self.wrapper.training
         self.wrapper.eval()
         context = adapters_disabled(self.model) if self.adapters_off else nullcontext()
-        with context, (self.autocast() if self.autocast is not None else nullcontext()):
+        with context, self.autocast() if self.autocast is not None else nullcontext():
             batch = {k: v.to(device) for k, v in data.collate(rows, packing=self.packing).items()}
             logps, _ = batch_logprobs(self.wrapper, batch)
         self.wrapper.train(was_training)
