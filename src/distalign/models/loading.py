@@ -336,7 +336,9 @@ def unsharded_copy(template: Any, state_dict: dict[str, torch.Tensor]) -> Any:
         from peft import get_peft_model
 
         adapter = template.active_adapter
-        model = get_peft_model(model, copy.deepcopy(template.peft_config[adapter]), adapter_name=adapter)
+        with warnings.catch_warnings():  # peft's use of a deprecated transformers name (see apply_lora)
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            model = get_peft_model(model, copy.deepcopy(template.peft_config[adapter]), adapter_name=adapter)
     model.load_state_dict(state_dict, strict=True, assign=True)
     # Non-persistent buffers (rotary frequencies) are not in a state dict; FSDP2 and ZeRO-3 keep them
     # whole on every process, so the template's are complete.

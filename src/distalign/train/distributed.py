@@ -214,7 +214,11 @@ def force_fsdp2_on_cpu(accelerator: Accelerator, fsdp: FullyShardedDataParallelP
     constructed."""
     from accelerate.state import PartialState
     from accelerate.utils import DistributedType
+    from torch.distributed.fsdp import CPUOffloadPolicy
 
+    if isinstance(fsdp.cpu_offload, CPUOffloadPolicy) and fsdp.cpu_offload.pin_memory:
+        # Pinned host memory exists only for an accelerator; the offload path itself runs unpinned.
+        fsdp.cpu_offload = CPUOffloadPolicy(pin_memory=False)
     if accelerator.mixed_precision != "no":
         fsdp.set_mixed_precision(accelerator.mixed_precision)
     accelerator.state.fsdp_plugin = fsdp
