@@ -117,3 +117,20 @@ def test_lora_under_fsdp2_trains_what_one_process_trains(tmp_path):
 
     adapter = "final/adapter/adapter_model.safetensors"
     assert max_weight_difference(load_file(single / adapter), load_file(tmp_path / "fsdp2" / adapter)) < 1e-12
+
+
+def test_fsdp2_mixed_precision_scores_the_reference_at_the_policys_precision_and_saves_the_loaded_dtype(
+    tmp_path,
+):
+    """bf16 weights under bf16 mixed precision: FSDP2 trains fp32 master weights and computes in bf16.
+    The reference table, scored through the same sharded forward, makes the first DPO loss exactly
+    ln 2; final/ is saved in bf16, the dtype the model was loaded in."""
+    import math
+
+    from safetensors.torch import load_file
+
+    args = [*DPO, "model.dtype=bfloat16", "train.mixed_precision=bf16", "train.max_steps=2"]
+    launch_train("fsdp2", tmp_path / "bf16", *args, f"reference.cache_dir={tmp_path / 'cache'}")
+    assert read_metrics(tmp_path / "bf16")[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    weights = load_file(tmp_path / "bf16" / "final" / "model.safetensors")
+    assert {tensor.dtype for tensor in weights.values()} == {torch.bfloat16}
