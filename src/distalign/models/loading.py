@@ -311,6 +311,49 @@ def _save_merged_copy(peft_model: Any, directory: Path) -> None:
                 param.copy_(saved.to(param.device))
 
 
+def _unsharded_class(module: torch.nn.Module) -> type:
+    """``module``'s own class: FSDP2's ``fully_shard`` swaps in a subclass (``FSDP<Name>``) that mixes in
+    ``FSDPModule``; the class it was made from is the first one in the MRO that is not sharding's."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return next(cls for cls in type(module).__mro__ if not issubclass(cls, FSDPModule))
+
+
+def unsharded_copy(template: Any, state_dict: dict[str, torch.Tensor]) -> Any:
+    """A plain CPU copy of ``template`` holding ``state_dict``: its whole weights, gathered from the
+    shards of an FSDP2 or ZeRO-3 model, named as ``template.state_dict()`` names them.
+
+    ``template`` is a transformers causal LM, optionally peft-wrapped, whose own parameters may be
+    shards; only its class, config, peft config, generation config and (never sharded) buffers are
+    read. The copy is built on the meta device and takes the tensors of ``state_dict`` as its
+    parameters (no second copy of the weights), so :func:`save_final_model` can save it like a model
+    trained by one process.
+    """
+    base = template.get_base_model() if is_peft_model(template) else template
+    with torch.device("meta"):
+        model = _unsharded_class(base)(copy.deepcopy(base.config))
+    if is_peft_model(template):
+        from peft import get_peft_model
+
+        adapter = template.active_adapter
+        with warnings.catch_warnings():  # peft's use of a deprecated transformers name (see apply_lora)
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            model = get_peft_model(model, copy.deepcopy(template.peft_config[adapter]), adapter_name=adapter)
+    model.load_state_dict(state_dict, strict=True, assign=True)
+    # Non-persistent buffers (rotary frequencies) are not in a state dict; FSDP2 and ZeRO-3 keep them
+    # whole on every process, so the template's are complete.
+    for name, buffer in template.named_buffers():
+        owner, _, leaf = name.rpartition(".")
+        module = model.get_submodule(owner) if owner else model
+        if leaf in module._buffers and module._buffers[leaf].is_meta:
+            module._buffers[leaf] = buffer.detach().to("cpu", copy=True)
+    unwrap = model.get_base_model() if is_peft_model(model) else model
+    unwrap.tie_weights()
+    if getattr(base, "generation_config", None) is not None:
+        unwrap.generation_config = copy.deepcopy(base.generation_config)
+    return model
+
+
 ADAPTER_CONFIG = "adapter_config.json"
 
 

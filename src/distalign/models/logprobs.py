@@ -414,6 +414,13 @@ class SequenceLogprobModel(nn.Module):
 
         self.packed_attention = packed_attention_kind(model)
 
+    @property
+    def _no_split_modules(self) -> list[str] | None:
+        """The LM's transformer-block classes. accelerate's FSDP2 auto-wrap policy reads them from the
+        module it prepares, which is this one: without them the whole model would be one FSDP unit,
+        gathered whole for every forward pass, instead of one unit per block."""
+        return getattr(_causal_lm(self.model), "_no_split_modules", None)
+
     def forward(
         self,
         input_ids: Tensor,

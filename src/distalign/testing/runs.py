@@ -50,6 +50,41 @@ def torchrun(args: list[str], nproc: int = 2, timeout: int = 600) -> subprocess.
     return result
 
 
+#: The launch configs shipped with distalign (``accelerate launch --config_file``).
+ACCELERATE_CONFIGS = Path(__file__).resolve().parents[3] / "configs" / "accelerate"
+
+
+def accelerate_launch(
+    config_file: str | Path, args: list[str], nproc: int = 2, timeout: int = 600, env: dict | None = None
+) -> subprocess.CompletedProcess:
+    """``accelerate launch --config_file CONFIG --num_processes N ARGS`` on this machine (for CPU tests
+    of the launch configs: an FSDP config needs ``DISTALIGN_CPU_FSDP2=1`` in ``env``); raises with its
+    output on failure."""
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(config_file),
+        "--num_processes",
+        str(nproc),
+        "--num_machines",
+        "1",
+        "--machine_rank",
+        "0",
+        "--main_process_port",
+        "0",
+        *args,
+    ]
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=full_env)
+    if result.returncode != 0:
+        raise AssertionError(
+            f"accelerate launch failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+        )
+    return result
+
+
 def capture_gradient(overrides: list[str], step: int = 1) -> torch.Tensor:
     """Train ``step`` steps with ``overrides`` and return the synchronised gradient the last one applies
     (all trainable parameters, flattened, float64). Under torchrun every process returns the same.
@@ -66,7 +101,9 @@ def capture_gradient(overrides: list[str], step: int = 1) -> torch.Tensor:
     def probe(self):
         if len(captured) < step:
             grads = [
-                p.grad.detach().double().flatten() for p in self.model.parameters() if p.grad is not None
+                _whole(p.grad).detach().double().flatten()
+                for p in self.model.parameters()
+                if p.grad is not None
             ]
             captured.append(torch.cat(grads).cpu().clone())
         return original(self)
@@ -77,6 +114,13 @@ def capture_gradient(overrides: list[str], step: int = 1) -> torch.Tensor:
     finally:
         engine_module.Engine.optimizer_step = original
     return captured[step - 1]
+
+
+def _whole(tensor: torch.Tensor) -> torch.Tensor:
+    """A plain tensor of the whole of ``tensor``: an FSDP2 gradient (a DTensor shard) is gathered; every
+    process must call this for it."""
+    full_tensor = getattr(tensor, "full_tensor", None)
+    return full_tensor() if callable(full_tensor) else tensor
 
 
 def run_gradient(run_dir: Path, *overrides: str, step: int = 1) -> torch.Tensor:

@@ -5,8 +5,10 @@ executed across processes and saved. Gradient accumulation is managed explicitly
 accelerate's accumulation plugin) because batch-coupled losses need to see every micro-batch of the
 optimizer step before any backward: the loop decides when gradients are synchronised.
 
-Gradient convention: DDP averages gradients over processes, so a process back-propagates
-``world_size x`` its share of the global objective; :meth:`Engine.backward` applies that factor.
+Gradient convention: DDP, FSDP2 and DeepSpeed all average gradients over processes, so a process
+back-propagates ``world_size x`` its share of the global objective; :meth:`Engine.backward` applies that
+factor. How the launch shards the model (``distributed.py``) changes how gradients are synchronised per
+micro-batch (:meth:`Engine.sync_context`) and how the final model is gathered (:meth:`Engine.full_state_dict`).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from tqdm.auto import tqdm
 
 from distalign.config import RunConfig, TrainConfig, dump_config
 from distalign.errors import SetupError
+from distalign.models.logprobs import SequenceLogprobModel
 from distalign.train.checkpoints import (
     CHECKPOINT_PREFIX,
     DAMAGED_PREFIX,
@@ -42,6 +45,14 @@ from distalign.train.checkpoints import (
     read_loop_state,
     remove_run_files,
     write_manifest,
+)
+from distalign.train.distributed import (
+    Sharding,
+    configure_deepspeed,
+    force_fsdp2_on_cpu,
+    launch_plugins,
+    sharding_of,
+    sharding_problems,
 )
 
 
@@ -144,6 +155,14 @@ class Engine:
         self.check_trackers()
         self.run_dir = Path(config.output_dir)
         cfg = config.train
+        cpu_only = no_accelerator_present()
+        fsdp, deepspeed = launch_plugins()
+        problems = sharding_problems(fsdp, deepspeed, config, cpu_only=cpu_only)
+        if problems:
+            raise SetupError("this launch cannot train the run: " + "; ".join(problems))
+        if deepspeed is not None:
+            configure_deepspeed(deepspeed, config)
+        self.sharding: Sharding = sharding_of(fsdp, deepspeed)
         self.accelerator = Accelerator(
             mixed_precision=resolve_mixed_precision(cfg.mixed_precision),
             log_with=list(cfg.trackers) or None,
@@ -151,8 +170,12 @@ class Engine:
                 project_dir=str(self.run_dir), logging_dir=str(self.run_dir / "logs")
             ),
             step_scheduler_with_optimizer=False,
-            cpu=no_accelerator_present(),
+            cpu=cpu_only,
+            fsdp_plugin=fsdp,
+            deepspeed_plugin=deepspeed,
         )
+        if fsdp is not None and cpu_only:
+            force_fsdp2_on_cpu(self.accelerator, fsdp)
         if self.accelerator.num_processes > 1:
             atexit.unregister(destroy_process_group_if_initialized)  # once per process, however many runs
             atexit.register(destroy_process_group_if_initialized)
@@ -162,6 +185,7 @@ class Engine:
         self.model: torch.nn.Module | None = None
         self.optimizer = None
         self.scheduler = None
+        self.loaded_dtypes: dict[str, torch.dtype] = {}
         self._progress = None
         self._last_log_time = time.perf_counter()
         self._tokens_since_log = 0
@@ -271,6 +295,22 @@ class Engine:
         dist.all_reduce(tensor)
         return float(tensor.item())
 
+    def max_across(self, value: int) -> int:
+        """The largest of a Python integer over processes (e.g. how many forward passes the busiest
+        process has to run, so that the others can match it under a sharded model)."""
+        if self.world_size == 1:
+            return value
+        tensor = torch.tensor([value], dtype=torch.int64, device=self.device)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        return int(tensor.item())
+
+    def from_main(self, value: Any) -> Any:
+        """The main process's ``value`` on every process (picklable objects, tensors included), sent
+        over the process group: no shared filesystem is assumed between machines."""
+        if self.world_size == 1:
+            return value
+        return broadcast_object_list([value if self.is_main else None])[0]
+
     # ------------------------------------------------------------------------------- optimisation
     def prepare(self, model: torch.nn.Module, total_steps: int) -> torch.nn.Module:
         """Wrap ``model`` for the process group and build AdamW + the LR schedule over its trainable
@@ -284,6 +324,14 @@ class Engine:
         if heads:
             groups.append({"params": heads, "lr": cfg.head_lr or cfg.lr})
         optimizer = build_adamw([g for g in groups if g["params"]], cfg)
+        # Sharded weights are gathered for saving in whatever dtype they trained in (FSDP2 keeps fp32
+        # masters under mixed precision); the final model is saved in the dtype it was loaded in.
+        self.loaded_dtypes = {name: tensor.dtype for name, tensor in model.state_dict().items()}
+        zero3 = self.sharding.kind == "deepspeed" and self.sharding.zero_stage == 3
+        if zero3 and isinstance(model, SequenceLogprobModel):
+            # ZeRO-3 gathers a module's weights only around that module's own forward; the lean path
+            # reads the output head's weight without calling the head, so take the model's logits.
+            model.lean = False
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         # The schedule is stepped by hand once per optimizer step; accelerate's prepared scheduler would
         # step once per process, so it is only registered for checkpointing.
@@ -292,21 +340,41 @@ class Engine:
         return self.model
 
     def sync_context(self, sync: bool):
-        """Context for one backward: gradients are all-reduced only when ``sync`` (last micro-batch)."""
-        if sync or self.world_size == 1:
+        """Context for one backward; ``sync`` marks the optimizer step's last micro-batch.
+
+        DDP all-reduces only then (``no_sync`` before: each process keeps its local sum). FSDP2 and
+        DeepSpeed reduce-scatter every micro-batch's gradients into the shards instead: skipping that
+        would keep a full unsharded gradient on every process, the memory sharding exists to save, and
+        the sum of the reduced gradients is the same. DeepSpeed also steps its optimizer inside the
+        backward of a micro-batch accelerate marks as synchronising, so the flag is set for each one.
+        """
+        if self.sharding.kind == "deepspeed":
+            return self._deepspeed_boundary(sync)
+        if sync or self.world_size == 1 or self.sharding.kind == "fsdp2":
             return contextlib.nullcontext()
         return self.accelerator.no_sync(self.model)
+
+    @contextlib.contextmanager
+    def _deepspeed_boundary(self, sync: bool):
+        state = self.accelerator.gradient_state
+        state._set_sync_gradients(sync)
+        try:
+            yield
+        finally:
+            state._set_sync_gradients(True)
 
     def backward(self, share_of_global_loss: torch.Tensor) -> None:
         """Back-propagate this process's share of the global objective (scaled for DDP's mean)."""
         self.accelerator.backward(share_of_global_loss * self.world_size)
 
     def optimizer_step(self) -> float | None:
-        """Clip, step, schedule, zero. Returns the pre-clip gradient norm when clipping is on."""
+        """Clip, step, schedule, zero. Returns the pre-clip gradient norm when clipping is on: the norm
+        of the whole synchronised gradient (under FSDP2 reduced over every process's shard, under
+        DeepSpeed the norm DeepSpeed clipped with when it stepped in the last backward)."""
         grad_norm = None
         if self.config.train.max_grad_norm is not None:
             norm = self.accelerator.clip_grad_norm_(self.model.parameters(), self.config.train.max_grad_norm)
-            grad_norm = float(norm)
+            grad_norm = global_value(norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -453,7 +521,34 @@ class Engine:
         return state
 
     def unwrapped(self) -> torch.nn.Module:
+        """The prepared model without its DDP / DeepSpeed wrapper. Under FSDP2 and ZeRO-3 its weights
+        are this process's shards: use :meth:`full_state_dict` to read them whole."""
         return self.accelerator.unwrap_model(self.model)
+
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """The trained model's whole state dict on the main process (CPU tensors, in the dtypes the model
+        was loaded in), None on the others. Every process must call it: with FSDP2 or ZeRO-3 it gathers
+        the shards."""
+        if not self.sharding.shards_parameters:
+            return self.unwrapped().state_dict() if self.is_main else None
+        gathered = self.accelerator.get_state_dict(self.model)
+        if not self.is_main:
+            return None
+        return {
+            name: tensor.detach().to("cpu", self.loaded_dtypes.get(name, tensor.dtype))
+            for name, tensor in gathered.items()
+        }
+
+
+def global_value(value: Any) -> float | None:
+    """A scalar the engine reads back as a Python float: a DTensor (FSDP2's replicated gradient norm)
+    is made whole first; None stays None (DeepSpeed before its first step)."""
+    if value is None:
+        return None
+    full_tensor = getattr(value, "full_tensor", None)
+    if callable(full_tensor):
+        value = full_tensor()
+    return float(value)
 
 
 def iterate_steps(first_step: int, total_steps: int) -> Iterator[int]:

@@ -238,6 +238,8 @@ def train_offline(config: RunConfig, *, stop_after_step: int | None = None) -> P
     plan = BatchPlan(len(data), config.train.batch_size, config.train.seed, data.plan_labels())
     total_steps = config.train.max_steps or plan.steps_for_epochs(config.train.epochs)
     engine.prepare(wrap_for_training(policy, config, objective.heads), total_steps)
+    if reference is not None:  # FSDP2 / ZeRO-3: scored by the sharded policy, before any update
+        reference.score_with_prepared_policy()
     state = engine.resume_latest()
     first_step = state["step"] if state else 0
     if state:

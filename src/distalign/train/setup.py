@@ -34,7 +34,13 @@ from distalign.losses.base import LossSpec
 from distalign.models.card import TrainingRecord, write_model_card
 from distalign.models.fingerprint import data_fingerprint, model_fingerprint
 from distalign.models.heads import build_heads
-from distalign.models.loading import LoraSettings, load_model_and_tokenizer, public_model_id, save_final_model
+from distalign.models.loading import (
+    LoraSettings,
+    load_model_and_tokenizer,
+    public_model_id,
+    save_final_model,
+    unsharded_copy,
+)
 from distalign.models.logprobs import SequenceLogprobModel, batch_logprobs
 from distalign.models.packed_logprobs import packed_rows
 from distalign.models.packing import packing_problem
@@ -314,13 +320,25 @@ class ReferenceLogps:
     The reference is ``reference.model`` when set; otherwise the policy's initial weights — for LoRA
     the base with adapters disabled; for a full fine-tune, precomputed before the first step (when the
     policy still *is* the reference) or, on the fly, a frozen copy.
+
+    Under FSDP2 or ZeRO-3 no process holds the whole policy, so when the policy is its own reference
+    and the cache misses, the table is scored through the sharded policy once it is prepared and before
+    any step or resume (:meth:`score_with_prepared_policy`), all processes in step.
     """
 
-    def __init__(self, data: OfflineData, engine: Engine, table: dict[str, torch.Tensor] | None, model=None):
+    def __init__(
+        self,
+        data: OfflineData,
+        engine: Engine,
+        table: dict[str, torch.Tensor] | None,
+        model=None,
+        pending: _PendingScore | None = None,
+    ):
         self.data = data
         self.engine = engine
         self.table = table
         self.model = model
+        self._pending = pending
 
     @classmethod
     def build(
@@ -330,8 +348,7 @@ class ReferenceLogps:
         if not config.reference.precompute:
             if ref_model is policy and not adapters_off:
                 ref_model = copy.deepcopy(policy).requires_grad_(False)
-            return cls(data, engine, None, _ReferenceScorer(ref_model, adapters_off, config))
-        scorer = _ReferenceScorer(ref_model, adapters_off, config)
+            return cls(data, engine, None, _ReferenceScorer.unprepared(ref_model, adapters_off, config))
         key = {
             "reference_model": model_fingerprint(ref_model, exclude_adapters=True),
             "data": data.fingerprint,
@@ -339,20 +356,62 @@ class ReferenceLogps:
             "kind": data.kind,
             "logprobs": "sum_over_completion_tokens_float32",
         }
+        through_sharded_policy = engine.sharding.shards_parameters and ref_model is policy
+        if through_sharded_policy and engine.accelerator.mixed_precision != "no":
+            key["compute_precision"] = engine.accelerator.mixed_precision  # the sharded forward's, not fp32
         cache_dir = (
             Path(config.reference.cache_dir)
             if config.reference.cache_dir
             else default_cache_dir() / "reference_logps"
         )
         cache = ReferenceLogprobCache(cache_dir)
-        table = _cached_or_sharded(cache, key, scorer, data, engine, config.train.micro_batch_size)
+        # The main process reads the cache and sends the table: other machines need not share its disk.
+        table = engine.from_main(cache.load(key) if engine.is_main else None)
+        if table is not None:
+            engine.print("reference log-probs: reusing cache")
+            return cls(data, engine, table)
+        if through_sharded_policy:
+            pending = _PendingScore(cache, key, adapters_off, packing_layout(policy, config))
+            return cls(data, engine, None, pending=pending)
+        scorer = _ReferenceScorer.unprepared(ref_model, adapters_off, config)
+        table = _score_every_row(scorer, data, engine, config.train.micro_batch_size)
+        if engine.is_main:
+            cache.store(key, table)
+        engine.barrier()
         return cls(data, engine, table)
+
+    def score_with_prepared_policy(self) -> None:
+        """Score the table left pending by :meth:`build` (FSDP2 / ZeRO-3) with the prepared policy and
+        cache it; a no-op otherwise. Call it after ``engine.prepare`` and before ``engine.resume_latest``:
+        the weights must still be the initial ones."""
+        if self._pending is None:
+            return
+        pending, self._pending = self._pending, None
+        scorer = _ReferenceScorer.prepared(self.engine, pending.adapters_off, pending.packing)
+        self.table = _score_every_row(
+            scorer, self.data, self.engine, self.engine.config.train.micro_batch_size
+        )
+        if self.engine.is_main:
+            pending.cache.store(pending.key, self.table)
+        self.engine.barrier()
 
     def for_rows(self, rows: list[int]) -> dict[str, torch.Tensor]:
         if self.table is not None:
             index = torch.tensor(rows)
             return {name: values[index].to(self.engine.device) for name, values in self.table.items()}
+        if self.model is None:
+            raise RuntimeError("reference log-probs are pending: call score_with_prepared_policy() first")
         return _split(self.data, rows, self.model(self.data, rows, self.engine.device))
+
+
+@dataclass
+class _PendingScore:
+    """A reference table to score once the sharded policy is prepared, and where to cache it."""
+
+    cache: ReferenceLogprobCache
+    key: dict
+    adapters_off: bool
+    packing: PackedRows | None
 
 
 def _reference_model(config: RunConfig, policy):
@@ -367,24 +426,39 @@ def _reference_model(config: RunConfig, policy):
 
 class _ReferenceScorer:
     """Summed completion log-probs of rows under the reference, without gradients (packed like the
-    policy's when ``data.packing`` is on, in the reference model's own layout)."""
+    policy's when ``data.packing`` is on, in the reference model's own layout).
 
-    def __init__(self, model, adapters_off: bool, config: RunConfig) -> None:
+    ``model``: the LM (whose adapters are switched off when ``adapters_off``); ``wrapper``: the
+    log-prob module the batches run through — the engine's prepared model when scoring the sharded
+    policy, then under the engine's autocast like a training forward."""
+
+    def __init__(self, model, wrapper, adapters_off: bool, packing: PackedRows | None, autocast=None) -> None:
         self.model = model
+        self.wrapper = wrapper
         self.adapters_off = adapters_off
-        self.wrapper = SequenceLogprobModel(model, chunk_size=config.model.logprob_chunk_size)
-        self.packing = packing_layout(model, config)
+        self.packing = packing
+        self.autocast = autocast
+
+    @classmethod
+    def unprepared(cls, model, adapters_off: bool, config: RunConfig) -> _ReferenceScorer:
+        wrapper = SequenceLogprobModel(model, chunk_size=config.model.logprob_chunk_size)
+        return cls(model, wrapper, adapters_off, packing_layout(model, config))
+
+    @classmethod
+    def prepared(cls, engine: Engine, adapters_off: bool, packing: PackedRows | None) -> _ReferenceScorer:
+        return cls(engine.unwrapped().model, engine.model, adapters_off, packing, engine.accelerator.autocast)
 
     @torch.no_grad()
     def __call__(self, data: OfflineData, rows: list[int], device) -> torch.Tensor:
-        self.model.to(device)
-        was_training = self.model.training
-        self.model.eval()
+        if self.autocast is None:  # a prepared model is already where accelerate placed it
+            self.model.to(device)
+        was_training = self.wrapper.training
+        self.wrapper.eval()
         context = adapters_disabled(self.model) if self.adapters_off else nullcontext()
-        with context:
+        with context, self.autocast() if self.autocast is not None else nullcontext():
             batch = {k: v.to(device) for k, v in data.collate(rows, packing=self.packing).items()}
             logps, _ = batch_logprobs(self.wrapper, batch)
-        self.model.train(was_training)
+        self.wrapper.train(was_training)
         return logps.to(torch.promote_types(logps.dtype, torch.float32))
 
 
@@ -401,24 +475,17 @@ def _split(data: OfflineData, rows: list[int], logps: torch.Tensor) -> dict[str,
     return named
 
 
-def _cached_or_sharded(cache, key, scorer, data, engine, micro_batch_size) -> dict[str, torch.Tensor]:
-    """Look the table up in the cache; on a miss every process scores its shard, the main process
-    writes the cache, the others read it."""
-    if engine.is_main:
-        table = cache.load(key)
-        hit = table is not None
-    else:
-        hit = None
-    hit = bool(engine.sum_across(1.0 if (engine.is_main and hit) else 0.0))
-    if hit:
-        engine.print("reference log-probs: reusing cache")
-        engine.barrier()
-        return cache.load(key)
+def _score_every_row(scorer, data, engine, micro_batch_size) -> dict[str, torch.Tensor]:
+    """The reference table of every row: each process scores an interleaved shard, the shards are
+    gathered onto every process. Every process runs as many forward passes as the busiest one (the
+    extra ones are discarded): under FSDP2 or ZeRO-3 each forward is a collective."""
     engine.print(f"reference log-probs: computing for {len(data)} rows")
     shard = list(range(engine.rank, len(data), engine.world_size))
+    batches = [shard[start : start + micro_batch_size] for start in range(0, len(shard), micro_batch_size)]
+    for _ in range(engine.max_across(len(batches)) - len(batches)):
+        scorer(data, [0], engine.device)
     parts: dict[str, list[torch.Tensor]] = {}
-    for start in range(0, len(shard), micro_batch_size):
-        rows = shard[start : start + micro_batch_size]
+    for rows in batches:
         for name, values in _split(data, rows, scorer(data, rows, engine.device)).items():
             parts.setdefault(name, []).append(values)
     table = {}
@@ -433,34 +500,41 @@ def _cached_or_sharded(cache, key, scorer, data, engine, micro_batch_size) -> di
             ordered[rank_rows] = gathered[cursor : cursor + len(rank_rows)]
             cursor += len(rank_rows)
         table[name] = ordered
-    if engine.is_main:
-        cache.store(key, table)
-    engine.barrier()
     return table
 
 
 def save_final(engine: Engine, tokenizer, config: RunConfig, record: TrainingRecord | None = None) -> Path:
     """Save the trained policy to ``RUN_DIR/final`` (merged weights; adapter in final/adapter) with its
     model card (``final/README.md``) and ``record`` (``final/distalign_training.json``), in one atomic
-    step. An evaluation in ``RUN_DIR/eval`` measured an earlier model: it is deleted first."""
+    step. An evaluation in ``RUN_DIR/eval`` measured an earlier model: it is deleted first.
+
+    Every process calls it. Under FSDP2 or ZeRO-3 the weights are gathered onto the main process and
+    saved from an unsharded CPU copy of the model, so ``final/`` is the same folder a single process
+    writes."""
     target = engine.run_dir / "final"
     engine.barrier()
+    whole = engine.full_state_dict() if engine.sharding.shards_parameters else None
     if engine.is_main:
         if remove_stale_evaluation(engine.run_dir):
             engine.warn(
                 f"deleted {engine.run_dir / 'eval'}: it evaluated an earlier model of this run directory"
             )
         unwrapped = engine.unwrapped()
+        if whole is None:
+            model, heads = unwrapped.model, unwrapped.heads.state_dict()
+        else:
+            model = unsharded_copy(unwrapped.model, _with_prefix(whole, "model."))
+            heads = _with_prefix(whole, "heads.")
 
         def add_files(staging: Path) -> None:
-            if len(unwrapped.heads):  # model heads (e.g. a value head) beside the LM weights
-                save_file(unwrapped.heads.state_dict(), str(staging / "heads.safetensors"))
+            if heads:  # model heads (e.g. a value head) beside the LM weights
+                save_file(heads, str(staging / "heads.safetensors"))
             if record is not None:
                 record.save(staging)
             write_model_card(staging, config, record)
 
         save_final_model(
-            unwrapped.model,
+            model,
             tokenizer,
             target,
             merge_lora=True,
@@ -469,3 +543,8 @@ def save_final(engine: Engine, tokenizer, config: RunConfig, record: TrainingRec
         )
     engine.barrier()
     return target
+
+
+def _with_prefix(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The entries of ``state`` under ``prefix``, with the prefix taken off their names."""
+    return {name[len(prefix) :]: tensor for name, tensor in state.items() if name.startswith(prefix)}

@@ -55,10 +55,15 @@ def write_dominance_summary(
     parts = [
         compute(rows[i : i + step], with_kl=False, count_tokens=False) for i in range(0, len(rows), step)
     ]
+    # Under FSDP2 or ZeRO-3 every forward pass is a collective: match the busiest process's count.
+    spare = [
+        compute([0], with_kl=False, count_tokens=False)
+        for _ in range(engine.max_across(len(parts)) - len(parts))
+    ]
     if parts:
         local = concat_stats(parts)
     else:  # fewer rows than processes: still enter every collective below, with no rows of our own
-        local = slice_stats(compute([0], with_kl=False, count_tokens=False), 0, 0)
+        local = slice_stats(spare[0] if spare else compute([0], with_kl=False, count_tokens=False), 0, 0)
     gathered = stats_from_fields(
         type(local), {k: engine.gather_varlen(v).cpu() for k, v in stats_fields(local).items()}
     )

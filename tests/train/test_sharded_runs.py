@@ -1,0 +1,136 @@
+"""Tier (c) for the shipped launch configs: two CPU processes (gloo) under ``accelerate launch`` train
+what one process trains, in float64.
+
+accelerate 1.15 runs FSDP only on accelerators; ``DISTALIGN_CPU_FSDP2=1`` makes distalign put it into
+FSDP2 mode on CPU (torch's ``fully_shard`` works over gloo), so accelerate's own FSDP2 preparation,
+sharded checkpoints and full-state-dict gathering run here as they do on GPUs. The DeepSpeed configs
+cannot run without GPUs; tests/train/test_distributed.py checks them through accelerate's parser.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from distalign.config import load_config
+from distalign.testing.runs import (
+    ACCELERATE_CONFIGS,
+    TINY_BASE,
+    accelerate_launch,
+    final_weights,
+    gradients_close,
+    max_weight_difference,
+    read_metrics,
+    run_gradient,
+)
+from distalign.train.distributed import CPU_FSDP2_ENV
+from distalign.train.offline import train_offline
+
+pytestmark = pytest.mark.slow
+
+CPU_FSDP2 = {CPU_FSDP2_ENV: "1"}
+# Clipping at 0.05 is active on every step here, so equal weights also mean a globally reduced norm.
+DPO = [
+    *TINY_BASE,
+    "loss.name=dpo",
+    "model.dtype=float64",
+    "train.batch_size=8",
+    "train.micro_batch_size=2",
+    "train.max_steps=4",
+    "train.max_grad_norm=0.05",
+]
+
+
+def launch_train(config: str, run_dir, *overrides: str) -> str:
+    """Train under ``configs/accelerate/CONFIG.yaml`` with two processes; returns their stdout."""
+    args = ["-m", "distalign", "train", *overrides, f"output_dir={run_dir}"]
+    return accelerate_launch(ACCELERATE_CONFIGS / f"{config}.yaml", args, env=CPU_FSDP2).stdout
+
+
+@pytest.mark.parametrize("config", ["ddp", "fsdp2", "fsdp2_offload"])
+def test_two_process_launch_trains_what_one_process_trains(tmp_path, config):
+    """Final weights (gathered from the shards into one save_pretrained folder) and the logged global
+    losses agree; under FSDP2 the reference table is scored by the sharded policy (its own cache)."""
+    single = train_offline(load_config(None, [*DPO, f"output_dir={tmp_path / 'one'}"]))
+    out = launch_train(config, tmp_path / config, *DPO, f"reference.cache_dir={tmp_path / 'cache'}")
+    assert "reference log-probs: computing" in out
+    assert max_weight_difference(final_weights(single), final_weights(tmp_path / config)) < 1e-12
+    assert [r["loss"] for r in read_metrics(tmp_path / config)] == pytest.approx(
+        [r["loss"] for r in read_metrics(single)], abs=1e-12
+    )
+    from transformers import AutoModelForCausalLM
+
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / config / "final")
+    assert reloaded.dtype == torch.float64
+
+
+AOT = [
+    *TINY_BASE,
+    "loss.name=aot_paired",
+    "loss.beta=1.0",
+    "train.batch_size=8",
+    "model.dtype=float64",
+]
+
+
+def test_aot_global_coupling_under_fsdp2_applies_the_one_process_gradient(tmp_path):
+    """Two FSDP2 processes x two micro-batches each couple the whole global batch exactly: the gradient
+    step 3 applies (gathered from the shards) is the one of a single process on the whole batch."""
+    step = 3  # at step 1 the policy is its reference and every AOT gap is 0
+    whole = run_gradient(tmp_path / "whole", *AOT, "train.micro_batch_size=8", step=step)
+    out = tmp_path / "fsdp2.pt"
+    probe = ["-m", "distalign.testing.grad_probe", str(out), str(step)]
+    overrides = [*AOT, "train.micro_batch_size=2", f"output_dir={tmp_path / 'fsdp2'}"]
+    accelerate_launch(ACCELERATE_CONFIGS / "fsdp2.yaml", [*probe, *overrides], env=CPU_FSDP2)
+    sharded = torch.load(out, weights_only=True)
+    assert whole.abs().max() > 0
+    assert gradients_close(sharded, whole)
+
+
+def test_fsdp2_run_resumes_exactly_from_its_sharded_checkpoint(tmp_path):
+    """Every process writes its shard of the checkpoint (torch.distributed.checkpoint), all of them
+    under checksums.json; a resumed run ends bit for bit where the uninterrupted one did."""
+    run = tmp_path / "run"
+    args = [*AOT, "train.micro_batch_size=2", "train.max_steps=4", "train.save_every=2"]
+    launch_train("fsdp2", run, *args)
+    checkpoint = run / "checkpoints" / "step_2"
+    shards = sorted(p.name for p in (checkpoint / "pytorch_model_fsdp_0").glob("*.distcp"))
+    assert shards == ["__0_0.distcp", "__1_0.distcp"]
+    assert "pytorch_model_fsdp_0/__1_0.distcp" in (checkpoint / "checksums.json").read_text()
+    straight = final_weights(run)
+    losses = [r["loss"] for r in read_metrics(run)]
+    (run / "final").rename(tmp_path / "uninterrupted_final")  # as if stopped after the checkpoint
+    out = launch_train("fsdp2", run, *args)
+    assert "resumed from step 2" in out
+    assert max_weight_difference(straight, final_weights(run)) == 0.0
+    assert [r["loss"] for r in read_metrics(run)] == losses
+
+
+def test_lora_under_fsdp2_trains_what_one_process_trains(tmp_path):
+    """Frozen base and trainable adapters share FSDP2 units; the reference is the base with adapters
+    off, scored through the sharded model; final/ holds the merged model and the adapter."""
+    lora = [*DPO, "model.lora.enabled=true", "model.lora.r=4", "train.lr=5e-3"]
+    single = train_offline(load_config(None, [*lora, f"output_dir={tmp_path / 'one'}"]))
+    launch_train("fsdp2", tmp_path / "fsdp2", *lora, f"reference.cache_dir={tmp_path / 'cache'}")
+    assert max_weight_difference(final_weights(single), final_weights(tmp_path / "fsdp2")) < 1e-12
+    from safetensors.torch import load_file
+
+    adapter = "final/adapter/adapter_model.safetensors"
+    assert max_weight_difference(load_file(single / adapter), load_file(tmp_path / "fsdp2" / adapter)) < 1e-12
+
+
+def test_fsdp2_mixed_precision_scores_the_reference_at_the_policys_precision_and_saves_the_loaded_dtype(
+    tmp_path,
+):
+    """bf16 weights under bf16 mixed precision: FSDP2 trains fp32 master weights and computes in bf16.
+    The reference table, scored through the same sharded forward, makes the first DPO loss exactly
+    ln 2; final/ is saved in bf16, the dtype the model was loaded in."""
+    import math
+
+    from safetensors.torch import load_file
+
+    args = [*DPO, "model.dtype=bfloat16", "train.mixed_precision=bf16", "train.max_steps=2"]
+    launch_train("fsdp2", tmp_path / "bf16", *args, f"reference.cache_dir={tmp_path / 'cache'}")
+    assert read_metrics(tmp_path / "bf16")[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    weights = load_file(tmp_path / "bf16" / "final" / "model.safetensors")
+    assert {tensor.dtype for tensor in weights.values()} == {torch.bfloat16}
