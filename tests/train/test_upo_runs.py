@@ -46,9 +46,16 @@ def test_the_value_head_learns_the_designer_reward_it_is_fitted_to(run_tiny, tmp
     with path.open("w") as handle:
         for row in rows:
             scores = {"chosen_rewards": {"house_style": 0.8}, "rejected_rewards": {"house_style": 0.8}}
-            handle.write(json.dumps({**{k: row[k] for k in ("prompt", "chosen", "rejected")}, **scores}) + "\n")
+            handle.write(
+                json.dumps({**{k: row[k] for k in ("prompt", "chosen", "rejected")}, **scores}) + "\n"
+            )
     args = ["loss.name=upo", f"data.path={path}", "designer.rewards=[{column: house_style}]"]
-    args += ["designer.normalize=none", "train.batch_size=16", "train.micro_batch_size=16", "train.max_steps=40"]
+    args += [
+        "designer.normalize=none",
+        "train.batch_size=16",
+        "train.micro_batch_size=16",
+        "train.max_steps=40",
+    ]
     args += ["train.head_lr=0.02", "train.scheduler=constant", "loss.lambda_aux=0.0"]
     records = read_metrics(run_tiny(*args, name="constant"))
     assert records[0]["upo/value_loss"] == pytest.approx(0.32)
