@@ -42,6 +42,10 @@ class LoraConfig(Section):
     """Dropout on the adapter input."""
     target_modules: list[str] | Literal["all-linear"] = ["q_proj", "v_proj"]
     """Module names to adapt, or "all-linear"."""
+    save_merged: bool = True
+    """Also save base + adapter merged into ``final/`` (as large as the base model), the folder
+    ``AutoModelForCausalLM.from_pretrained`` loads. false saves the adapter alone (``final/adapter``, a
+    few MB), which ``distalign eval`` / ``report`` / ``sweep`` apply to ``model.name`` when loading."""
 
 
 class ModelConfig(Section):
@@ -266,8 +270,9 @@ class TrainConfig(Section):
     differing fields; a finished run (final/ present) of the same config is left as it is (nothing is
     trained; the CLI exits 0). Fields that may differ on resume:
     output_dir, eval.*, train.log_every / save_every / keep_checkpoints / trackers / progress /
-    micro_batch_size, data.packing / group_by_length, model.gradient_checkpointing / logprob_chunk_size,
-    loss.global_strategy, reference.precompute / cache_dir (see distalign.train.checkpoints.RESULT_NEUTRAL_FIELDS). Saved as
+    micro_batch_size, data.packing / group_by_length, model.gradient_checkpointing /
+    logprob_chunk_size / lora.save_merged, loss.global_strategy,
+    reference.precompute / cache_dir (see distalign.train.checkpoints.RESULT_NEUTRAL_FIELDS). Saved as
     false in the run's config.yaml."""
 
 

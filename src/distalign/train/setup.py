@@ -439,9 +439,10 @@ def _cached_or_sharded(cache, key, scorer, data, engine, micro_batch_size) -> di
 
 
 def save_final(engine: Engine, tokenizer, config: RunConfig, record: TrainingRecord | None = None) -> Path:
-    """Save the trained policy to ``RUN_DIR/final`` (merged weights; adapter in final/adapter) with its
-    model card (``final/README.md``) and ``record`` (``final/distalign_training.json``), in one atomic
-    step. An evaluation in ``RUN_DIR/eval`` measured an earlier model: it is deleted first."""
+    """Save the trained policy to ``RUN_DIR/final`` (with LoRA: the adapter in final/adapter, and merged
+    weights in final/ unless ``model.lora.save_merged`` is false) with its model card
+    (``final/README.md``) and ``record`` (``final/distalign_training.json``), in one atomic step. An
+    evaluation in ``RUN_DIR/eval`` measured an earlier model: it is deleted first."""
     target = engine.run_dir / "final"
     engine.barrier()
     if engine.is_main:
@@ -462,7 +463,7 @@ def save_final(engine: Engine, tokenizer, config: RunConfig, record: TrainingRec
             unwrapped.model,
             tokenizer,
             target,
-            merge_lora=True,
+            merge_lora=config.model.lora.save_merged,
             base_model_id=public_model_id(config.model.name),
             add_files=add_files,
         )
