@@ -89,6 +89,7 @@ RESULT_NEUTRAL_FIELDS = (
     "train.overwrite_output_dir",
     "model.lora.save_merged",
     "train.micro_batch_size",
+    "train.no_grad_micro_batch_size",
     "data.packing",
     "data.group_by_length",
     "model.gradient_checkpointing",

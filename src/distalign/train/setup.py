@@ -344,7 +344,7 @@ class ReferenceLogps:
             else default_cache_dir() / "reference_logps"
         )
         cache = ReferenceLogprobCache(cache_dir)
-        table = _cached_or_sharded(cache, key, scorer, data, engine, config.train.micro_batch_size)
+        table = _cached_or_sharded(cache, key, scorer, data, engine, config.train.no_grad_rows)
         return cls(data, engine, table)
 
     def for_rows(self, rows: list[int]) -> dict[str, torch.Tensor]:
@@ -400,9 +400,9 @@ def _split(data: OfflineData, rows: list[int], logps: torch.Tensor) -> dict[str,
     return named
 
 
-def _cached_or_sharded(cache, key, scorer, data, engine, micro_batch_size) -> dict[str, torch.Tensor]:
-    """Look the table up in the cache; on a miss every process scores its shard, the main process
-    writes the cache, the others read it."""
+def _cached_or_sharded(cache, key, scorer, data, engine, rows_per_forward) -> dict[str, torch.Tensor]:
+    """Look the table up in the cache; on a miss every process scores its shard (``rows_per_forward``
+    rows at a time), the main process writes the cache, the others read it."""
     if engine.is_main:
         table = cache.load(key)
         hit = table is not None
@@ -416,8 +416,8 @@ def _cached_or_sharded(cache, key, scorer, data, engine, micro_batch_size) -> di
     engine.print(f"reference log-probs: computing for {len(data)} rows")
     shard = list(range(engine.rank, len(data), engine.world_size))
     parts: dict[str, list[torch.Tensor]] = {}
-    for start in range(0, len(shard), micro_batch_size):
-        rows = shard[start : start + micro_batch_size]
+    for start in range(0, len(shard), rows_per_forward):
+        rows = shard[start : start + rows_per_forward]
         for name, values in _split(data, rows, scorer(data, rows, engine.device)).items():
             parts.setdefault(name, []).append(values)
     table = {}
