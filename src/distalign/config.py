@@ -42,6 +42,10 @@ class LoraConfig(Section):
     """Dropout on the adapter input."""
     target_modules: list[str] | Literal["all-linear"] = ["q_proj", "v_proj"]
     """Module names to adapt, or "all-linear"."""
+    save_merged: bool = True
+    """Also save base + adapter merged into ``final/`` (as large as the base model), the folder
+    ``AutoModelForCausalLM.from_pretrained`` loads. false saves the adapter alone (``final/adapter``, a
+    few MB), which ``distalign eval`` / ``report`` / ``sweep`` apply to ``model.name`` when loading."""
 
 
 class ModelConfig(Section):
@@ -229,6 +233,11 @@ class TrainConfig(Section):
     micro_batch_size: int = Field(8, gt=0)
     """Rows per forward pass on each process; batch_size / (micro_batch_size x processes) micro-batches
     are accumulated per step. A memory knob (same objective): it may change when a run resumes."""
+    no_grad_micro_batch_size: int | None = Field(None, gt=0)
+    """Rows per forward pass without gradients (offline training: the reference precompute, the pass
+    that fixes a global coupling before its micro-batches back-propagate, the end-of-run dominance
+    summary). Such a pass keeps no activations, so it fits more rows than a training micro-batch;
+    null = 2 x micro_batch_size. A memory and speed knob like micro_batch_size."""
     max_steps: int | None = Field(None, gt=0)
     """Optimizer steps; null = as many as `epochs` needs. Must match when a run resumes: the learning-rate
     schedule is laid out over the total, so raising it would change the steps already taken (to train
@@ -273,9 +282,15 @@ class TrainConfig(Section):
     differing fields; a finished run (final/ present) of the same config is left as it is (nothing is
     trained; the CLI exits 0). Fields that may differ on resume:
     output_dir, eval.*, train.log_every / save_every / keep_checkpoints / trackers / progress /
-    micro_batch_size, data.packing / group_by_length, model.gradient_checkpointing / logprob_chunk_size,
-    loss.global_strategy, reference.precompute / cache_dir (see distalign.train.checkpoints.RESULT_NEUTRAL_FIELDS). Saved as
+    micro_batch_size / no_grad_micro_batch_size, data.packing / group_by_length,
+    model.gradient_checkpointing / logprob_chunk_size / lora.save_merged, loss.global_strategy,
+    reference.precompute / cache_dir (see distalign.train.checkpoints.RESULT_NEUTRAL_FIELDS). Saved as
     false in the run's config.yaml."""
+
+    @property
+    def no_grad_rows(self) -> int:
+        """Rows per forward pass without gradients (``no_grad_micro_batch_size`` resolved)."""
+        return self.no_grad_micro_batch_size or 2 * self.micro_batch_size
 
 
 class RunConfig(Section):

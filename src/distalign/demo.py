@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import json
 import math
 import os
@@ -58,10 +59,16 @@ class DemoSettings:
     max_length: int = 192
     max_prompt_length: int = 96
     seed: int = 0
+    no_grad_micro_batch_size: int | None = None
+    """Pairs per forward pass without gradients (reference precompute, AOT's coupling pass, the
+    dominance summary); None: twice ``micro_batch_size``."""
 
 
-# Sized to finish well under 10 minutes on 2 CPU cores (7 min 0 s measured from a fresh clone);
-# docs/demo.md has the measurement and the choices.
+# Sized to finish well under 10 minutes on 2 CPU cores; docs/demo.md has the measurement and the
+# choices. Micro-batches of 2 pairs keep a training step's activations (about 0.5 GB, where one
+# micro-batch of 16 pairs needs 3.6 GB) and with them the demo's peak memory near 2 GB; passes without
+# gradients take 8 pairs at a time, nearly as fast as 16 for 0.2 GB less (docs/benchmarks.md, "Demo
+# memory").
 SMOLLM2 = DemoSettings(
     model="smollm2",
     lora=True,
@@ -70,7 +77,8 @@ SMOLLM2 = DemoSettings(
     data_max_new_tokens=32,
     steps=8,
     batch_size=16,
-    micro_batch_size=16,
+    micro_batch_size=2,
+    no_grad_micro_batch_size=8,
     lr=5e-4,
     lora_r=16,
     beta=0.1,
@@ -217,6 +225,9 @@ def run_config(settings: DemoSettings, loss: str, data_path: Path, output_dir: P
                 "r": settings.lora_r,
                 "alpha": 2 * settings.lora_r,
                 "target_modules": "all-linear",
+                # The adapter (a few MB) is all the demo's evaluation and report need; a merged copy
+                # would write the whole model again per arm (540 MB each for SmolLM2).
+                "save_merged": False,
             },
         },
         "data": {
@@ -229,6 +240,7 @@ def run_config(settings: DemoSettings, loss: str, data_path: Path, output_dir: P
             "seed": settings.seed,
             "batch_size": settings.batch_size,
             "micro_batch_size": settings.micro_batch_size,
+            "no_grad_micro_batch_size": settings.no_grad_micro_batch_size,
             "max_steps": settings.steps,
             "lr": settings.lr,
             "scheduler": "cosine",
@@ -301,6 +313,7 @@ def _torch_threads() -> int:
 def run_demo(output_dir: str | Path, *, tiny: bool = False, steps: int | None = None) -> DemoSummary:
     """Run the demo into ``output_dir`` and return its summary (also written as demo_summary.json)."""
     from distalign.eval.report import write_report
+    from distalign.memory import release_freed_memory
     from distalign.tasks.sampler import model_device
 
     settings = TINY if tiny else SMOLLM2
@@ -319,15 +332,25 @@ def run_demo(output_dir: str | Path, *, tiny: bool = False, steps: int | None = 
     _phase(2, f"building sentiment preference data: {settings.train_prompts} prompts x {settings.k} samples")
     with clock.phase("data"):
         data_path, counts = _make_pairs(settings, output_dir, base, tokenizer)
+    # Each phase holds only its own models: training loads its policy, and the evaluation loads the
+    # base again (a second or two) rather than keeping a copy resident through training.
+    del base
+    gc.collect()
     eval_cfg = eval_section(settings)
     runs: dict[str, Path] = {}
     for number, (label, loss) in enumerate((("dpo", "dpo"), ("aot", "aot_paired")), start=3):
         _phase(number, f"training {label.upper()} ({loss}, beta={settings.beta}, {settings.steps} steps)")
         with clock.phase(f"train_{label}"):
             runs[label] = _train(run_config(settings, loss, data_path, output_dir / label, eval_cfg))
+            gc.collect()  # the run's model, before the next run loads its own
+    # The training steps' freed activations stay with the allocator: the second run reused them, but
+    # the evaluation's models (separate mappings) would come on top of them.
+    release_freed_memory()
     _phase(5, "evaluating the reference, DPO and AOT on held-out prompts")
     with clock.phase("eval"):
+        base, tokenizer = _load_base(settings.model)
         results = _evaluate(runs, base, tokenizer, eval_cfg)
+        del base
     _phase(6, "writing the HTML report")
     with clock.phase("report"):
         report = write_report([runs["dpo"], runs["aot"]], output_dir / "report.html")
@@ -391,7 +414,7 @@ def _evaluate(runs: dict[str, Path], base, tokenizer, eval_cfg: dict[str, Any]) 
         draw_reference_samples,
         eval_prompts,
         evaluate_models,
-        load_eval_model,
+        load_trained_model,
         write_eval,
     )
 
@@ -401,7 +424,7 @@ def _evaluate(runs: dict[str, Path], base, tokenizer, eval_cfg: dict[str, Any]) 
     results = {}
     for label, run_dir in runs.items():
         config = load_config(run_dir / "config.yaml")
-        policy, _ = load_eval_model(str(run_dir / "final"), config)
+        policy, _ = load_trained_model(run_dir / "final", config)
         outcome = evaluate_models(
             policy,
             base,
@@ -416,7 +439,8 @@ def _evaluate(runs: dict[str, Path], base, tokenizer, eval_cfg: dict[str, Any]) 
         )
         write_eval(outcome, run_dir / "eval")
         results[label] = outcome.result
-        del policy
+        del policy, outcome
+        gc.collect()  # one policy at a time beside the reference
     return results
 
 

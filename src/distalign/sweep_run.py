@@ -82,8 +82,10 @@ def _newest_mtime(path: Path) -> int:
 
 
 def is_trained(run_dir: Path) -> bool:
-    """``final/`` holds a saved model (written atomically at the end of training)."""
-    return (run_dir / "final" / "config.json").is_file()
+    """``final/`` holds a saved model or LoRA adapter (written atomically at the end of training)."""
+    from distalign.models.loading import saved_model_layout
+
+    return saved_model_layout(run_dir / "final") is not None
 
 
 def eval_is_current(run_dir: Path, config: RunConfig) -> bool:
@@ -174,12 +176,12 @@ def _same_tokenizer(a: Any, b: Any) -> bool:
 
 def evaluate_sweep_run(run: SweepRun, pool: ReferencePool) -> Path:
     """Evaluate ``RUN/final`` against the shared reference samples; writes ``RUN/eval/``, returns eval.json."""
-    from distalign.eval.run import evaluate_models, load_eval_model, run_designer, write_eval
+    from distalign.eval.run import evaluate_models, load_trained_model, run_designer, write_eval
     from distalign.models.card import refresh_model_card
 
     config, final = run.config, run.path / "final"
     reference = pool.get(config)
-    policy, tokenizer = load_eval_model(str(final), config)
+    policy, tokenizer = load_trained_model(final, config)
     if not _same_tokenizer(tokenizer, reference.tokenizer):
         raise SetupError(
             f"run {run.name}: its tokenizer differs from the reference {reference.name!r}'s (vocabulary or "

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import json
+import weakref
 
 import pytest
 
@@ -12,9 +14,12 @@ from distalign.eval.metrics import EvalResult
 
 
 @pytest.mark.slow
-def test_tiny_demo_end_to_end(tmp_path, capsys):
+def test_tiny_demo_end_to_end(tmp_path, capsys, monkeypatch):
+    models = _track_demo_models(monkeypatch)
     out = tmp_path / "demo"
     assert main(["demo", "--tiny", "--output-dir", str(out)]) == 0
+    assert models.phases == ["load", "train", "train", "load", "policy", "policy"]
+    assert all(model() is None for model in models.loaded)  # nothing outlives the demo
     printed = capsys.readouterr().out
     for phase in ("[1/6]", "[2/6]", "[3/6]", "[4/6]", "[5/6]", "[6/6]"):
         assert phase in printed
@@ -40,6 +45,54 @@ def test_tiny_demo_end_to_end(tmp_path, capsys):
     text = (out / "report.html").read_text()
     assert "Comparison" in text and "frontier" in text and "Run: dpo" in text and "Run: aot" in text
     assert (out / "report_files" / "quantiles.png").is_file()
+
+
+class _DemoModels:
+    """The models the demo loads (weak references) and the phases that loaded or needed them."""
+
+    def __init__(self) -> None:
+        self.loaded: list = []
+        self.phases: list[str] = []
+
+    def keep(self, phase: str, model) -> None:
+        self.phases.append(phase)
+        self.loaded.append(weakref.ref(model))
+
+    def alive(self) -> int:
+        return sum(model() is not None for model in self.loaded)
+
+
+def _track_demo_models(monkeypatch) -> _DemoModels:
+    """Check that each demo phase holds only its own models: no base model is alive while a run trains
+    (training loads its own), and the evaluation holds one policy at a time beside the reference."""
+    from distalign import demo
+    from distalign.eval import run as eval_run
+
+    models = _DemoModels()
+    load_base, train, load_policy = demo._load_base, demo._train, eval_run.load_trained_model
+
+    def tracked_load_base(name):
+        model, tokenizer = load_base(name)
+        models.keep("load", model)
+        return model, tokenizer
+
+    def tracked_train(config):
+        gc.collect()
+        assert models.alive() == 0, "a model of an earlier phase is still alive during training"
+        models.phases.append("train")
+        return train(config)
+
+    def tracked_load_policy(final, config):
+        gc.collect()
+        assert models.alive() == 1, "the evaluation holds a policy of an earlier run"  # the reference
+        model, tokenizer = load_policy(final, config)
+        models.keep("policy", model)
+        return model, tokenizer
+
+    monkeypatch.setattr(demo, "_load_base", tracked_load_base)
+    monkeypatch.setattr(demo, "_train", tracked_train)
+    monkeypatch.setattr(eval_run, "load_trained_model", tracked_load_policy)
+    return models
 
 
 def test_output_dir_of_another_tool_is_refused_and_a_previous_demo_is_replaced(tmp_path):
@@ -71,9 +124,11 @@ def test_dpo_and_aot_arms_differ_only_in_the_loss(tmp_path):
     assert aot["loss"]["beta"] == dpo["loss"]["beta"] == SMOLLM2.beta
     for section in ("model", "data", "train", "reference", "eval"):
         assert aot[section] == dpo[section], section
-    # One micro-batch per step: AOT's sort spans the whole batch without an extra recompute forward.
-    assert dpo["train"]["batch_size"] == dpo["train"]["micro_batch_size"]
-    assert dpo["model"]["lora"]["enabled"] is True
+    # Micro-batches bound the memory; AOT still sorts the whole batch (a no-grad pass fixes the coupling).
+    assert dpo["train"]["micro_batch_size"] < dpo["train"]["batch_size"]
+    assert aot["loss"]["coupling_scope"] == "global" and aot["loss"]["global_strategy"] == "recompute"
+    # LoRA, and no merged copy of the model per arm: the adapter is what eval and report need.
+    assert dpo["model"]["lora"]["enabled"] is True and dpo["model"]["lora"]["save_merged"] is False
 
 
 @pytest.mark.parametrize(("label", "loss"), [("dpo", "dpo"), ("aot", "aot_paired")])

@@ -51,6 +51,17 @@ def test_sampled_logprobs_equal_teacher_forced(model, tokenizer):
     torch.testing.assert_close(samples.logprobs, torch.tensor(fresh), atol=1e-5, rtol=0)
 
 
+def test_scoring_normalises_a_few_rows_at_a_time_with_the_whole_batch_values():
+    """Teacher-forced scoring bounds its [rows, T, V] log-softmax; the values are bit for bit those of
+    one log-softmax over the whole batch."""
+    from distalign.models.sampling import _token_logprobs
+
+    logits = torch.randn(11, 5, 300, generator=torch.Generator().manual_seed(0)) * 4
+    tokens = torch.randint(0, 300, (11, 5), generator=torch.Generator().manual_seed(1))
+    whole = torch.log_softmax(logits, dim=-1).gather(-1, tokens[..., None]).squeeze(-1)
+    assert torch.equal(_token_logprobs(logits, tokens), whole)
+
+
 def test_sample_fields(model, tokenizer):
     model.train()
     samples = sample_completions(

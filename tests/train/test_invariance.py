@@ -35,16 +35,21 @@ AOT_STEP = 3  # at step 1 the policy is its reference and every AOT gap is 0, wh
 
 @pytest.mark.slow
 def test_aot_global_gradient_is_exact_across_micro_batches_and_processes(tmp_path):
-    """1 process x 1 batch == 1 process x 4 micro-batches (both strategies) == 2 processes x 2."""
+    """1 process x 1 batch == 1 process x 4 micro-batches (both strategies, the recompute pass in groups
+    of any size) == 2 processes x 2."""
     mb2 = "train.micro_batch_size=2"
     whole = run_gradient(tmp_path / "whole", *AOT, "train.micro_batch_size=8", step=AOT_STEP)
     recompute = run_gradient(
         tmp_path / "recompute", *AOT, mb2, "loss.global_strategy=recompute", step=AOT_STEP
     )
+    # The no-grad pass in groups of 3 rows, which straddle the micro-batches of 2: offsets must hold.
+    straddling = run_gradient(
+        tmp_path / "straddling", *AOT, mb2, "train.no_grad_micro_batch_size=3", step=AOT_STEP
+    )
     retain = run_gradient(tmp_path / "retain", *AOT, mb2, "loss.global_strategy=retain", step=AOT_STEP)
     two_procs = run_gradient_two_processes(tmp_path / "ddp", *AOT, mb2, step=AOT_STEP)
     assert whole.abs().max() > 0
-    for other in (recompute, retain, two_procs):
+    for other in (recompute, straddling, retain, two_procs):
         assert gradients_close(other, whole)
 
 

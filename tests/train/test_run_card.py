@@ -81,3 +81,30 @@ def test_a_lora_run_writes_its_adapter_config_through_the_public_base_id(run_tin
         ModelCard(adapter_card).data.library_name == "peft"
     )  # ours, not peft's template with the local path
     assert "LoRA r=2" in adapter_card
+
+
+def test_a_lora_run_saved_without_merged_weights_evaluates_as_the_merged_copy_would(run_tiny):
+    """``model.lora.save_merged=false``: final/ holds the adapter and no weights, its card says how to load
+    it, and ``distalign eval`` (adapter merged into the base in memory) measures what it measures on the
+    merged copy of the same training."""
+    from distalign.models.loading import saved_model_layout
+    from distalign.sweep_run import is_trained
+
+    lora = ("model.lora.enabled=true", "model.lora.r=2", "train.max_steps=2", "train.batch_size=4")
+    merged = run_tiny(*lora, "train.micro_batch_size=4", name="merged")
+    adapter_only = run_tiny(*lora, "train.micro_batch_size=4", "model.lora.save_merged=false", name="adapter")
+
+    final = adapter_only / "final"
+    assert saved_model_layout(final) == "adapter" and saved_model_layout(merged / "final") == "model"
+    assert not (final / "config.json").exists() and not (final / "model.safetensors").exists()
+    assert (final / "adapter" / "adapter_model.safetensors").is_file() and is_trained(adapter_only)
+    card = (final / "README.md").read_text()
+    assert ModelCard(card).data.library_name == "peft" and "no merged copy was saved" in card
+    assert "the folder above holds the merged weights" not in (final / "adapter" / "README.md").read_text()
+
+    results = {}
+    for run in (merged, adapter_only):
+        evaluate_run(run, TINY_EVAL)
+        results[run.name] = EvalResult.load(run / "eval" / "eval.json")
+    assert results["adapter"].gold_reward == results["merged"].gold_reward
+    assert results["adapter"].kl.k1.value == results["merged"].kl.k1.value

@@ -328,6 +328,24 @@ def load_eval_model(name: str, config: RunConfig) -> tuple[Any, Any]:
     return model.to(model_device()).eval(), tokenizer
 
 
+def load_trained_model(final: str | Path, config: RunConfig) -> tuple[Any, Any]:
+    """A run's trained model (``RUN_DIR/final``) on the eval device: its saved weights, or, for a LoRA run
+    saved without merged weights (``model.lora.save_merged=false``), its adapter merged into
+    ``model.name`` in memory (the weights the merged copy would have held)."""
+    from distalign.models.loading import load_merged_adapter, saved_model_layout
+
+    if saved_model_layout(final) != "adapter":
+        return load_eval_model(str(final), config)
+    model, tokenizer = load_merged_adapter(
+        config.model.name,
+        Path(final) / "adapter",
+        dtype=config.model.dtype,
+        trust_remote_code=config.model.trust_remote_code,
+        revision=config.model.revision,
+    )
+    return model.to(model_device()).eval(), tokenizer
+
+
 def _check_same_vocabulary(policy_tokenizer: Any, reference_tokenizer: Any, reference: str) -> None:
     from distalign.errors import SetupError
 
@@ -348,17 +366,18 @@ def evaluate_run(
     only), and returns the path of eval.json.
     """
     from distalign.errors import SetupError
+    from distalign.models.loading import saved_model_layout
 
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise SetupError(f"{run_dir} is not a run directory: it has no config.yaml")
     final = run_dir / "final"
-    if not (final / "config.json").is_file():
+    if saved_model_layout(final) is None:
         raise SetupError(f"{run_dir} has no trained model in final/ (did training finish?)")
     config = load_config(run_dir / "config.yaml", list(overrides))
     reference_name = config.reference.model or config.model.name
     print(f"eval: policy {final}, reference {reference_name}, task {config.eval.task}")
-    policy, tokenizer = load_eval_model(str(final), config)
+    policy, tokenizer = load_trained_model(final, config)
     reference, reference_tokenizer = load_eval_model(reference_name, config)
     _check_same_vocabulary(tokenizer, reference_tokenizer, reference_name)
     outcome = evaluate_models(

@@ -353,16 +353,24 @@ def build_model_card(
     run = config.output_dir
     again = f"{run.rstrip('/')}-again"
     eval_command = _command("distalign", "eval", run, *eval_overrides)
+    lora = config.model.lora
+    merged = not lora.enabled or lora.save_merged  # else final/ holds the adapter and no weights
     front = ModelCardData(
         base_model=public_model_id(config.model.name),
-        library_name="peft" if adapter else "transformers",
+        library_name="peft" if adapter or not merged else "transformers",
         pipeline_tag="text-generation",
         tags=["distalign", method],
     )
     if adapter:
         loading = (
             "This folder holds the LoRA adapter alone: load it with peft on top of the base model "
-            "(`adapter_config.json` names it); the folder above holds the merged weights."
+            "(`adapter_config.json` names it)"
+            + ("; the folder above holds the merged weights." if merged else ".")
+        )
+    elif not merged:
+        loading = (
+            "The LoRA adapter alone is in `adapter/`: load it with peft on top of the base model (no "
+            "merged copy was saved: `model.lora.save_merged: false`; `distalign eval` merges it in memory)."
         )
     else:
         loading = "This folder loads with `transformers.AutoModelForCausalLM.from_pretrained`" + (

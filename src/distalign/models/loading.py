@@ -371,6 +371,32 @@ def set_adapter_base_model(adapter_dir: str | os.PathLike[str], base_model: str)
     return path
 
 
+def saved_model_layout(directory: str | os.PathLike[str]) -> Literal["model", "adapter"] | None:
+    """What a saved model folder (a run's ``final/``) holds: ``"model"``, weights that
+    ``AutoModelForCausalLM.from_pretrained`` loads (a full fine-tune, or LoRA merged into its base);
+    ``"adapter"``, a LoRA adapter alone in ``adapter/`` (saved with ``model.lora.save_merged=false``),
+    to be applied to its base model; None when it holds neither."""
+    directory = Path(directory)
+    if (directory / "config.json").is_file():
+        return "model"
+    if (directory / "adapter" / ADAPTER_CONFIG).is_file():
+        return "adapter"
+    return None
+
+
+def load_merged_adapter(base_name: str, adapter_dir: str | os.PathLike[str], **options: Any) -> tuple[Any, Any]:
+    """Load ``base_name`` (as :func:`load_model_and_tokenizer` accepts it, with ``options``) and merge the
+    LoRA adapter saved in ``adapter_dir`` into its weights: a plain model, computing what the merged copy
+    :func:`save_final_model` would have saved (the same merge on the same weights), held once in memory."""
+    from peft import PeftModel
+
+    base, tokenizer = load_model_and_tokenizer(base_name, **options)
+    with warnings.catch_warnings():  # peft reads a deprecated transformers attribute (see apply_lora)
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        adapted = PeftModel.from_pretrained(base, str(adapter_dir))
+    return adapted.merge_and_unload(), tokenizer
+
+
 @quiet_transformers_progress()
 def save_final_model(
     model: Any,

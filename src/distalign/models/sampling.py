@@ -363,7 +363,9 @@ def _score_batch(
     first, inverse = _repeat_index(prompt_ids)
     if len(first) < len(inverse):  # the prompts' forward shared by their repeats, then the completions
         logits, cache = _prefill(model, prompt_ids, prompts, prompt_mask, positions[:, :prompt_width])
-        logits = logits[:, None]  # [B, 1, V]: predicts each completion's first token
+        # [B, 1, V] predicts each completion's first token; scored apart from the rest rather than
+        # concatenated with it, which would copy the [B, width, V] logits once more.
+        token_logps = [_token_logprobs(logits[:, None], completions[:, :1])]
         if width > 1:
             rest = model(
                 input_ids=completions[:, :-1],
@@ -372,15 +374,32 @@ def _score_batch(
                 use_cache=True,
                 **{_cache_keyword(model): cache},
             ).logits
-            logits = torch.cat([logits, rest], dim=1)
+            token_logps.append(_token_logprobs(rest, completions[:, 1:]))
+        completion_logps = torch.cat(token_logps, dim=1)
     else:
         extra = {"logits_to_keep": width + 1} if _supports_logits_to_keep(model) else {}
         ids = torch.cat([prompts, completions], dim=1)
         logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False, **extra)
-        logits = logits.logits[:, -(width + 1) : -1]  # the positions predicting each completion token
-    logits = logits.float()
-    token_logps = torch.log_softmax(logits, dim=-1).gather(-1, completions[..., None]).squeeze(-1)
-    return torch.where(completion_mask.bool(), token_logps, 0.0).double().sum(-1).cpu()
+        # the positions predicting each completion token
+        completion_logps = _token_logprobs(logits.logits[:, -(width + 1) : -1], completions)
+    return torch.where(completion_mask.bool(), completion_logps, 0.0).double().sum(-1).cpu()
+
+
+#: Rows of [rows, T, V] logits normalised at once by :func:`_token_logprobs`.
+_LOG_SOFTMAX_ROWS = 4
+
+
+def _token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """[B, T] float32 log-softmax of ``logits`` [B, T, V] at ``tokens`` [B, T], a few rows at a time:
+    the [B, T, V] float32 log-softmax of a whole batch (200 MB for 32 completions of 32 tokens over
+    SmolLM2's 49k vocabulary) is never held, and the values are those of the whole-batch one (the
+    log-softmax of a row does not depend on the others)."""
+    parts = []
+    for start in range(0, logits.shape[0], _LOG_SOFTMAX_ROWS):
+        rows = slice(start, start + _LOG_SOFTMAX_ROWS)
+        log_probs = torch.log_softmax(logits[rows].float(), dim=-1)
+        parts.append(log_probs.gather(-1, tokens[rows, :, None]).squeeze(-1))
+    return torch.cat(parts)
 
 
 def score_completions(

@@ -71,10 +71,10 @@ _RUN_MARKERS = ("config.yaml", "metrics.jsonl", "checkpoints", "final")
 #: Config fields (dotted prefixes) that may differ between a run's checkpoints and the run resuming them.
 #: Bookkeeping that never enters a computation: where the run lives, logging, trackers, the progress bar,
 #: checkpoint cadence and retention, the overwrite switch itself, the ``eval`` section (read by
-#: ``distalign eval``, not by training) and the reference cache location. And knobs that trade memory
-#: for compute while computing the same objective: micro-batches (the global batch is fixed by
-#: ``train.batch_size``), gradient checkpointing, the log-prob chunk size, the coupling strategy and
-#: whether reference log-probs are precomputed. A run resumed with one of the latter changed trains the
+#: ``distalign eval``, not by training), the reference cache location and whether a LoRA run also
+#: saves merged weights. And knobs that trade memory for compute while computing the same objective:
+#: micro-batches (the global batch is fixed by ``train.batch_size``), gradient checkpointing, the
+#: log-prob chunk size, the coupling strategy and whether reference log-probs are precomputed. A run resumed with one of the latter changed trains the
 #: same objective but is not bitwise equal to the uninterrupted run. Everything else (model, data, loss
 #: and its options, aggregator, reference model, seed, lr, schedule, batch_size, max_steps / epochs,
 #: mixed precision, the online section, ...) changes the result and must match.
@@ -87,7 +87,9 @@ RESULT_NEUTRAL_FIELDS = (
     "train.trackers",
     "train.progress",
     "train.overwrite_output_dir",
+    "model.lora.save_merged",
     "train.micro_batch_size",
+    "train.no_grad_micro_batch_size",
     "data.packing",
     "data.group_by_length",
     "model.gradient_checkpointing",

@@ -171,13 +171,20 @@ def _train_step(
         with engine.sync_context(True):
             engine.backward(linear_surrogate(concat_stats(live), coefficients, offset))
     else:  # "recompute": a no-grad pass fixes the coupling, then each micro-batch back-propagates alone
+        # The no-grad pass keeps no activations, so it takes the rows in larger groups
+        # (train.no_grad_micro_batch_size); their order, and so each row's offset, is the micro-batches'.
+        rows_in_order = [row for rows in micro_batches for row in rows]
+        group = engine.config.train.no_grad_rows
         with torch.no_grad():
-            detached = [compute(rows) for rows in micro_batches]
+            detached = [
+                compute(rows_in_order[i : i + group], count_tokens=False)
+                for i in range(0, len(rows_in_order), group)
+            ]
         global_stats, offset = _gather(engine, concat_stats(detached))
         coefficients, result = coupling_coefficients(objective, global_stats)
         for k, rows in enumerate(micro_batches):
             with engine.sync_context(k == last):
-                engine.backward(linear_surrogate(compute(rows, count_tokens=False), coefficients, offset))
+                engine.backward(linear_surrogate(compute(rows), coefficients, offset))
             offset += len(rows)
     engine.optimizer_step()
     objective.advance(result)
@@ -274,6 +281,6 @@ def train_offline(config: RunConfig, *, stop_after_step: int | None = None) -> P
             return engine.run_dir
     engine.close()
     if reference is not None and data.kind != "listwise":
-        write_dominance_summary(engine, compute, len(data), config.train.micro_batch_size)
+        write_dominance_summary(engine, compute, len(data), config.train.no_grad_rows)
     save_final(engine, tokenizer, config, data.record(config, total_steps, engine.world_size))
     return engine.run_dir

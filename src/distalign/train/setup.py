@@ -374,7 +374,7 @@ class ReferenceLogps:
             pending = _PendingScore(cache, key, adapters_off, packing_layout(policy, config))
             return cls(data, engine, None, pending=pending)
         scorer = _ReferenceScorer.unprepared(ref_model, adapters_off, config)
-        table = _score_every_row(scorer, data, engine, config.train.micro_batch_size)
+        table = _score_every_row(scorer, data, engine, config.train.no_grad_rows)
         if engine.is_main:
             cache.store(key, table)
         engine.barrier()
@@ -388,9 +388,7 @@ class ReferenceLogps:
             return
         pending, self._pending = self._pending, None
         scorer = _ReferenceScorer.prepared(self.engine, pending.adapters_off, pending.packing)
-        self.table = _score_every_row(
-            scorer, self.data, self.engine, self.engine.config.train.micro_batch_size
-        )
+        self.table = _score_every_row(scorer, self.data, self.engine, self.engine.config.train.no_grad_rows)
         if self.engine.is_main:
             pending.cache.store(pending.key, self.table)
         self.engine.barrier()
@@ -475,13 +473,14 @@ def _split(data: OfflineData, rows: list[int], logps: torch.Tensor) -> dict[str,
     return named
 
 
-def _score_every_row(scorer, data, engine, micro_batch_size) -> dict[str, torch.Tensor]:
+def _score_every_row(scorer, data, engine, rows_per_forward) -> dict[str, torch.Tensor]:
     """The reference table of every row: each process scores an interleaved shard, the shards are
     gathered onto every process. Every process runs as many forward passes as the busiest one (the
-    extra ones are discarded): under FSDP2 or ZeRO-3 each forward is a collective."""
+    extra ones are discarded): under FSDP2 or ZeRO-3 each forward is a collective. ``rows_per_forward``:
+    rows per no-grad forward (``train.no_grad_rows``)."""
     engine.print(f"reference log-probs: computing for {len(data)} rows")
     shard = list(range(engine.rank, len(data), engine.world_size))
-    batches = [shard[start : start + micro_batch_size] for start in range(0, len(shard), micro_batch_size)]
+    batches = [shard[start : start + rows_per_forward] for start in range(0, len(shard), rows_per_forward)]
     for _ in range(engine.max_across(len(batches)) - len(batches)):
         scorer(data, [0], engine.device)
     parts: dict[str, list[torch.Tensor]] = {}
@@ -504,9 +503,10 @@ def _score_every_row(scorer, data, engine, micro_batch_size) -> dict[str, torch.
 
 
 def save_final(engine: Engine, tokenizer, config: RunConfig, record: TrainingRecord | None = None) -> Path:
-    """Save the trained policy to ``RUN_DIR/final`` (merged weights; adapter in final/adapter) with its
-    model card (``final/README.md``) and ``record`` (``final/distalign_training.json``), in one atomic
-    step. An evaluation in ``RUN_DIR/eval`` measured an earlier model: it is deleted first.
+    """Save the trained policy to ``RUN_DIR/final`` (with LoRA: the adapter in final/adapter, and merged
+    weights in final/ unless ``model.lora.save_merged`` is false) with its model card
+    (``final/README.md``) and ``record`` (``final/distalign_training.json``), in one atomic step. An
+    evaluation in ``RUN_DIR/eval`` measured an earlier model: it is deleted first.
 
     Every process calls it. Under FSDP2 or ZeRO-3 the weights are gathered onto the main process and
     saved from an unsharded CPU copy of the model, so ``final/`` is the same folder a single process
@@ -537,7 +537,7 @@ def save_final(engine: Engine, tokenizer, config: RunConfig, record: TrainingRec
             model,
             tokenizer,
             target,
-            merge_lora=True,
+            merge_lora=config.model.lora.save_merged,
             base_model_id=public_model_id(config.model.name),
             add_files=add_files,
         )

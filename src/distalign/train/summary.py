@@ -40,10 +40,9 @@ def _curves(stats: Stats) -> tuple[torch.Tensor, torch.Tensor, tuple[str, str], 
 
 
 @torch.no_grad()
-def write_dominance_summary(
-    engine, compute, num_rows: int, micro_batch_size: int, max_rows: int = 512
-) -> dict:
-    """Score the first ``max_rows`` training rows with the final policy; write the plot and metrics.
+def write_dominance_summary(engine, compute, num_rows: int, rows_per_forward: int, max_rows: int = 512) -> dict:
+    """Score the first ``max_rows`` training rows with the final policy, ``rows_per_forward`` at a time
+    (``train.no_grad_micro_batch_size``); write the plot and metrics.
 
     Every process scores an interleaved shard; the statistics are gathered so the figure covers all
     of them. Returns the metrics (identical on every process).
@@ -51,9 +50,9 @@ def write_dominance_summary(
     scored = min(num_rows, max_rows)
     rows = list(range(scored))[engine.rank :: engine.world_size]
     engine.model.eval()
-    step = 2 * micro_batch_size  # no activations are kept, so larger batches fit
     parts = [
-        compute(rows[i : i + step], with_kl=False, count_tokens=False) for i in range(0, len(rows), step)
+        compute(rows[i : i + rows_per_forward], with_kl=False, count_tokens=False)
+        for i in range(0, len(rows), rows_per_forward)
     ]
     # Under FSDP2 or ZeRO-3 every forward pass is a collective: match the busiest process's count.
     spare = [
