@@ -40,7 +40,9 @@ def _curves(stats: Stats) -> tuple[torch.Tensor, torch.Tensor, tuple[str, str], 
 
 
 @torch.no_grad()
-def write_dominance_summary(engine, compute, num_rows: int, rows_per_forward: int, max_rows: int = 512) -> dict:
+def write_dominance_summary(
+    engine, compute, num_rows: int, rows_per_forward: int, max_rows: int = 512
+) -> dict:
     """Score the first ``max_rows`` training rows with the final policy, ``rows_per_forward`` at a time
     (``train.no_grad_micro_batch_size``); write the plot and metrics.
 
@@ -50,15 +52,13 @@ def write_dominance_summary(engine, compute, num_rows: int, rows_per_forward: in
     scored = min(num_rows, max_rows)
     rows = list(range(scored))[engine.rank :: engine.world_size]
     engine.model.eval()
-    parts = [
-        compute(rows[i : i + rows_per_forward], with_kl=False, count_tokens=False)
-        for i in range(0, len(rows), rows_per_forward)
-    ]
-    # Under FSDP2 or ZeRO-3 every forward pass is a collective: match the busiest process's count.
-    spare = [
-        compute([0], with_kl=False, count_tokens=False)
-        for _ in range(engine.max_across(len(parts)) - len(parts))
-    ]
+    batches = [rows[i : i + rows_per_forward] for i in range(0, len(rows), rows_per_forward)]
+    # Every process runs the busiest one's number of forward passes, counted before the first: under
+    # FSDP2 / ZeRO-3 each forward is a collective, and under DDP one can sync buffers (a broadcast), so
+    # a process entering the count's all-reduce while another is in a forward would wait for ever.
+    passes = engine.max_across(len(batches))
+    parts = [compute(batch, with_kl=False, count_tokens=False) for batch in batches]
+    spare = [compute([0], with_kl=False, count_tokens=False) for _ in range(passes - len(batches))]
     if parts:
         local = concat_stats(parts)
     else:  # fewer rows than processes: still enter every collective below, with no rows of our own
