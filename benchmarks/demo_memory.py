@@ -183,6 +183,8 @@ def install_phases() -> None:
     wrap("distalign.demo", "_evaluate", "evaluate")
     wrap("distalign.eval.run", "evaluate_run", "evaluate run")
     wrap("distalign.eval.run", "load_eval_model", "load eval model")
+    if hasattr(importlib.import_module("distalign.eval.run"), "load_trained_model"):  # since save_merged
+        wrap("distalign.eval.run", "load_trained_model", "load trained model")
     wrap("distalign.eval.run", "draw_samples", _samples_label)
     wrap("distalign.eval.run", "score_samples", "reference scores policy samples")
     wrap("distalign.eval.run", "write_eval", "write eval/")

@@ -122,11 +122,12 @@ class MeasuredTimes:
 
 #: The measurements each preset's estimate is based on (keyed by ``DemoSettings.model``).
 MEASURED = {
-    # SmolLM2, 2-core machine, fresh clone: 7 min 0 s wall in all (419 s), 8.0 GB peak RSS.
+    # SmolLM2, 2-core machine (1-minute load average 1.1-2.5 with the demo itself), fresh reference
+    # cache: 8 min 6 s wall in all (486 s), 2.3 GB peak RSS. "eval" includes loading the base again.
     "smollm2": MeasuredTimes(
-        {"load": 3.1, "data": 51.2, "train_dpo": 150.6, "train_aot": 115.7, "eval": 95.2, "report": 3.5},
+        {"load": 2.8, "data": 49.1, "train_dpo": 157.1, "train_aot": 189.2, "eval": 84.8, "report": 2.7},
         steps=8,
-        peak_memory_gb=8.0,
+        peak_memory_gb=2.3,
     ),
     # Tiny model, CPU seconds per phase (a busy 2-core machine's wall time was twice that).
     "tiny": MeasuredTimes(

@@ -10,10 +10,10 @@ afterwards (separate mappings) come on top of it.
 :func:`release_freed_memory` returns every free page glibc holds (``malloc_trim(0)``, which also frees
 whole pages inside the heap, not only at its top). Call it between phases, not inside a loop: pages
 handed back are faulted in again when memory is next needed. Measured on SmolLM2 LoRA training (3 steps
-of 16 pairs in micro-batches of 4, 2-core virtual machine): a trim after every step took 3.5x the CPU
+of 16 pairs in micro-batches of 4, 2-core virtual machine): a trim after every step took 3.6x the CPU
 time and did not lower the step's peak; a fixed 1 MiB mmap threshold (``mallopt``) lowered it (2.0 GB
-instead of 3.2 GB) but took 30-60 % more CPU time, since every large tensor is then mapped and
-faulted in afresh. Neither is used; smaller micro-batches lower the peak at no cost.
+instead of 3.2 GB) but took 20-50 % more CPU time, since every large tensor is then mapped and
+faulted in afresh. Neither is used; smaller micro-batches lower the peak for much less.
 
 On other C libraries (musl, macOS, Windows) only the garbage collection runs.
 """
