@@ -165,30 +165,42 @@ def _samples_label(*args, description: str = "sample", **kwargs) -> str:
     return description
 
 
+# (module, function, phase label); a label may be a function of the call's arguments.
+PHASES = [
+    ("distalign.demo", "_load_base", "load base model"),
+    ("distalign.demo", "_make_pairs", "data"),
+    ("distalign.tasks.sampler", "make_task_dataset", "make task dataset"),
+    ("distalign.models.sampling", "sample_completions", "sample completions (batches)"),
+    ("distalign.tasks.make", "make_dataset", "build rows (gold reward, pairs)"),
+    ("distalign.train.offline", "train_offline", _run_label),
+    ("distalign.train.offline", "load_policy", "load policy"),
+    ("distalign.train.offline", "load_offline_data", "tokenise data"),
+    ("distalign.train.offline", "ReferenceLogps.build", "reference log-probs (precompute)"),
+    ("distalign.train.engine", "Engine.prepare", "prepare optimizer"),
+    ("distalign.train.offline", "_train_step", "optimizer steps"),
+    ("distalign.train.offline", "write_dominance_summary", "dominance summary (no-grad pass)"),
+    ("distalign.train.offline", "save_final", "save final/"),
+    ("distalign.demo", "_evaluate", "evaluate"),
+    ("distalign.eval.run", "evaluate_run", "evaluate run"),
+    ("distalign.eval.run", "load_eval_model", "load eval model"),
+    ("distalign.eval.run", "load_trained_model", "load trained model"),
+    ("distalign.eval.run", "draw_samples", _samples_label),
+    ("distalign.eval.run", "score_samples", "reference scores policy samples"),
+    ("distalign.eval.run", "write_eval", "write eval/"),
+    ("distalign.eval.report", "write_report", "report"),
+]
+
+
+# Functions older library versions lack (skipped there, so a "before" version can be measured too).
+OPTIONAL_PHASES = {"load_trained_model"}  # since model.lora.save_merged
+
+
 def install_phases() -> None:
     """The phases of the demo, of ``distalign eval`` and of ``distalign data make``."""
-    wrap("distalign.demo", "_load_base", "load base model")
-    wrap("distalign.demo", "_make_pairs", "data")
-    wrap("distalign.tasks.sampler", "make_task_dataset", "make task dataset")
-    wrap("distalign.models.sampling", "sample_completions", "sample completions (batches)")
-    wrap("distalign.tasks.make", "make_dataset", "build rows (gold reward, pairs)")
-    wrap("distalign.train.offline", "train_offline", _run_label)
-    wrap("distalign.train.offline", "load_policy", "load policy")
-    wrap("distalign.train.offline", "load_offline_data", "tokenise data")
-    wrap("distalign.train.offline", "ReferenceLogps.build", "reference log-probs (precompute)")
-    wrap("distalign.train.engine", "Engine.prepare", "prepare optimizer")
-    wrap("distalign.train.offline", "_train_step", "optimizer steps")
-    wrap("distalign.train.offline", "write_dominance_summary", "dominance summary (no-grad pass)")
-    wrap("distalign.train.offline", "save_final", "save final/")
-    wrap("distalign.demo", "_evaluate", "evaluate")
-    wrap("distalign.eval.run", "evaluate_run", "evaluate run")
-    wrap("distalign.eval.run", "load_eval_model", "load eval model")
-    if hasattr(importlib.import_module("distalign.eval.run"), "load_trained_model"):  # since save_merged
-        wrap("distalign.eval.run", "load_trained_model", "load trained model")
-    wrap("distalign.eval.run", "draw_samples", _samples_label)
-    wrap("distalign.eval.run", "score_samples", "reference scores policy samples")
-    wrap("distalign.eval.run", "write_eval", "write eval/")
-    wrap("distalign.eval.report", "write_report", "report")
+    for module, name, label in PHASES:
+        if name in OPTIONAL_PHASES and not hasattr(importlib.import_module(module), name):
+            continue
+        wrap(module, name, label)
 
 
 def main() -> int:
@@ -214,8 +226,12 @@ def main() -> int:
     RECORDER.records["(whole command)"].cpu_seconds = time.process_time() - cpu_started
     RECORDER.finish()
     print(f"\ncommand: distalign {' '.join(command)} (exit status {status})")
-    print(f"load average: {' '.join(f'{x:.2f}' for x in os.getloadavg())}; imports {started - imported:.1f} s")
-    print(f"peak RSS of the whole process (VmHWM before the last reset): {RECORDER.records['(whole command)'].peak_mb:.0f} MB")
+    print(
+        f"load average: {' '.join(f'{x:.2f}' for x in os.getloadavg())}; imports {started - imported:.1f} s"
+    )
+    print(
+        f"peak RSS of the whole process (VmHWM before the last reset): {RECORDER.records['(whole command)'].peak_mb:.0f} MB"
+    )
     print("peaks exact (VmHWM reset at each boundary)" if RECORDER.can_reset else "peaks sampled every 20 ms")
     print(RECORDER.table())
     if args.json:

@@ -65,7 +65,9 @@ def main() -> None:
         rows = list(range(16 * (repeat % groups), 16 * (repeat % groups) + 16))
         for case in cases if repeat % 2 == 0 else cases[::-1]:
             times[case].append(seconds(rows, *case))
-    print(f"load average {os.getloadavg()[0]:.2f}; {torch.get_num_threads()} threads; {args.repeats} repetitions")
+    print(
+        f"load average {os.getloadavg()[0]:.2f}; {torch.get_num_threads()} threads; {args.repeats} repetitions"
+    )
     print("| micro-batch (pairs) | fwd+bwd of 16 pairs, s | no-grad fwd of 16 pairs, s |")
     print("|---|---|---|")
     for size in args.micro_batches:

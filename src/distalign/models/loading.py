@@ -384,7 +384,9 @@ def saved_model_layout(directory: str | os.PathLike[str]) -> Literal["model", "a
     return None
 
 
-def load_merged_adapter(base_name: str, adapter_dir: str | os.PathLike[str], **options: Any) -> tuple[Any, Any]:
+def load_merged_adapter(
+    base_name: str, adapter_dir: str | os.PathLike[str], **options: Any
+) -> tuple[Any, Any]:
     """Load ``base_name`` (as :func:`load_model_and_tokenizer` accepts it, with ``options``) and merge the
     LoRA adapter saved in ``adapter_dir`` into its weights: a plain model, computing what the merged copy
     :func:`save_final_model` would have saved (the same merge on the same weights), held once in memory."""

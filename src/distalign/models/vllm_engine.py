@@ -161,19 +161,12 @@ def _engine_sample(completion) -> EngineSample:
 
 
 def build_vllm_engine(
-    policy: torch.nn.Module,
-    tokenizer,
-    *,
-    dtype: str,
-    gpu_memory_utilization: float,
-    max_model_len: int,
-    seed: int,
-    enforce_eager: bool = False,
-    engine_args: dict[str, Any] | None = None,
+    policy: torch.nn.Module, tokenizer, *, dtype: str, **engine_settings: Any
 ) -> VLLMEngine:
     """A :class:`VLLMEngine` with ``policy``'s architecture (config and tokenizer written to a temporary
     directory, so any model distalign loads - a GGUF file, the tiny test model, a hub id - works).
-    ``dtype`` "auto" = the policy's parameter dtype. Refuses, naming the setting, a machine without
+    ``dtype`` "auto" = the policy's parameter dtype; ``engine_settings``: :class:`VLLMEngine`'s other
+    keyword arguments. Refuses, naming the setting, a machine without
     CUDA and a dtype vLLM does not run."""
     from distalign.models.loading import is_peft_model, unwrap_model
 
@@ -196,14 +189,6 @@ def build_vllm_engine(
     model_dir = tempfile.TemporaryDirectory(prefix="distalign-vllm-")
     plain.config.save_pretrained(model_dir.name)
     tokenizer.save_pretrained(model_dir.name)
-    engine = VLLMEngine(
-        model_dir.name,
-        dtype=dtype,
-        gpu_memory_utilization=gpu_memory_utilization,
-        max_model_len=max_model_len,
-        seed=seed,
-        enforce_eager=enforce_eager,
-        engine_args=engine_args,
-    )
+    engine = VLLMEngine(model_dir.name, dtype=dtype, **engine_settings)
     engine.model_dir = model_dir
     return engine

@@ -411,9 +411,8 @@ class Engine:
         positions = self.sum_across(float(self._positions_since_log))
         elapsed = max(time.perf_counter() - self._last_log_time, 1e-9)
         record = {"step": step, **metrics, "lr": self.lr}
-        record["tokens"] = (
-            tokens  # the trained sequences' tokens (prompt + completion each) since the last record
-        )
+        # the trained sequences' tokens (prompt + completion each) since the last record
+        record["tokens"] = tokens
         if positions > 0:  # padded positions / all positions processed (0 = padding-free)
             record["tokens/padding_fraction"] = max(0.0, 1.0 - forwarded / positions)
         if forwarded < tokens:  # tokens not forwarded because a prompt was shared

@@ -100,19 +100,18 @@ class EngineSampler:
         self.stop_token_ids = sorted(set(stop_token_ids))
         self.max_new_tokens, self.seed = max_new_tokens, seed
         self.weight_pushes = 0
-        self._pushed_version: Hashable | None = None
-        self._pushed_once = False
+        self._pushed_version: Hashable | None = None  # meaningful once weight_pushes > 0
 
     def sync(self, model: torch.nn.Module, version: Hashable) -> bool:
-        if self._pushed_once and version == self._pushed_version:
+        if self.weight_pushes and version == self._pushed_version:
             return False
         self.engine.load_weights(engine_weights(model))
-        self._pushed_version, self._pushed_once = version, True
+        self._pushed_version = version
         self.weight_pushes += 1
         return True
 
     def draw(self, model, prompts, indices, groups, *, step, rank) -> Rollout:
-        if not self._pushed_once:
+        if not self.weight_pushes:
             raise RuntimeError("EngineSampler.draw before sync: the engine holds no weights of this run")
         runs = _prompt_runs(indices, groups)
         requests = [
