@@ -431,6 +431,22 @@ class Engine:
     def set_final_step(self, step: int) -> None:
         self._final_step = step
 
+    def finish(self) -> Path:
+        """End a run that every process completed (after :meth:`close` and the final save): every
+        process waits for the others, then the run directory is returned.
+
+        Why wait: a gloo worker thread releases a finished collective's tensors a moment after the
+        caller's ``wait`` returned. A process whose script ends in that moment reaches interpreter
+        shutdown while the thread still needs the GIL for them, and aborts ("terminate called without
+        an active exception"; seen in CI under FSDP2 on CPU, about one two-process run in five,
+        core dump: ``AsyncAllreduceWork`` destroyed by ``ProcessGroupGloo::runLoop`` during
+        ``Py_FinalizeEx``). The barrier's round trip to every other process outlasts that moment, and
+        its own work holds no Python tensors. Only on success: a process that raised must not wait
+        for ones that may be stuck in a collective."""
+        if self.accelerator.num_processes > 1:
+            self.accelerator.wait_for_everyone()
+        return self.run_dir
+
     def close(self) -> None:
         if self._progress is not None:
             self._progress.close()

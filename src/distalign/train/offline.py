@@ -278,9 +278,9 @@ def train_offline(config: RunConfig, *, stop_after_step: int | None = None) -> P
             engine.save_checkpoint(step, {"aggregator_state": state_to_json(objective.state)})
         if stop_after_step is not None and step >= stop_after_step:
             engine.close()
-            return engine.run_dir
+            return engine.finish()
     engine.close()
     if reference is not None and data.kind != "listwise":
         write_dominance_summary(engine, compute, len(data), config.train.no_grad_rows)
     save_final(engine, tokenizer, config, data.record(config, total_steps, engine.world_size))
-    return engine.run_dir
+    return engine.finish()

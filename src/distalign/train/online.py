@@ -509,7 +509,7 @@ def train_online(config: RunConfig, *, stop_after_step: int | None = None, gener
             engine.save_checkpoint(step, run.state.state_dict())
         if stop_after_step is not None and step >= stop_after_step:
             engine.close()
-            return engine.run_dir
+            return engine.finish()
     engine.close()
     save_final(engine, tokenizer, config, run.prompts.record(config, total_steps, engine.world_size))
-    return engine.run_dir
+    return engine.finish()
