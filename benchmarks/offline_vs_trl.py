@@ -111,7 +111,7 @@ def _prepare_inputs(args: argparse.Namespace, scratch: Path) -> tuple[str, str]:
 
 def _arms(args: argparse.Namespace) -> list[tuple[str, str, str, str]]:
     """(label, framework, setting, prototype fixes) of every run in one repetition; a label ending in
-    "packed" runs distalign with data.packing on."""
+    "packed" runs distalign with data.packing on ("packed-mask": with the block-diagonal mask)."""
     arms = []
     for setting in args.settings:
         if setting == "trl_defaults":
@@ -120,6 +120,8 @@ def _arms(args: argparse.Namespace) -> list[tuple[str, str, str, str]]:
         arms += [("distalign", "distalign", setting, ""), ("trl", "trl", setting, "")]
         if args.packed:
             arms.append(("distalign packed", "distalign", setting, ""))
+        if args.packed_mask:
+            arms.append(("distalign packed-mask", "distalign", setting, ""))
         if args.prototype_fixes and setting in args.fix_settings:
             arms.append(("distalign+fixes", "distalign", setting, ",".join(args.prototype_fixes)))
     return arms
@@ -145,8 +147,10 @@ def _worker_args(
     flags = [str(item) for pair in values.items() for item in pair]
     if fixes:
         flags += ["--fixes", fixes]
-    if arm[0].endswith("packed"):
+    if "packed" in arm[0]:
         flags.append("--packing")
+    if arm[0].endswith("packed-mask"):
+        flags.append("--block-diagonal-mask")
     if args.lora_r:
         flags += ["--lora-r", str(args.lora_r)]
     return flags + (["--profile", framework] if args.profile == framework else [])
@@ -173,6 +177,16 @@ COMPARISONS = [
     (("distalign", "on_the_fly"), ("trl", "on_the_fly"), "equal footing: both on the fly"),
     (("distalign packed", "precomputed"), ("trl", "precomputed"), "packed, both precompute"),
     (("distalign packed", "on_the_fly"), ("trl", "on_the_fly"), "packed, both on the fly"),
+    (
+        ("distalign packed-mask", "precomputed"),
+        ("trl", "precomputed"),
+        "packed with the mask, both precompute",
+    ),
+    (
+        ("distalign packed", "precomputed"),
+        ("distalign packed-mask", "precomputed"),
+        "packed: span attention vs block-diagonal mask",
+    ),
     (("distalign+fixes", "precomputed"), ("trl", "trl_defaults"), "prototype fixes vs TRL defaults (fp32)"),
     (("distalign+fixes", "precomputed"), ("trl", "on_the_fly"), "prototype fixes vs TRL on-the-fly, no GC"),
     (("distalign+fixes", "precomputed"), ("trl", "precomputed"), "prototype fixes, both precompute"),
@@ -296,6 +310,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--packed", action="store_true", help="also run distalign with data.packing (padding-free batches)"
     )
     parser.add_argument(
+        "--packed-mask",
+        action="store_true",
+        help="also run distalign packed with the block-diagonal mask instead of span attention (as before it)",
+    )
+    parser.add_argument(
         "--lora-r",
         type=int,
         default=0,
@@ -321,6 +340,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # worker-only, set by gpu_step.py (this script's own runs are fp32, padded)
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help=argparse.SUPPRESS)
     parser.add_argument("--packing", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--block-diagonal-mask", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker is None:
         preset = dict(PRESETS[args.model])

@@ -88,6 +88,10 @@ def _distalign_worker(args: argparse.Namespace) -> dict:
         clock.tick()
 
     engine_module.Engine.log = log_and_stamp
+    if args.block_diagonal_mask:  # packed attention as before span attention: one masked call per row
+        from distalign.train import setup as setup_module
+
+        setup_module.use_span_attention = lambda model: False
     config = load_config(None, overrides)
     clock.tick()
     # stop_after_step = max_steps ends right after the last optimizer step, skipping the final save

@@ -33,6 +33,23 @@ def single_thread_torch():
     torch.set_num_threads(previous)
 
 
+def _rms_norm_in_input_dtype(self, hidden_states):
+    variance = hidden_states.pow(2).mean(-1, keepdim=True)
+    return self.weight * (hidden_states * torch.rsqrt(variance + self.variance_epsilon))
+
+
+@pytest.fixture
+def float64_norms(monkeypatch):
+    """Llama's RMSNorm computes in float32 even in a float64 model. A shared prompt's tokens receive the
+    gradients of several completions summed before that float32 backward, separate copies each their
+    own, so packed-with-shared-prompts and padded batches differ by float32 rounding (~1e-7) there
+    alone; with the norm in the input dtype every op is float64 and the layouts agree to 1e-12."""
+    from transformers.models.llama import modeling_llama
+
+    monkeypatch.setattr(modeling_llama.LlamaRMSNorm, "forward", _rms_norm_in_input_dtype)
+    return _rms_norm_in_input_dtype
+
+
 @pytest.fixture
 def throwaway():
     """Register losses and aggregators for one test, each by one function, as a user would; they are

@@ -32,6 +32,8 @@ from distalign.models.heads import build_heads
 from distalign.models.logprobs import SequenceLogprobModel, batch_logprobs
 from distalign.models.packed_logprobs import packed_sequence_logprobs
 from distalign.models.packing import packing_problem
+from distalign.models.span_attention import IMPLEMENTATION as SPANS
+from distalign.models.span_attention import register_span_attention
 from distalign.models.tiny import build_tiny_model
 from distalign.testing.runs import gradients_close, read_metrics, run_gradient, run_gradient_two_processes
 from distalign.train.batching import split_for_process
@@ -48,20 +50,11 @@ def _sequences(seed: int = 0) -> tuple[list[list[int]], list[list[int]]]:
     return prompts, completions
 
 
-def _rms_norm_in_input_dtype(self, hidden_states):
-    variance = hidden_states.pow(2).mean(-1, keepdim=True)
-    return self.weight * (hidden_states * torch.rsqrt(variance + self.variance_epsilon))
-
-
 @pytest.fixture(autouse=True)
-def float64_norms(monkeypatch):
-    """Llama's RMSNorm computes in float32 even in a float64 model. A shared prompt's tokens receive the
-    gradients of several completions summed before that float32 backward, separate copies each their
-    own, so the two layouts differ by float32 rounding (~1e-7) there alone; with the norm in the input
-    dtype every op is float64 and the layouts agree to 1e-12 (the stock norm is tested on its own)."""
-    from transformers.models.llama import modeling_llama
-
-    monkeypatch.setattr(modeling_llama.LlamaRMSNorm, "forward", _rms_norm_in_input_dtype)
+def _float64_norms(float64_norms):
+    """Every test here compares layouts in float64 (conftest's ``float64_norms``); the stock norm is
+    tested on its own."""
+    return float64_norms
 
 
 @pytest.fixture(scope="module")
@@ -153,9 +146,12 @@ def _padded_and_packed(model, rows, attention, heads=None, sequences=None):
         ("sdpa", "one", "mask"),
         ("sdpa", "one", "varlen"),  # position ids only: the path flash attention takes
         ("eager", "longest", "mask"),
+        (SPANS, "longest", "spans"),  # each sequence one causal attention call
+        (SPANS, "one", "spans"),
     ],
 )
 def test_packed_logprobs_and_gradients_equal_padded(model64, implementation, rows, attention):
+    register_span_attention()
     model64.set_attn_implementation(implementation)
     try:
         (padded, padded_grads), (packed, packed_grads) = _padded_and_packed(model64, rows, attention)
@@ -196,15 +192,18 @@ def test_shared_prompt_layout_hand_built():
     assert targets.tolist() == [2, 3, 4, 6] and predictors.tolist() == [1, 2, 1, 5]
 
 
-@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
-def test_shared_prompts_give_the_padded_logprobs_heads_and_gradients(model64, implementation):
+@pytest.mark.parametrize(
+    ("implementation", "attention"), [("sdpa", "mask"), ("eager", "mask"), (SPANS, "spans")]
+)
+def test_shared_prompts_give_the_padded_logprobs_heads_and_gradients(model64, implementation, attention):
     heads = build_heads(("value",), model64.config.hidden_size, torch.float64)
     torch.manual_seed(0)
     torch.nn.init.normal_(heads["value"].linear.weight, std=0.1)
+    register_span_attention()
     model64.set_attn_implementation(implementation)
     try:
         (padded, padded_grads), (packed, packed_grads) = _padded_and_packed(
-            model64, "shared", "mask", heads, sequences=_shared_sequences()
+            model64, "shared", attention, heads, sequences=_shared_sequences()
         )
     finally:
         model64.set_attn_implementation("sdpa")
@@ -216,11 +215,13 @@ def test_shared_prompts_give_the_padded_logprobs_heads_and_gradients(model64, im
     torch.testing.assert_close(packed_grads, padded_grads, atol=gradient_tolerance, rtol=0)
 
 
-def test_with_the_stock_float32_norm_shared_prompts_agree_to_float32_rounding(model64, monkeypatch):
+def test_with_the_stock_float32_norm_shared_prompts_agree_to_float32_rounding(
+    model64, monkeypatch, float64_norms
+):
     from transformers.models.llama import modeling_llama
 
     monkeypatch.undo()  # the stock LlamaRMSNorm: float32 inside a float64 model
-    assert modeling_llama.LlamaRMSNorm.forward is not _rms_norm_in_input_dtype
+    assert modeling_llama.LlamaRMSNorm.forward is not float64_norms
     (padded, padded_grads), (packed, packed_grads) = _padded_and_packed(
         model64, "shared", "mask", sequences=_shared_sequences()
     )

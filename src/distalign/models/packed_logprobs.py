@@ -2,8 +2,10 @@
 
 The computation is :func:`distalign.models.logprobs.sequence_logprobs`'s, with two differences: each
 token's log-prob is summed into its own sequence (``sequence_index``) rather than its row, and attention
-is confined to each sequence by a block-diagonal causal mask (eager / SDPA) or, for flash-attention
-kernels, by the sequence boundaries transformers reads from ``position_ids``. Whether that is exact for
+is confined to each sequence by attention spans (:mod:`distalign.models.span_attention`: models on
+SDPA, switched to it when packing is on), by a block-diagonal causal mask (eager and other
+implementations) or, for flash-attention kernels, by the sequence boundaries transformers reads from
+``position_ids``. Whether that is exact for
 a model is :mod:`distalign.models.packing`'s question.
 """
 
@@ -21,13 +23,18 @@ from distalign.models.logprobs import (
     _model_inputs,
     _summed_logprobs,
 )
+from distalign.models.span_attention import IMPLEMENTATION as SPAN_ATTENTION
+from distalign.models.span_attention import SPANS_KEYWORD, attention_spans
 
 
 def packed_attention_kind(model: nn.Module) -> str:
     """How a packed batch's attention is confined to each sequence: "varlen" for flash-attention
     kernels (transformers derives the sequence boundaries from ``position_ids``; the batch must be one
-    row), "mask" otherwise (a block-diagonal causal 4D mask)."""
+    row), "spans" for a model on span attention (:func:`~distalign.models.span_attention.use_span_attention`),
+    "mask" otherwise (a block-diagonal causal 4D mask)."""
     implementation = getattr(getattr(_causal_lm(model), "config", None), "_attn_implementation", None)
+    if implementation == SPAN_ATTENTION:
+        return "spans"
     return "varlen" if "flash" in str(implementation or "") else "mask"
 
 
@@ -54,6 +61,9 @@ def _packed_inputs(
         if group_index is not None:
             raise ValueError("variable-length (flash) attention cannot share prompts: pack with rows='one'")
         return _model_inputs(module, input_ids, None, position_ids)
+    if attention == "spans":
+        spans = attention_spans(sequence_index, group_index, completion_mask)
+        return {**_model_inputs(module, input_ids, None, position_ids), SPANS_KEYWORD: spans}
     implementation = getattr(getattr(module, "config", None), "_attn_implementation", None)
     dtype = next(module.parameters()).dtype if implementation == "eager" else None
     mask = packed_attention_mask(
@@ -106,8 +116,9 @@ def packed_sequence_logprobs(
         group_index: [R, W] the shared-prompt layout's groups (``pack_sequences(rows="shared")``):
             completions attend to their group's prompt, laid out once; None: no prompt is shared.
         num_sequences: M; default ``sequence_index.max() + 1``.
-        attention: "mask" (block-diagonal causal 4D mask: eager/SDPA) or "varlen" (``position_ids``
-            only, one row: flash-attention kernels); default :func:`packed_attention_kind`.
+        attention: "spans" (span attention), "mask" (block-diagonal causal 4D mask: eager/SDPA) or
+            "varlen" (``position_ids`` only, one row: flash-attention kernels); default
+            :func:`packed_attention_kind`.
         head_positions: [M] flat index ``r * W + t`` of each sequence's last prompt token.
         chunk_size, lean, heads, detach_head_input: as for :func:`sequence_logprobs`.
 

@@ -45,6 +45,7 @@ from distalign.models.logprobs import SequenceLogprobModel, batch_logprobs
 from distalign.models.packed_logprobs import packed_rows
 from distalign.models.packing import packing_problem
 from distalign.models.reference import ReferenceLogprobCache, adapters_disabled
+from distalign.models.span_attention import use_span_attention
 from distalign.train.checkpoints import remove_stale_evaluation
 from distalign.train.engine import Engine
 from distalign.train.objective import BatchObjective
@@ -290,6 +291,8 @@ def packing_layout(model, config: RunConfig) -> PackedRows | None:
     A model packing cannot be exact for is refused here, before any step, naming its model type."""
     if not config.data.packing:
         return None
+    # Packed forwards of an SDPA model then compute only the attention blocks each sequence sees.
+    use_span_attention(model)
     problem = packing_problem(model, config.data.max_length)
     if problem is not None:
         raise SetupError(
@@ -439,8 +442,9 @@ class _ReferenceScorer:
 
     @classmethod
     def unprepared(cls, model, adapters_off: bool, config: RunConfig) -> _ReferenceScorer:
+        packing = packing_layout(model, config)  # may switch the model's attention: before the wrapper
         wrapper = SequenceLogprobModel(model, chunk_size=config.model.logprob_chunk_size)
-        return cls(model, wrapper, adapters_off, packing_layout(model, config))
+        return cls(model, wrapper, adapters_off, packing)
 
     @classmethod
     def prepared(cls, engine: Engine, adapters_off: bool, packing: PackedRows | None) -> _ReferenceScorer:

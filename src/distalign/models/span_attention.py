@@ -1,0 +1,168 @@
+"""Attention for packed batches that computes only the blocks a packed sequence can see.
+
+A packed row confines attention to each sequence with a block-diagonal causal mask. PyTorch's SDPA
+kernels cannot skip masked blocks of an arbitrary mask, so a masked row of width W costs W x W scores
+whatever it holds: one 1024-token DPO pair with a shared 512-token prompt ([prompt, chosen, rejected],
+1536 tokens) cost SmolLM2's 30 layers 7.7 s of attention forward + backward per step on one CPU
+thread, more than the padded batch's two 1024-token causal rows (4.9 s), eating most of what packing
+saves in the linear layers.
+
+Here the row is cut into *spans*, each one causal attention call over exactly the keys it may see:
+a sequence (or a shared prompt with the first completion after it) is a causal block of its own; a
+later completion of a shared prompt attends to the prompt in full and to itself causally (one call
+with a [completion, prompt + completion] mask). The same row costs 4.3 s. The values are those of the
+masked computation (each query sees the same keys; ``benchmarks`` and the tests compare).
+
+Wiring: transformers looks an attention function up by ``config._attn_implementation`` for every
+layer call. :func:`use_span_attention` gives a model the implementation registered here, which is
+PyTorch SDPA exactly as transformers' "sdpa" (it delegates) unless the forward call carries
+``distalign_spans``: the packed forward passes them (:func:`attention_spans`) through the model's
+keyword arguments to every attention layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+IMPLEMENTATION = "distalign_span_sdpa"
+SPANS_KEYWORD = "distalign_spans"
+
+
+@dataclass(frozen=True)
+class Span:
+    """Queries ``[start, end)`` of a row attend causally to themselves and, in full, to the keys
+    ``[prefix_start, prefix_end)`` (a shared prompt; empty when ``prefix_start == prefix_end``)."""
+
+    start: int
+    end: int
+    prefix_start: int = 0
+    prefix_end: int = 0
+
+
+def attention_spans(
+    sequence_index: Tensor, group_index: Tensor | None = None, completion_mask: Tensor | None = None
+) -> tuple[tuple[Span, ...], ...]:
+    """The spans of every row of a packed batch (:func:`~distalign.data.collate.pack_sequences`):
+    the same attention as :func:`~distalign.data.collate.packed_attention_mask`.
+
+    Each run of equal ``sequence_index`` is a span (row-end padding, -1, is one of its own, as in the
+    mask). In the shared-prompt layout (``group_index`` given) a group is [prompt, first completion,
+    later completions]: the prompt carries the first completion's sequence index, so prompt and first
+    completion form one causal span; each later completion is a span whose prefix is the prompt."""
+    if group_index is not None and completion_mask is None:
+        raise ValueError("the shared-prompt spans need the completion_mask")
+    rows = []
+    sequences = sequence_index.tolist()
+    groups = group_index.tolist() if group_index is not None else None
+    completions = completion_mask.tolist() if completion_mask is not None else None
+    for r, row in enumerate(sequences):
+        spans: list[Span] = []
+        group_start, prompt_end, start = 0, 0, 0
+        for t in range(1, len(row) + 1):
+            if t < len(row) and row[t] == row[start]:
+                continue
+            if groups is None or row[start] < 0:
+                spans.append(Span(start, t))
+            elif start == 0 or groups[r][start - 1] != groups[r][start]:  # a group's first span
+                group_start = start
+                prompt_end = start
+                while prompt_end < t and not completions[r][prompt_end]:
+                    prompt_end += 1
+                spans.append(Span(start, t))
+            else:
+                if not all(completions[r][start:t]) or prompt_end == group_start:
+                    raise ValueError(
+                        f"packed row {r}: positions {start}..{t - 1} follow their group's first "
+                        "sequence but are not one completion after a prompt (not a shared-prompt layout)"
+                    )
+                spans.append(Span(start, t, group_start, prompt_end))
+            start = t
+        rows.append(tuple(spans))
+    return tuple(rows)
+
+
+def _span_output(query: Tensor, key: Tensor, value: Tensor, span: Span, **sdpa: object) -> Tensor:
+    """One span's attention output [1, H, L, D] (queries, keys and values of one row: [1, H, T, D])."""
+    q = query[:, :, span.start : span.end]
+    k = key[:, :, span.start : span.end]
+    v = value[:, :, span.start : span.end]
+    if span.prefix_end == span.prefix_start:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, **sdpa)
+    prefix = slice(span.prefix_start, span.prefix_end)
+    length, prefix_length = span.end - span.start, span.prefix_end - span.prefix_start
+    mask = torch.ones(length, prefix_length + length, dtype=torch.bool, device=query.device)
+    mask[:, prefix_length:] = torch.ones(length, length, dtype=torch.bool, device=query.device).tril()
+    k = torch.cat([key[:, :, prefix], k], dim=2)
+    v = torch.cat([value[:, :, prefix], v], dim=2)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **sdpa)
+
+
+def span_attention_forward(
+    module: nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs,
+) -> tuple[Tensor, None]:
+    """transformers' attention-function signature: [B, H, T, D] queries, [B, Hkv, T, D] keys and values
+    in, [B, T, H, D] out. Without ``distalign_spans`` this is transformers' SDPA attention."""
+    spans = kwargs.pop(SPANS_KEYWORD, None)
+    if spans is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+    if kwargs.get("softcap") is not None:
+        raise ValueError("span attention does not soft-cap attention scores")
+    if len(spans) != query.shape[0]:
+        raise ValueError(f"{len(spans)} rows of spans for a batch of {query.shape[0]} rows")
+    groups = query.shape[1] // key.shape[1]
+    if groups > 1:  # grouped-query attention: each key/value head serves `groups` query heads
+        key = key.repeat_interleave(groups, dim=1)
+        value = value.repeat_interleave(groups, dim=1)
+    sdpa = {"dropout_p": dropout, "scale": scaling}
+    rows = [
+        torch.cat(
+            [_span_output(query[r : r + 1], key[r : r + 1], value[r : r + 1], s, **sdpa) for s in row], 2
+        )
+        for r, row in enumerate(spans)
+    ]
+    return torch.cat(rows, dim=0).transpose(1, 2).contiguous(), None
+
+
+def register_span_attention() -> None:
+    """Make :data:`IMPLEMENTATION` known to transformers (its attention and mask functions); idempotent."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, sdpa_mask
+
+    if IMPLEMENTATION not in ALL_MASK_ATTENTION_FUNCTIONS:
+        AttentionInterface.register(IMPLEMENTATION, span_attention_forward)
+        AttentionMaskInterface.register(IMPLEMENTATION, sdpa_mask)
+
+
+def use_span_attention(model: nn.Module) -> bool:
+    """Switch a model (a transformers causal LM, peft-wrapped or not) on transformers' SDPA attention to
+    :data:`IMPLEMENTATION` (the same attention until a forward passes spans); returns whether it now
+    uses it. Other implementations (eager, flash kernels, models that cannot change theirs) are left
+    as they are."""
+    from distalign.models.logprobs import _causal_lm
+
+    causal_lm = _causal_lm(model)
+    config = getattr(causal_lm, "config", None)
+    current = getattr(config, "_attn_implementation", None)
+    if current == IMPLEMENTATION:
+        return True
+    can_set = getattr(causal_lm, "_can_set_attn_implementation", None)
+    if current != "sdpa" or not callable(can_set) or not can_set():
+        return False
+    register_span_attention()
+    causal_lm.set_attn_implementation(IMPLEMENTATION)
+    return config._attn_implementation == IMPLEMENTATION
