@@ -118,7 +118,7 @@ def revision_source(revision: str, scratch: Path) -> str:
 
 
 # ------------------------------------------------------------------------------------------ parent
-def _worker_args(args: argparse.Namespace, framework: str, path: str) -> list[str]:
+def _worker_args(args: argparse.Namespace, framework: str, path: str, packed: bool = False) -> list[str]:
     values = {
         "--worker": framework,
         "--model-path": path,
@@ -133,9 +133,8 @@ def _worker_args(args: argparse.Namespace, framework: str, path: str) -> list[st
         "--kl-coef": args.kl_coef,
     }
     flags = [str(item) for pair in values.items() for item in pair] + (["--lora"] if args.lora else [])
-    return flags + (
-        ["--distalign-set", *args.distalign_set] if framework == "distalign" and args.distalign_set else []
-    )
+    overrides = [*args.distalign_set, *(["data.packing=true"] if packed else [])]
+    return flags + (["--distalign-set", *overrides] if framework == "distalign" and overrides else [])
 
 
 def _ratio(ours: list[dict], theirs: list[dict], key: str) -> tuple[float, str]:
@@ -193,6 +192,8 @@ def parent_main(args: argparse.Namespace) -> None:
     path = model_path(args.model)
     prompt_tokens = check_same_prompts(path, args.task)
     arms: list[tuple[str, str, dict]] = [("distalign", "distalign", {})]
+    if args.packed:  # exact, so TRL still does the same work
+        arms.insert(0, ("distalign packed", "distalign", {}))
     results: dict[str, list[dict]] = {}
     with tempfile.TemporaryDirectory(prefix="distalign_bench_src_") as scratch:
         for revision in args.revisions:
@@ -204,7 +205,7 @@ def parent_main(args: argparse.Namespace) -> None:
             for label, framework, env in arms if repetition % 2 == 0 else arms[::-1]:
                 result = run_worker(
                     __file__,
-                    _worker_args(args, framework, path),
+                    _worker_args(args, framework, path, packed=label == "distalign packed"),
                     timeout=args.timeout,
                     env={**thread_env(args.threads), **env},
                 )
@@ -229,10 +230,10 @@ def parent_main(args: argparse.Namespace) -> None:
     print(markdown_table(header, _summary_rows(results, baseline)))
     for label in labels[1:]:
         if label.startswith("distalign@"):
-            speed, spread = _ratio(results["distalign"], results[label], "samples_per_s")
-            work, work_spread = _ratio(results["distalign"], results[label], "samples_per_cpu_s")
+            speed, spread = _ratio(results[labels[0]], results[label], "samples_per_s")
+            work, work_spread = _ratio(results[labels[0]], results[label], "samples_per_cpu_s")
             print(
-                f"distalign vs {label}: samples/s x{speed:.2f} (per-repetition {spread}), samples per CPU "
+                f"{labels[0]} vs {label}: samples/s x{speed:.2f} (per-repetition {spread}), samples per CPU "
                 f"second x{work:.2f} (per-repetition {work_spread})"
             )
     print("\nmedian seconds per step and phase (TRL: sample = generate, score_reference = its no-grad "
@@ -265,6 +266,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--revisions", nargs="*", default=[], help="also run distalign at these git revisions"
     )
     parser.add_argument("--no-trl", action="store_true", help="distalign arms only")
+    parser.add_argument(
+        "--packed",
+        action="store_true",
+        help="also run distalign with data.packing (the update's forward packed)",
+    )
     parser.add_argument(
         "--distalign-set",
         nargs="*",

@@ -92,10 +92,13 @@ class DataConfig(Section):
     chat_template: ChatTemplateMode = "auto"
     """Render with the tokenizer's chat template: "auto" = iff the rows are conversational."""
     packing: bool = False
-    """Padding-free forward passes in the offline loop (policy and reference log-probs): each
-    micro-batch's sequences laid end to end with position ids restarting at 0 and a block-diagonal
-    causal attention mask (flash-attention: variable-length attention through position_ids, one row),
-    so no compute goes to padding. Exact: the same log-probs and gradients as padded batches, up to
+    """Padding-free forward passes: in the offline loop, policy and reference log-probs; in the online
+    loop, the update's forward over the samples (a prompt's samples share one copy of it with
+    ``share_prompts``; sampling and the reference's scoring share it through the KV cache). Each
+    micro-batch's sequences laid end to end with position ids restarting at 0 and attention confined to
+    each sequence (SDPA models: one attention call per sequence, ``models/span_attention.py``; eager: a
+    block-diagonal causal mask; flash-attention: variable-length attention through position_ids, one
+    row), so no compute goes to padding. Exact: the same log-probs and gradients as padded batches, up to
     float rounding. A model it cannot be exact for (sliding-window or chunked attention shorter than
     max_length, attention that ignores the mask; checked by a probe at setup) is refused, naming its
     model type. See docs/architecture.md, 'Packing'."""
@@ -326,12 +329,11 @@ class RunConfig(Section):
         return self
 
     @model_validator(mode="after")
-    def _batching_is_offline(self) -> RunConfig:
-        if self.online is not None and (self.data.packing or self.data.group_by_length):
-            field = "data.packing" if self.data.packing else "data.group_by_length"
+    def _grouping_is_offline(self) -> RunConfig:
+        if self.online is not None and self.data.group_by_length:
             raise ValueError(
-                f"{field}: applies to the offline loop's forward passes; the online loop batches its own "
-                "samples (padded) and would ignore it"
+                "data.group_by_length: applies to the offline loop's micro-batches; the online loop "
+                "batches its own samples and would ignore it"
             )
         return self
 

@@ -62,6 +62,8 @@ class DemoSettings:
     no_grad_micro_batch_size: int | None = None
     """Pairs per forward pass without gradients (reference precompute, AOT's coupling pass, the
     dominance summary); None: twice ``micro_batch_size``."""
+    packing: bool = True
+    """Padding-free batches, each pair's prompt laid out once for its two completions (exact)."""
 
 
 # Sized to finish well under 10 minutes on 2 CPU cores; docs/demo.md has the measurement and the
@@ -235,6 +237,7 @@ def run_config(settings: DemoSettings, loss: str, data_path: Path, output_dir: P
             "path": str(data_path),
             "max_length": settings.max_length,
             "max_prompt_length": settings.max_prompt_length,
+            "packing": settings.packing,
         },
         "loss": loss_section,
         "train": {

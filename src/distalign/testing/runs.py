@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -86,14 +87,23 @@ def accelerate_launch(
 
 
 def capture_gradient(overrides: list[str], step: int = 1) -> torch.Tensor:
-    """Train ``step`` steps with ``overrides`` and return the synchronised gradient the last one applies
-    (all trainable parameters, flattened, float64). Under torchrun every process returns the same.
+    """Train ``step`` steps with ``overrides`` (offline loop) and return the synchronised gradient the
+    last one applies (all trainable parameters, flattened, float64). Under torchrun every process
+    returns the same.
 
     At step 1 the policy equals its reference, which makes some objectives degenerate (every AOT gap
     is 0), so tests of coupling use a later step."""
     from distalign.config import load_config
-    from distalign.train import engine as engine_module
     from distalign.train.offline import train_offline
+
+    config = load_config(None, overrides)
+    return step_gradient(lambda: train_offline(config, stop_after_step=step), step)
+
+
+def step_gradient(train: Callable[[], object], step: int) -> torch.Tensor:
+    """Call ``train`` (a run stopping after ``step`` steps, either loop) and return the gradient its
+    step ``step`` applies, as :func:`capture_gradient` does."""
+    from distalign.train import engine as engine_module
 
     captured: list[torch.Tensor] = []
     original = engine_module.Engine.optimizer_step
@@ -110,7 +120,7 @@ def capture_gradient(overrides: list[str], step: int = 1) -> torch.Tensor:
 
     engine_module.Engine.optimizer_step = probe
     try:
-        train_offline(load_config(None, overrides), stop_after_step=step)
+        train()
     finally:
         engine_module.Engine.optimizer_step = original
     return captured[step - 1]

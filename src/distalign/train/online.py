@@ -63,7 +63,7 @@ from distalign.train.online_update import (
     policy_gradient_backward,
     update_forward_scores_policy,
 )
-from distalign.train.setup import load_policy, save_final, wrap_for_training
+from distalign.train.setup import load_policy, packing_layout, save_final, wrap_for_training
 from distalign.train.timing import PhaseTimer, slowest_process
 
 #: Phases of a step, logged as ``time/<phase>`` (seconds, the slowest process's): drawing the samples
@@ -106,6 +106,9 @@ class OnlineRun:
             )
         # First: a missing vLLM or GPU is reported before anything slow is loaded.
         self.sampler = build_sampler(config, engine, policy, tokenizer, generation_engine)
+        # The update's forward layout (data.packing: a prompt's samples share one copy of it); refuses
+        # a model packing cannot be exact for.
+        self.packing = packing_layout(policy, config)
         self.prompts = load_prompts(config, tokenizer, "train", engine)
         self.plan = BatchPlan(len(self.prompts), cfg.prompts_per_step, config.train.seed)
         self.target = build_target(config) if cfg.method == "fdpg" else None
@@ -166,7 +169,8 @@ class OnlineRun:
         needs_policy_pass = self.state.proposal is not None or rollout.proposal_logps is None
         if needs_policy_pass and self.update_forward_scores_policy(len(rollout)):
             with timer("update"):
-                forwarded = policy_forward(engine, rollout, 0, len(rollout), self.tokenizer.pad_token_id)
+                pad_id = self.tokenizer.pad_token_id
+                forwarded = policy_forward(engine, rollout, 0, len(rollout), pad_id, self.packing)
         batch = self.score_and_gather(rollout, forwarded)  # 2. score + 3. gather
         self.stop_if_not_finite(step, non_finite_inputs(batch))
         try:  # 3. log Z, (pseudo-)rewards, baseline, weights
@@ -188,6 +192,7 @@ class OnlineRun:
                 self.config.train.micro_batch_size,
                 self.tokenizer.pad_token_id,
                 forwarded,
+                self.packing,
             )
             surrogate = engine.sum_across(surrogate)  # the same on every process: all stop, or none
             if not math.isfinite(surrogate):

@@ -13,20 +13,32 @@ from __future__ import annotations
 
 import torch
 
-from distalign.data.collate import collate_sequences
+from distalign.data.collate import PackedRows, collate_sequences, pack_sequences
 from distalign.losses.fdivergence import fdpg_policy_gradient_loss
+from distalign.models.logprobs import batch_logprobs
 from distalign.train.engine import Engine
 from distalign.train.online_setup import Rollout
 
 
-def policy_forward(engine: Engine, rollout: Rollout, start: int, stop: int, pad_id: int) -> torch.Tensor:
+def policy_forward(
+    engine: Engine, rollout: Rollout, start: int, stop: int, pad_id: int, packing: PackedRows | None = None
+) -> torch.Tensor:
     """[stop - start] float32 log pi of samples start:stop, summed over completion tokens, with the graph
-    for a backward (one forward of the prepared model)."""
-    batch = collate_sequences(rollout.prompt_ids[start:stop], rollout.completion_ids[start:stop], pad_id)
+    for a backward (one forward of the prepared model). ``packing``: the packed row layout (``data.packing``;
+    with "shared", a prompt's samples share one copy of it), None: padded."""
+    prompts, completions = rollout.prompt_ids[start:stop], rollout.completion_ids[start:stop]
+    if packing is None:
+        batch = collate_sequences(prompts, completions, pad_id)
+    else:
+        batch = pack_sequences(prompts, completions, pad_id, rows=packing)
     batch = {key: value.to(engine.device) for key, value in batch.items()}
     with engine.accelerator.autocast():
-        logps, _ = engine.model(batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
-    engine.count_tokens(int(batch["attention_mask"].sum()))
+        logps, _ = batch_logprobs(engine.model, batch)
+    engine.count_tokens(
+        sum(len(p) + len(c) for p, c in zip(prompts, completions, strict=True)),
+        batch["attention_mask"].numel(),
+        forwarded=int(batch["attention_mask"].sum()),  # fewer when prompts are shared
+    )
     return logps.float()
 
 
@@ -39,12 +51,13 @@ def policy_gradient_backward(
     micro_batch_size: int,
     pad_id: int,
     forwarded: torch.Tensor | None = None,
+    packing: PackedRows | None = None,
 ) -> float:
     """Back-propagate this process's share of mean_j(-w_j A_j log pi(x_j)) over the ``global_count``
     samples of the step, micro-batch by micro-batch; ``advantages``, ``weights`` [len(rollout)]. Returns
     that share's value (summed over processes: the step's surrogate loss). ``forwarded``: the output of
     :func:`policy_forward` for all of ``rollout`` (one micro-batch), whose graph is used instead of a
-    new forward."""
+    new forward; ``packing`` as for :func:`policy_forward`."""
     total = 0.0
     starts = list(range(0, len(rollout), micro_batch_size))
     if forwarded is not None and len(starts) != 1:
@@ -53,7 +66,9 @@ def policy_gradient_backward(
         stop = min(start + micro_batch_size, len(rollout))
         with engine.sync_context(k == len(starts) - 1):
             logps = (
-                forwarded if forwarded is not None else policy_forward(engine, rollout, start, stop, pad_id)
+                forwarded
+                if forwarded is not None
+                else policy_forward(engine, rollout, start, stop, pad_id, packing)
             )
             w = None if weights is None else weights[start:stop].to(engine.device)
             result = fdpg_policy_gradient_loss(logps, advantages[start:stop].to(engine.device), w)

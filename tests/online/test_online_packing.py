@@ -1,0 +1,46 @@
+"""data.packing in the online loop: the update's forward over a step's samples is packed, each
+prompt's samples sharing one copy of it, and applies the padded forward's gradient (float64)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from distalign.testing.runs import gradients_close, read_metrics, step_gradient
+from distalign.train.online import train_online
+
+RLOO_TASK = {
+    "method": "rloo",
+    "target": None,
+    "reward": {"name": "regex", "pattern": "s"},
+    "kl_coef": 0.05,
+    "prompts": {"task": "keyword", "task_settings": {"topic": "amazing"}},
+}
+
+
+@pytest.mark.parametrize(
+    ("online", "micro_batch_size"),
+    [
+        ({}, 16),  # f-DPG, unconditional: one prompt shared by all of a micro-batch's samples
+        (RLOO_TASK, 32),  # RLOO on task prompts: 4 prompts x 8 samples in one packed forward
+    ],
+    ids=["fdpg", "rloo"],
+)
+def test_packed_update_applies_the_padded_gradient(
+    tmp_path, online_config, float64_norms, online, micro_batch_size
+):
+    def gradient(packing: bool) -> torch.Tensor:
+        config = online_config(
+            tmp_path / str(packing),
+            model={"dtype": "float64"},
+            data={"packing": packing},
+            train={"micro_batch_size": micro_batch_size},
+            online=online,
+        )
+        return step_gradient(lambda: train_online(config, stop_after_step=2), step=2)
+
+    padded, packed = gradient(False), gradient(True)
+    assert padded.abs().max() > 0
+    assert gradients_close(packed, padded, tol=1e-10)
+    records = read_metrics(tmp_path / "True")
+    assert records[0]["tokens/shared_fraction"] > 0  # the shared prompts went through the model once
