@@ -231,6 +231,43 @@ def _comparison_rows(results: dict[tuple[str, str], list[dict]]) -> list[list]:
     return rows
 
 
+def _model_shape(model_path: str) -> dict:
+    """gpu_step.py's shape dict (FLOP counting) from a saved model's config.json."""
+    config = json.loads((Path(model_path) / "config.json").read_text())
+    heads = config["num_attention_heads"]
+    return dict(
+        hidden=config["hidden_size"],
+        mlp=config["intermediate_size"],
+        layers=config["num_hidden_layers"],
+        heads=heads,
+        kv_heads=config.get("num_key_value_heads", heads),
+        vocab=config["vocab_size"],
+    )
+
+
+def _flop_rate_rows(
+    args: argparse.Namespace, results: dict, model_path: str
+) -> tuple[float, float, list[list]]:
+    """(FLOPs per step, this machine's float32 matmul rate at --threads, rows): each arm's rate of the
+    FLOPs a padded DPO step needs (gpu_step.dpo_step_flops: linear layers, causal attention, the output
+    layer on completion tokens; a packed arm does less work for the same step, so its rate can exceed
+    what it computes) and that rate as a fraction of the matmul rate (the physical limit)."""
+    import torch
+    from gpu_step import dpo_step_flops, matmul_tflops
+
+    torch.set_num_threads(args.threads)
+    completion = args.max_length - args.max_prompt
+    flops = dpo_step_flops(
+        _model_shape(model_path), [(args.max_prompt, completion, completion)] * args.batch, 1
+    )
+    peak = matmul_tflops("cpu") * 1e12
+    rows = []
+    for (label, setting), m in _medians(results).items():
+        rate = flops * m["steps_per_s"]
+        rows.append([label, setting, rate / 1e9, rate / peak])
+    return flops, peak, rows
+
+
 def parent_main(args: argparse.Namespace) -> None:
     print(f"$ {command_line()}")
     print(f"load average before: {load_average()}")
@@ -270,6 +307,13 @@ def parent_main(args: argparse.Namespace) -> None:
     header = ["comparison", "steps/s ratio", "per-rep range", "steps per CPU s ratio", "per-rep range",
               "peak RSS ratio", "per-rep range"]  # fmt: skip
     print(markdown_table(header, _comparison_rows(results)))
+    if args.model == "smollm2":  # fixed-length rows: every step needs the same FLOPs
+        flops, peak, rows = _flop_rate_rows(args, results, model_path)
+        print(
+            f"\nFLOPs a padded DPO step needs: {flops / 1e9:.0f} GFLOP; this machine's float32 matmul "
+            f"(1024^3) at {args.threads} thread(s): {peak / 1e9:.1f} GFLOP/s"
+        )
+        print(markdown_table(["framework", "setting", "model GFLOP/s", "of the matmul rate"], rows))
     print(environment_note(args.threads))
 
 
