@@ -33,6 +33,13 @@ def test_spans_of_a_hand_built_shared_layout():
     )
 
 
+def test_spans_of_one_shared_row():
+    batch = pack_sequences([[1, 2], [3], [1, 2]], [[5, 6], [7], [8]], 0, rows="shared_one")
+    assert batch["input_ids"].tolist() == [[1, 2, 5, 6, 8, 3, 7]]  # no padding
+    spans = attention_spans(batch["sequence_index"], batch["group_index"], batch["completion_mask"])
+    assert spans == ((Span(0, 4), Span(4, 5, prefix_start=0, prefix_end=2), Span(5, 7)),)
+
+
 def test_spans_of_a_hand_built_longest_layout():
     batch = pack_sequences([[1, 2], [3], [4]], [[5, 6, 7], [8], [9, 10]], 0)
     assert batch["sequence_index"].tolist() == [[0, 0, 0, 0, 0], [2, 2, 2, 1, 1]]
@@ -91,7 +98,7 @@ def test_a_packed_grouped_query_model_gives_the_padded_logprobs_and_gradients(fl
     reference.summed.sum().backward()
     padded_grads = [p.grad.clone() for p in model.parameters()]
     assert use_span_attention(model) and packed_attention_kind(model) == "spans"
-    for rows in ("longest", "shared"):
+    for rows in ("longest", "shared", "one", "shared_one"):
         model.zero_grad()
         packed = pack_sequences(prompts, completions, 0, rows=rows)
         result = packed_sequence_logprobs(
@@ -132,4 +139,4 @@ def test_a_packed_run_switches_its_sdpa_policy_and_a_padded_run_does_not():
         config = load_config(None, ["model.name=tiny", f"data.packing={str(packing).lower()}"])
         layout = packing_layout(model, config)
         assert model.config._attn_implementation == expected
-        assert layout == ("shared" if packing else None)
+        assert layout == ("shared_one" if packing else None)

@@ -481,8 +481,12 @@ def test_shared_prompts_are_the_packed_default_and_can_be_switched_off():
     from distalign.config import load_config
     from distalign.train.setup import packing_layout
 
-    model, _ = build_tiny_model(seed=0)
-    assert packing_layout(model, load_config(None, ["data.packing=true"])) == "shared"
+    model, _ = build_tiny_model(seed=0)  # on SDPA, switched to span attention: one row
+    assert packing_layout(model, load_config(None, ["data.packing=true"])) == "shared_one"
     off = load_config(None, ["data.packing=true", "data.share_prompts=false"])
-    assert packing_layout(model, off) == "longest"
+    assert packing_layout(model, off) == "one"
     assert packing_layout(model, load_config(None, [])) is None
+    eager, _ = build_tiny_model(seed=0)
+    eager.set_attn_implementation("eager")  # a dense mask: rows of the longest sequence
+    assert packing_layout(eager, load_config(None, ["data.packing=true"])) == "shared"
+    assert packing_layout(eager, off) == "longest"

@@ -84,7 +84,7 @@ def collate_sequences(
     }
 
 
-PackedRows = Literal["longest", "one", "shared"]
+PackedRows = Literal["longest", "one", "shared", "shared_one"]
 
 
 def _first_fit_rows(lengths: list[int], capacity: int) -> list[list[int]]:
@@ -126,23 +126,25 @@ def pack_sequences(
     longest sequence down, so a packed batch never has more positions, nor (with a block-diagonal
     attention mask) more attention scores, than the padded one; only the last rows can end in padding.
     ``rows="one"``: every sequence in a single row (for variable-length attention kernels, which cost
-    the sum of squared sequence lengths whatever the row). ``rows="shared"``: as "longest", over groups
-    of sequences with identical prompts, each group's prompt laid out once (module docstring).
+    the sum of squared sequence lengths whatever the row, and for span attention, which costs the same).
+    ``rows="shared"``: as "longest", over groups of sequences with identical prompts, each group's
+    prompt laid out once (module docstring); ``rows="shared_one"``: those groups in a single row.
 
     Returns (``torch.long``), with M sequences in R rows of width W:
     ``input_ids``, ``attention_mask`` (1 on tokens, 0 on row-end padding), ``completion_mask``,
     ``position_ids`` (restarting at 0 for each sequence; the row-end padding counts on from 0 too),
     ``sequence_index`` (the sequence of each token, -1 on padding; a shared prompt's tokens carry the
     group's first sequence): all [R, W]; ``head_positions`` [M] (flat index ``r * W + t`` of each
-    sequence's last prompt token) and ``prompt_lengths`` [M]; with ``rows="shared"`` also
+    sequence's last prompt token) and ``prompt_lengths`` [M]; with shared prompts also
     ``group_index`` [R, W] (-1 on padding). Sequence m is the m-th input pair, wherever it lands.
     """
-    if rows not in ("longest", "one", "shared"):
-        raise ValueError(f"rows must be 'longest', 'one' or 'shared', got {rows!r}")
+    if rows not in ("longest", "one", "shared", "shared_one"):
+        raise ValueError(f"rows must be 'longest', 'one', 'shared' or 'shared_one', got {rows!r}")
+    shared = rows in ("shared", "shared_one")
     lengths = _sequence_lengths(prompts_ids, completions_ids, pad_token_id)
-    groups = _prompt_groups(prompts_ids, share=rows == "shared")
+    groups = _prompt_groups(prompts_ids, share=shared)
     group_lengths = [len(prompts_ids[g[0]]) + sum(len(completions_ids[m]) for m in g) for g in groups]
-    capacity = sum(group_lengths) if rows == "one" else max(group_lengths, default=0)
+    capacity = sum(group_lengths) if rows in ("one", "shared_one") else max(group_lengths, default=0)
     layout = _first_fit_rows(group_lengths, capacity) if lengths else []
     width = max((sum(group_lengths[i] for i in row) for row in layout), default=0)
     shape = (len(layout), width)
@@ -183,7 +185,7 @@ def pack_sequences(
         "head_positions": head_positions,
         "prompt_lengths": torch.tensor([len(p) for p in prompts_ids], dtype=torch.long),
     }
-    if rows == "shared":
+    if shared:
         batch["group_index"] = group_index
     return batch
 

@@ -5,8 +5,7 @@ token's log-prob is summed into its own sequence (``sequence_index``) rather tha
 is confined to each sequence by attention spans (:mod:`distalign.models.span_attention`: models on
 SDPA, switched to it when packing is on), by a block-diagonal causal mask (eager and other
 implementations) or, for flash-attention kernels, by the sequence boundaries transformers reads from
-``position_ids``. Whether that is exact for
-a model is :mod:`distalign.models.packing`'s question.
+``position_ids``. Whether that is exact for a model is :mod:`distalign.models.packing`'s question.
 """
 
 from __future__ import annotations
@@ -38,9 +37,19 @@ def packed_attention_kind(model: nn.Module) -> str:
     return "varlen" if "flash" in str(implementation or "") else "mask"
 
 
-def packed_rows(model: nn.Module) -> PackedRows:
-    """The row layout :func:`~distalign.data.collate.pack_sequences` should use for ``model``."""
-    return "one" if packed_attention_kind(model) == "varlen" else "longest"
+def packed_rows(model: nn.Module, share_prompts: bool = False) -> PackedRows:
+    """The row layout :func:`~distalign.data.collate.pack_sequences` should use for ``model``.
+
+    Variable-length kernels and span attention cost each sequence's own attention whatever the row, so
+    one row (no row-end padding at all); a dense mask costs the square of the row, so rows of the
+    longest sequence. Prompts are shared (``share_prompts``) except for variable-length kernels, whose
+    only input is sequence boundaries."""
+    kind = packed_attention_kind(model)
+    if kind == "varlen":
+        return "one"
+    if kind == "spans":
+        return "shared_one" if share_prompts else "one"
+    return "shared" if share_prompts else "longest"
 
 
 def _packed_inputs(

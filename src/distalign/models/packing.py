@@ -92,7 +92,7 @@ def _probe_packing(causal_lm: nn.Module, model: nn.Module) -> str | None:
             "its flash-attention kernel cannot be probed before the model is on a GPU, and the "
             "architecture is not one known to pack exactly"
         )
-    layouts = ("longest", "shared") if packed_rows(model) == "longest" else (packed_rows(model),)
+    layouts = dict.fromkeys((packed_rows(model), packed_rows(model, share_prompts=True)))
     try:
         difference = max(_packed_vs_padded(causal_lm, model, rows) for rows in layouts)
     except (ValueError, TypeError, RuntimeError) as err:

@@ -25,7 +25,7 @@ def policy_forward(
 ) -> torch.Tensor:
     """[stop - start] float32 log pi of samples start:stop, summed over completion tokens, with the graph
     for a backward (one forward of the prepared model). ``packing``: the packed row layout (``data.packing``;
-    with "shared", a prompt's samples share one copy of it), None: padded."""
+    with shared prompts, a prompt's samples share one copy of it), None: padded."""
     prompts, completions = rollout.prompt_ids[start:stop], rollout.completion_ids[start:stop]
     if packing is None:
         batch = collate_sequences(prompts, completions, pad_id)

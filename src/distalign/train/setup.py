@@ -299,8 +299,7 @@ def packing_layout(model, config: RunConfig) -> PackedRows | None:
             f"data.packing=true cannot be exact for {problem}; set data.packing=false (padded batches; "
             "data.group_by_length=true also cuts padding)"
         )
-    layout = packed_rows(model)
-    return "shared" if layout == "longest" and config.data.share_prompts else layout
+    return packed_rows(model, config.data.share_prompts)
 
 
 def wrap_for_training(policy, config: RunConfig, heads: tuple[str, ...] = ()) -> SequenceLogprobModel:
