@@ -124,12 +124,13 @@ class MeasuredTimes:
 
 #: The measurements each preset's estimate is based on (keyed by ``DemoSettings.model``).
 MEASURED = {
-    # SmolLM2, 2-core machine (1-minute load average 1.1-2.5 with the demo itself), fresh reference
-    # cache: 8 min 6 s wall in all (486 s), 2.3 GB peak RSS. "eval" includes loading the base again.
+    # SmolLM2, packed, 2-core machine alone (1-minute load average 1.0-1.7 with the demo itself), fresh
+    # reference cache: 8 min 15 s wall in all (491 s; another run 7 min 39 s), 2.1 GB peak RSS.
+    # "eval" includes loading the base again.
     "smollm2": MeasuredTimes(
-        {"load": 2.8, "data": 49.1, "train_dpo": 157.1, "train_aot": 189.2, "eval": 84.8, "report": 2.7},
+        {"load": 3.4, "data": 60.0, "train_dpo": 163.3, "train_aot": 164.8, "eval": 95.9, "report": 2.9},
         steps=8,
-        peak_memory_gb=2.3,
+        peak_memory_gb=2.1,
     ),
     # Tiny model, CPU seconds per phase (a busy 2-core machine's wall time was twice that).
     "tiny": MeasuredTimes(

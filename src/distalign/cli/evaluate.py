@@ -199,7 +199,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     demo = commands.add_parser(
         "demo",
         help="the main job: sentiment data, DPO and AOT training, evaluation and report on SmolLM2",
-        description="On SmolLM2-135M-Instruct with LoRA (about 8 minutes and 2.3 GB of memory on 2 idle CPU cores; a GPU is used when "
+        description="On SmolLM2-135M-Instruct with LoRA (about 8 minutes and 2.1 GB of memory on 2 idle CPU cores; a GPU is used when "
         "present): sample sentiment preference pairs from the base model, train DPO and paired AOT with "
         "identical settings, evaluate the reference, DPO and AOT on held-out prompts with the VADER gold "
         "reward, and write an HTML report. --tiny runs the same pipeline on the tiny test model.",
