@@ -209,8 +209,11 @@ def test_the_demo_announces_its_time_from_the_measured_phases():
     for name, seconds in MEASURED["smollm2"].phases.items():  # the numbers docs/demo.md reports
         assert f"{_PHASE_NAMES.get(name, name)} {seconds:g} /" in docs
     line = estimate_line(SMOLLM2)
-    assert "about 8 minutes on 2 idle CPU cores" in line and "about 2.3 GB" in line
+    assert "about 8 minutes on 2 idle CPU cores" in line and "about 2.1 GB" in line
     assert "about 15 seconds" in estimate_line(TINY)
     longer = dataclasses.replace(SMOLLM2, steps=2 * SMOLLM2.steps)
-    assert estimated_seconds(longer) - estimated_seconds(SMOLLM2) == pytest.approx(157.1 + 189.2)
+    training = MEASURED["smollm2"].phases["train_dpo"] + MEASURED["smollm2"].phases["train_aot"]
+    assert estimated_seconds(longer) - estimated_seconds(SMOLLM2) == pytest.approx(
+        training
+    )  # twice the steps
     assert "a GPU is used here" in estimate_line(SMOLLM2, "cuda")
