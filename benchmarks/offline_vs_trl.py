@@ -307,7 +307,9 @@ def parent_main(args: argparse.Namespace) -> None:
     header = ["comparison", "steps/s ratio", "per-rep range", "steps per CPU s ratio", "per-rep range",
               "peak RSS ratio", "per-rep range"]  # fmt: skip
     print(markdown_table(header, _comparison_rows(results)))
-    if args.model == "smollm2":  # fixed-length rows: every step needs the same FLOPs
+    # Fixed-length rows: every step needs the same FLOPs. Not for LoRA, which skips the weight
+    # gradients the count includes (its step needs about 4/6 of the linear-layer FLOPs).
+    if args.model == "smollm2" and not args.lora_r:
         flops, peak, rows = _flop_rate_rows(args, results, model_path)
         print(
             f"\nFLOPs a padded DPO step needs: {flops / 1e9:.0f} GFLOP; this machine's float32 matmul "
