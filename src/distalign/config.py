@@ -285,7 +285,7 @@ class TrainConfig(Section):
     differing fields; a finished run (final/ present) of the same config is left as it is (nothing is
     trained; the CLI exits 0). Fields that may differ on resume:
     output_dir, eval.*, train.log_every / save_every / keep_checkpoints / trackers / progress /
-    micro_batch_size / no_grad_micro_batch_size, data.packing / group_by_length,
+    micro_batch_size / no_grad_micro_batch_size, data.packing / share_prompts / group_by_length,
     model.gradient_checkpointing / logprob_chunk_size / lora.save_merged, loss.global_strategy,
     reference.precompute / cache_dir (see distalign.train.checkpoints.RESULT_NEUTRAL_FIELDS). Saved as
     false in the run's config.yaml."""

@@ -294,7 +294,14 @@ def test_unreadable_config_yaml_is_refused(capsys, interrupted):
 def test_config_differences_ignore_bookkeeping_and_new_fields_at_their_default():
     old = load_config(None, ["output_dir=a"]).model_dump(mode="json")
     new = load_config(
-        None, ["output_dir=b", "train.log_every=5", "train.micro_batch_size=4", "eval.seed=3"]
+        None,
+        [
+            "output_dir=b",
+            "train.log_every=5",
+            "train.micro_batch_size=4",
+            "eval.seed=3",
+            "data.share_prompts=false",
+        ],
     ).model_dump(mode="json")
     assert config_differences(old, new) == []
     del old["train"]["max_grad_norm"]  # as if written before the field existed

@@ -22,6 +22,7 @@ keyword arguments to every attention layer.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -93,12 +94,19 @@ def _span_output(query: Tensor, key: Tensor, value: Tensor, span: Span, **sdpa: 
     if span.prefix_end == span.prefix_start:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, **sdpa)
     prefix = slice(span.prefix_start, span.prefix_end)
-    length, prefix_length = span.end - span.start, span.prefix_end - span.prefix_start
-    mask = torch.ones(length, prefix_length + length, dtype=torch.bool, device=query.device)
-    mask[:, prefix_length:] = torch.ones(length, length, dtype=torch.bool, device=query.device).tril()
+    mask = _prefix_then_causal(span.end - span.start, span.prefix_end - span.prefix_start, query.device)
     k = torch.cat([key[:, :, prefix], k], dim=2)
     v = torch.cat([value[:, :, prefix], v], dim=2)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **sdpa)
+
+
+@functools.lru_cache(maxsize=512)
+def _prefix_then_causal(length: int, prefix_length: int, device: torch.device) -> Tensor:
+    """[length, prefix_length + length] boolean mask: every query sees the whole prefix, then the
+    completion causally. Cached: every layer of a forward asks for the same shapes."""
+    mask = torch.ones(length, prefix_length + length, dtype=torch.bool, device=device)
+    mask[:, prefix_length:] = torch.ones(length, length, dtype=torch.bool, device=device).tril()
+    return mask
 
 
 def span_attention_forward(
@@ -115,9 +123,7 @@ def span_attention_forward(
     in, [B, T, H, D] out. Without ``distalign_spans`` this is transformers' SDPA attention."""
     spans = kwargs.pop(SPANS_KEYWORD, None)
     if spans is None:
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-        return sdpa_attention_forward(
+        return _sdpa_attention_forward()(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
     if kwargs.get("softcap") is not None:
@@ -136,6 +142,14 @@ def span_attention_forward(
         for r, row in enumerate(spans)
     ]
     return torch.cat(rows, dim=0).transpose(1, 2).contiguous(), None
+
+
+@functools.cache
+def _sdpa_attention_forward():
+    """transformers' SDPA attention function, imported once (this runs for every layer call)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    return sdpa_attention_forward
 
 
 def register_span_attention() -> None:

@@ -73,9 +73,10 @@ _RUN_MARKERS = ("config.yaml", "metrics.jsonl", "checkpoints", "final")
 #: checkpoint cadence and retention, the overwrite switch itself, the ``eval`` section (read by
 #: ``distalign eval``, not by training), the reference cache location and whether a LoRA run also
 #: saves merged weights. And knobs that trade memory for compute while computing the same objective:
-#: micro-batches (the global batch is fixed by ``train.batch_size``), gradient checkpointing, the
-#: log-prob chunk size, the coupling strategy and whether reference log-probs are precomputed. A run resumed with one of the latter changed trains the
-#: same objective but is not bitwise equal to the uninterrupted run. Everything else (model, data, loss
+#: micro-batches (the global batch is fixed by ``train.batch_size``), packing and shared prompts,
+#: length grouping, gradient checkpointing, the log-prob chunk size, the coupling strategy and whether
+#: reference log-probs are precomputed. A run resumed with one of the latter changed trains the same
+#: objective but is not bitwise equal to the uninterrupted run. Everything else (model, data, loss
 #: and its options, aggregator, reference model, seed, lr, schedule, batch_size, max_steps / epochs,
 #: mixed precision, the online section, ...) changes the result and must match.
 RESULT_NEUTRAL_FIELDS = (
@@ -91,6 +92,7 @@ RESULT_NEUTRAL_FIELDS = (
     "train.micro_batch_size",
     "train.no_grad_micro_batch_size",
     "data.packing",
+    "data.share_prompts",
     "data.group_by_length",
     "model.gradient_checkpointing",
     "model.logprob_chunk_size",
