@@ -16,7 +16,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from distalign.configs import ChatTemplateMode
+from distalign.configs import ChatTemplateMode, MixedPrecisionMode
 from distalign.configs.evaluation import EvalConfig
 from distalign.configs.online import OnlineConfig
 
@@ -263,7 +263,7 @@ class TrainConfig(Section):
     """Fraction of steps with linear warmup."""
     max_grad_norm: float | None = Field(1.0, gt=0.0)
     """Gradient clipping; null disables it."""
-    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    mixed_precision: MixedPrecisionMode = "auto"
     """"auto" = bf16 on a GPU that supports it, otherwise full precision."""
     log_every: int = Field(1, gt=0)
     """Steps between metric records (metrics.jsonl, trackers, progress bar). May change on resume."""

@@ -1,5 +1,7 @@
 """Configs: defaults validate, overrides apply, and every mistake names its field."""
 
+from pathlib import Path
+
 import pytest
 
 from distalign.config import ConfigError, dump_config, load_config, parse_overrides
@@ -78,3 +80,11 @@ def test_yaml_on_off_reads_as_the_switch_value():
     assert load_config(None, ["data.chat_template=off"]).data.chat_template == "off"
     assert load_config(None, ["data.chat_template=on"]).data.chat_template == "on"
     assert load_config(None, ["eval.chat_template=off"]).eval.chat_template == "off"
+    online = load_config(
+        Path(__file__).parents[2] / "configs" / "fdpg_tiny.yaml", ["online.prompts.chat_template=off"]
+    )
+    assert online.online.prompts.chat_template == "off"
+    # YAML reads a bare `no` as false; `train.mixed_precision=no` means no mixed precision.
+    assert load_config(None, ["train.mixed_precision=no"]).train.mixed_precision == "no"
+    with pytest.raises(ConfigError, match="mixed_precision"):
+        load_config(None, ["train.mixed_precision=yes"])

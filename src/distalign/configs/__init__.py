@@ -17,3 +17,12 @@ def _yaml_on_off(value: Any) -> Any:
 
 #: "auto" | "on" | "off", accepting YAML's on/off booleans.
 ChatTemplateMode = Annotated[Literal["auto", "on", "off"], BeforeValidator(_yaml_on_off)]
+
+
+def _yaml_no(value: Any) -> Any:
+    # YAML reads a bare `no` as false: `train.mixed_precision=no` means "no" mixed precision.
+    return "no" if value is False else value
+
+
+#: "auto" | "no" | "bf16" | "fp16", accepting YAML's `no` (false).
+MixedPrecisionMode = Annotated[Literal["auto", "no", "bf16", "fp16"], BeforeValidator(_yaml_no)]

@@ -16,6 +16,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from distalign.configs import ChatTemplateMode
+
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
@@ -35,7 +37,7 @@ class PromptsConfig(_Section):
     """Split to read from a `datasets` dataset."""
     limit: int | None = Field(None, gt=0)
     """Use only the first N prompts."""
-    chat_template: Literal["auto", "on", "off"] = "auto"
+    chat_template: ChatTemplateMode = "auto"
     """Render prompts with the tokenizer's chat template: "auto" = task prompts iff the tokenizer has a
     template, file prompts iff the rows are conversational. With neither task nor path, generation is
     unconditional (from the BOS token) and the template is never used."""
