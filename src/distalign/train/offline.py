@@ -159,11 +159,13 @@ def _train_step(
                     share = result.loss * data.weight_total(rows) / global_weight
                 engine.backward(share)
             detached.append(detach_stats(stats))
-        engine.optimizer_step()
+        grad_norm = engine.optimizer_step()
         with torch.no_grad():
             if objective.batch_coupled:
-                return _mean_over_micro_batches(engine, objective, detached)
-            return objective(_gather(engine, concat_stats(detached))[0])
+                result = _mean_over_micro_batches(engine, objective, detached)
+            else:
+                result = objective(_gather(engine, concat_stats(detached))[0])
+        return _with_grad_norm(result, grad_norm)
     if cfg.global_strategy == "retain" or len(micro_batches) == 1:
         live = [compute(rows) for rows in micro_batches]
         global_stats, offset = _gather(engine, concat_stats([detach_stats(s) for s in live]))
@@ -186,8 +188,16 @@ def _train_step(
             with engine.sync_context(k == last):
                 engine.backward(linear_surrogate(compute(rows), coefficients, offset))
             offset += len(rows)
-    engine.optimizer_step()
+    grad_norm = engine.optimizer_step()
     objective.advance(result)
+    return _with_grad_norm(result, grad_norm)
+
+
+def _with_grad_norm(result: LossResult, grad_norm: float | None) -> LossResult:
+    """``result`` with the step's pre-clip gradient norm (the whole gradient's, however it is sharded)
+    among its metrics, as ``grad_norm``, when clipping is on (``train.max_grad_norm``)."""
+    if grad_norm is not None:
+        result.metrics["grad_norm"] = torch.tensor(grad_norm)
     return result
 
 
@@ -234,7 +244,8 @@ def train_offline(config: RunConfig, *, stop_after_step: int | None = None) -> P
     engine = Engine(config)
     objective = build_objective(config)
     spec = objective.loss
-    policy, tokenizer = load_policy(config)
+    with engine.loading_models():
+        policy, tokenizer = load_policy(config)
     packing = packing_layout(policy, config)  # refuses a model packing cannot be exact for
     data = load_offline_data(config, tokenizer, objective, engine)
     reference = ReferenceLogps.build(config, spec, policy, data, engine) if spec.needs_reference else None
