@@ -147,6 +147,17 @@ def destroy_process_group_if_initialized() -> None:
         dist.destroy_process_group()
 
 
+def wait_on_every_process_group() -> None:
+    """A barrier on each process group this process belongs to, in the order they were created (the
+    same on every process, since groups are created collectively)."""
+    from torch.distributed import distributed_c10d
+
+    # torch lists its groups only in a private map; without it, the default group at least.
+    groups = list(getattr(getattr(distributed_c10d, "_world", None), "pg_map", None) or [None])
+    for group in groups:
+        dist.barrier(group=group)
+
+
 class Engine:
     """Process group, devices, optimiser bookkeeping, gathering, logging and checkpoints for one run."""
 
@@ -441,10 +452,12 @@ class Engine:
         an active exception"; seen in CI under FSDP2 on CPU, about one two-process run in five,
         core dump: ``AsyncAllreduceWork`` destroyed by ``ProcessGroupGloo::runLoop`` during
         ``Py_FinalizeEx``). The barrier's round trip to every other process outlasts that moment, and
-        its own work holds no Python tensors. Only on success: a process that raised must not wait
-        for ones that may be stuck in a collective."""
+        its own work holds no Python tensors. Each process group has its own worker threads, so the
+        wait is on every group (DeepSpeed communicates over a clone of the world group: with the
+        default group alone, ZeRO-3 runs still aborted, one launch in ten). Only on success: a process
+        that raised must not wait for ones that may be stuck in a collective."""
         if self.accelerator.num_processes > 1:
-            self.accelerator.wait_for_everyone()
+            wait_on_every_process_group()
         return self.run_dir
 
     def close(self) -> None:
