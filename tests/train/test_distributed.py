@@ -17,7 +17,7 @@ from distalign.config import load_config
 from distalign.errors import SetupError
 from distalign.testing.runs import ACCELERATE_CONFIGS, TINY_BASE
 from distalign.train.distributed import (
-    CPU_FSDP2_ENV,
+    CPU_SHARDING_ENV,
     configure_deepspeed,
     launch_plugins,
     sharding_of,
@@ -164,6 +164,7 @@ def only_problem(problems: list[str]) -> str:
             [],
             "zero3_save_16bit_model",
         ),
+        (lambda: deepspeed_plugin(), ["model.dtype=float64"], "float32 master weights"),
     ],
 )
 def test_deepspeed_settings_distalign_cannot_honour_are_refused_by_name(plugin, overrides, named):
@@ -202,16 +203,21 @@ def test_fsdp_settings_distalign_cannot_honour_are_refused_by_name(plugin, overr
     assert named in problem
 
 
-def test_sharded_launches_without_gpus_are_refused_unless_fsdp2_on_cpu_is_asked_for(monkeypatch):
+def test_sharded_launches_without_gpus_are_refused_unless_sharding_on_cpu_is_asked_for(monkeypatch):
     """accelerate would quietly train these with DDP on a CPU-only machine."""
     fsdp = FullyShardedDataParallelPlugin(fsdp_version=2)
-    monkeypatch.delenv(CPU_FSDP2_ENV, raising=False)
-    assert CPU_FSDP2_ENV in only_problem(sharding_problems(fsdp, None, run_config(), cpu_only=True))
-    assert "without GPUs" in only_problem(
-        sharding_problems(None, deepspeed_plugin(), run_config(), cpu_only=True)
-    )
-    monkeypatch.setenv(CPU_FSDP2_ENV, "1")
+    deepspeed = deepspeed_plugin()
+    monkeypatch.delenv(CPU_SHARDING_ENV, raising=False)
+    for fsdp_or_none, deepspeed_or_none in ((fsdp, None), (None, deepspeed)):
+        problem = only_problem(
+            sharding_problems(fsdp_or_none, deepspeed_or_none, run_config(), cpu_only=True)
+        )
+        assert "without GPUs" in problem and CPU_SHARDING_ENV in problem
+    monkeypatch.setenv(CPU_SHARDING_ENV, "1")
     assert sharding_problems(fsdp, None, run_config(), cpu_only=True) == []
+    assert [
+        p for p in sharding_problems(None, deepspeed, run_config(), cpu_only=True) if "not installed" not in p
+    ] == []
 
 
 def test_engine_refuses_a_deepspeed_launch_here_before_anything_loads(monkeypatch, tmp_path):

@@ -1,13 +1,17 @@
 """Tier (c) for the shipped launch configs: two CPU processes (gloo) under ``accelerate launch`` train
-what one process trains, in float64.
+what one process trains: in float64 for DDP and FSDP2, in float32 for DeepSpeed (its ZeRO optimizers
+keep float32 master weights).
 
-accelerate 1.15 runs FSDP only on accelerators; ``DISTALIGN_CPU_FSDP2=1`` makes distalign put it into
-FSDP2 mode on CPU (torch's ``fully_shard`` works over gloo), so accelerate's own FSDP2 preparation,
-sharded checkpoints and full-state-dict gathering run here as they do on GPUs. The DeepSpeed configs
-cannot run without GPUs; tests/train/test_distributed.py checks them through accelerate's parser.
+accelerate 1.15 runs FSDP and DeepSpeed only on accelerators; ``DISTALIGN_CPU_SHARDING=1`` makes
+distalign put accelerate into FSDP2 mode on CPU (torch's ``fully_shard`` works over gloo) or let
+DeepSpeed's CPU accelerator build the process group (gloo), so accelerate's own FSDP2 and DeepSpeed code
+paths (preparation, sharded checkpoints, gathering the final model) run here as they do on GPUs.
 """
 
 from __future__ import annotations
+
+import importlib.util
+import math
 
 import pytest
 import torch
@@ -23,12 +27,12 @@ from distalign.testing.runs import (
     read_metrics,
     run_gradient,
 )
-from distalign.train.distributed import CPU_FSDP2_ENV
+from distalign.train.distributed import CPU_SHARDING_ENV
 from distalign.train.offline import train_offline
 
 pytestmark = pytest.mark.slow
 
-CPU_FSDP2 = {CPU_FSDP2_ENV: "1"}
+CPU_SHARDING = {CPU_SHARDING_ENV: "1"}
 # Clipping at 0.05 is active on every step here, so equal weights also mean a globally reduced norm.
 DPO = [
     *TINY_BASE,
@@ -44,7 +48,7 @@ DPO = [
 def launch_train(config: str, run_dir, *overrides: str) -> str:
     """Train under ``configs/accelerate/CONFIG.yaml`` with two processes; returns their stdout."""
     args = ["-m", "distalign", "train", *overrides, f"output_dir={run_dir}"]
-    return accelerate_launch(ACCELERATE_CONFIGS / f"{config}.yaml", args, env=CPU_FSDP2).stdout
+    return accelerate_launch(ACCELERATE_CONFIGS / f"{config}.yaml", args, env=CPU_SHARDING).stdout
 
 
 @pytest.mark.parametrize("config", ["ddp", "fsdp2", "fsdp2_offload"])
@@ -81,7 +85,7 @@ def test_aot_global_coupling_under_fsdp2_applies_the_one_process_gradient(tmp_pa
     out = tmp_path / "fsdp2.pt"
     probe = ["-m", "distalign.testing.grad_probe", str(out), str(step)]
     overrides = [*AOT, "train.micro_batch_size=2", f"output_dir={tmp_path / 'fsdp2'}"]
-    accelerate_launch(ACCELERATE_CONFIGS / "fsdp2.yaml", [*probe, *overrides], env=CPU_FSDP2)
+    accelerate_launch(ACCELERATE_CONFIGS / "fsdp2.yaml", [*probe, *overrides], env=CPU_SHARDING)
     sharded = torch.load(out, weights_only=True)
     assert whole.abs().max() > 0
     assert gradients_close(sharded, whole)
@@ -125,12 +129,106 @@ def test_fsdp2_mixed_precision_scores_the_reference_at_the_policys_precision_and
     """bf16 weights under bf16 mixed precision: FSDP2 trains fp32 master weights and computes in bf16.
     The reference table, scored through the same sharded forward, makes the first DPO loss exactly
     ln 2; final/ is saved in bf16, the dtype the model was loaded in."""
-    import math
-
     from safetensors.torch import load_file
 
     args = [*DPO, "model.dtype=bfloat16", "train.mixed_precision=bf16", "train.max_steps=2"]
     launch_train("fsdp2", tmp_path / "bf16", *args, f"reference.cache_dir={tmp_path / 'cache'}")
     assert read_metrics(tmp_path / "bf16")[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    weights = load_file(tmp_path / "bf16" / "final" / "model.safetensors")
+    assert {tensor.dtype for tensor in weights.values()} == {torch.bfloat16}
+
+
+needs_deepspeed = pytest.mark.skipif(
+    importlib.util.find_spec("deepspeed") is None, reason="DeepSpeed is not installed (the dev extra has it)"
+)
+# DeepSpeed's ZeRO optimizers step float32 master weights (float64 is refused): both sides in float32,
+# so the runs agree to float32 summation order. A real difference (a gradient coupled over the wrong
+# rows, a wrong scale) moves weights by ~lr = 1e-3 and norms by percents.
+FLOAT32 = ["model.dtype=float32"]
+WEIGHT_TOLERANCE = 2e-5
+
+
+def grad_norms(run_dir) -> list[float]:
+    """The logged pre-clip norms of the whole gradient, one per step."""
+    return [record["grad_norm"] for record in read_metrics(run_dir)]
+
+
+@needs_deepspeed
+@pytest.mark.parametrize("config", ["zero2", "zero3"])
+def test_deepspeed_launch_trains_what_one_process_trains(tmp_path, config):
+    """ZeRO-2 and ZeRO-3 over 2 processes x 2 micro-batches: DeepSpeed steps inside the last
+    micro-batch's backward and clips with the norm of the whole gradient; the final model (gathered
+    from ZeRO-3's partitions) and every step's loss and gradient norm equal one process's. ZeRO-3 also
+    packs: the packing probe runs the policy before DeepSpeed partitions it."""
+    args = [*DPO, *FLOAT32, *(["data.packing=true"] if config == "zero3" else [])]
+    single = train_offline(load_config(None, [*args, f"output_dir={tmp_path / 'one'}"]))
+    launch_train(config, tmp_path / config, *args, f"reference.cache_dir={tmp_path / 'cache'}")
+    assert max_weight_difference(final_weights(single), final_weights(tmp_path / config)) < WEIGHT_TOLERANCE
+    assert [r["loss"] for r in read_metrics(tmp_path / config)] == pytest.approx(
+        [r["loss"] for r in read_metrics(single)], abs=1e-6
+    )
+    assert grad_norms(tmp_path / config) == pytest.approx(grad_norms(single), rel=1e-5)
+
+
+@needs_deepspeed
+def test_aot_global_coupling_under_zero3_trains_what_one_process_trains(tmp_path):
+    """AOT couples the whole global batch (recompute strategy: a no-grad pass, then one backward per
+    micro-batch, DeepSpeed stepping in the last). Coupling each micro-batch alone instead (the
+    same run with loss.coupling_scope=micro_batch, on one process) is far outside the tolerance."""
+    args = [*AOT, *FLOAT32, "train.max_steps=4", "train.max_grad_norm=10"]
+
+    def one_process(name: str, *extra: str):
+        return train_offline(load_config(None, [*args, *extra, f"output_dir={tmp_path / name}"]))
+
+    whole = one_process("whole", "train.micro_batch_size=8")
+    local = one_process("local", "train.micro_batch_size=2", "loss.coupling_scope=micro_batch")
+    launch_train("zero3", tmp_path / "zero3", *args, "train.micro_batch_size=2")
+    zero3 = final_weights(tmp_path / "zero3")
+    assert max_weight_difference(final_weights(whole), zero3) < WEIGHT_TOLERANCE
+    assert max_weight_difference(final_weights(local), zero3) > 100 * WEIGHT_TOLERANCE
+    assert grad_norms(tmp_path / "zero3") == pytest.approx(grad_norms(whole), rel=1e-5)
+
+
+@needs_deepspeed
+@pytest.mark.parametrize("config", ["zero2", "zero3"])
+def test_deepspeed_run_resumes_exactly_from_its_checkpoint(tmp_path, config):
+    """DeepSpeed's checkpoint (its model and per-process optimizer partitions) under checksums.json;
+    the resumed run ends bit for bit where the uninterrupted one did."""
+    run = tmp_path / "run"
+    args = [*AOT, *FLOAT32, "train.micro_batch_size=2", "train.max_steps=4", "train.save_every=2"]
+    launch_train(config, run, *args)
+    checksums = (run / "checkpoints" / "step_2" / "checksums.json").read_text()
+    assert "zero_pp_rank_1_mp_rank_00_optim_states.pt" in checksums
+    straight = final_weights(run)
+    losses = [r["loss"] for r in read_metrics(run)]
+    (run / "final").rename(tmp_path / "uninterrupted_final")
+    assert "resumed from step 2" in launch_train(config, run, *args)
+    assert max_weight_difference(straight, final_weights(run)) == 0.0
+    assert [r["loss"] for r in read_metrics(run)] == losses
+
+
+@needs_deepspeed
+def test_lora_under_zero3_trains_what_one_process_trains(tmp_path):
+    lora = [*DPO, *FLOAT32, "model.lora.enabled=true", "model.lora.r=4", "train.lr=5e-3"]
+    single = train_offline(load_config(None, [*lora, f"output_dir={tmp_path / 'one'}"]))
+    launch_train("zero3", tmp_path / "zero3", *lora, f"reference.cache_dir={tmp_path / 'cache'}")
+    assert max_weight_difference(final_weights(single), final_weights(tmp_path / "zero3")) < WEIGHT_TOLERANCE
+    from safetensors.torch import load_file
+
+    adapter = "final/adapter/adapter_model.safetensors"
+    adapters = load_file(single / adapter), load_file(tmp_path / "zero3" / adapter)
+    assert max_weight_difference(*adapters) < WEIGHT_TOLERANCE
+
+
+@needs_deepspeed
+def test_zero3_trains_and_saves_the_dtype_the_model_was_loaded_in(tmp_path):
+    """bf16 weights without mixed precision: transformers would build the model partitioned in float32
+    under accelerate's ZeRO-3 registration; distalign loads it whole in bf16, so DeepSpeed trains bf16
+    weights (float32 masters) and final/ is bf16."""
+    from safetensors.torch import load_file
+
+    args = [*DPO, "model.dtype=bfloat16", "train.mixed_precision=no", "train.max_steps=2"]
+    launch_train("zero3", tmp_path / "bf16", *args)
+    assert read_metrics(tmp_path / "bf16")[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)
     weights = load_file(tmp_path / "bf16" / "final" / "model.safetensors")
     assert {tensor.dtype for tensor in weights.values()} == {torch.bfloat16}

@@ -59,8 +59,8 @@ def accelerate_launch(
     config_file: str | Path, args: list[str], nproc: int = 2, timeout: int = 600, env: dict | None = None
 ) -> subprocess.CompletedProcess:
     """``accelerate launch --config_file CONFIG --num_processes N ARGS`` on this machine (for CPU tests
-    of the launch configs: an FSDP config needs ``DISTALIGN_CPU_FSDP2=1`` in ``env``); raises with its
-    output on failure."""
+    of the launch configs: an FSDP or DeepSpeed config needs ``DISTALIGN_CPU_SHARDING=1`` in ``env``);
+    raises with its output on failure."""
     command = [
         sys.executable,
         "-m",

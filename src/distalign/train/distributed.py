@@ -9,18 +9,23 @@ names the setting to change). docs/distributed.md explains the choices.
 Two facts about accelerate 1.15 shape this module:
 
 * Without an accelerator it ignores an FSDP or DeepSpeed launch config and trains with plain DDP over
-  gloo, silently. distalign refuses such a launch instead, except that FSDP2 can be asked for on CPU
-  (``DISTALIGN_CPU_FSDP2=1``): torch's ``fully_shard`` works over gloo, and :func:`force_fsdp2_on_cpu`
-  puts accelerate's state into FSDP mode so its own FSDP2 code path (preparation, sharded checkpoints,
-  full state dicts) runs. That is how the test suite checks the sharded path on a CPU-only machine.
+  gloo, silently. distalign refuses such a launch instead, unless sharding on CPU is asked for
+  (``DISTALIGN_CPU_SHARDING=1``): torch's ``fully_shard`` works over gloo, and
+  :func:`force_fsdp2_on_cpu` puts accelerate's state into FSDP mode so its own FSDP2 code path
+  (preparation, sharded checkpoints, full state dicts) runs; DeepSpeed has a CPU accelerator that
+  communicates over gloo, reached by building the process group without ``cpu=True``
+  (:func:`accelerator_device_arguments`). That is how the test suite checks the sharded paths on a
+  CPU-only machine.
 * DeepSpeed steps its optimizer inside ``accelerator.backward`` whenever accelerate says gradients are
   synchronised; the engine sets that flag per micro-batch itself (``Engine.sync_context``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
@@ -30,8 +35,9 @@ if TYPE_CHECKING:
 
     from distalign.config import RunConfig
 
-#: Set to 1 to run an FSDP launch config on a machine without GPUs (gloo); see the module docstring.
-CPU_FSDP2_ENV = "DISTALIGN_CPU_FSDP2"
+#: Set to 1 to run an FSDP2 or DeepSpeed launch config on a machine without GPUs (gloo); see the module
+#: docstring. For tests of the sharded code paths: it brings no speed.
+CPU_SHARDING_ENV = "DISTALIGN_CPU_SHARDING"
 
 
 def _env_flag(name: str) -> bool:
@@ -121,25 +127,32 @@ def _fsdp_problems(fsdp: FullyShardedDataParallelPlugin, config: RunConfig, cpu_
             "fsdp_activation_checkpointing: true together with model.gradient_checkpointing=true would "
             "recompute every layer twice; keep one (model.gradient_checkpointing works under every launch)"
         )
-    if cpu_only and not _env_flag(CPU_FSDP2_ENV):
+    if cpu_only and not _env_flag(CPU_SHARDING_ENV):
         problems.append(
             "an FSDP launch config on a machine without GPUs: accelerate would silently train with plain "
             "DDP instead. Use configs/accelerate/ddp.yaml here, or set "
-            f"{CPU_FSDP2_ENV}=1 to run FSDP2 over gloo on CPU (what the tests do; slow)"
+            f"{CPU_SHARDING_ENV}=1 to run FSDP2 over gloo on CPU (what the tests do; slow)"
         )
     return problems
 
 
 def _deepspeed_problems(deepspeed: DeepSpeedPlugin, config: RunConfig, cpu_only: bool) -> list[str]:
     problems = []
-    if cpu_only:
+    if cpu_only and not _env_flag(CPU_SHARDING_ENV):
         problems.append(
             "a DeepSpeed launch config on a machine without GPUs: accelerate would silently train with "
-            "plain DDP instead; use configs/accelerate/ddp.yaml (or fsdp2*.yaml on GPUs)"
+            "plain DDP instead. Use configs/accelerate/ddp.yaml here, or set "
+            f"{CPU_SHARDING_ENV}=1 to run DeepSpeed over gloo on CPU (what the tests do; slow)"
         )
-    elif importlib.util.find_spec("deepspeed") is None:
+    if importlib.util.find_spec("deepspeed") is None:
         problems.append(
             "the launch config asks for DeepSpeed, which is not installed (pip install deepspeed)"
+        )
+    if config.model.dtype == "float64":
+        problems.append(
+            "model.dtype=float64 under DeepSpeed: its ZeRO optimizers keep float32 master weights (ZeRO-3 "
+            "also computes in float32), so the run would silently train in float32; use float32, or "
+            "train float64 under configs/accelerate/ddp.yaml or fsdp2.yaml"
         )
     ds = deepspeed.deepspeed_config
     zero = ds.get("zero_optimization", {})
@@ -180,8 +193,9 @@ def _deepspeed_problems(deepspeed: DeepSpeedPlugin, config: RunConfig, cpu_only:
     if deepspeed.zero_stage == 3:
         if deepspeed.zero3_init_flag:
             problems.append(
-                "zero3_init_flag: true loads the model already partitioned, and distalign runs the loaded "
-                "model before DeepSpeed wraps it (packing probe, reference fingerprint); set it to false"
+                "zero3_init_flag: true asks for the model to load already partitioned, and distalign loads "
+                "it whole and runs it before DeepSpeed partitions it (packing probe, reference "
+                "fingerprint); set it to false"
             )
         if not zero.get("stage3_gather_16bit_weights_on_model_save", False):
             problems.append(
@@ -205,6 +219,42 @@ def configure_deepspeed(deepspeed: DeepSpeedPlugin, config: RunConfig) -> None:
             ds[key] = value
     deepspeed.gradient_accumulation_steps = 1
     deepspeed.gradient_clipping = ds["gradient_clipping"]
+
+
+def accelerator_device_arguments(deepspeed: DeepSpeedPlugin | None, cpu_only: bool) -> dict:
+    """The ``Accelerator`` arguments that choose its device and process group. On a CPU-only machine
+    that is ``cpu=True`` (a gloo group; without it each process would silently train alone), except
+    under DeepSpeed: ``cpu=True`` would make accelerate drop DeepSpeed, so the group is built by
+    DeepSpeed itself (its CPU accelerator) over gloo."""
+    if not cpu_only:
+        return {"cpu": False}
+    if deepspeed is None:
+        return {"cpu": True}
+    from accelerate.utils import InitProcessGroupKwargs
+
+    return {"cpu": False, "kwargs_handlers": [InitProcessGroupKwargs(backend="gloo")]}
+
+
+@contextlib.contextmanager
+def whole_model_loading(deepspeed: DeepSpeedPlugin | None) -> Iterator[None]:
+    """Models loaded inside are whole, in ``model.dtype``, on every process.
+
+    accelerate 1.15 registers a ZeRO-3 config with transformers whatever ``zero3_init_flag`` says, and
+    transformers then builds every model it loads already partitioned (``deepspeed.zero.Init``) and in
+    DeepSpeed's dtype (float32 unless bf16 is on), ignoring ``model.dtype``. distalign runs the policy
+    before DeepSpeed prepares it (the packing probe) and scores with a separate reference model that
+    DeepSpeed never prepares, so the registration is lifted while loading; DeepSpeed partitions the
+    policy when it is prepared."""
+    if deepspeed is None or deepspeed.zero_stage != 3:
+        yield
+        return
+    from transformers.integrations import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        deepspeed.set_deepspeed_weakref()
 
 
 def force_fsdp2_on_cpu(accelerator: Accelerator, fsdp: FullyShardedDataParallelPlugin) -> None:

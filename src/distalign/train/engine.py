@@ -48,11 +48,13 @@ from distalign.train.checkpoints import (
 )
 from distalign.train.distributed import (
     Sharding,
+    accelerator_device_arguments,
     configure_deepspeed,
     force_fsdp2_on_cpu,
     launch_plugins,
     sharding_of,
     sharding_problems,
+    whole_model_loading,
 )
 
 
@@ -174,6 +176,7 @@ class Engine:
         if deepspeed is not None:
             configure_deepspeed(deepspeed, config)
         self.sharding: Sharding = sharding_of(fsdp, deepspeed)
+        self._deepspeed = deepspeed
         self.accelerator = Accelerator(
             mixed_precision=resolve_mixed_precision(cfg.mixed_precision),
             log_with=list(cfg.trackers) or None,
@@ -181,9 +184,9 @@ class Engine:
                 project_dir=str(self.run_dir), logging_dir=str(self.run_dir / "logs")
             ),
             step_scheduler_with_optimizer=False,
-            cpu=cpu_only,
             fsdp_plugin=fsdp,
             deepspeed_plugin=deepspeed,
+            **accelerator_device_arguments(deepspeed, cpu_only),
         )
         if fsdp is not None and cpu_only:
             force_fsdp2_on_cpu(self.accelerator, fsdp)
@@ -547,6 +550,11 @@ class Engine:
             self.metrics_log.truncate_after(state["step"])
         self.barrier()
         return state
+
+    def loading_models(self) -> contextlib.AbstractContextManager:
+        """Context for loading the policy and a reference model: they load whole, in ``model.dtype``,
+        under every launch (see :func:`distalign.train.distributed.whole_model_loading`)."""
+        return whole_model_loading(self._deepspeed)
 
     def unwrapped(self) -> torch.nn.Module:
         """The prepared model without its DDP / DeepSpeed wrapper. Under FSDP2 and ZeRO-3 its weights

@@ -346,7 +346,8 @@ class ReferenceLogps:
     def build(
         cls, config: RunConfig, spec: LossSpec, policy, data: OfflineData, engine: Engine
     ) -> ReferenceLogps:
-        ref_model, adapters_off = _reference_model(config, policy)
+        with engine.loading_models():
+            ref_model, adapters_off = _reference_model(config, policy)
         if not config.reference.precompute:
             if ref_model is policy and not adapters_off:
                 ref_model = copy.deepcopy(policy).requires_grad_(False)
