@@ -46,9 +46,11 @@ DPO = [
 
 
 def launch_train(config: str, run_dir, *overrides: str) -> str:
-    """Train under ``configs/accelerate/CONFIG.yaml`` with two processes; returns their stdout."""
+    """Train under ``configs/accelerate/CONFIG.yaml`` with two processes; returns their stdout and
+    stderr."""
     args = ["-m", "distalign", "train", *overrides, f"output_dir={run_dir}"]
-    return accelerate_launch(ACCELERATE_CONFIGS / f"{config}.yaml", args, env=CPU_SHARDING).stdout
+    result = accelerate_launch(ACCELERATE_CONFIGS / f"{config}.yaml", args, env=CPU_SHARDING)
+    return result.stdout + result.stderr
 
 
 @pytest.mark.parametrize("config", ["ddp", "fsdp2", "fsdp2_offload"])
@@ -162,7 +164,8 @@ def test_deepspeed_launch_trains_what_one_process_trains(tmp_path, config):
     packs: the packing probe runs the policy before DeepSpeed partitions it."""
     args = [*DPO, *FLOAT32, *(["data.packing=true"] if config == "zero3" else [])]
     single = train_offline(load_config(None, [*args, f"output_dir={tmp_path / 'one'}"]))
-    launch_train(config, tmp_path / config, *args, f"reference.cache_dir={tmp_path / 'cache'}")
+    out = launch_train(config, tmp_path / config, *args, f"reference.cache_dir={tmp_path / 'cache'}")
+    assert "Warning" not in out, "DeepSpeed's deprecation warnings reach the user"
     assert max_weight_difference(final_weights(single), final_weights(tmp_path / config)) < WEIGHT_TOLERANCE
     assert [r["loss"] for r in read_metrics(tmp_path / config)] == pytest.approx(
         [r["loss"] for r in read_metrics(single)], abs=1e-6

@@ -54,6 +54,7 @@ from distalign.train.distributed import (
     launch_plugins,
     sharding_of,
     sharding_problems,
+    silence_deepspeed_deprecations,
     whole_model_loading,
 )
 
@@ -175,6 +176,7 @@ class Engine:
             raise SetupError("this launch cannot train the run: " + "; ".join(problems))
         if deepspeed is not None:
             configure_deepspeed(deepspeed, config)
+            silence_deepspeed_deprecations()
         self.sharding: Sharding = sharding_of(fsdp, deepspeed)
         self._deepspeed = deepspeed
         self.accelerator = Accelerator(
