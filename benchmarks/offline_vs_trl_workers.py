@@ -124,7 +124,7 @@ def _trl_worker(args: argparse.Namespace) -> dict:
     rows = [{k: row[k] for k in ("prompt", "chosen", "rejected")} for row in rows]
     imported_rss = current_rss_mb()
     equal_footing = {
-        # fused torch.optim.AdamW, as distalign's engine builds it (train/engine.py::build_adamw)
+        # fused torch.optim.AdamW, as distalign's engine builds it (train/optim.py::build_adamw)
         "optim": "adamw_torch_fused",
         "gradient_checkpointing": False,  # TRL's default is True; distalign's is False
         "precompute_ref_log_probs": args.setting == "precomputed",

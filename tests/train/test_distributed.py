@@ -221,7 +221,8 @@ def test_sharded_launches_without_gpus_are_refused_unless_sharding_on_cpu_is_ask
 
 
 def test_engine_refuses_a_deepspeed_launch_here_before_anything_loads(monkeypatch, tmp_path):
-    from distalign.train.engine import Engine, no_accelerator_present
+    from distalign.train.distributed import no_accelerator_present
+    from distalign.train.engine import Engine
 
     if not no_accelerator_present():
         pytest.skip("checks the CPU-only refusal")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from distalign.config import TrainConfig
-from distalign.train.engine import build_adamw
+from distalign.train.optim import build_adamw
 
 
 def _params(seed: int) -> list[torch.nn.Parameter]:

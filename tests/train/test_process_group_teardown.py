@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch.distributed as dist
 
-from distalign.train.engine import destroy_process_group_if_initialized
+from distalign.train.distributed import destroy_process_group_if_initialized
 
 
 def test_destroys_an_initialized_group_and_is_idempotent():

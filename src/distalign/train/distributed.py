@@ -4,7 +4,8 @@
 environment variables. accelerate's own plugin classes read them here, so distalign and accelerate agree
 on what a launch config means; :func:`sharding_problems` then checks the combination against the run
 config and refuses, before any model or data loads, what distalign cannot train exactly (each problem
-names the setting to change). docs/distributed.md explains the choices.
+names the setting to change). docs/distributed.md explains the choices. The device, the precision
+and the process group's end (waiting on every group, tearing them down) are chosen here too.
 
 Two facts about accelerate 1.15 shape this module:
 
@@ -29,6 +30,9 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
+
+import torch
+import torch.distributed as dist
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -286,3 +290,47 @@ def force_fsdp2_on_cpu(accelerator: Accelerator, fsdp: FullyShardedDataParallelP
     accelerator.state.fsdp_plugin = fsdp
     accelerator.state.distributed_type = DistributedType.FSDP
     PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+
+
+def resolve_mixed_precision(setting: str) -> str:
+    """ "auto" becomes bf16 on a CUDA device that supports it, otherwise "no"."""
+    if setting != "auto":
+        return setting
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "no"
+
+
+def no_accelerator_present() -> bool:
+    """True on a CPU-only machine. accelerate then needs ``cpu=True`` to form a gloo process group
+    under torchrun (otherwise each process silently trains alone)."""
+    xpu = getattr(torch, "xpu", None)
+    return not (
+        torch.cuda.is_available()
+        or (xpu is not None and xpu.is_available())
+        or torch.backends.mps.is_available()
+    )
+
+
+def destroy_process_group_if_initialized() -> None:
+    """Tear the process group down while the interpreter is still alive.
+
+    A process that exits with a gloo group still up can abort at interpreter finalisation ("terminate
+    called without an active exception", pytorch/pytorch#190489): gloo's worker threads are still
+    joinable when the C++ destructors run (seen once in this project's CI, in a two-process test). The
+    engine registers this with ``atexit`` rather than calling it at the end of training, so several runs
+    in one process, and runs that stop early, all keep their group until the process ends.
+    """
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def wait_on_every_process_group() -> None:
+    """A barrier on each process group this process belongs to, in the order they were created (the
+    same on every process, since groups are created collectively)."""
+    from torch.distributed import distributed_c10d
+
+    # torch lists its groups only in a private map; without it, the default group at least.
+    groups = list(getattr(getattr(distributed_c10d, "_world", None), "pg_map", None) or [None])
+    for group in groups:
+        dist.barrier(group=group)

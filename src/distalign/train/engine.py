@@ -16,7 +16,6 @@ from __future__ import annotations
 import atexit
 import contextlib
 import json
-import math
 import os
 import shutil
 import sys
@@ -31,7 +30,7 @@ from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, broadcast_object_list, set_seed
 from tqdm.auto import tqdm
 
-from distalign.config import RunConfig, TrainConfig, dump_config
+from distalign.config import RunConfig, dump_config
 from distalign.errors import SetupError
 from distalign.models.logprobs import SequenceLogprobModel
 from distalign.train.checkpoints import (
@@ -50,71 +49,22 @@ from distalign.train.distributed import (
     Sharding,
     accelerator_device_arguments,
     configure_deepspeed,
+    destroy_process_group_if_initialized,
     force_fsdp2_on_cpu,
     launch_plugins,
+    no_accelerator_present,
+    resolve_mixed_precision,
     sharding_of,
     sharding_problems,
     silence_deepspeed_deprecations,
+    wait_on_every_process_group,
     whole_model_loading,
 )
+from distalign.train.optim import build_adamw, build_scheduler
 
 
 class TrackerUnavailableError(ValueError):
     """An experiment tracker was requested whose package is not installed."""
-
-
-def resolve_mixed_precision(setting: str) -> str:
-    """ "auto" becomes bf16 on a CUDA device that supports it, otherwise "no"."""
-    if setting != "auto":
-        return setting
-    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-        return "bf16"
-    return "no"
-
-
-def no_accelerator_present() -> bool:
-    """True on a CPU-only machine. accelerate then needs ``cpu=True`` to form a gloo process group
-    under torchrun (otherwise each process silently trains alone)."""
-    xpu = getattr(torch, "xpu", None)
-    return not (
-        torch.cuda.is_available()
-        or (xpu is not None and xpu.is_available())
-        or torch.backends.mps.is_available()
-    )
-
-
-def build_adamw(params: list[torch.nn.Parameter] | list[dict], cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW, fused (one kernel over all tensors) wherever this torch supports it for these tensors.
-
-    Why fused: the default multi-tensor ("foreach") AdamW materialises full-size temporaries. Measured
-    in isolation on SmolLM2-135M's fp32 parameters on CPU, its step takes 0.35 s and ~500 MB of
-    temporaries; fused takes 0.07 s and none (a DPO step went from 3.11 to 2.89 s; docs/benchmarks.md).
-    Older torch (CPU before 2.4) refuses ``fused=True`` at construction, which falls back to the default
-    implementation.
-    """
-    options = dict(lr=cfg.lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay)
-    try:
-        return torch.optim.AdamW(params, fused=True, **options)
-    except (RuntimeError, ValueError, TypeError):
-        return torch.optim.AdamW(params, **options)
-
-
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int):
-    """Linear warmup then constant / linear / cosine decay to zero, as a LambdaLR (one factor for every
-    parameter group, applied to the group's own peak learning rate)."""
-    warmup = int(cfg.warmup_ratio * total_steps)
-
-    def factor(step: int) -> float:
-        if warmup and step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total_steps - warmup)
-        if cfg.scheduler == "linear":
-            return max(0.0, 1.0 - progress)
-        if cfg.scheduler == "cosine":
-            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-        return 1.0
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 class MetricsLog:
@@ -135,30 +85,6 @@ class MetricsLog:
             line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step
         ]
         self.path.write_text("".join(line + "\n" for line in kept))
-
-
-def destroy_process_group_if_initialized() -> None:
-    """Tear the process group down while the interpreter is still alive.
-
-    A process that exits with a gloo group still up can abort at interpreter finalisation ("terminate
-    called without an active exception", pytorch/pytorch#190489): gloo's worker threads are still
-    joinable when the C++ destructors run (seen once in this project's CI, in a two-process test). The
-    engine registers this with ``atexit`` rather than calling it at the end of training, so several runs
-    in one process, and runs that stop early, all keep their group until the process ends.
-    """
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def wait_on_every_process_group() -> None:
-    """A barrier on each process group this process belongs to, in the order they were created (the
-    same on every process, since groups are created collectively)."""
-    from torch.distributed import distributed_c10d
-
-    # torch lists its groups only in a private map; without it, the default group at least.
-    groups = list(getattr(getattr(distributed_c10d, "_world", None), "pg_map", None) or [None])
-    for group in groups:
-        dist.barrier(group=group)
 
 
 class Engine:
