@@ -110,7 +110,7 @@ def test_deepspeed_configs_give_the_plugins_distalign_trains_with(launched, name
     ds = deepspeed.deepspeed_config
     assert ds["zero_optimization"]["offload_optimizer"]["device"] == "none"
     if stage == 3:
-        assert deepspeed.zero3_init_flag is False
+        assert deepspeed.zero3_init_flag is True
         assert ds["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
     config = run_config("train.micro_batch_size=4", "train.max_grad_norm=0.5")
     problems = sharding_problems(fsdp, deepspeed, config, cpu_only=False)
@@ -165,16 +165,16 @@ def only_problem(problems: list[str]) -> str:
             "zero3_save_16bit_model",
         ),
         (lambda: deepspeed_plugin(), ["model.dtype=float64"], "float32 master weights"),
+        (
+            lambda: deepspeed_plugin(3, zero={"stage3_gather_16bit_weights_on_model_save": True}),
+            ["model.dtype=bfloat16", "train.mixed_precision=no"],
+            "set train.mixed_precision=bf16",
+        ),
     ],
 )
 def test_deepspeed_settings_distalign_cannot_honour_are_refused_by_name(plugin, overrides, named):
     problem = only_problem(sharding_problems(None, plugin(), run_config(*overrides), cpu_only=False))
     assert named in problem
-
-
-def test_zero3_init_is_refused():
-    plugin = deepspeed_plugin(3, zero3_init=True, zero={"stage3_gather_16bit_weights_on_model_save": True})
-    assert "zero3_init_flag" in only_problem(sharding_problems(None, plugin, run_config(), cpu_only=False))
 
 
 @pytest.mark.parametrize(

@@ -224,13 +224,13 @@ def test_lora_under_zero3_trains_what_one_process_trains(tmp_path):
 
 
 @needs_deepspeed
-def test_zero3_trains_and_saves_the_dtype_the_model_was_loaded_in(tmp_path):
-    """bf16 weights without mixed precision: transformers would build the model partitioned in float32
-    under accelerate's ZeRO-3 registration; distalign loads it whole in bf16, so DeepSpeed trains bf16
-    weights (float32 masters) and final/ is bf16."""
+def test_zero3_bf16_mode_trains_and_saves_bf16_weights(tmp_path):
+    """DeepSpeed's bf16 mode (train.mixed_precision=bf16): the policy loads straight into bf16 ZeRO-3
+    partitions, trains with float32 masters, and final/ is gathered in bf16; the reference table,
+    scored by the same partitioned policy, makes the first loss ln 2."""
     from safetensors.torch import load_file
 
-    args = [*DPO, "model.dtype=bfloat16", "train.mixed_precision=no", "train.max_steps=2"]
+    args = [*DPO, "model.dtype=bfloat16", "train.mixed_precision=bf16", "train.max_steps=2"]
     launch_train("zero3", tmp_path / "bf16", *args)
     assert read_metrics(tmp_path / "bf16")[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)
     weights = load_file(tmp_path / "bf16" / "final" / "model.safetensors")

@@ -23,8 +23,8 @@ from distalign.models.packed_logprobs import packed_attention_kind, packed_rows,
 logger = logging.getLogger(__name__)
 
 # Architectures whose attention honours a custom 4D mask and ``position_ids`` (checked here with the
-# probe on CPU). Where the probe cannot run (a flash-attention kernel on a model not yet on a GPU)
-# only these are packed.
+# probe on CPU). Where the probe cannot run (a flash-attention kernel on a model not yet on a GPU,
+# or ZeRO-3 partitioned weights) only these are packed.
 _PACKING_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3", "olmo2"})
 _packing_probes: weakref.WeakKeyDictionary[nn.Module, str | None] = weakref.WeakKeyDictionary()
 
@@ -84,14 +84,17 @@ _PACKED_KEYS = ("input_ids", "position_ids", "sequence_index", "completion_mask"
 def _probe_packing(causal_lm: nn.Module, model: nn.Module) -> str | None:
     """Why packing is not exact for this model (None: it is), decided by the probe where it can run."""
     parameter = next(causal_lm.parameters())
-    if packed_attention_kind(model) == "varlen" and parameter.device.type != "cuda":
+    if hasattr(parameter, "ds_id"):  # DeepSpeed ZeRO-3 partitions: the weights to run it are not here
+        unprobed = "its weights are ZeRO-3 partitions (built by deepspeed.zero.Init), so the probe cannot run"
+    elif packed_attention_kind(model) == "varlen" and parameter.device.type != "cuda":
+        unprobed = "its flash-attention kernel cannot be probed before the model is on a GPU"
+    else:
+        unprobed = None
+    if unprobed is not None:
         if getattr(causal_lm.config, "model_type", None) in _PACKING_MODEL_TYPES:
-            logger.info("packing with variable-length flash attention: known architecture, not probed")
+            logger.info("packing: known architecture, not probed (%s)", unprobed)
             return None
-        return (
-            "its flash-attention kernel cannot be probed before the model is on a GPU, and the "
-            "architecture is not one known to pack exactly"
-        )
+        return f"{unprobed}, and the architecture is not one known to pack exactly"
     layouts = dict.fromkeys((packed_rows(model), packed_rows(model, share_prompts=True)))
     try:
         difference = max(_packed_vs_padded(causal_lm, model, rows) for rows in layouts)
@@ -114,7 +117,8 @@ def packing_problem(model: nn.Module, max_length: int | None = None) -> str | No
     (a block-diagonal mask drops it), and any model whose packed log-probs of a probe differ from the
     padded ones (attention that ignores the 4D mask or the restarting position ids, state carried
     across tokens, ...). The probe runs once per model; a flash-attention model that is not on a GPU
-    yet cannot run it and is accepted only for architectures known to pack exactly.
+    yet, or one whose weights are ZeRO-3 partitions, cannot run it and is accepted only for
+    architectures known to pack exactly.
     """
     causal_lm = _causal_lm(model)
     config = getattr(causal_lm, "config", None)

@@ -159,6 +159,16 @@ def _deepspeed_problems(deepspeed: DeepSpeedPlugin, config: RunConfig, cpu_only:
             "also computes in float32), so the run would silently train in float32; use float32, or "
             "train float64 under configs/accelerate/ddp.yaml or fsdp2.yaml"
         )
+    half = {"bfloat16": "bf16", "float16": "fp16"}.get(config.model.dtype)
+    precision = resolve_mixed_precision(config.train.mixed_precision)
+    if deepspeed.zero_stage == 3 and half is not None and precision != half:
+        problems.append(
+            f"model.dtype={config.model.dtype} with train.mixed_precision={config.train.mixed_precision} "
+            f"under ZeRO-3: transformers builds the weights straight into ZeRO-3 partitions in DeepSpeed's "
+            f"precision, float32 unless mixed precision is on, so the run would train float32 weights; set "
+            f"train.mixed_precision={half} (DeepSpeed's {half} mode: {config.model.dtype} weights, float32 "
+            "masters)"
+        )
     ds = deepspeed.deepspeed_config
     zero = ds.get("zero_optimization", {})
     for section in ("optimizer", "scheduler"):
@@ -195,18 +205,11 @@ def _deepspeed_problems(deepspeed: DeepSpeedPlugin, config: RunConfig, cpu_only:
                 "CPU Adam, which distalign does not test; for CPU offload use "
                 "configs/accelerate/fsdp2_offload.yaml"
             )
-    if deepspeed.zero_stage == 3:
-        if deepspeed.zero3_init_flag:
-            problems.append(
-                "zero3_init_flag: true asks for the model to load already partitioned, and distalign loads "
-                "it whole and runs it before DeepSpeed partitions it (packing probe, reference "
-                "fingerprint); set it to false"
-            )
-        if not zero.get("stage3_gather_16bit_weights_on_model_save", False):
-            problems.append(
-                "ZeRO-3 without zero3_save_16bit_model (stage3_gather_16bit_weights_on_model_save): the "
-                "final model could not be gathered into RUN_DIR/final; set it to true"
-            )
+    if deepspeed.zero_stage == 3 and not zero.get("stage3_gather_16bit_weights_on_model_save", False):
+        problems.append(
+            "ZeRO-3 without zero3_save_16bit_model (stage3_gather_16bit_weights_on_model_save): the "
+            "final model could not be gathered into RUN_DIR/final; set it to true"
+        )
     return problems
 
 
@@ -253,14 +256,13 @@ def accelerator_device_arguments(deepspeed: DeepSpeedPlugin | None, cpu_only: bo
 
 @contextlib.contextmanager
 def whole_model_loading(deepspeed: DeepSpeedPlugin | None) -> Iterator[None]:
-    """Models loaded inside are whole, in ``model.dtype``, on every process.
+    """Models loaded inside are whole, in ``model.dtype``, on every process: a separate reference model.
 
     accelerate 1.15 registers a ZeRO-3 config with transformers whatever ``zero3_init_flag`` says, and
-    transformers then builds every model it loads already partitioned (``deepspeed.zero.Init``) and in
-    DeepSpeed's dtype (float32 unless bf16 is on), ignoring ``model.dtype``. distalign runs the policy
-    before DeepSpeed prepares it (the packing probe) and scores with a separate reference model that
-    DeepSpeed never prepares, so the registration is lifted while loading; DeepSpeed partitions the
-    policy when it is prepared."""
+    transformers then builds every model it loads straight into ZeRO-3 partitions
+    (``deepspeed.zero.Init``), in DeepSpeed's precision. That is what the policy needs (no process ever
+    holds it whole, in host or GPU memory), but a reference model is never prepared by DeepSpeed, and
+    its partitions could not run; the registration is lifted while it loads."""
     if deepspeed is None or deepspeed.zero_stage != 3:
         yield
         return

@@ -479,9 +479,9 @@ class Engine:
         self.barrier()
         return state
 
-    def loading_models(self) -> contextlib.AbstractContextManager:
-        """Context for loading the policy and a reference model: they load whole, in ``model.dtype``,
-        under every launch (see :func:`distalign.train.distributed.whole_model_loading`)."""
+    def loading_whole_models(self) -> contextlib.AbstractContextManager:
+        """Context for loading a model no launch shards (a separate reference model): whole, in
+        ``model.dtype``, under every launch (see :func:`distalign.train.distributed.whole_model_loading`)."""
         return whole_model_loading(self._deepspeed)
 
     def unwrapped(self) -> torch.nn.Module:

@@ -244,8 +244,7 @@ def train_offline(config: RunConfig, *, stop_after_step: int | None = None) -> P
     engine = Engine(config)
     objective = build_objective(config)
     spec = objective.loss
-    with engine.loading_models():
-        policy, tokenizer = load_policy(config)
+    policy, tokenizer = load_policy(config)
     packing = packing_layout(policy, config)  # refuses a model packing cannot be exact for
     data = load_offline_data(config, tokenizer, objective, engine)
     reference = ReferenceLogps.build(config, spec, policy, data, engine) if spec.needs_reference else None

@@ -346,7 +346,7 @@ class ReferenceLogps:
     def build(
         cls, config: RunConfig, spec: LossSpec, policy, data: OfflineData, engine: Engine
     ) -> ReferenceLogps:
-        with engine.loading_models():
+        with engine.loading_whole_models():
             ref_model, adapters_off = _reference_model(config, policy)
         if not config.reference.precompute:
             if ref_model is policy and not adapters_off:
