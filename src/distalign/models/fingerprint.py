@@ -8,9 +8,10 @@ bookkeeping fields such as the path it was loaded from or ``use_cache``.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -76,7 +77,8 @@ def model_fingerprint(model: nn.Module, *, exclude_adapters: bool = True) -> str
 
     With ``exclude_adapters`` (default) a peft model is fingerprinted by its base weights only, with
     peft's renaming undone: it matches the fingerprint of the same base model loaded without adapters,
-    which is the reference model of an adapters-off run. Compute it on full, unsharded parameters.
+    which is the reference model of an adapters-off run. Compute it on full, unsharded parameters, or
+    on ZeRO-3 partitions (gathered one parameter at a time; then every process must call it together).
     """
     from distalign.models.loading import is_peft_model, unwrap_model
 
@@ -85,16 +87,31 @@ def model_fingerprint(model: nn.Module, *, exclude_adapters: bool = True) -> str
     digest = hashlib.sha256(b"distalign-model-v1\0")
     description = _architecture_description(causal_lm)
     digest.update(json.dumps(description, sort_keys=True, default=str).encode())
+    parameters = dict(causal_lm.named_parameters(remove_duplicate=False))
     entries = []
     for name, tensor in causal_lm.state_dict().items():
         key = _base_weight_name(name) if exclude_adapters else name
         if key is not None:
-            entries.append((key, tensor))
-    for key, tensor in sorted(entries, key=lambda entry: entry[0]):
-        header = f"\0{key}\0{tensor.dtype}\0{tuple(tensor.shape)}\0"
-        digest.update(header.encode())
-        digest.update(tensor_bytes(tensor))
+            entries.append((key, name, tensor))
+    for key, name, tensor in sorted(entries, key=lambda entry: entry[0]):
+        with _whole(tensor, parameters.get(name)) as whole:
+            header = f"\0{key}\0{whole.dtype}\0{tuple(whole.shape)}\0"
+            digest.update(header.encode())
+            digest.update(tensor_bytes(whole))
     return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def _whole(tensor: torch.Tensor, parameter: nn.Parameter | None) -> Iterator[torch.Tensor]:
+    """``tensor`` whole. A ZeRO-3 partitioned parameter (built by ``deepspeed.zero.Init``: its own
+    tensor is empty) is gathered for the moment, which is a collective."""
+    if parameter is None or not hasattr(parameter, "ds_id"):
+        yield tensor
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters([parameter]):
+        yield parameter.data
 
 
 TokenRow = Sequence[int] | torch.Tensor | np.ndarray
