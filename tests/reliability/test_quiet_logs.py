@@ -212,8 +212,7 @@ def test_the_demo_announces_its_time_from_the_measured_phases():
     assert "about 8 minutes on 2 idle CPU cores" in line and "about 2.1 GB" in line
     assert "about 15 seconds" in estimate_line(TINY)
     longer = dataclasses.replace(SMOLLM2, steps=2 * SMOLLM2.steps)
+    # twice the steps: the training phases once more
     training = MEASURED["smollm2"].phases["train_dpo"] + MEASURED["smollm2"].phases["train_aot"]
-    assert estimated_seconds(longer) - estimated_seconds(SMOLLM2) == pytest.approx(
-        training
-    )  # twice the steps
+    assert estimated_seconds(longer) - estimated_seconds(SMOLLM2) == pytest.approx(training)
     assert "a GPU is used here" in estimate_line(SMOLLM2, "cuda")

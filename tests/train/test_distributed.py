@@ -131,11 +131,11 @@ def test_clipping_off_reaches_deepspeed_as_zero(launched):
     assert deepspeed.deepspeed_config["gradient_clipping"] == 0.0
 
 
-def deepspeed_plugin(stage: int = 2, zero3_init: bool = False, **entries) -> DeepSpeedPlugin:
+def deepspeed_plugin(stage: int = 2, **entries) -> DeepSpeedPlugin:
     """A plugin as accelerate builds it from a DeepSpeed config file with these top-level ``entries``
     (``zero``: entries of its zero_optimization section)."""
     zero = {"stage": stage, **entries.pop("zero", {})}
-    return DeepSpeedPlugin(hf_ds_config={"zero_optimization": zero, **entries}, zero3_init_flag=zero3_init)
+    return DeepSpeedPlugin(hf_ds_config={"zero_optimization": zero, **entries})
 
 
 def only_problem(problems: list[str]) -> str:
@@ -158,9 +158,7 @@ def only_problem(problems: list[str]) -> str:
         ),
         (lambda: deepspeed_plugin(zero={"offload_optimizer": {"device": "cpu"}}), [], "offload_optimizer"),
         (
-            lambda: deepspeed_plugin(
-                3, zero={"stage3_gather_16bit_weights_on_model_save": False}, zero3_init_flag=False
-            ),
+            lambda: deepspeed_plugin(3, zero={"stage3_gather_16bit_weights_on_model_save": False}),
             [],
             "zero3_save_16bit_model",
         ),
