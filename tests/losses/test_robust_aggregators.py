@@ -111,6 +111,118 @@ def test_chi2_dro_dual_is_minimised():
     assert float(LOSSES.mean()) < loss <= float(LOSSES.max())
 
 
+def chi2_primal_by_enumeration(losses: torch.Tensor, p: torch.Tensor, radius: float):
+    """Brute force: max E_Q[l] over the ball {q >= 0, sum q = 1, sum p (q/p - 1)^2 / 2 <= rho}, by
+    trying every support S. With S fixed and q = p r, Cauchy-Schwarz gives the best r in closed form:
+    r = 1 / P_S + k (l - mean_S) with k = sqrt((1 + 2 rho - 1 / P_S) / (P_S var_S)), worth
+    mean_S + sqrt(((1 + 2 rho) P_S - 1) var_S); a support counts where that r >= 0. The best of all
+    supports is the supremum (it uses neither the dual nor any ordering of the losses). Where several
+    rows tie at the top and their point mass is strictly inside the ball, every distribution over them
+    is a maximiser: the largest support (p over the tied rows) is kept, as chi2_dro returns."""
+    import itertools
+
+    live = [i for i in range(len(losses)) if p[i] > 0]
+    best_value, best_q = -math.inf, None
+    for size in range(len(live), 0, -1):
+        for support in itertools.combinations(live, size):
+            rows = torch.tensor(support)
+            mass = float(p[rows].sum())
+            slack = 2 * radius * mass - float(p.sum() - p[rows].sum())  # (1 + 2 rho) P_S - 1
+            if slack < -1e-15:
+                continue
+            mean = float((p[rows] * losses[rows]).sum()) / mass
+            centred = losses[rows] - mean
+            variance = float((p[rows] * centred**2).sum()) / mass
+            k = math.sqrt(max(slack, 0.0) / mass / (mass * variance)) if variance > 0 else 0.0
+            ratio = 1 / mass + k * centred
+            if bool((ratio < -1e-12).any()):
+                continue
+            value = mean + math.sqrt(max(slack, 0.0) * variance)
+            if best_q is None or value > best_value + 1e-12 * max(1.0, abs(best_value)):
+                best_value = value
+                best_q = torch.zeros_like(p)
+                best_q[rows] = p[rows] * ratio.clamp(min=0)
+    return best_value, best_q
+
+
+def chi2_distance(q: torch.Tensor, p: torch.Tensor) -> float:
+    live = p > 0
+    return float((p[live] * (q[live] / p[live] - 1) ** 2).sum()) / 2
+
+
+RADII = [1e-12, 1e-8, 1e-4, 1e-2, 0.3, 1.0, 3.0, 10.0]
+
+
+@pytest.mark.parametrize("radius", RADII)
+@pytest.mark.parametrize("seed", range(6))
+def test_chi2_dro_value_and_gradient_equal_the_brute_force_primal(seed, radius):
+    """Random batches of 1-7 rows (some rows of weight 0, some tied losses, some near 1e3): the value is
+    the supremum, the gradient its maximiser, a distribution inside the ball."""
+    generator = torch.Generator().manual_seed(seed)
+    n = 1 + seed
+    losses = torch.rand(n, generator=generator, dtype=torch.float64) * 3
+    if seed % 2:
+        losses = losses + 1000.0
+    if n > 2:
+        losses[1] = losses[2]  # a tie
+    weights = torch.rand(n, generator=generator, dtype=torch.float64) + 0.1
+    if n > 3:
+        weights[0] = 0.0
+    p = weights / weights.sum()
+    value, q = chi2_primal_by_enumeration(losses, p, radius)
+    leaf = losses.clone().requires_grad_(True)
+    result = aggregate("chi2_dro", leaf, weights=weights, radius=radius)
+    result.loss.backward()
+    assert result.loss.item() == pytest.approx(value, rel=1e-12, abs=1e-9)
+    torch.testing.assert_close(leaf.grad, q, rtol=1e-7, atol=1e-9)
+    assert leaf.grad.min() >= 0 and leaf.grad.sum().item() == pytest.approx(1.0, abs=1e-12)
+    assert chi2_distance(leaf.grad, p) <= radius * (1 + 1e-6) + 1e-15
+
+
+@pytest.mark.parametrize(
+    ("losses", "weights", "radius", "value", "gradient"),
+    [
+        # the point mass on 1.9 has chi2 = (1 / P(top) - 1) / 2 = 0.5 <= 1: the worst case is the max
+        ((0.4, 1.9), None, 1.0, 1.9, (0.0, 1.0)),
+        # one row: every radius holds the point mass; the gradient is 1, not sqrt(1 + 2 rho)
+        ((0.7,), None, 1.0, 0.7, (1.0,)),
+        ((0.7,), None, 1e-12, 0.7, (1.0,)),
+        ((0.3,), (1.0,), 1.0, 0.3, (1.0,)),  # was sqrt(3): a bisection ending a rounding below the loss
+        # three rows tied at the top hold all the mass: each gets 1/3
+        ((3.0, 3.0, 3.0), None, 5.0, 3.0, (1 / 3, 1 / 3, 1 / 3)),
+        # ... and with two lower rows, (1 + 2 rho) P(top) = 11 x 3/5 >= 1: still the top rows, p-weighted
+        ((1.0, 2.0, 3.0, 3.0, 3.0), None, 5.0, 3.0, (0, 0, 1 / 3, 1 / 3, 1 / 3)),
+        ((1.0, 3.0, 3.0), (1.0, 1.0, 3.0), 5.0, 3.0, (0, 0.25, 0.75)),
+        # a zero-weight row with the largest loss is not part of the batch
+        ((0.4, 1.9, 9.0), (1.0, 1.0, 0.0), 1.0, 1.9, (0.0, 1.0, 0.0)),
+    ],
+)
+def test_chi2_dro_where_the_worst_case_is_a_point_mass(losses, weights, radius, value, gradient):
+    leaf = t64(*losses).requires_grad_(True)
+    result = aggregate("chi2_dro", leaf, weights=None if weights is None else t64(*weights), radius=radius)
+    result.loss.backward()
+    assert result.loss.item() == pytest.approx(value, rel=1e-15)
+    torch.testing.assert_close(leaf.grad, t64(*gradient))
+
+
+def test_chi2_dro_small_radius_is_mean_plus_root_two_rho_variance():
+    """Below the point-mass regime and with no weight at 0, the supremum is E[l] + sqrt(2 rho Var(l)),
+    and the optimal dual variable lies near mean - std / sqrt(2 rho): ~70 std below the losses at
+    rho = 1e-4, far outside any fixed search bracket."""
+    losses = t64(0.4, 1.9, 1.2, 0.8)
+    variance = float(losses.var(unbiased=False))
+    for radius in (1e-4, 1e-8, 1e-12):
+        leaf = losses.clone().requires_grad_(True)
+        result = aggregate("chi2_dro", leaf, radius=radius)
+        result.loss.backward()
+        expected = float(losses.mean()) + math.sqrt(2 * radius * variance)
+        assert result.loss.item() == pytest.approx(expected, rel=1e-14)
+        assert leaf.grad.sum().item() == pytest.approx(1.0, abs=1e-14)
+        assert chi2_distance(leaf.grad, torch.full((4,), 0.25, dtype=torch.float64)) == pytest.approx(
+            radius, rel=1e-6
+        )
+
+
 def test_group_dro_weights_move_to_the_worst_group_and_are_state():
     losses = t64(0.1, 0.2, 2.0, 1.8, 0.3)
     groups = {"group": torch.tensor([0, 0, 1, 1, 2])}

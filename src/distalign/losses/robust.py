@@ -148,8 +148,59 @@ def dr_dpo(losses, *, weights, signals, state, beta_prime: float = 1.0) -> LossR
     )
 
 
-def _chi2_dual(losses: torch.Tensor, p: torch.Tensor, eta: torch.Tensor, radius: float) -> torch.Tensor:
-    return eta + math.sqrt(1 + 2 * radius) * torch.sqrt((p * (losses - eta).clamp(min=0) ** 2).sum())
+def chi2_worst_case(losses: torch.Tensor, p: torch.Tensor, radius: float) -> torch.Tensor:
+    """The worst-case distribution ``q`` [N] (float64, sums to 1) of
+    ``sup_{Q: chi2(Q||P) <= radius} E_Q[l]`` with ``chi2 = E_P[(dQ/dP - 1)^2] / 2``, exactly.
+
+    The dual, ``min_eta eta + sqrt(1 + 2 rho) sqrt(E_P[(l - eta)_+^2])`` (Duchi & Namkoong 2021), is
+    convex in ``eta``, and its minimiser gives ``q_i ∝ p_i (l_i - eta)_+``. Two cases:
+
+    * the point mass on the largest loss (``p`` restricted to the rows that hold it) lies in the ball,
+      ``(1 + 2 rho) P(top) >= 1``: it is the worst case. The dual's minimiser is then ``eta = max l``,
+      where the square root has no derivative, so a generic minimiser of the dual fails there;
+    * otherwise the minimiser lies below ``max l``. Between two consecutive distinct losses the rows
+      above ``eta`` are a fixed top set S, and the dual's stationary point has a closed form,
+      ``eta = mean_S - sqrt(var_S / ((1 + 2 rho) P_S - 1))`` (p-weighted mean and variance within S).
+      The dual is evaluated at each top set's best point in its interval (that point clamped into it)
+      and the smallest is taken: no search bracket, so no radius is too small (for small radii ``eta``
+      lies far below every loss, near ``mean - std / sqrt(2 rho)``). One sort, O(N log N).
+
+    Rows with ``p = 0`` get ``q = 0``. Where the point mass is strictly inside the ball and several rows
+    tie at the top, every distribution over them is a worst case; ``p`` restricted to them is returned.
+    """
+    loss = losses.detach().double()
+    p = p.detach().double()
+    live = p > 0
+    p = torch.where(live, p, 0.0)
+    top = loss[live].max()
+    at_top = live & (loss == top)
+    top_mass = p[at_top].sum()
+    if (1 + 2 * radius) * top_mass >= p.sum():
+        return torch.where(at_top, p / top_mass, 0.0)
+    # Sorted largest first, shifted so the top loss is 0 (keeps the moments exact for large losses).
+    order = torch.argsort(loss[live], descending=True)
+    x, w = loss[live][order] - top, p[live][order]
+    last = torch.cat([x[1:] != x[:-1], x.new_ones(1, dtype=torch.bool)]).nonzero().squeeze(1)
+    values = x[last]  # distinct shifted losses, largest first; top set S_k = rows with x >= values[k]
+    mass = torch.cumsum(w, 0)[last]
+    first_moment = torch.cumsum(w * x, 0)[last]
+    second_moment = torch.cumsum(w * x * x, 0)[last]
+    outside = torch.cat([torch.cumsum(w.flip(0), 0).flip(0)[1:], w.new_zeros(1)])[last]
+    mean = first_moment / mass
+    variance = (second_moment / mass - mean**2).clamp(min=0)
+    # (1 + 2 rho) P_S - 1, written as 2 rho P_S - P(outside S): no cancellation for tiny radii.
+    curvature = 2 * radius * mass - outside
+    stationary = mean - torch.sqrt(variance / curvature.clamp(min=1e-300))
+    below = torch.cat([values[1:], values.new_full((1,), -math.inf)])  # the next loss; -inf under the last
+    # Where (1 + 2 rho) P_S <= 1 the dual increases over the whole interval: its best point is its bottom.
+    candidates = torch.where(curvature > 0, torch.minimum(torch.maximum(stationary, below), values), below)
+    # E_P[(x - eta)_+^2] over S_k at eta in S_k's interval; the last set's bottom (-inf) is never best.
+    square = second_moment - 2 * candidates * first_moment + candidates**2 * mass
+    dual = candidates + math.sqrt(1 + 2 * radius) * torch.sqrt(square.clamp(min=0))
+    dual = torch.where(torch.isfinite(candidates), dual, math.inf)
+    eta = top + candidates[int(torch.argmin(dual))]
+    shifted = p * (loss - eta).clamp(min=0)
+    return shifted / shifted.sum()
 
 
 @register_aggregator(
@@ -159,39 +210,14 @@ def _chi2_dual(losses: torch.Tensor, p: torch.Tensor, eta: torch.Tensor, radius:
 )
 def chi2_dro(losses, *, weights, signals, state, radius: float = 1.0) -> LossResult:
     """chi-square DRO: ``sup_{Q: chi2(Q||P) <= rho} E_Q[l]`` with ``chi2 = E_P[(dQ/dP - 1)^2] / 2`` and
-    ``rho = radius``, computed exactly by its dual ``min_eta eta + sqrt(1 + 2 rho) sqrt(E_P[(l - eta)_+^2])``.
-
-    The dual is convex in ``eta``; it is minimised without gradients (bisection on its derivative) and
-    the objective evaluated at that ``eta``: by the envelope theorem this has the gradient of the
-    supremum. Its worst-case weights are ``q_i ∝ (l_i - eta)_+``.
-    """
+    ``rho = radius``, exactly: ``E_Q*[l]`` with the worst case ``Q*`` of :func:`chi2_worst_case` held
+    constant. By Danskin's theorem that is the supremum's gradient (``Q*`` is unique); where the ball
+    holds the point mass on the largest loss, ``(1 + 2 rho) P(top) >= 1`` (always for one row), the
+    supremum is that loss and the gradient is ``p`` restricted to the rows that hold it."""
     _check_positive("radius", radius)
     p = _probabilities(weights, losses)
-    with torch.no_grad():
-        detached = losses.detach().double()
-        pd = p.double()
-        factor = math.sqrt(1 + 2 * radius)
-        # d/d eta = 1 - factor E[(l - eta)_+] / sqrt(E[(l - eta)_+^2]); increasing in eta. The root lies
-        # below max(l) (the derivative tends to 1 - factor < 0 there) and above min(l) - span * K.
-        low = detached[pd > 0].min() - (detached.max() - detached.min() + 1.0) * 10 * factor
-        high = detached[pd > 0].max()
-        for _ in range(200):
-            mid = (low + high) / 2
-            excess = (detached - mid).clamp(min=0)
-            second = (pd * excess**2).sum()
-            slope = 1 - factor * (pd * excess).sum() / second.sqrt().clamp(min=1e-300)
-            if second == 0 or slope > 0:
-                high = mid
-            else:
-                low = mid
-        eta = (low + high) / 2
-        degenerate = bool((pd * (detached - eta).clamp(min=0) ** 2).sum() <= 1e-300)
-    if degenerate:
-        # Every row has the same loss: the ball's worst case is that loss, and the dual's square root
-        # has no derivative at 0; take the mean's gradient (a subgradient of the supremum).
-        return _with_diagnostics(lambda x: (p * x).sum(), losses, weights, signals)
-    eta = eta.to(losses.dtype)
-    return _with_diagnostics(lambda x: _chi2_dual(x, p, eta, radius), losses, weights, signals)
+    q = chi2_worst_case(losses, p, radius).to(losses.dtype)
+    return _with_diagnostics(lambda x: (q * x).sum(), losses, weights, signals)
 
 
 @register_aggregator(
