@@ -91,3 +91,31 @@ def test_losing_a_rename_race_keeps_the_winner(tmp_path):
     assert build_once(target, build_while_another_process_publishes) == target
     assert (target / "payload.txt").read_text() == "theirs"
     assert [p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")] == ["artifact"]
+
+
+def test_a_model_build_that_wrote_no_weights_is_never_marked_complete(tmp_path):
+    """What transformers leaves when it declines to save (not rank 0 of a process group): a tokenizer
+    and no model. The build fails, naming the reason, and nothing is cached."""
+    from distalign.models.cache import require_saved_model
+
+    def tokenizer_only(staging: Path) -> None:
+        (staging / "tokenizer.json").write_text("{}")
+        require_saved_model(staging)
+
+    with pytest.raises(RuntimeError, match="only on rank 0 of a torch.distributed process group"):
+        build_once(tmp_path / "model", tokenizer_only)
+    assert not (tmp_path / "model").exists()
+
+
+@pytest.mark.slow
+def test_two_processes_build_the_tiny_model_whole_whichever_loads_first(tmp_path, monkeypatch):
+    """Rank 1 reaches the policy load 3 s before rank 0 on an empty cache. Built there, under the
+    process group, the cached model would have no weights (transformers saves on rank 0 only): the
+    engine builds it before the group starts."""
+    from distalign.testing.runs import TINY_BASE, torchrun
+
+    monkeypatch.setenv("DISTALIGN_CACHE", str(tmp_path / "cache"))
+    probe = str(Path(__file__).parents[1] / "train" / "cache_build_probe.py")
+    torchrun([probe, *TINY_BASE, f"output_dir={tmp_path / 'run'}"], timeout=300)
+    (built,) = [path for path in (tmp_path / "cache" / "tiny").iterdir() if not path.name.startswith(".")]
+    assert (built / "model.safetensors").is_file()

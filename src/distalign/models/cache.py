@@ -96,6 +96,24 @@ def publish_directory(staging: Path, final_dir: Path, *, replace: bool) -> bool:
         return False
 
 
+def require_saved_model(directory: Path) -> None:
+    """Raise unless ``save_pretrained`` left a model's config and weights in ``directory``.
+
+    transformers (5.25 and newer) returns from ``save_pretrained`` without writing the model on any
+    process but rank 0 once a torch.distributed process group exists; the tokenizer is still written.
+    A cached build that another rank won the lock for would then be marked complete without weights,
+    and every later load would fail. distalign builds its cached models before the process group
+    starts (``resolve_model_source`` in the engine); this keeps any other path from caching a broken
+    directory."""
+    has_weights = any(directory.glob("*.safetensors")) or any(directory.glob("*.bin"))
+    if not (directory / "config.json").is_file() or not has_weights:
+        raise RuntimeError(
+            f"saving the model into {directory} wrote no config or weights: transformers saves models "
+            "only on rank 0 of a torch.distributed process group; build cached models before the "
+            "process group starts"
+        )
+
+
 def build_once(final_dir: str | os.PathLike[str], build: Callable[[Path], None]) -> Path:
     """Return ``final_dir``, first building it with ``build(staging_dir)`` unless it is already complete.
 

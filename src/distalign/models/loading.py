@@ -119,6 +119,14 @@ def quiet_transformers_progress() -> Iterator[None]:
         hf_logging.enable_progress_bar()
 
 
+def build_cached_model(name: str, cache_dir: str | os.PathLike[str] | None = None) -> None:
+    """Build or convert the cached copy ``name`` stands for (the tiny model, a GGUF conversion), if it
+    has one and it is not built yet; loads nothing. Training calls it before its process group starts
+    (:func:`distalign.models.cache.require_saved_model` says why)."""
+    with quiet_transformers_progress():
+        resolve_model_source(name, cache_dir)
+
+
 def resolve_model_source(name: str, cache_dir: str | os.PathLike[str] | None = None) -> tuple[str, bool]:
     """Map a model name to ``(path_or_hub_id, is_local)``, building or converting cached copies as needed."""
     if name == "tiny":

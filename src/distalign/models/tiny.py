@@ -18,7 +18,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from distalign.models.cache import build_once, cache_root, settings_key
+from distalign.models.cache import build_once, cache_root, require_saved_model, settings_key
 
 PAD_TOKEN = "<|pad|>"
 EOS_TOKEN = "<|eos|>"
@@ -195,4 +195,9 @@ def tiny_model_path(
     corpus_digest = hashlib.sha256("\n".join(tiny_corpus()).encode()).hexdigest()
     key = settings_key({**asdict(settings), "corpus": corpus_digest, "format": _TINY_FORMAT_VERSION})
     final_dir = cache_root(cache_dir) / "tiny" / key
-    return build_once(final_dir, lambda staging: build_tiny_model(staging, **asdict(settings)))
+
+    def build(staging: Path) -> None:
+        build_tiny_model(staging, **asdict(settings))
+        require_saved_model(staging)
+
+    return build_once(final_dir, build)

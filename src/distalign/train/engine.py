@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from distalign.config import RunConfig, dump_config
 from distalign.errors import SetupError
+from distalign.models.loading import build_cached_model
 from distalign.models.logprobs import SequenceLogprobModel
 from distalign.train.checkpoints import (
     CHECKPOINT_PREFIX,
@@ -105,6 +106,10 @@ class Engine:
             silence_deepspeed_deprecations()
         self.sharding: Sharding = sharding_of(fsdp, deepspeed)
         self._deepspeed = deepspeed
+        # Before the process group starts, where every process may write a cached model (transformers
+        # saves models on rank 0 only once a group exists): each process builds or finds it here.
+        for name in filter(None, (config.model.name, config.reference.model)):
+            build_cached_model(name)
         self.accelerator = Accelerator(
             mixed_precision=resolve_mixed_precision(cfg.mixed_precision),
             log_with=list(cfg.trackers) or None,
