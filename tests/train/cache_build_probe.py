@@ -1,6 +1,7 @@
 """Script: start the engine (the process group), then let rank 1 load the policy well before rank 0.
 Where the tiny model is first built at that load, rank 1 builds it under the process group, and
-transformers (5.25 and newer) saves no weights there. ``torchrun ... cache_build_probe.py KEY=VALUE ...``"""
+transformers (5.24 and 5.25 at least) saves no weights there.
+``torchrun ... cache_build_probe.py KEY=VALUE ...``"""
 
 import sys
 import time

@@ -99,12 +99,12 @@ def publish_directory(staging: Path, final_dir: Path, *, replace: bool) -> bool:
 def require_saved_model(directory: Path) -> None:
     """Raise unless ``save_pretrained`` left a model's config and weights in ``directory``.
 
-    transformers (5.25 and newer) returns from ``save_pretrained`` without writing the model on any
-    process but rank 0 once a torch.distributed process group exists; the tokenizer is still written.
-    A cached build that another rank won the lock for would then be marked complete without weights,
-    and every later load would fail. distalign builds its cached models before the process group
-    starts (``resolve_model_source`` in the engine); this keeps any other path from caching a broken
-    directory."""
+    transformers (5.24 and 5.25 at least) returns from ``save_pretrained`` without writing the model on
+    any process but rank 0 once a torch.distributed process group exists; the tokenizer is still
+    written. A cached build that another rank won the lock for would then be marked complete without
+    weights, and every later load would fail. distalign builds its cached models before the process
+    group starts (``build_cached_model`` in the engine); this keeps any other path from caching a
+    broken directory."""
     has_weights = any(directory.glob("*.safetensors")) or any(directory.glob("*.bin"))
     if not (directory / "config.json").is_file() or not has_weights:
         raise RuntimeError(
