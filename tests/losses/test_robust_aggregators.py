@@ -237,6 +237,37 @@ def test_group_dro_weights_move_to_the_worst_group_and_are_state():
     assert result.loss.item() == pytest.approx(float((alpha * t64(0.15, 1.9, 0.3)).sum()), rel=1e-9)
 
 
+def test_group_dro_adjusts_by_the_training_set_size_of_each_group():
+    """Sagawa et al. 2020 §5: alpha_g <- alpha_g exp(eta (L_g + C / sqrt(n_g))) with n_g the group's size
+    in the training set (the group_size signal), not its row count in this batch. Here group 0 has 1
+    row in the batch but 100 in the data, group 1 has 3 and 4."""
+    losses = t64(0.5, 1.0, 1.2, 0.8)
+    signals = {"group": torch.tensor([0, 1, 1, 1]), "group_size": t64(100.0, 4.0, 4.0, 4.0)}
+    step_size, adjustment = 0.5, 2.0
+    result = aggregate("group_dro", losses, signals=signals, step_size=step_size, adjustment=adjustment)
+    exponents = t64(0.5 + adjustment / 10.0, 1.0 + adjustment / 2.0)  # L_g + C / sqrt(n_g)
+    expected = torch.softmax(step_size * exponents, 0)
+    torch.testing.assert_close(result.state["alpha"], expected)
+    batch_counts = torch.softmax(step_size * t64(0.5 + adjustment / 1.0, 1.0 + adjustment / 3**0.5), 0)
+    assert not torch.allclose(result.state["alpha"], batch_counts)  # what the batch counts gave
+
+
+def test_group_dro_adjustment_needs_the_group_sizes():
+    with pytest.raises(ValueError, match="group_size"):
+        aggregate("group_dro", LOSSES, signals={"group": torch.tensor([0, 0, 1, 1, 1])}, adjustment=1.0)
+    # Without an adjustment the sizes are not read.
+    aggregate("group_dro", LOSSES, signals={"group": torch.tensor([0, 0, 1, 1, 1])})
+
+
+def test_the_data_carries_each_rows_group_size_in_the_whole_data_set():
+    from distalign.data.signals import signal_table
+
+    table, vocabulary = signal_table([{"group": "b"}, {"group": "a"}, {}, {"group": "b"}, {"group": "b"}])
+    assert vocabulary["group"] == ["a", "b"]
+    torch.testing.assert_close(table["group_size"][[0, 1, 3, 4]], t64(3.0, 1.0, 3.0, 3.0))
+    assert table["group_size"][2].isnan()
+
+
 def test_group_dro_refuses_rows_without_a_group():
     with pytest.raises(ValueError, match="group"):
         aggregate("group_dro", LOSSES, signals={"group": torch.tensor([0, -1, 0, 1, 1])})

@@ -50,6 +50,32 @@ def test_missing_density_ratio_is_refused_before_training(run_tiny):
         run_tiny("aggregator.name=dora", "train.max_steps=1", name="no_ratio")
 
 
+def test_group_dro_adjustment_uses_each_groups_size_in_the_training_data(run_tiny, shifted_pairs):
+    """Step 1 of a run on 32 rows in batches of 8: alpha = softmax(eta (L_g + C / sqrt(n_g))) from
+    uniform, with n_g counted over the 32 training rows, not over the 8 rows of the batch."""
+    import math
+
+    rows = [json.loads(line) for line in shifted_pairs.read_text().splitlines()]
+    sizes = {group: sum(r["group"] == group for r in rows) for group in {r["group"] for r in rows}}
+    step_size, adjustment = 0.5, 3.0
+    args = ["loss.name=dpo", f"data.path={shifted_pairs}", "aggregator.name=group_dro"]
+    args += [f"aggregator.step_size={step_size}", f"aggregator.adjustment={adjustment}"]
+    run = run_tiny(*args, "train.batch_size=8", "train.micro_batch_size=4", "train.max_steps=1", name="adj")
+    record = read_metrics(run)[0]
+    present = [k.split("=", 1)[1] for k in record if k.startswith("group/loss=")]
+    assert len(present) >= 2 and any(sizes[g] != sizes[present[0]] for g in present)
+    exponent = {
+        g: step_size * (record[f"group/loss={g}"] + adjustment / math.sqrt(sizes[g])) for g in present
+    }
+    # Absent groups keep their uniform share; the present ones are reweighted among themselves.
+    share = sum(record[f"group/weight={g}"] for g in present)
+    normaliser = sum(math.exp(e) for e in exponent.values())
+    for g in present:
+        assert record[f"group/weight={g}"] == pytest.approx(
+            share * math.exp(exponent[g]) / normaliser, rel=1e-5
+        )
+
+
 def test_group_dro_resume_is_exact(run_tiny, shifted_pairs):
     args = [
         "loss.name=dpo",

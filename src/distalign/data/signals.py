@@ -6,6 +6,8 @@ across processes, the loss, the aggregator) handles them as one dict of per-row 
 of column needs no new field anywhere:
 
 * ``source``, ``group``: strings (categorical);
+* ``group_size``: derived when the data loads, not a column: the number of rows of the data set in
+  the row's group (group DRO's size adjustment uses the training-set size of each group);
 * ``density_ratio``: a number, the row's ``dQ_target / dP`` for shift-robust aggregators;
 * ``reward/<name>`` for unpaired rows; ``chosen_reward/<name>`` and ``rejected_reward/<name>`` for
   pairs (per-response rewards of listwise rows are not per-row signals and are not carried).
@@ -22,6 +24,8 @@ from typing import Any
 import torch
 
 CATEGORICAL_SIGNALS = ("source", "group")
+#: Each row's group's number of rows in the whole data set (float64), added by :func:`signal_table`.
+GROUP_SIZE = "group_size"
 NUMERIC_SIGNALS = ("density_ratio",)
 _REWARD_SIGNALS = {
     "paired": (("chosen_rewards", "chosen_reward/"), ("rejected_rewards", "rejected_reward/")),
@@ -51,7 +55,8 @@ def signal_table(
     """Tensors [R] for every signal any row has, and the vocabulary of each categorical one.
 
     Returns ``(table, vocabularies)``: ``table[name]`` is float64 (NaN = missing) for numbers and long
-    codes (-1 = missing) for strings, ``vocabularies[name]`` the sorted strings the codes index.
+    codes (-1 = missing) for strings, ``vocabularies[name]`` the sorted strings the codes index. Where
+    rows have a ``group``, ``table["group_size"]`` is the size of each row's group in ``per_row``.
     """
     names = sorted({name for signals in per_row for name in signals})
     table: dict[str, torch.Tensor] = {}
@@ -67,6 +72,10 @@ def signal_table(
             table[name] = torch.tensor(
                 [float("nan") if v is None else float(v) for v in values], dtype=torch.float64
             )
+    if "group" in table:
+        codes = table["group"]
+        sizes = torch.bincount(codes[codes >= 0], minlength=len(vocabularies["group"])).double()
+        table[GROUP_SIZE] = torch.where(codes >= 0, sizes[codes.clamp(min=0)], float("nan"))
     return table, vocabularies
 
 

@@ -18,6 +18,7 @@ import math
 
 import torch
 
+from distalign.data.signals import GROUP_SIZE
 from distalign.losses.aggregators import register_aggregator, weight_diagnostics, weighted_mean
 from distalign.losses.base import LossResult
 
@@ -233,16 +234,25 @@ def group_dro(
     """Group DRO by mirror ascent: ``min_theta max_{alpha in simplex} sum_g alpha_g L_g``.
 
     Per step, ``L_g`` is the (row-weighted) mean loss of group g's rows in the batch; the group weights
-    are updated first, ``alpha_g <- alpha_g exp(step_size (L_g + adjustment / sqrt(N_g)))`` for the
+    are updated first, ``alpha_g <- alpha_g exp(step_size (L_g + adjustment / sqrt(n_g)))`` for the
     groups present and renormalised, then the objective is ``sum_g alpha_g L_g`` over the present groups
-    (alpha constant). ``alpha`` starts uniform and is the aggregator's state (checkpointed). Groups are
-    the data's ``group`` codes; a group seen for the first time enters with the mean of the current
-    weights. Metrics: ``group/weight=<code>`` and ``group/loss=<code>``.
+    (alpha constant). ``n_g`` is group g's size in the *training set* (Sagawa et al. 2020, §5: the
+    adjustment favours small groups, whose training loss underestimates their risk), read from the
+    ``group_size`` signal the data carries (:func:`distalign.data.signals.signal_table` derives it);
+    it is needed only when ``adjustment`` is not 0. ``alpha`` starts uniform and is the aggregator's
+    state (checkpointed). Groups are the data's ``group`` codes; a group seen for the first time
+    enters with the mean of the current weights. Metrics: ``group/weight=<code>`` and
+    ``group/loss=<code>``.
     """
     _check_positive("step_size", step_size)
     codes = signals["group"].to(losses.device).long()
     if bool((codes < 0).any()):
         raise ValueError("group_dro needs a group on every row (data column 'group')")
+    if adjustment != 0 and GROUP_SIZE not in signals:
+        raise ValueError(
+            f"group_dro's adjustment needs each group's training-set size (signal {GROUP_SIZE!r}, which "
+            "the training loop derives from the data's group column)"
+        )
     p = _probabilities(weights, losses)
     size = int(codes.max()) + 1 if codes.numel() else 0
     alpha = torch.ones(0, dtype=torch.float64) if state is None else state["alpha"].detach().double().cpu()
@@ -257,11 +267,17 @@ def group_dro(
             present.append(g)
             group_losses.append(weighted_mean(losses[rows], p[rows]))
     with torch.no_grad():
-        counts = torch.tensor([float(((codes == g) & (p > 0)).sum()) for g in present], dtype=torch.float64)
-        values = torch.stack([gl.detach().double().cpu() for gl in group_losses]) if present else counts
         index = torch.tensor(present, dtype=torch.long)
+        values = torch.tensor([float(gl) for gl in group_losses], dtype=torch.float64)
+        exponent = values
+        if adjustment != 0:
+            sizes, codes_cpu = signals[GROUP_SIZE].double().cpu(), codes.cpu()
+            group_sizes = torch.tensor(
+                [float(sizes[codes_cpu == g][0]) for g in present], dtype=torch.float64
+            )
+            exponent = values + adjustment / group_sizes.sqrt()
         alpha = alpha.clone()
-        alpha[index] = alpha[index] * torch.exp(step_size * (values + adjustment / counts.sqrt()))
+        alpha[index] = alpha[index] * torch.exp(step_size * exponent)
         alpha = alpha / alpha.sum()
     mixture = alpha[index].to(losses.dtype).to(losses.device)
 
