@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from distalign.configs import ChatTemplateMode, MixedPrecisionMode
 from distalign.configs.evaluation import EvalConfig
 from distalign.configs.online import OnlineConfig
+from distalign.registry import typed_options
 
 
 class ConfigError(ValueError):
@@ -350,6 +351,9 @@ class RunConfig(Section):
             if option in self.loss.unknown_options():
                 raise ValueError(f"loss.{option}: unknown field (loss {spec.name!r} takes: {valid})")
             raise ValueError(f"loss.{option} is not an option of loss {spec.name!r} (its options: {valid})")
+        # The typed fields above were checked by pydantic; a loss's own options only here.
+        extra = self.loss.__pydantic_extra__ or {}
+        extra.update(typed_options("loss", accepted, extra))
         _check_loss_option_values(spec, self.loss.loss_options())
         _check_aggregator(spec, self.aggregator, self.loss.coupling_scope)
         _check_grouping(spec, self.loss, self.aggregator, self.data.group_by_length)
@@ -383,6 +387,7 @@ def _check_aggregator(loss_spec, section: AggregatorConfig, coupling_scope: str)
     combination the loss or the loop cannot honour (ValueError naming the field and the reason)."""
     import torch
 
+    from distalign.data.signals import GROUP_SIZE
     from distalign.losses.aggregators import get_aggregator
     from distalign.registry import UnknownNameError
 
@@ -397,6 +402,8 @@ def _check_aggregator(loss_spec, section: AggregatorConfig, coupling_scope: str)
             raise ValueError(
                 f"aggregator.{option} is not an option of aggregator {spec.name!r} (its options: {valid})"
             )
+    options = typed_options("aggregator", spec.options, options)
+    section.__pydantic_extra__.update(options)
     if not loss_spec.accepts_aggregator(spec.name):
         accepted = ", ".join(loss_spec.aggregators)
         raise ValueError(
@@ -410,10 +417,14 @@ def _check_aggregator(loss_spec, section: AggregatorConfig, coupling_scope: str)
         )
     # A dry run on two values checks the option values with the aggregator's own validation.
     signals = {name: torch.zeros(2, dtype=torch.long) for name in spec.signals}
+    if "group" in signals:  # derived from the group column when the data loads
+        signals[GROUP_SIZE] = torch.full((2,), 2.0, dtype=torch.float64)
     try:
         spec(torch.tensor([0.0, 1.0], dtype=torch.float64), signals=signals, **options)
     except (ValueError, TypeError) as err:
-        raise ValueError(f"aggregator ({spec.name}): {err}") from None
+        named = next((option for option in options if option in str(err)), None)
+        where = f"aggregator.{named}" if named else "aggregator"
+        raise ValueError(f"{where}: {err} (aggregator {spec.name!r})") from None
 
 
 def _check_grouping(loss_spec, loss: LossConfig, section: AggregatorConfig, group_by_length: bool) -> None:
@@ -474,7 +485,13 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
     lines = [f"invalid configuration ({source}):"]
     for problem in err.errors():
         path = ".".join(str(part) for part in problem["loc"]) or "(top level)"
+        if problem["type"] == "value_error" and not problem["loc"]:
+            # A whole-config check: its message names the field itself ("aggregator.alpha: ...").
+            lines.append(f"  {problem['ctx']['error']}")
+            continue
         message = "unknown field" if problem["type"] == "extra_forbidden" else problem["msg"]
+        if problem["type"] == "value_error":  # a validator's own sentence, without pydantic's prefix
+            message = str(problem["ctx"]["error"])
         shown = problem.get("input")
         suffix = (
             "" if problem["type"] == "extra_forbidden" or isinstance(shown, dict) else f" (got {shown!r})"

@@ -7,8 +7,8 @@ the fix in the message.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from typing import Generic, TypeVar
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
 
@@ -64,3 +64,31 @@ class Registry(Generic[T]):
 
     def __len__(self) -> int:
         return len(self._entries)
+
+
+def typed_options(field: str, defaults: Mapping[str, Any], given: Mapping[str, Any]) -> dict[str, Any]:
+    """``given`` with every value checked against the type of its option's default (a float option
+    takes numbers, a switch takes booleans, ...), coerced as pydantic coerces a config field ("0.25"
+    for a float is 0.25). A plug-in's options are its keyword-only parameters, so their defaults are
+    the one type declaration every plug-in has, a user's included. Options whose default is None, and
+    names that are not options, are passed through. Raises ValueError naming ``field.option`` and the
+    value, e.g. "aggregator.alpha: Input should be a valid number, ... (got 'quarter')"."""
+    from pydantic import TypeAdapter, ValidationError
+
+    checked = dict(given)
+    for name, value in given.items():
+        default = defaults.get(name)
+        if default is None:
+            continue
+        kind = type(default)
+        problem = None
+        if isinstance(value, bool) and kind is not bool:
+            problem = f"Input should be a {'number' if kind in (int, float) else kind.__name__}, not a switch"
+        else:
+            try:
+                checked[name] = TypeAdapter(kind).validate_python(value)
+            except ValidationError as err:
+                problem = err.errors()[0]["msg"]
+        if problem is not None:
+            raise ValueError(f"{field}.{name}: {problem} (got {value!r})")
+    return checked

@@ -88,3 +88,42 @@ def test_yaml_on_off_reads_as_the_switch_value():
     assert load_config(None, ["train.mixed_precision=no"]).train.mixed_precision == "no"
     with pytest.raises(ConfigError, match="mixed_precision"):
         load_config(None, ["train.mixed_precision=yes"])
+
+
+def _option_cases():
+    """(kind, plug-in name, option, a value of the wrong type) for every option of every registered
+    loss and aggregator whose default declares a type."""
+    from distalign.losses import AGGREGATORS, LOSSES
+
+    wrong = {float: "quarter", int: "quarter", bool: "maybe", str: 3}
+    for kind, registry in (("loss", LOSSES), ("aggregator", AGGREGATORS)):
+        for name in registry:
+            for option, default in registry.get(name).options.items():
+                if type(default) in wrong:
+                    yield kind, name, option, wrong[type(default)]
+
+
+@pytest.mark.parametrize(("kind", "name", "option", "value"), list(_option_cases()))
+def test_every_plugin_option_is_checked_by_type_naming_the_field_and_value(kind, name, option, value):
+    """A value of the wrong type fails at config time with ``kind.option`` and the value, whether the
+    option is a typed config field (loss.beta) or only the plug-in's keyword (loss.lambda_aux, every
+    aggregator option): ``aggregator.alpha=quarter`` used to exit with "'<' not supported between
+    instances of 'float' and 'str'"."""
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [f"{kind}.name={name}", f"{kind}.{option}={value}"])
+    assert f"\n  {kind}.{option}: " in str(info.value)
+    assert f"(got {value!r})" in str(info.value)
+
+
+def test_plugin_option_values_are_coerced_like_config_fields():
+    """A quoted number for a float option is that number (as for train.lr), and an int is a float."""
+    config = load_config(None, ["aggregator.name=cvar", "aggregator.alpha='0.25'"])
+    assert config.aggregator.options() == {"alpha": 0.25}
+    config = load_config(None, ["loss.name=upo", "loss.lambda_aux=1"])
+    assert config.loss.loss_options()["lambda_aux"] == 1.0
+    assert isinstance(config.loss.loss_options()["lambda_aux"], float)
+
+
+def test_an_option_out_of_range_names_the_field():
+    with pytest.raises(ConfigError, match=r"aggregator\.alpha: cvar alpha must lie in \(0, 1\]"):
+        load_config(None, ["aggregator.name=cvar", "aggregator.alpha=2"])

@@ -28,7 +28,7 @@ def test_chat_template_accepts_yaml_on_off(raw, expected):
     [
         (
             "eval.task=sentimnt",
-            "eval.task: Value error, unknown task 'sentimnt'; valid names: keyword, readability",
+            "eval.task: unknown task 'sentimnt'; valid names: keyword, readability",
         ),
         ("eval.samples_per_prompt=0", "eval.samples_per_prompt"),
         ("eval.alpha=1.5", "eval.alpha"),
