@@ -163,7 +163,7 @@ def test_truncation_line_names_the_count_the_limit_and_the_longest(tmp_path, cap
         "truncated the prompt of 2 rows to data.max_prompt_length=6 tokens (longest prompt: 10 tokens; "
         "raise data.max_prompt_length to keep them whole)"
     ) in line
-    assert "cut the completion of 1 rows to fit data.max_length=12 tokens" in line
+    assert "cut the completion of 1 row to fit data.max_length=12 tokens" in line
     assert "longest prompt + completion: 16 tokens; raise data.max_length" in line
 
     # What a training run prints, with the config keys to raise.
@@ -216,3 +216,31 @@ def test_the_demo_announces_its_time_from_the_measured_phases():
     training = MEASURED["smollm2"].phases["train_dpo"] + MEASURED["smollm2"].phases["train_aot"]
     assert estimated_seconds(longer) - estimated_seconds(SMOLLM2) == pytest.approx(training)
     assert "a GPU is used here" in estimate_line(SMOLLM2, "cuda")
+
+
+@pytest.mark.skipif(
+    __import__("importlib").util.find_spec("deepspeed") is None, reason="DeepSpeed is not installed"
+)
+def test_a_one_process_run_prints_nothing_from_deepspeed(tmp_path):
+    """With DeepSpeed installed (the dev extra) a plain run on CPU printed DeepSpeed's "Setting
+    accelerator to CPU" warning: saving the model imports DeepSpeed through transformers and accelerate.
+    A fresh process, so that no earlier test has imported DeepSpeed already."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"}
+    args = ["configs/quickstart.yaml", f"output_dir={tmp_path / 'run'}", "train.max_steps=1", "data.limit=8"]
+    command = [
+        sys.executable,
+        "-m",
+        "distalign",
+        "train",
+        *args,
+        "train.batch_size=4",
+        "train.micro_batch_size=4",
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "run saved to" in result.stdout
+    assert "accelerator" not in result.stdout + result.stderr

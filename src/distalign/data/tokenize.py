@@ -102,7 +102,7 @@ class TokenizationReport:
         """One line for logs and the CLI; ``prompt_limit`` / ``length_limit`` are how the user sets the
         two limits (e.g. the config keys ``data.max_prompt_length`` / ``data.max_length``)."""
         parts = [
-            f"tokenised {self.rows_in} rows: kept {self.rows_kept}, dropped {self.dropped_too_long} too long "
+            f"tokenised {_rows(self.rows_in)}: kept {self.rows_kept}, dropped {self.dropped_too_long} too long "
             f"and {self.empty_completion_dropped} with an empty completion"
         ]
         if self.dropped_too_long:
@@ -113,13 +113,13 @@ class TokenizationReport:
             )
         if self.prompt_truncated:
             parts.append(
-                f"truncated the prompt of {self.prompt_truncated} rows to {prompt_limit}="
+                f"truncated the prompt of {_rows(self.prompt_truncated)} to {prompt_limit}="
                 f"{self.max_prompt_length} tokens (longest prompt: {self.longest_prompt} tokens; raise "
                 f"{prompt_limit} to keep them whole)"
             )
         if self.completion_truncated:
             parts.append(
-                f"cut the completion of {self.completion_truncated} rows to fit {length_limit}="
+                f"cut the completion of {_rows(self.completion_truncated)} to fit {length_limit}="
                 f"{self.max_length} tokens, {self.eos_lost} of them losing their EOS (longest prompt + "
                 f"completion: {self.longest_sequence} tokens; raise {length_limit} to keep them whole)"
             )
@@ -130,6 +130,10 @@ class TokenizationReport:
     def as_dict(self) -> dict[str, int]:
         """The row counts (not the limits and lengths)."""
         return {key: value for key, value in asdict(self).items() if key in _REPORT_COUNTS}
+
+
+def _rows(count: int) -> str:
+    return f"{count} row" if count == 1 else f"{count} rows"
 
 
 _REPORT_COUNTS = (

@@ -97,6 +97,11 @@ class Engine:
         self.run_dir = Path(config.output_dir)
         cfg = config.train
         cpu_only = no_accelerator_present()
+        if cpu_only:
+            # transformers' save_pretrained imports DeepSpeed (through accelerate) wherever it is
+            # installed, and its accelerator probe then warns "Setting accelerator to CPU"; say so
+            # first (DeepSpeed's own switch), as every run on this machine would find the same.
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
         fsdp, deepspeed = launch_plugins()
         problems = sharding_problems(fsdp, deepspeed, config, cpu_only=cpu_only)
         if problems:
