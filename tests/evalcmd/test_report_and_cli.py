@@ -84,7 +84,7 @@ def test_data_make_paired_rows_train(tmp_path):
     ("args", "message"),
     [
         (["eval", "/nonexistent/run"], "no such run directory or config file"),
-        (["report", "/nonexistent/run"], "no such run directory: /nonexistent/run"),
+        (["report", "/nonexistent/run"], "not a distalign run directory: no such directory /nonexistent/run"),
         (["data", "make", "nosuchtask", "--model", "tiny"], "unknown task 'nosuchtask'"),
         (["data", "make", "sentiment", "--model", "tiny", "--num-prompts", "100000"], "--num-prompts 100000"),
         (["data", "make", "sentiment", "--model", "tiny", "--k", "1"], "--k 1"),
@@ -118,3 +118,29 @@ def test_eval_setting_errors_name_the_field(evaluated_runs, capsys):
     assert "eval.num_prompts=1000" in capsys.readouterr().err
     assert main(["eval", str(evaluated_runs["near"]), "eval.task_settings={colour: red}"]) == 2
     assert "eval.task_settings" in capsys.readouterr().err
+
+
+def test_report_refuses_a_folder_that_is_not_a_distalign_run_and_writes_nothing(tmp_path, capsys):
+    """Any folder with a config.yaml used to get report.html and report_files/ written into it, the
+    file shown as the run's resolved config."""
+    folder = tmp_path / "other_project"
+    folder.mkdir()
+    (folder / "config.yaml").write_text("learning_rate: 0.1\nlayers: [64, 64]\n")
+    assert main(["report", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert "not a distalign run directory" in err and "not a distalign run config" in err
+    assert sorted(p.name for p in folder.iterdir()) == ["config.yaml"]
+    (folder / "config.yaml").write_text("- a list\n")
+    assert main(["report", str(folder)]) == 2
+
+
+def test_report_of_a_run_that_has_only_just_started(tmp_path, capsys):
+    """A run writes its resolved config before its first step: the report of it then has no metrics
+    yet, and is written."""
+    from distalign.config import dump_config, load_config
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(dump_config(load_config(None, [f"output_dir={run}"])))
+    assert main(["report", str(run)]) == 0
+    assert (run / "report.html").is_file()

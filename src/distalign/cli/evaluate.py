@@ -72,17 +72,14 @@ def default_report_path(run_dirs: list[Path]) -> Path:
 def cmd_report(args: argparse.Namespace) -> int:
     from distalign.config import ConfigError
     from distalign.errors import SetupError
-    from distalign.eval.report import write_report
+    from distalign.eval.report import not_a_run_directory, write_report
 
     run_dirs = [Path(p) for p in args.run_dirs]
-    missing = [str(p) for p in run_dirs if not p.is_dir()]
-    if missing:
-        raise SetupError(f"no such run directory: {', '.join(missing)}")
-    not_runs = [str(p) for p in run_dirs if not (p / "config.yaml").is_file()]
+    not_runs = [problem for problem in map(not_a_run_directory, run_dirs) if problem is not None]
     if not_runs:
         raise SetupError(
-            f"not a run directory (it has no config.yaml): {', '.join(not_runs)}; "
-            "give the output_dir of a `distalign train` run"
+            f"not a distalign run directory: {'; '.join(not_runs)}. Give the output_dir of a "
+            "`distalign train` run (nothing was written)"
         )
     output = args.output or default_report_path(run_dirs)
     if args.interval is not None and not args.watch:

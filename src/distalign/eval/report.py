@@ -67,6 +67,35 @@ class RunSummary:
         return str(name) if name is not None else "?"
 
 
+#: Sections every config.yaml a distalign run saves has (every default is written out).
+RUN_CONFIG_SECTIONS = frozenset({"output_dir", "model", "data", "loss", "train"})
+
+
+def not_a_run_directory(path: Path) -> str | None:
+    """Why ``path`` is not the output directory of a distalign run, or None when it is one (finished
+    or still running). A run writes its resolved config, every section of it, to ``config.yaml``
+    before its first step; a folder without one, or whose ``config.yaml`` is not such a config (an
+    unrelated project's), is refused rather than written into."""
+    from distalign.config import RunConfig
+
+    config_file = path / "config.yaml"
+    if not path.is_dir():
+        return f"no such directory {path}" if not path.exists() else f"{path} is not a directory"
+    if not config_file.is_file():
+        return f"{path} has no config.yaml"
+    try:
+        loaded = yaml.safe_load(config_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+        return f"{config_file} is not readable YAML ({type(err).__name__})"
+    keys = set(loaded) if isinstance(loaded, dict) else set()
+    unknown = sorted(keys - set(RunConfig.model_fields))
+    missing = sorted(RUN_CONFIG_SECTIONS - keys)
+    if missing or unknown:
+        what = f"no {', '.join(missing)} section" if missing else f"unknown sections {', '.join(unknown)}"
+        return f"{config_file} is not a distalign run config ({what})"
+    return None
+
+
 def load_run(run_dir: str | Path, name: str | None = None) -> RunSummary:
     """Read a run directory; never raises for missing or malformed pieces (they go to ``problems``)."""
     path = Path(run_dir)
