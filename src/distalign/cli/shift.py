@@ -56,7 +56,7 @@ def _print_report(result) -> None:
     where = "cached" if result.from_cache else "fitted"
     print(
         f"{summary['data']}: {summary['rows']} rows, target {summary['target']!r} (alpha {summary['alpha']:.3g}, "
-        f"h <= {summary['bound']:.3g}); classifiers {where} in {summary['cache_dir']}"
+        f"h <= {summary['bound']:.3g}); classifiers {where} in {result.cache_dir}"
     )
     for name, report in summary["classifiers"].items():
         held = report["heldout"]

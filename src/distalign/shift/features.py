@@ -100,6 +100,8 @@ def embedding_model_dir(name: str = MINILM) -> Path:
         directory = Path(spec.origin).parent / "model"
     else:
         directory = Path(name).expanduser()
+    if not directory.exists():
+        raise SetupError(f"--embedding-model {name}: {directory} does not exist (give a model directory)")
     if not (directory / "config.json").is_file():
         raise SetupError(f"--embedding-model {name}: {directory} is not a model directory (no config.json)")
     return directory

@@ -37,6 +37,7 @@ from distalign.errors import SetupError
 from distalign.models.cache import build_once, cache_root, remove_directory, settings_key
 from distalign.shift.features import (
     MINILM,
+    MINILM_PACKAGE,
     SentenceEmbedder,
     embed_rows,
     embedding_model_dir,
@@ -185,7 +186,9 @@ class ShiftResult:
                 "x mean h of its rows) far from 1 signals a miscalibrated classifier; train rows are scored "
                 "in-sample, so compare their mean with the held-out rows'",
             },
-            "cache_dir": str(self.cache_dir),
+            # Relative to the distalign cache (--cache-dir, $DISTALIGN_CACHE or ~/.cache/distalign), so
+            # a summary kept as a result names no machine's paths.
+            "cache_entry": f"{self.cache_dir.parent.name}/{self.cache_dir.name}",
             "from_cache": self.from_cache,
         }
 
@@ -293,7 +296,10 @@ def fit_shift(
             "response": options.response,
             "with_prompt": options.with_prompt,
             "embedding_model": options.embedding_model,
-            "encoder_dir": str(encoder_dir),
+            # Where the encoder lies, portably: inside its package, or the directory as the user gave it.
+            "encoder_dir": f"{MINILM_PACKAGE}/model"
+            if options.embedding_model == MINILM
+            else str(encoder_dir),
             "encoder_fingerprint": encoder_fp,
             "pooling": "mean over non-padding tokens, L2-normalised",
         },
