@@ -38,6 +38,15 @@ def test_designer_rewards_are_saved_and_logged(run_tiny):
     assert 0 < records[0]["upo/weight_ess"] <= 1
 
 
+def test_a_loss_that_reads_no_designer_reward_says_so(run_tiny, capsys):
+    """dpo with a designer section trains plain DPO (a sweep's baseline): the run says the designer
+    reward does not enter training; upo does not say it."""
+    run_tiny("loss.name=dpo", BREVITY, "train.max_steps=1", name="dpo")
+    assert "loss 'dpo' reads no designer reward, so r_aux does not enter training" in capsys.readouterr().out
+    run_tiny("loss.name=upo", BREVITY, "train.max_steps=1", name="upo")
+    assert "reads no designer reward" not in capsys.readouterr().out
+
+
 def test_the_value_head_learns_the_designer_reward_it_is_fitted_to(run_tiny, tmp_path):
     """A constant r_aux = 0.8 (a data column, not normalised): V(x) must reach it, so the expectile loss
     0.5 (r_aux - V)^2 falls from 0.32 at V = 0 towards 0 (the head's bias and weights learn it)."""

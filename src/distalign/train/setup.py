@@ -231,6 +231,12 @@ def load_offline_data(config: RunConfig, tokenizer, objective: BatchObjective, e
     designer = None
     if config.designer.enabled:
         rows, designer = _with_designer_rewards(config, rows, fmt, engine)
+        if not any("reward/" in signal for signal in spec.signals):
+            # Legitimate (a sweep's plain baseline, scored by eval on the same scale), but say so.
+            engine.print(
+                f"designer: loss {spec.name!r} reads no designer reward, so r_aux does not enter training "
+                "(distalign eval still reports it); upo, upo_kto, modpo and dpo_relabel use it"
+            )
     settings = tokenization_settings(config)
     items, report = _TOKENIZERS[fmt](rows, tokenizer, settings)
     engine.print(f"data: {d.path}: {report.summary('data.max_prompt_length', 'data.max_length')}")
