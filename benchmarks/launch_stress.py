@@ -30,7 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from distalign.models.tiny import tiny_model_path
+from distalign.models.loading import build_cached_model
 from distalign.testing.runs import ACCELERATE_CONFIGS, TINY_BASE
 from distalign.train.distributed import CPU_SHARDING_ENV
 
@@ -110,7 +110,7 @@ def main() -> int:
     records: dict[str, list[dict]] = collections.defaultdict(list)
     with tempfile.TemporaryDirectory(prefix="launch-stress-") as scratch:
         os.environ.setdefault("DISTALIGN_CACHE", str(Path(scratch) / "cache"))
-        tiny_model_path()  # built once here, not raced for by the first launch's processes
+        build_cached_model("tiny")  # built once here, not raced for by the first launch's processes
         for config in configs:
             for index in range(args.launches):
                 record = launch(config, Path(scratch) / f"{config}-{index}", args.processes, args.timeout)

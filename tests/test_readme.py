@@ -104,3 +104,26 @@ def test_committed_results_name_no_machine_local_paths():
             s for s in strings(json.loads(path.read_text())) if s.startswith("/") or "site-packages" in s
         ]
         assert not local, f"{path.name} names machine-local paths: {local[:3]}"
+
+
+def test_the_lock_pins_every_declared_dependency_inside_its_range():
+    """constraints.txt (what scripts/setup.sh installs) pins each runtime and dev dependency of
+    pyproject.toml at a version its range admits, and the setup script installs from it."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    pins = {}
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, version = line.split("==")
+            pins[canonicalize_name(name)] = version
+    for text in [*project["dependencies"], *project["optional-dependencies"]["dev"]]:
+        requirement = Requirement(text)
+        pinned = pins.get(canonicalize_name(requirement.name))
+        assert pinned is not None, f"constraints.txt does not pin {requirement.name}"
+        assert requirement.specifier.contains(pinned, prereleases=True), f"{requirement} excludes {pinned}"
+    setup = (ROOT / "scripts" / "setup.sh").read_text()
+    assert "-c constraints.txt" in setup and "--latest" in setup

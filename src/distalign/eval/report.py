@@ -20,7 +20,7 @@ import re
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -310,7 +310,7 @@ def write_report(
     assets.mkdir(parents=True, exist_ok=True)
     colors = run_colors([r.name for r in runs])
     samples: Samples = {run.name: _read_run_samples(run) for run in runs}
-    stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    stamp = datetime.now(UTC).isoformat(timespec="seconds")
     body = [
         f"<h1>distalign report: {html.escape(', '.join(r.name for r in runs))}</h1>",
         f'<p class="muted">generated {html.escape(stamp)}; images also in {html.escape(assets.name)}/</p>',

@@ -8,7 +8,7 @@ import os
 import platform
 import tempfile
 from collections.abc import Sequence
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -65,7 +65,7 @@ def write_jsonl_with_provenance(
         "rows": len(rows),
         "file": path.name,
         "sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(),
-        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "versions": library_versions(),
     }
     _atomic_write(provenance_path(path), json.dumps(record, indent=2, ensure_ascii=False, default=str) + "\n")
