@@ -354,9 +354,13 @@ class OnlineRun:
         RLOO has no target to be closer to: only the ESS rule applies."""
         proposal, cfg = self.state.proposal, self.cfg
         divergences = [math.inf, math.inf]
+        # Where no update happened since q was taken (step 1, and the step after a refresh), q holds the
+        # very weights that scored this batch as pi: the two estimates differ by float rounding alone,
+        # and a refresh decided on that would make a run depend on the hardware's rounding.
+        comparable = proposal.last_refresh_step != step - 1
         log_z = self.state.log_z.log_z_for(batch.keys) if self.target is not None else None
         known = torch.isfinite(log_z) if log_z is not None else None  # contexts with target mass yet
-        if known is not None and bool(known.any()):
+        if comparable and known is not None and bool(known.any()):
             divergences = [
                 estimate_divergence(
                     cfg.refresh_divergence,
@@ -367,7 +371,8 @@ class OnlineRun:
                 ).value
                 for logps in (batch.policy_logps, batch.proposal_logps)
             ]
-        refresh, _ = self.refresh_rule.should_refresh(*divergences, signal.metrics["is/ess_fraction"])
+        ess_fraction = signal.metrics["is/ess_fraction"] if comparable else 1.0
+        refresh, _ = self.refresh_rule.should_refresh(*divergences, ess_fraction)
         sync_every = self.cfg.vllm.sync_every if self.cfg.sampler == "vllm" else None
         if refresh or (sync_every is not None and step % sync_every == 0):  # q <- pi, pushed next step
             proposal.refresh(self.policy, step)
