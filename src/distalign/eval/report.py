@@ -67,15 +67,16 @@ class RunSummary:
         return str(name) if name is not None else "?"
 
 
-#: Sections every config.yaml a distalign run saves has (every default is written out).
-RUN_CONFIG_SECTIONS = frozenset({"output_dir", "model", "data", "loss", "train"})
+#: Sections no run config lacks (a run saves every section, every default written out).
+RUN_CONFIG_SECTIONS = frozenset({"model", "loss"})
 
 
 def not_a_run_directory(path: Path) -> str | None:
     """Why ``path`` is not the output directory of a distalign run, or None when it is one (finished
-    or still running). A run writes its resolved config, every section of it, to ``config.yaml``
-    before its first step; a folder without one, or whose ``config.yaml`` is not such a config (an
-    unrelated project's), is refused rather than written into."""
+    or still running). A run writes its resolved config to ``config.yaml`` before its first step; a
+    folder without one, or whose ``config.yaml`` is not a run config (top-level keys that are not
+    run-config sections, or no model or loss section: an unrelated project's), is refused rather than
+    written into."""
     from distalign.config import RunConfig
 
     config_file = path / "config.yaml"
