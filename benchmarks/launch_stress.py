@@ -74,7 +74,7 @@ def launch(config: str, run_dir: Path, processes: int, timeout: int) -> dict:
         "saved": (run_dir / "final" / "model.safetensors").is_file(),
         "first_loss": first,
         "seconds": time.perf_counter() - started,
-        "tail": output[-2000:] if returncode != 0 else "",
+        "tail": output[-12000:] if returncode != 0 else "",
     }
 
 
