@@ -70,17 +70,17 @@ def typed_options(field: str, defaults: Mapping[str, Any], given: Mapping[str, A
     """``given`` with every value checked against the type of its option's default (a float option
     takes numbers, a switch takes booleans, ...), coerced as pydantic coerces a config field ("0.25"
     for a float is 0.25). A plug-in's options are its keyword-only parameters, so their defaults are
-    the one type declaration every plug-in has, a user's included. Options whose default is None, and
-    names that are not options, are passed through. Raises ValueError naming ``field.option`` and the
-    value, e.g. "aggregator.alpha: Input should be a valid number, ... (got 'quarter')"."""
+    the one type declaration every plug-in has, a user's included. Options whose default is not a
+    bool, int, float or str (None, say), and names that are not options, are passed through. Raises
+    ValueError naming ``field.option`` and the value, e.g. "aggregator.alpha: Input should be a valid
+    number, ... (got 'quarter')"."""
     from pydantic import TypeAdapter, ValidationError
 
     checked = dict(given)
     for name, value in given.items():
-        default = defaults.get(name)
-        if default is None:
+        kind = type(defaults.get(name))
+        if kind not in (bool, int, float, str):
             continue
-        kind = type(default)
         problem = None
         if isinstance(value, bool) and kind is not bool:
             problem = f"Input should be a {'number' if kind in (int, float) else kind.__name__}, not a switch"
