@@ -1,7 +1,6 @@
 """``python -m distalign`` (also what ``accelerate launch -m distalign`` runs)."""
 
-import sys
-
 from distalign.cli import main
+from distalign.train.distributed import exit_process
 
-sys.exit(main())
+exit_process(main())

@@ -9,6 +9,7 @@ import time
 import torch.distributed as dist
 
 from distalign.config import load_config
+from distalign.train.distributed import exit_process
 from distalign.train.engine import Engine
 from distalign.train.setup import load_policy
 
@@ -19,3 +20,4 @@ if __name__ == "__main__":
         time.sleep(3)
     load_policy(config)
     dist.barrier()
+    exit_process(0)

@@ -5,6 +5,7 @@ import sys
 
 import distalign.train.offline as offline
 from distalign.config import load_config
+from distalign.train.distributed import exit_process
 
 if __name__ == "__main__":
     summarise = offline.write_dominance_summary
@@ -12,3 +13,4 @@ if __name__ == "__main__":
         engine, compute, num_rows, micro, max_rows=1
     )
     offline.train_offline(load_config(None, sys.argv[1:]))
+    exit_process(0)

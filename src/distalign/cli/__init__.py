@@ -208,5 +208,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_INTERNAL
 
 
+def run() -> None:
+    """The ``distalign`` command: :func:`main`, then the end of the process (without interpreter
+    finalisation after a multi-process run: :func:`distalign.train.distributed.exit_process`)."""
+    from distalign.train.distributed import exit_process
+
+    exit_process(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

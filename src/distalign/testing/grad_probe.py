@@ -7,8 +7,10 @@ import sys
 import torch
 
 from distalign.testing.runs import capture_gradient
+from distalign.train.distributed import exit_process
 
 if __name__ == "__main__":
     gradient = capture_gradient(sys.argv[3:], step=int(sys.argv[2]))
     if os.environ.get("RANK", "0") == "0":
         torch.save(gradient, sys.argv[1])
+    exit_process(0)

@@ -385,18 +385,16 @@ class Engine:
 
     def finish(self) -> Path:
         """End a run that every process completed (after :meth:`close` and the final save): every
-        process waits for the others, then the run directory is returned.
+        process waits for the others on every process group, then the run directory is returned.
 
-        Why wait: a gloo worker thread releases a finished collective's tensors a moment after the
-        caller's ``wait`` returned. A process whose script ends in that moment reaches interpreter
-        shutdown while the thread still needs the GIL for them, and aborts ("terminate called without
-        an active exception"; seen in CI under FSDP2 on CPU, about one two-process run in five,
-        core dump: ``AsyncAllreduceWork`` destroyed by ``ProcessGroupGloo::runLoop`` during
-        ``Py_FinalizeEx``). The barrier's round trip to every other process outlasts that moment, and
-        its own work holds no Python tensors. Each process group has its own worker threads, so the
-        wait is on every group (DeepSpeed communicates over a clone of the world group: with the
-        default group alone, ZeRO-3 runs still aborted, one launch in ten). Only on success: a process
-        that raised must not wait for ones that may be stuck in a collective."""
+        No process may end while another still needs it in a collective. The wait also narrows, but
+        cannot close, the window in which a process that ends normally aborts at interpreter shutdown
+        (gloo's worker threads still releasing tensors: 56 launches in 100 without it, 4 with it, in
+        ``benchmarks/exit_race.py``); ``python -m distalign`` and the ``distalign`` command end with
+        :func:`~distalign.train.distributed.exit_process`, which closes it. Each process group has its
+        own worker threads (DeepSpeed communicates over a clone of the world group), hence every
+        group. Only on success: a process that raised must not wait for ones that may be stuck in a
+        collective."""
         if self.accelerator.num_processes > 1:
             wait_on_every_process_group()
         return self.run_dir
