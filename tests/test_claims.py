@@ -1,0 +1,88 @@
+"""The controlled-claims scripts (benchmarks/claims/): their exact evaluation, checked by hand on cases
+whose answer is known, and one short training run through the library's objective per kind of data."""
+
+from __future__ import annotations
+
+import importlib
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+CLAIMS = Path(__file__).resolve().parents[1] / "benchmarks" / "claims"
+
+
+def load(name: str):
+    """A claims script as a module (the scripts import their shared ``common`` by path, as run)."""
+    if str(CLAIMS) not in sys.path:
+        sys.path.insert(0, str(CLAIMS))
+    return importlib.import_module(name)
+
+
+common = load("common")
+
+
+def test_the_reference_against_itself_is_neutral():
+    world = common.World.draw(0, contexts=3, responses=4)
+    metrics = common.evaluate(world, world.ref_logp)
+    assert metrics["kl"] == pytest.approx(0.0, abs=1e-12)
+    assert metrics["win_rate"] == pytest.approx(0.5, abs=1e-12)  # sigma(d) + sigma(-d) = 1, pairs symmetric
+    assert metrics["true_reward_gain"] == pytest.approx(0.0, abs=1e-12)
+    assert metrics["violation_rate"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_the_best_response_policy_by_hand():
+    """One prompt, rewards (0, 1), pi_ref uniform, pi = the better response: KL = log 2, win rate =
+    (1/2) sigma(0) + (1/2) sigma(1), reward gain 1/2, and pi's reward distribution (all mass on 1)
+    dominates pi_ref's (half on 0): no violation. Flipping them is a violation at every level below 1/2."""
+    world = common.World(
+        1, 2, torch.tensor([[0.0, 1.0]], dtype=torch.float64), torch.zeros(1, 2, dtype=torch.float64)
+    )
+    best = torch.log(torch.tensor([[1e-300, 1.0]], dtype=torch.float64))
+    metrics = common.evaluate(world, best)
+    assert metrics["kl"] == pytest.approx(math.log(2))
+    assert metrics["win_rate"] == pytest.approx(0.5 * 0.5 + 0.5 * (1 / (1 + math.exp(-1))))
+    assert metrics["true_reward_gain"] == pytest.approx(0.5)
+    assert metrics["violation_rate"] == pytest.approx(0.0, abs=1e-12)
+    worst = torch.log(torch.tensor([[1.0, 1e-300]], dtype=torch.float64))
+    assert common.evaluate(world, worst)["violation_rate"] == pytest.approx(0.5)
+    assert common.evaluate(world, worst)["w1_violation"] == pytest.approx(0.5)
+
+
+def test_pairs_flip_exactly_the_asked_share_and_intervals_are_student_t():
+    world = common.World.draw(1)
+    pairs = common.draw_pairs(world, 200, torch.Generator().manual_seed(0), flip=0.2)
+    assert int(pairs.flipped.sum()) == round(0.2 * len(pairs)) and bool(
+        (pairs.chosen != pairs.rejected).all()
+    )
+    interval = common.mean_interval([1.0, 2.0, 3.0])
+    assert interval.mean == 2.0 and interval.high - interval.mean == pytest.approx(4.303 * 1.0 / math.sqrt(3))
+    clear = common.mean_interval([0.2, 0.3, 0.25, 0.22, 0.28])
+    assert common.verdict(clear, +1) == "reproduced" and common.verdict(clear, -1) == "reversed"
+    assert common.verdict(common.mean_interval([-0.1, 0.2, 0.3]), +1).startswith("inconclusive")
+
+
+def test_dpo_on_clean_pairs_gains_true_reward():
+    aot = load("aot")
+    result = aot.run_paired(0, "dpo", 0.1, 0.0)
+    assert result["true_reward_gain"] > 0.3 and result["pair_accuracy"] > 0.7
+
+
+def test_the_upo_front_helpers():
+    upo = load("upo")
+    assert upo.hypervolume([(1.0, 0.6), (0.5, 0.7)]) == pytest.approx(0.5 * 0.2 + 0.5 * 0.1)
+    assert upo.hypervolume([(-0.1, 0.9), (0.2, 0.4)]) == 0.0
+    assert upo.win_at_gain([(0.0, 0.7), (1.0, 0.5)], 0.5) == pytest.approx(0.6)
+    assert upo.win_at_gain([(0.0, 0.7)], 0.5) is None
+
+
+def test_the_exact_density_ratio_of_the_shifted_world_averages_one_over_the_mixture():
+    """E_P[h] = 1 for h = dQ_0/dP: checked over many pairs drawn from the training mixture."""
+    dora = load("dora")
+    shifted = dora.ShiftedWorld(0)
+    pairs = shifted.draw(20000, torch.Generator().manual_seed(1), flip=0.0)
+    h = shifted.exact_ratio(pairs)
+    assert float(h.mean()) == pytest.approx(1.0, abs=0.05)
+    assert float(h[pairs.source == 0].mean()) > 1.0 > float(h[pairs.source != 0].mean())
