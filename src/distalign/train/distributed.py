@@ -324,8 +324,9 @@ def exit_process(code: int) -> NoReturn:
     the thread take the GIL to release it, and a thread that takes the GIL while the interpreter is
     finalising is killed inside C++, which aborts the whole process ("terminate called without an
     active exception") after a run that saved its model. With torch alone, 50 all-reduces and a
-    plain exit abort 56 launches in 100 under load; a barrier on every group first (what
-    :meth:`Engine.finish` does) 4 in 100; exiting here, 0 in 100 (``benchmarks/exit_race.py``). No
+    plain exit abort 38 launches in 50 under load; a barrier on every group first (what
+    :meth:`Engine.finish` does) 2 in 50; the barrier and then this, 0 in 100
+    (``benchmarks/exit_race.py``). No
     Python-level wait can close the window: the threads are C++'s, and the groups outlive
     ``destroy_process_group`` wherever C++ still holds them (DDP's reducer, device meshes, DeepSpeed).
 

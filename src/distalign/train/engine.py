@@ -389,8 +389,8 @@ class Engine:
 
         No process may end while another still needs it in a collective. The wait also narrows, but
         cannot close, the window in which a process that ends normally aborts at interpreter shutdown
-        (gloo's worker threads still releasing tensors: 56 launches in 100 without it, 4 with it, in
-        ``benchmarks/exit_race.py``); ``python -m distalign`` and the ``distalign`` command end with
+        (gloo's worker threads still releasing tensors: 38 launches in 50 without it, 2 in 50 with it,
+        in ``benchmarks/exit_race.py``); ``python -m distalign`` and the ``distalign`` command end with
         :func:`~distalign.train.distributed.exit_process`, which closes it. Each process group has its
         own worker threads (DeepSpeed communicates over a clone of the world group), hence every
         group. Only on success: a process that raised must not wait for ones that may be stuck in a
