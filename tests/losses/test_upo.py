@@ -227,3 +227,39 @@ def test_out_of_range_options_fail_at_config_time_naming_the_field():
         load_config(None, ["loss.name=upo", "loss.expectile=1.5"])
     with pytest.raises(ConfigError, match=r"loss\.lambda_aux.*'dpo' takes"):
         load_config(None, ["loss.name=dpo", "loss.lambda_aux=1.0"])  # not an option of dpo
+
+
+def test_the_advantage_subtracts_the_value_head_by_hand():
+    """V != 0: per pair, DPO + lambda x 1/2 sum over the two responses of -exp((r_aux - V) / T) x token-mean
+    log pi, + value_weight x 1/2 sum of the expectile loss of r_aux - V, written out for each row. The
+    same formula with A = r_aux (the value ignored in the advantage) differs by more than 0.5 on a row,
+    so the check can tell them apart."""
+    chosen_r, rejected_r = [1.0, -0.5, 2.0, 0.3, -1.2], [0.4, 0.9, -1.0, 0.3, 0.8]
+    values = torch.tensor([0.7, -0.3, 1.1, -0.9, 0.2], dtype=torch.float64)
+    stats = _paired(chosen_r, rejected_r, values.clone())
+    lam, temperature, tau, weight, beta = 0.6, 0.8, 0.7, 0.5, 0.2
+    got = get_loss("upo").per_example(
+        stats, beta=beta, lambda_aux=lam, advantage_temperature=temperature, expectile=tau,
+        value_weight=weight, weight_clip=None,
+    ).losses.detach()  # fmt: skip
+
+    def by_hand(advantage_uses_value: bool) -> torch.Tensor:
+        rows = []
+        for i in range(N):
+            chosen = float(stats.policy_chosen_logps[i] - stats.ref_chosen_logps[i])
+            rejected = float(stats.policy_rejected_logps[i] - stats.ref_rejected_logps[i])
+            total = math.log1p(math.exp(-beta * (chosen - rejected)))  # -log sigmoid(beta margin)
+            for reward, logp, length in (
+                (chosen_r[i], stats.policy_chosen_logps[i], stats.chosen_lengths[i]),
+                (rejected_r[i], stats.policy_rejected_logps[i], stats.rejected_lengths[i]),
+            ):
+                residual = reward - float(values[i])
+                advantage = residual if advantage_uses_value else reward
+                aux = -math.exp(advantage / temperature) * float(logp / length)
+                expectile = (tau if residual >= 0 else 1 - tau) * residual**2
+                total += 0.5 * (lam * aux + weight * expectile)
+            rows.append(total)
+        return torch.tensor(rows, dtype=torch.float64)
+
+    torch.testing.assert_close(got, by_hand(True), rtol=1e-12, atol=1e-12)
+    assert (got - by_hand(False)).abs().max() > 0.5
