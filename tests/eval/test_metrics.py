@@ -147,9 +147,18 @@ def test_self_bleu_by_hand():
 
 
 def test_self_bleu_reference_subsampling_is_seeded():
+    """The same seed gives the same subset of references, another seed another one; with max_refs at
+    least the number of other texts every text is a reference (the exhaustive mean of sentence_bleu)."""
     texts = [" ".join(np.random.default_rng(i).choice(list("abcdef"), 6)) for i in range(30)]
     assert self_bleu(texts, max_refs=3, seed=1) == self_bleu(texts, max_refs=3, seed=1)
-    assert 0.0 <= self_bleu(texts, max_refs=3, seed=1) <= 1.0
+    assert self_bleu(texts, max_refs=3, seed=1) != self_bleu(texts, max_refs=3, seed=2)
+    tokens = [t.split() for t in texts]
+    exhaustive = np.mean(
+        [sentence_bleu(t, [o for j, o in enumerate(tokens) if j != i]) for i, t in enumerate(tokens)]
+    )
+    assert self_bleu(texts, max_refs=29) == pytest.approx(exhaustive)
+    assert self_bleu(texts, max_refs=None, seed=7) == pytest.approx(exhaustive)
+    assert self_bleu(texts, max_refs=3, seed=1) != pytest.approx(exhaustive)
 
 
 def test_token_entropy_by_hand():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -117,11 +118,9 @@ def test_load_run_reads_every_piece(tmp_path):
 
 
 def test_report_paths_and_flatten():
-    assert report_paths("out/r.html") == (
-        report_paths("out/r.html")[0],
-        report_paths("out/r.html")[0].parent / "r_files",
-    )
-    assert str(report_paths("out")[0]) == "out/report.html"
+    assert report_paths("out/r.html") == (Path("out/r.html"), Path("out/r_files"))
+    assert report_paths("out/R.HTM") == (Path("out/R.HTM"), Path("out/R_files"))
+    assert report_paths("out") == (Path("out/report.html"), Path("out/report_files"))
     assert flatten({"a": {"b": 1, "c": {"d": 2}}, "e": {}}) == {"a.b": 1, "a.c.d": 2, "e": {}}
 
 
