@@ -4,8 +4,9 @@ The world (common.py's prompts, responses and true reward r*) gets three sources
 golden one, Q_0, and two synthetic ones, Q_1 and Q_2, each over-producing a "style" of its own (3 of
 the 8 responses per prompt, logits +2). The training mixture is P = 0.25 Q_0 + 0.375 Q_1 + 0.375 Q_2.
 Each training pair takes two responses of one source; golden pairs are labelled by r*, a synthetic
-source's pairs by its own judge, r* + 1.5 x (its style), Bradley-Terry, then 0, 20 or 40% of all labels
-flipped. pi_ref is the mixture's marginal. The target is the golden distribution: what counts is how
+source's pairs by its own judge, r* + b x (its style), Bradley-Terry, then 0, 20 or 40% of all labels
+flipped. The judges' bias b sets how harmful the synthetic labels are: 1.5 by default (they mostly
+agree with r*), --judge-bias 4 for a strong shift (where styles differ, the style decides). pi_ref is the mixture's marginal. The target is the golden distribution: what counts is how
 the trained policy orders golden pairs by r* (exact over all pairs, weighted by Q_0), and the true
 reward it gains.
 
@@ -21,8 +22,10 @@ on the exact truth; differences are paired over seeds.
 Claims: (1) DoRA beats DPO on the target; (2) the paper's ablation order, plain DRO < reweighting <
 DoRA; (3) the effect of lambda (the temperature); (4) the weights' effective sample size per source.
 
-    python benchmarks/claims/dora.py              # 10 seeds, about 8 minutes on 2 cores
-Results are kept in OUT/results.jsonl (default runs/claims/dora): a rerun continues where it stopped.
+    python benchmarks/claims/dora.py                      # 10 seeds, about 6 minutes on 2 cores
+    python benchmarks/claims/dora.py --judge-bias 4       # the strong shift
+Results are kept in OUT/results.jsonl (default runs/claims/dora_bias<b>): a rerun continues where it
+stopped.
 """
 
 from __future__ import annotations
@@ -54,7 +57,6 @@ from distalign.shift.ratio import density_ratio  # noqa: E402
 
 PROPORTIONS = (0.25, 0.375, 0.375)  # golden, synthetic 1, synthetic 2
 STYLE_BOOST = 2.0
-JUDGE_BIAS = 1.5
 PAIRS = 600
 VALIDATION_PAIRS = 120
 STEPS = 100
@@ -84,7 +86,7 @@ GRIDS: dict[str, list[Method]] = {
 class ShiftedWorld:
     """The sources' response tables, the judges, and exact pair densities for one seed."""
 
-    def __init__(self, seed: int) -> None:
+    def __init__(self, seed: int, judge_bias: float = 1.5) -> None:
         self.world = World.draw(seed)
         generator = torch.Generator().manual_seed(40_000 + seed)
         c, k = self.world.contexts, self.world.responses
@@ -99,7 +101,7 @@ class ShiftedWorld:
         self.source_logp = torch.log_softmax(torch.stack(logits), dim=-1)  # [S, C, K]
         mixture = sum(w * self.source_logp[s].exp() for s, w in enumerate(PROPORTIONS))
         self.world.ref_logits = mixture.log()  # pi_ref: the mixture's marginal (the SFT model)
-        self.judges = self.world.reward.unsqueeze(0) + JUDGE_BIAS * self.style  # golden judge: r* itself
+        self.judges = self.world.reward.unsqueeze(0) + judge_bias * self.style  # golden judge: r* itself
 
     def pair_density(self, source: int, context, first, second) -> torch.Tensor:
         """q_s(first, second | c) for two distinct responses drawn from source s."""
@@ -168,8 +170,8 @@ def estimated_ratio(shifted: ShiftedWorld, pairs: Pairs) -> torch.Tensor:
     return torch.as_tensor(h, dtype=DTYPE)
 
 
-def run(seed: int, name: str, method: Method, flip: float) -> dict:
-    shifted = ShiftedWorld(seed)
+def run(seed: int, name: str, method: Method, flip: float, judge_bias: float) -> dict:
+    shifted = ShiftedWorld(seed, judge_bias)
     world = shifted.world
     generator = torch.Generator().manual_seed(10_000 + seed + int(flip * 1000))
     pairs = shifted.draw(PAIRS, generator, flip)
@@ -197,8 +199,10 @@ def main() -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--seeds", type=int, default=10)
-    parser.add_argument("--out", type=Path, default=Path("runs/claims/dora"))
+    parser.add_argument("--judge-bias", type=float, default=1.5, help="the synthetic judges' style bias b")
+    parser.add_argument("--out", type=Path, help="default runs/claims/dora_bias<b>")
     args = parser.parse_args()
+    args.out = args.out or Path(f"runs/claims/dora_bias{args.judge_bias:g}")
     torch.set_num_threads(1)
     results = Results(args.out / "results.jsonl")
     started = time.perf_counter()
@@ -284,7 +288,8 @@ def main() -> int:
         rows,
     )
     print(per_method, claims, lambdas, sep="\n\n")
-    print(f"\n{len(seeds)} seeds, {PAIRS} training pairs, {VALIDATION_PAIRS} golden validation pairs, {STEPS} steps; "
+    print(f"\n{len(seeds)} seeds, judge bias {args.judge_bias:g}, {PAIRS} training pairs, {VALIDATION_PAIRS} golden "
+          f"validation pairs, {STEPS} steps; "
           f"{time.perf_counter() - started:.0f} s")  # fmt: skip
     (args.out / "summary.md").write_text("\n\n".join([per_method, claims, lambdas]) + "\n")
     return 0
