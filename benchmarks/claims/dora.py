@@ -215,7 +215,7 @@ def main() -> int:
                 records = [
                     results.get_or_run(
                         f"{name}|{m.describe()}|{flip}|{seed}",
-                        lambda n=name, m=m, s=seed, f=flip: run(s, n, m, f),
+                        lambda n=name, m=m, s=seed, f=flip: run(s, n, m, f, args.judge_bias),
                     )
                     for m in grid
                 ]
