@@ -1,8 +1,12 @@
 """The report in a real browser (headless Chromium): it loads without console errors, every image is
 there and decodes, nothing is wider than the window, and the verdict comes first. Skipped where no
-Chromium is installed (Debian: `apt-get install chromium`)."""
+Chromium is installed (Debian: `apt-get install chromium`), except in CI (the CI variable set), where
+they fail instead: .ci/run installs Chromium, so a skip there would hide the suite's only real-browser
+checks."""
 
 from __future__ import annotations
+
+import os
 
 import pytest
 
@@ -10,7 +14,14 @@ from distalign.eval.report import write_report
 from distalign.testing.browser import find_chromium, probe_page, screenshot
 
 CHROMIUM = find_chromium()
-pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium is not installed")
+
+
+@pytest.fixture(autouse=True)
+def chromium_installed():
+    if CHROMIUM is None:
+        if os.environ.get("CI"):
+            pytest.fail("headless Chromium is not installed, and CI is set: .ci/run installs Debian's chromium")
+        pytest.skip("headless Chromium is not installed")
 
 
 def test_the_report_loads_cleanly_in_chromium(two_runs, tmp_path):
