@@ -11,7 +11,13 @@ import pytest
 
 from distalign.config import ConfigError, load_config
 from distalign.models.loading import load_model_and_tokenizer
-from distalign.testing.runs import final_weights, max_weight_difference, read_metrics, torchrun
+from distalign.testing.runs import (
+    final_weights,
+    max_weight_difference,
+    optimizer_steps_taken,
+    read_metrics,
+    torchrun,
+)
 from distalign.train.online import train_online
 from distalign.train.setup import SetupError
 
@@ -96,10 +102,13 @@ def test_logged_step_metrics(tmp_path, online_config, lora):
 )
 def test_interrupted_and_resumed_run_equals_the_uninterrupted_run(tmp_path, online_config, online):
     train = {"max_steps": 6, "save_every": 3}
-    whole = train_online(online_config(tmp_path / "whole", train=train, online=online))
+    with optimizer_steps_taken() as straight_steps:
+        whole = train_online(online_config(tmp_path / "whole", train=train, online=online))
     resumed_config = online_config(tmp_path / "resumed", train=train, online=online)
     train_online(resumed_config, stop_after_step=3)
-    resumed = train_online(resumed_config)
+    with optimizer_steps_taken() as resumed_steps:
+        resumed = train_online(resumed_config)
+    assert resumed_steps[0] * 2 == straight_steps[0] > 0  # steps 4-6 only: resumed, not restarted
     assert max_weight_difference(final_weights(whole), final_weights(resumed)) == 0.0
     whole_records, resumed_records = read_metrics(whole), read_metrics(resumed)
     assert [r["step"] for r in resumed_records] == list(range(1, 7))

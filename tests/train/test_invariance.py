@@ -13,6 +13,7 @@ from distalign.testing.runs import (
     final_weights,
     gradients_close,
     max_weight_difference,
+    optimizer_steps_taken,
     read_metrics,
     run_gradient,
     run_gradient_two_processes,
@@ -86,10 +87,13 @@ def test_two_process_dpo_run_equals_one_process_run(tmp_path):
 @pytest.mark.parametrize("loss", ["dpo", "aot_paired"])
 def test_interrupted_and_resumed_run_equals_uninterrupted(run_tiny, loss):
     args = [f"loss.name={loss}", "train.batch_size=8", "train.micro_batch_size=4", "train.max_steps=6"]
-    straight = run_tiny(*args, name="straight")
+    with optimizer_steps_taken() as straight_steps:
+        straight = run_tiny(*args, name="straight")
     interrupted = run_tiny(*args, "train.save_every=3", name="resumed", stop_after_step=3)
     assert not (interrupted / "final").exists()
-    resumed = run_tiny(*args, "train.save_every=3", name="resumed")
+    with optimizer_steps_taken() as resumed_steps:
+        resumed = run_tiny(*args, "train.save_every=3", name="resumed")
+    assert resumed_steps[0] * 2 == straight_steps[0] > 0  # steps 4-6 only: resumed, not restarted
     assert max_weight_difference(final_weights(straight), final_weights(resumed)) == 0.0
     assert [r["step"] for r in read_metrics(resumed)] == list(range(1, 7))
     assert [r["loss"] for r in read_metrics(resumed)] == [r["loss"] for r in read_metrics(straight)]

@@ -13,6 +13,7 @@ from distalign.testing.runs import (
     final_weights,
     gradients_close,
     max_weight_difference,
+    optimizer_steps_taken,
     read_metrics,
     run_gradient,
     run_gradient_two_processes,
@@ -84,9 +85,12 @@ def test_group_dro_resume_is_exact(run_tiny, shifted_pairs):
         "aggregator.step_size=0.5",
     ]
     args += ["train.batch_size=8", "train.micro_batch_size=4", "train.max_steps=6"]
-    straight = run_tiny(*args, name="straight")
+    with optimizer_steps_taken() as straight_steps:
+        straight = run_tiny(*args, name="straight")
     run_tiny(*args, "train.save_every=3", name="resumed", stop_after_step=3)
-    resumed = run_tiny(*args, "train.save_every=3", name="resumed")
+    with optimizer_steps_taken() as resumed_steps:
+        resumed = run_tiny(*args, "train.save_every=3", name="resumed")
+    assert resumed_steps[0] * 2 == straight_steps[0] > 0  # steps 4-6 only: resumed, not restarted
     assert max_weight_difference(final_weights(straight), final_weights(resumed)) == 0.0
 
     def weights(run):

@@ -16,6 +16,7 @@ from distalign.testing.runs import (
     final_weights,
     gradients_close,
     max_weight_difference,
+    optimizer_steps_taken,
     read_metrics,
     run_gradient,
     run_gradient_two_processes,
@@ -234,9 +235,12 @@ def test_resume_restores_aggregator_state_exactly(run_tiny, throwaway):
     throwaway.aggregator("ema_scaled", _ema_scaled, stateful=True)
     args = ["loss.name=dpo", "aggregator.name=ema_scaled", "aggregator.decay=0.2", "train.max_steps=6"]
     args += ["train.batch_size=8", "train.micro_batch_size=4"]
-    straight = run_tiny(*args, name="straight")
+    with optimizer_steps_taken() as straight_steps:
+        straight = run_tiny(*args, name="straight")
     run_tiny(*args, "train.save_every=3", name="resumed", stop_after_step=3)
-    resumed = run_tiny(*args, "train.save_every=3", name="resumed")
+    with optimizer_steps_taken() as resumed_steps:
+        resumed = run_tiny(*args, "train.save_every=3", name="resumed")
+    assert resumed_steps[0] * 2 == straight_steps[0] > 0  # steps 4-6 only: resumed, not restarted
     assert max_weight_difference(final_weights(straight), final_weights(resumed)) == 0.0
     key = "aggregate/running"
     assert [r[key] for r in read_metrics(resumed)] == [r[key] for r in read_metrics(straight)]

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 #: Overrides shared by tiny-model test runs (short sequences, fixed seed, no progress bar).
 TINY_BASE = [
@@ -32,6 +34,23 @@ def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
 def max_weight_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     assert a.keys() == b.keys()
     return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
+
+
+@contextlib.contextmanager
+def optimizer_steps_taken() -> Iterator[list[int]]:
+    """Count the optimizer steps any torch optimizer takes inside the block (``counter[0]``): a resumed
+    run must take only the steps after its checkpoint. A seeded restart from step 0 ends with the same
+    weights as a resume, so equal final weights alone do not show that a resume happened."""
+    counter = [0]
+
+    def count(optimizer, args, kwargs) -> None:
+        counter[0] += 1
+
+    handle = register_optimizer_step_post_hook(count)
+    try:
+        yield counter
+    finally:
+        handle.remove()
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
