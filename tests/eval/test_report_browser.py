@@ -20,7 +20,9 @@ CHROMIUM = find_chromium()
 def chromium_installed():
     if CHROMIUM is None:
         if os.environ.get("CI"):
-            pytest.fail("headless Chromium is not installed, and CI is set: .ci/run installs Debian's chromium")
+            pytest.fail(
+                "headless Chromium is not installed, and CI is set: .ci/run installs Debian's chromium"
+            )
         pytest.skip("headless Chromium is not installed")
 
 
