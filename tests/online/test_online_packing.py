@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from distalign.testing.runs import gradients_close, read_metrics, step_gradient
+from distalign.testing.runs import gradients_close, largest_gradient, read_metrics, step_gradient
 from distalign.train.online import train_online
 
 RLOO_TASK = {
@@ -40,7 +40,7 @@ def test_packed_update_applies_the_padded_gradient(
         return step_gradient(lambda: train_online(config, stop_after_step=2), step=2)
 
     padded, packed = gradient(False), gradient(True)
-    assert padded.abs().max() > 0
+    assert largest_gradient(padded) > 0
     assert gradients_close(packed, padded, tol=1e-10)
     records = read_metrics(tmp_path / "True")
     assert records[0]["tokens/shared_fraction"] > 0  # the shared prompts went through the model once

@@ -12,6 +12,7 @@ from distalign.testing.runs import (
     TINY_BASE,
     final_weights,
     gradients_close,
+    largest_gradient,
     max_weight_difference,
     optimizer_steps_taken,
     read_metrics,
@@ -25,7 +26,7 @@ def test_dpo_gradient_is_independent_of_micro_batching(tmp_path):
     dpo = ["loss.name=dpo", "train.batch_size=8", "model.dtype=float64"]
     one = run_gradient(tmp_path / "a", *dpo, "train.micro_batch_size=8", step=3)
     four = run_gradient(tmp_path / "b", *dpo, "train.micro_batch_size=2", step=3)
-    assert one.abs().max() > 0
+    assert largest_gradient(one) > 0
     assert gradients_close(four, one)
 
 
@@ -49,7 +50,7 @@ def test_aot_global_gradient_is_exact_across_micro_batches_and_processes(tmp_pat
     )
     retain = run_gradient(tmp_path / "retain", *AOT, mb2, "loss.global_strategy=retain", step=AOT_STEP)
     two_procs = run_gradient_two_processes(tmp_path / "ddp", *AOT, mb2, step=AOT_STEP)
-    assert whole.abs().max() > 0
+    assert largest_gradient(whole) > 0
     for other in (recompute, straddling, retain, two_procs):
         assert gradients_close(other, whole)
 

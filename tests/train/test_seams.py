@@ -15,6 +15,7 @@ from distalign.testing.runs import (
     TINY_BASE,
     final_weights,
     gradients_close,
+    largest_gradient,
     max_weight_difference,
     optimizer_steps_taken,
     read_metrics,
@@ -80,7 +81,7 @@ def test_coupled_aggregator_gradient_is_exact_across_micro_batches_and_processes
     retain = run_gradient(tmp_path / "retain", *common, mb2, "loss.global_strategy=retain", step=STEP)
     two_procs = run_gradient_two_processes(tmp_path / "ddp", *common, mb2, step=STEP)
     local = run_gradient(tmp_path / "local", *common, mb2, "loss.coupling_scope=micro_batch", step=STEP)
-    assert whole.abs().max() > 0
+    assert largest_gradient(whole) > 0
     for other in (recompute, retain, two_procs):
         assert gradients_close(other, whole, tol=1e-9)
     assert not gradients_close(local, whole, tol=1e-3)  # the check can fail: a per-micro-batch tail differs
@@ -98,7 +99,7 @@ def test_weighted_rows_train_identically_however_the_batch_is_split(tmp_path, we
     unweighted = run_gradient(
         tmp_path / "plain", *common[:2], "train.batch_size=8", *common[4:], "data.limit=32", step=STEP
     )
-    assert whole.abs().max() > 0
+    assert largest_gradient(whole) > 0
     assert gradients_close(split, whole, tol=1e-9) and gradients_close(two_procs, whole, tol=1e-9)
     assert not gradients_close(unweighted, whole, tol=1e-3)  # the weights are honoured, not dropped
 

@@ -105,10 +105,10 @@ def accelerate_launch(
     return result
 
 
-def capture_gradient(overrides: list[str], step: int = 1) -> torch.Tensor:
+def capture_gradient(overrides: list[str], step: int = 1) -> dict[str, torch.Tensor]:
     """Train ``step`` steps with ``overrides`` (offline loop) and return the synchronised gradient the
-    last one applies (all trainable parameters, flattened, float64). Under torchrun every process
-    returns the same.
+    last one applies: each trainable parameter's, flattened, float64, by its name in the unwrapped
+    model. Under torchrun every process returns the same.
 
     At step 1 the policy equals its reference, which makes some objectives degenerate (every AOT gap
     is 0), so tests of coupling use a later step."""
@@ -119,22 +119,23 @@ def capture_gradient(overrides: list[str], step: int = 1) -> torch.Tensor:
     return step_gradient(lambda: train_offline(config, stop_after_step=step), step)
 
 
-def step_gradient(train: Callable[[], object], step: int) -> torch.Tensor:
+def step_gradient(train: Callable[[], object], step: int) -> dict[str, torch.Tensor]:
     """Call ``train`` (a run stopping after ``step`` steps, either loop) and return the gradient its
     step ``step`` applies, as :func:`capture_gradient` does."""
     from distalign.train import engine as engine_module
 
-    captured: list[torch.Tensor] = []
+    captured: list[dict[str, torch.Tensor]] = []
     original = engine_module.Engine.optimizer_step
 
     def probe(self):
         if len(captured) < step:
-            grads = [
-                _whole(p.grad).detach().double().flatten()
-                for p in self.model.parameters()
-                if p.grad is not None
-            ]
-            captured.append(torch.cat(grads).cpu().clone())
+            captured.append(
+                {
+                    _unwrapped_name(name): _whole(p.grad).detach().double().flatten().cpu().clone()
+                    for name, p in self.model.named_parameters()
+                    if p.grad is not None
+                }
+            )
         return original(self)
 
     engine_module.Engine.optimizer_step = probe
@@ -145,6 +146,14 @@ def step_gradient(train: Callable[[], object], step: int) -> torch.Tensor:
     return captured[step - 1]
 
 
+def _unwrapped_name(name: str) -> str:
+    """A parameter's name in the plain model: without the prefixes DDP and DeepSpeed (``module.``),
+    FSDP and activation checkpointing add, so that gradients of differently launched runs line up."""
+    for wrapper in ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module."):
+        name = name.replace(wrapper, "")
+    return name.removeprefix("module.")
+
+
 def _whole(tensor: torch.Tensor) -> torch.Tensor:
     """A plain tensor of the whole of ``tensor``: an FSDP2 gradient (a DTensor shard) is gathered; every
     process must call this for it."""
@@ -152,12 +161,12 @@ def _whole(tensor: torch.Tensor) -> torch.Tensor:
     return full_tensor() if callable(full_tensor) else tensor
 
 
-def run_gradient(run_dir: Path, *overrides: str, step: int = 1) -> torch.Tensor:
+def run_gradient(run_dir: Path, *overrides: str, step: int = 1) -> dict[str, torch.Tensor]:
     """:func:`capture_gradient` of a tiny-model run (``TINY_BASE`` + ``overrides``) in ``run_dir``."""
     return capture_gradient([*TINY_BASE, f"output_dir={run_dir}", *overrides], step=step)
 
 
-def run_gradient_two_processes(run_dir: Path, *overrides: str, step: int = 1) -> torch.Tensor:
+def run_gradient_two_processes(run_dir: Path, *overrides: str, step: int = 1) -> dict[str, torch.Tensor]:
     """The same, trained by two processes (torchrun, gloo); the gradient every process applies."""
     out = Path(f"{run_dir}.pt")
     torchrun(
@@ -174,6 +183,17 @@ def run_gradient_two_processes(run_dir: Path, *overrides: str, step: int = 1) ->
     return torch.load(out, weights_only=True)
 
 
-def gradients_close(a: torch.Tensor, b: torch.Tensor, tol: float = 1e-6) -> bool:
-    """``max |a - b| <= tol x max(1, max |b|)``."""
-    return float((a - b).abs().max()) <= tol * max(1.0, float(b.abs().max()))
+def largest_gradient(gradient: dict[str, torch.Tensor]) -> float:
+    """The largest |entry| over every parameter's gradient (a gradient that is all zeros proves nothing)."""
+    return max(float(g.abs().max()) for g in gradient.values())
+
+
+def gradients_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], tol: float = 1e-6) -> bool:
+    """Every parameter's gradient within ``tol`` of ``b``'s, relative to that parameter's own gradient:
+    ``||a_k - b_k|| <= tol x ||b_k||`` for each parameter k (a parameter whose gradient is exactly 0
+    in ``b`` must be exactly 0 in ``a``). Per parameter, because gradients differ by orders of
+    magnitude across parameters: one tolerance scaled by the largest entry lets an error confined to
+    the small-gradient parameters through."""
+    if a.keys() != b.keys():
+        raise AssertionError(f"different parameters: {sorted(a.keys() ^ b.keys())[:5]}")
+    return all(float((a[k] - b[k]).norm()) <= tol * float(b[k].norm()) for k in b)
