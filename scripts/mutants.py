@@ -5,7 +5,7 @@ each, this script copies the working tree to a scratch folder, plants the bug th
 that claim to cover that joint against the scratch copy, and reports whether at least one failed
 ("caught") or all passed ("SURVIVED"). The working tree is never modified.
 
-    .venv/bin/python scripts/mutants.py               # every planted bug (about 10 minutes on 2 cores)
+    .venv/bin/python scripts/mutants.py               # every planted bug (about 2 minutes on 2 cores)
     .venv/bin/python scripts/mutants.py no_resume     # one or more by name
     .venv/bin/python scripts/mutants.py --list
 
