@@ -3,9 +3,12 @@ and files it names existing."""
 
 from __future__ import annotations
 
+import math
 import re
 import shlex
 from pathlib import Path
+
+import pytest
 
 from distalign.cli import build_parser
 from distalign.config import load_config
@@ -65,7 +68,9 @@ def test_the_readme_loss_example_runs():
 
 def test_the_readme_registration_example_trains(tmp_path):
     """The README's one-function loss and aggregator register, take a user option from the config and
-    train the tiny model."""
+    train the tiny model. At step 1 the policy is its reference, so every DPO term is ln 2 and the
+    step-1 loss is ln 2 + length_penalty x (a chosen length): twice the penalty, twice the excess over
+    ln 2; and the worst row's loss lies above the mean's."""
     from distalign.losses import AGGREGATORS, LOSSES
     from distalign.testing.runs import TINY_BASE, read_metrics
     from distalign.train.offline import train_offline
@@ -73,10 +78,20 @@ def test_the_readme_registration_example_trains(tmp_path):
     block = next(b for b in re.findall(r"```python\n(.*?)```", README, flags=re.S) if "register_loss(" in b)
     try:
         exec(compile(block, "README.md", "exec"), {})
-        overrides = [*TINY_BASE, f"output_dir={tmp_path}", "loss.name=dpo_plus_length", "train.max_steps=2"]
-        overrides += ["loss.length_penalty=0.02", "aggregator.name=worst_row"]
-        run = train_offline(load_config(None, overrides))
-        assert len(read_metrics(run)) == 2
+
+        def first_loss(name: str, *options: str) -> float:
+            overrides = [*TINY_BASE, f"output_dir={tmp_path / name}", "loss.name=dpo_plus_length"]
+            run = train_offline(load_config(None, [*overrides, "train.max_steps=2", *options]))
+            records = read_metrics(run)
+            assert len(records) == 2
+            return records[0]["loss"]
+
+        worst = first_loss("worst", "loss.length_penalty=0.02", "aggregator.name=worst_row")
+        doubled = first_loss("doubled", "loss.length_penalty=0.04", "aggregator.name=worst_row")
+        mean = first_loss("mean", "loss.length_penalty=0.02")
+        excess = worst - math.log(2)
+        assert excess > 0.02 and doubled - math.log(2) == pytest.approx(2 * excess, rel=1e-5)
+        assert mean < worst
     finally:
         LOSSES.remove("dpo_plus_length")
         AGGREGATORS.remove("worst_row")

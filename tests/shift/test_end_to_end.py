@@ -35,7 +35,14 @@ def test_fit_writes_summary_and_reliability_plot(scored):
     assert summary["target"] == "human" and summary["alpha"] == 0.5 and summary["bound"] == 2.0
     report = summary["classifiers"]["bot"]
     assert report["heldout"]["accuracy"] >= 0.75
-    assert 0 <= report["heldout"]["ece"] <= 1 and "heldout_calibrated" in report
+    assert "heldout_calibrated" in report
+    # The held-out ECE is the count-weighted gap |accuracy - confidence| of the reliability diagram the
+    # summary reports beside it (computed from the bins, not by the ECE function).
+    bins = report["reliability"]["raw"]
+    filled = [(n, a, c) for n, a, c in zip(bins["count"], bins["accuracy"], bins["confidence"]) if n]
+    assert sum(n for n, _, _ in filled) == sum(report["heldout_rows"].values())
+    from_bins = sum(n * abs(a - c) for n, a, c in filled) / sum(n for n, _, _ in filled)
+    assert report["heldout"]["ece"] == pytest.approx(from_bins, abs=1e-12) and from_bins > 0
     assert report["calibrator"]["method"] == "temperature"
     assert summary["text"]["embedding_model"] == "minilm" and summary["text"]["with_prompt"] is True
     # A summary that is committed as a result must not name this machine's site-packages.
