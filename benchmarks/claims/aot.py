@@ -142,14 +142,7 @@ def claim_a(results: Results, seeds: list[int]) -> list[list]:
         paths = {}
         for seed in seeds:
             for name in ("aot_paired", "dpo"):
-                grid = [
-                    results.get_or_run(
-                        f"b|{name}|{beta}|{flip}|{seed}",
-                        lambda n=name, b=beta, s=seed, f=flip: run_paired(s, n, b, f),
-                    )
-                    for beta in BETAS
-                ]
-                beta = BETAS[grid.index(choose_by_validation(grid))]
+                beta = chosen_beta(results, name, flip, seed)[0]
                 paths[name, seed] = results.get_or_run(
                     f"a|{name}|{beta}|{flip}|{seed}",
                     lambda n=name, b=beta, s=seed, f=flip: run_paired(s, n, b, f, trajectory=True),
@@ -178,20 +171,27 @@ def choose_by_validation(records: list[dict], key: str = "validation_agreement")
     return max(records, key=lambda r: r[key])
 
 
+def chosen_beta(results: Results, name: str, flip: float, seed: int) -> tuple[float, dict]:
+    """``name``'s beta grid on seed ``seed`` (``flip`` of the labels flipped), run or read back, and the
+    beta validation picks with its run's metrics."""
+    grid = [
+        results.get_or_run(
+            f"b|{name}|{beta}|{flip}|{seed}",
+            lambda n=name, b=beta, s=seed, f=flip: run_paired(s, n, b, f),
+        )
+        for beta in BETAS
+    ]
+    best = choose_by_validation(grid)
+    return BETAS[grid.index(best)], best
+
+
 def claim_b(results: Results, seeds: list[int]) -> list[list]:
     rows = []
     for flip in (0.0, 0.2, 0.4):
         chosen = {}
         for seed in seeds:
             for name in ("aot_paired", "dpo"):
-                grid = [
-                    results.get_or_run(
-                        f"b|{name}|{beta}|{flip}|{seed}",
-                        lambda n=name, b=beta, s=seed, f=flip: run_paired(s, n, b, f),
-                    )
-                    for beta in BETAS
-                ]
-                chosen[name, seed] = choose_by_validation(grid)
+                chosen[name, seed] = chosen_beta(results, name, flip, seed)[1]
         for metric, label in (
             ("pair_accuracy", "held-out pair accuracy"),
             ("true_reward_gain", "true reward gain"),
