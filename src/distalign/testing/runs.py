@@ -131,7 +131,7 @@ def step_gradient(train: Callable[[], object], step: int) -> dict[str, torch.Ten
         if len(captured) < step:
             captured.append(
                 {
-                    _unwrapped_name(name): _whole(p.grad).detach().double().flatten().cpu().clone()
+                    unwrapped_name(name): _whole(p.grad).detach().double().flatten().cpu().clone()
                     for name, p in self.model.named_parameters()
                     if p.grad is not None
                 }
@@ -146,7 +146,7 @@ def step_gradient(train: Callable[[], object], step: int) -> dict[str, torch.Ten
     return captured[step - 1]
 
 
-def _unwrapped_name(name: str) -> str:
+def unwrapped_name(name: str) -> str:
     """A parameter's name in the plain model: without the prefixes DDP and DeepSpeed (``module.``),
     FSDP and activation checkpointing add, so that gradients of differently launched runs line up."""
     for wrapper in ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module."):
