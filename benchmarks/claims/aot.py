@@ -185,6 +185,21 @@ def chosen_beta(results: Results, name: str, flip: float, seed: int) -> tuple[fl
     return BETAS[grid.index(best)], best
 
 
+def paired_row(label: str, ours: list[dict], theirs: list[dict], metric: str, sign: int) -> list:
+    """One table row: ``metric`` of ours minus theirs, paired over seeds (the lists align by seed)."""
+    interval = mean_interval([a[metric] - b[metric] for a, b in zip(ours, theirs)])
+    mine = mean_interval([a[metric] for a in ours]).mean
+    other = mean_interval([b[metric] for b in theirs]).mean
+    return [
+        label,
+        f"{mine:.4f}",
+        f"{other:.4f}",
+        str(interval),
+        interval.n,
+        verdict(interval, claimed_sign=sign),
+    ]
+
+
 def claim_b(results: Results, seeds: list[int]) -> list[list]:
     rows = []
     for flip in (0.0, 0.2, 0.4):
@@ -196,14 +211,8 @@ def claim_b(results: Results, seeds: list[int]) -> list[list]:
             ("pair_accuracy", "held-out pair accuracy"),
             ("true_reward_gain", "true reward gain"),
         ):
-            differences = [chosen["aot_paired", s][metric] - chosen["dpo", s][metric] for s in seeds]
-            interval = mean_interval(differences)
-            aot = mean_interval([chosen["aot_paired", s][metric] for s in seeds]).mean
-            dpo = mean_interval([chosen["dpo", s][metric] for s in seeds]).mean
-            rows.append(
-                [f"(b) {label}, {int(flip * 100)}% flipped", f"{aot:.4f}", f"{dpo:.4f}", str(interval), interval.n,
-                 verdict(interval, claimed_sign=+1)]
-            )  # fmt: skip
+            ours, theirs = [chosen["aot_paired", s] for s in seeds], [chosen["dpo", s] for s in seeds]
+            rows.append(paired_row(f"(b) {label}, {int(flip * 100)}% flipped", ours, theirs, metric, +1))
     return rows
 
 
@@ -288,13 +297,9 @@ def claim_c(results: Results, seeds: list[int]) -> list[list]:
         ("true_reward_gain", "true reward gain"),
         ("violation_rate", "violation rate vs pi_ref"),
     ):
-        differences = [chosen["aot_unpaired", s][metric] - chosen["kto", s][metric] for s in seeds]
-        interval = mean_interval(differences)
-        aot = mean_interval([chosen["aot_unpaired", s][metric] for s in seeds]).mean
-        kto = mean_interval([chosen["kto", s][metric] for s in seeds]).mean
+        ours, theirs = [chosen["aot_unpaired", s] for s in seeds], [chosen["kto", s] for s in seeds]
         sign = -1 if metric == "violation_rate" else +1
-        rows.append([f"(c) {label}, unpaired AOT vs KTO", f"{aot:.4f}", f"{kto:.4f}", str(interval), interval.n,
-                     verdict(interval, claimed_sign=sign)])  # fmt: skip
+        rows.append(paired_row(f"(c) {label}, unpaired AOT vs KTO", ours, theirs, metric, sign))
     counts = [(chosen["kto", s]["positives"], chosen["kto", s]["negatives"]) for s in seeds]
     rows.append(
         ["(c) training rows per seed (positives, negatives)", "", "", str(counts[:3]) + " ...", "", ""]

@@ -10,16 +10,20 @@ only the plug-in knows its valid values).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 
 from distalign.config import load_config
-from distalign.data.loading import load_rows
 from distalign.losses import LOSSES
 from distalign.losses.aggregators import AGGREGATORS
-from distalign.testing.runs import TINY_BASE, final_weights, max_weight_difference, read_metrics
+from distalign.testing.runs import (
+    TINY_BASE,
+    final_weights,
+    max_weight_difference,
+    read_metrics,
+    write_shifted_pairs,
+)
 from distalign.train.offline import train_offline
 
 pytestmark = pytest.mark.slow
@@ -92,15 +96,7 @@ CASES = [
 
 @pytest.fixture(scope="module")
 def shifted_pairs(tmp_path_factory) -> Path:
-    """Quickstart pairs with a density ratio and a group per row (what the robust aggregators read)."""
-    rows = load_rows("builtin:quickstart_pairs.jsonl", limit=8).rows
-    path = tmp_path_factory.mktemp("data") / "shifted.jsonl"
-    with path.open("w") as handle:
-        for i, row in enumerate(rows):
-            record = {k: row[k] for k in ("prompt", "chosen", "rejected", "source")}
-            record |= {"density_ratio": 0.5 + 0.5 * (i % 3), "group": row["source"]}
-            handle.write(json.dumps(record) + "\n")
-    return path
+    return write_shifted_pairs(tmp_path_factory.mktemp("data") / "shifted.jsonl", limit=8)
 
 
 @pytest.fixture(scope="module")

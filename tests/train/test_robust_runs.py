@@ -18,6 +18,7 @@ from distalign.testing.runs import (
     read_metrics,
     run_gradient,
     run_gradient_two_processes,
+    write_shifted_pairs,
 )
 
 STEP = 3
@@ -26,15 +27,7 @@ STEP = 3
 @pytest.fixture
 def shifted_pairs(tmp_path) -> Path:
     """32 quickstart pairs with a density ratio (larger for the 'food' source) and a group per row."""
-    rows = load_rows("builtin:quickstart_pairs.jsonl", limit=32).rows
-    path = tmp_path / "shifted.jsonl"
-    with path.open("w") as handle:
-        for i, row in enumerate(rows):
-            record = {k: row[k] for k in ("prompt", "chosen", "rejected", "source")}
-            record["density_ratio"] = 1.8 if row["source"] == "food" else 0.4 + 0.1 * (i % 3)
-            record["group"] = row["source"]
-            handle.write(json.dumps(record) + "\n")
-    return path
+    return write_shifted_pairs(tmp_path / "shifted.jsonl", limit=32)
 
 
 def test_dora_logs_weight_diagnostics_by_source_name(run_tiny, shifted_pairs):

@@ -36,6 +36,21 @@ def max_weight_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]
     return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
 
 
+def write_shifted_pairs(path: Path, limit: int) -> Path:
+    """The first ``limit`` quickstart pairs with what the robust aggregators read: a density ratio
+    (larger for the 'food' source) and a group (the source) per row."""
+    from distalign.data.loading import load_rows
+
+    rows = load_rows("builtin:quickstart_pairs.jsonl", limit=limit).rows
+    with path.open("w") as handle:
+        for i, row in enumerate(rows):
+            record = {k: row[k] for k in ("prompt", "chosen", "rejected", "source")}
+            record["density_ratio"] = 1.8 if row["source"] == "food" else 0.4 + 0.1 * (i % 3)
+            record["group"] = row["source"]
+            handle.write(json.dumps(record) + "\n")
+    return path
+
+
 @contextlib.contextmanager
 def optimizer_steps_taken() -> Iterator[list[int]]:
     """Count the optimizer steps any torch optimizer takes inside the block (``counter[0]``): a resumed
