@@ -80,6 +80,22 @@ BUGS = [
         (f"{PASSTHROUGH}::test_a_non_default_option_changes_the_run_and_its_card", "-k", "loss-dpo-"),
     ),
     PlantedBug(
+        "micro_batch_losses_summed",
+        "gradient accumulation sums the micro-batch losses instead of taking their weighted mean",
+        "src/distalign/train/offline.py",
+        "                    share = result.loss * data.weight_total(rows) / global_weight",
+        "                    share = result.loss",
+        ("tests/train/test_invariance.py::test_dpo_gradient_is_independent_of_micro_batching",),
+    ),
+    PlantedBug(
+        "grouping_by_length_loses_a_row",
+        "data.group_by_length regroups the batch with one row lost and another counted twice",
+        "src/distalign/train/batching.py",
+        "        order = sorted(range(len(rows)), key=lambda i: -lengths[i])",
+        "        order = sorted(range(len(rows)), key=lambda i: -lengths[i])\n        order[-1] = order[0]",
+        ("tests/train/test_packing.py", "-k", "group_by_length"),
+    ),
+    PlantedBug(
         "self_bleu_ignores_seed_and_max_refs",
         "self-BLEU compares every text with all others, whatever seed and max_refs say",
         "src/distalign/eval/metrics.py",

@@ -79,3 +79,25 @@ def throwaway():
     yield Registrar()
     for registry, name in added:
         registry.remove(name)
+
+
+@pytest.fixture
+def plant_packing_bug(monkeypatch):
+    """The control of a packed-equals-padded test: ``plant_packing_bug(module)`` replaces
+    ``module.pack_sequences`` (the training path's packer, e.g. ``distalign.train.setup``) by one that
+    leaves the last completion token of each batch's first sequence out of its log-prob, the
+    off-by-one a packer can make. The setup probe packs through its own import and still passes, so the
+    run trains: a comparison that cannot tell this run from the padded one proves nothing."""
+
+    def plant(module) -> None:
+        original = module.pack_sequences
+
+        def drops_a_token(*args, **kwargs):
+            batch = original(*args, **kwargs)
+            first = (batch["sequence_index"] == 0) & batch["completion_mask"].bool()
+            batch["completion_mask"][tuple(first.nonzero()[-1])] = 0
+            return batch
+
+        monkeypatch.setattr(module, "pack_sequences", drops_a_token)
+
+    return plant

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import distalign.train.online_update as online_update
 from distalign.testing.runs import gradients_close, largest_gradient, read_metrics, step_gradient
 from distalign.train.online import train_online
 
@@ -27,11 +28,11 @@ RLOO_TASK = {
     ids=["fdpg", "rloo"],
 )
 def test_packed_update_applies_the_padded_gradient(
-    tmp_path, online_config, float64_norms, online, micro_batch_size
+    tmp_path, online_config, float64_norms, plant_packing_bug, online, micro_batch_size
 ):
-    def gradient(packing: bool) -> torch.Tensor:
+    def gradient(packing: bool, name: str = "") -> torch.Tensor:
         config = online_config(
-            tmp_path / str(packing),
+            tmp_path / (name or str(packing)),
             model={"dtype": "float64"},
             data={"packing": packing},
             train={"micro_batch_size": micro_batch_size},
@@ -44,3 +45,5 @@ def test_packed_update_applies_the_padded_gradient(
     assert gradients_close(packed, padded, tol=1e-10)
     records = read_metrics(tmp_path / "True")
     assert records[0]["tokens/shared_fraction"] > 0  # the shared prompts went through the model once
+    plant_packing_bug(online_update)  # the check can fail: a packer that drops a completion token
+    assert not gradients_close(gradient(True, "planted"), padded, tol=1e-3)

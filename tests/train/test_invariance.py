@@ -10,6 +10,7 @@ import pytest
 
 from distalign.testing.runs import (
     TINY_BASE,
+    distance_trained,
     final_weights,
     gradients_close,
     largest_gradient,
@@ -20,14 +21,20 @@ from distalign.testing.runs import (
     run_gradient_two_processes,
     torchrun,
 )
+from distalign.train.engine import Engine
 
 
-def test_dpo_gradient_is_independent_of_micro_batching(tmp_path):
+def test_dpo_gradient_is_independent_of_micro_batching(tmp_path, monkeypatch):
     dpo = ["loss.name=dpo", "train.batch_size=8", "model.dtype=float64"]
     one = run_gradient(tmp_path / "a", *dpo, "train.micro_batch_size=8", step=3)
     four = run_gradient(tmp_path / "b", *dpo, "train.micro_batch_size=2", step=3)
     assert largest_gradient(one) > 0
     assert gradients_close(four, one)
+    # The check can fail: the accumulation bug, micro-batch losses summed instead of averaged.
+    backward = Engine.backward
+    monkeypatch.setattr(Engine, "backward", lambda self, share: backward(self, share * 4))
+    summed = run_gradient(tmp_path / "summed", *dpo, "train.micro_batch_size=2", step=3)
+    assert not gradients_close(summed, one, tol=1e-3)
 
 
 # float64 so the comparison tests the coupling math, not float32 round-off from different padding.
@@ -50,9 +57,11 @@ def test_aot_global_gradient_is_exact_across_micro_batches_and_processes(tmp_pat
     )
     retain = run_gradient(tmp_path / "retain", *AOT, mb2, "loss.global_strategy=retain", step=AOT_STEP)
     two_procs = run_gradient_two_processes(tmp_path / "ddp", *AOT, mb2, step=AOT_STEP)
+    local = run_gradient(tmp_path / "local", *AOT, mb2, "loss.coupling_scope=micro_batch", step=AOT_STEP)
     assert largest_gradient(whole) > 0
     for other in (recompute, straddling, retain, two_procs):
         assert gradients_close(other, whole)
+    assert not gradients_close(local, whole, tol=1e-3)  # the check can fail: sorted per micro-batch
 
 
 def test_aot_micro_batch_scope_is_a_different_objective(tmp_path):
@@ -80,6 +89,7 @@ def test_two_process_dpo_run_equals_one_process_run(tmp_path):
     single = train_offline(load_config(None, [*common, f"output_dir={tmp_path / 'one'}"]))
     torchrun(["-m", "distalign", "train", *common, f"output_dir={tmp_path / 'two'}"])
     assert max_weight_difference(final_weights(single), final_weights(tmp_path / "two")) < 1e-5
+    assert distance_trained(single) > 1e-3  # the control: the runs compared did train
     losses_one = [r["loss"] for r in read_metrics(single)]
     losses_two = [r["loss"] for r in read_metrics(tmp_path / "two")]
     assert losses_one == pytest.approx(losses_two, abs=1e-5)

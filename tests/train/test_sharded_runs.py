@@ -21,6 +21,7 @@ from distalign.testing.runs import (
     ACCELERATE_CONFIGS,
     TINY_BASE,
     accelerate_launch,
+    distance_trained,
     final_weights,
     gradients_close,
     largest_gradient,
@@ -62,6 +63,7 @@ def test_two_process_launch_trains_what_one_process_trains(tmp_path, config):
     out = launch_train(config, tmp_path / config, *DPO, f"reference.cache_dir={tmp_path / 'cache'}")
     assert "reference log-probs: computing" in out
     assert max_weight_difference(final_weights(single), final_weights(tmp_path / config)) < 1e-12
+    assert distance_trained(single) > 1e-4  # the control: the runs compared did train
     assert [r["loss"] for r in read_metrics(tmp_path / config)] == pytest.approx(
         [r["loss"] for r in read_metrics(single)], abs=1e-12
     )
@@ -92,6 +94,9 @@ def test_aot_global_coupling_under_fsdp2_applies_the_one_process_gradient(tmp_pa
     sharded = torch.load(out, weights_only=True)
     assert largest_gradient(whole) > 0
     assert gradients_close(sharded, whole)
+    # The check can fail: the same micro-batches of 2, each sorted on its own, apply another gradient.
+    local = ["train.micro_batch_size=2", "loss.coupling_scope=micro_batch"]
+    assert not gradients_close(run_gradient(tmp_path / "local", *AOT, *local, step=step), whole, tol=1e-3)
 
 
 def test_fsdp2_run_resumes_exactly_from_its_sharded_checkpoint(tmp_path):
@@ -172,6 +177,7 @@ def test_deepspeed_launch_trains_what_one_process_trains(tmp_path, config):
     # give the whole model's, so the table one process scored is found.
     assert "reference log-probs: reusing cache" in out
     assert max_weight_difference(final_weights(single), final_weights(tmp_path / config)) < WEIGHT_TOLERANCE
+    assert distance_trained(single) > 100 * WEIGHT_TOLERANCE  # the control: the runs compared did train
     assert [r["loss"] for r in read_metrics(tmp_path / config)] == pytest.approx(
         [r["loss"] for r in read_metrics(single)], abs=1e-6
     )

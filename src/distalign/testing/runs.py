@@ -36,6 +36,18 @@ def max_weight_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]
     return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
 
 
+def distance_trained(run_dir: Path) -> float:
+    """How far a tiny-model run's final weights are from the tiny model it started from (largest
+    |entry|): the control of a comparison of two runs' final weights, which proves nothing if neither
+    moved."""
+    from distalign.models.tiny import build_tiny_model
+
+    start, _ = build_tiny_model(seed=0)
+    final = final_weights(run_dir)
+    initial = start.state_dict()
+    return max_weight_difference(final, {k: initial[k] for k in final})
+
+
 def write_shifted_pairs(path: Path, limit: int) -> Path:
     """The first ``limit`` quickstart pairs with what the robust aggregators read: a density ratio
     (larger for the 'food' source) and a group (the source) per row."""
