@@ -101,3 +101,66 @@ def plant_packing_bug(monkeypatch):
         monkeypatch.setattr(module, "pack_sequences", drops_a_token)
 
     return plant
+
+
+class DeviceReads:
+    """Counts the calls that read a tensor's values back to the host (``item``, ``tolist``, ``cpu``,
+    ``numpy``, ``float``/``int``/``bool`` of a tensor) while :attr:`counting` is set. On an accelerator
+    each such call waits for the device to finish its queued work; on the CPU nothing waits, but the
+    same calls would, so counting them on the CPU tests the loop's code. Reads made by the host-side
+    data layer (``distalign/data/``: batches built on the host before their copy) are not device reads
+    and are left out. Each read is filed under its innermost distalign frame, or under the library that
+    made it when no distalign frame is on top (``transformers``)."""
+
+    METHODS = ("item", "tolist", "cpu", "numpy", "__float__", "__int__", "__bool__", "__index__")
+
+    def __init__(self) -> None:
+        import collections
+
+        self.counting = False
+        self.where: collections.Counter[str] = collections.Counter()
+
+    def record(self) -> None:
+        import traceback
+        from pathlib import Path
+
+        import distalign
+
+        package = Path(distalign.__file__).parent
+        for frame in reversed(traceback.extract_stack()[:-2]):
+            path = Path(frame.filename)
+            if path.is_relative_to(package):
+                if not path.is_relative_to(package / "data"):
+                    self.where[f"{path.relative_to(package)}:{frame.lineno} ({frame.name})"] += 1
+                return
+            library = (
+                path.parts[path.parts.index("site-packages") + 1] if "site-packages" in path.parts else None
+            )
+            if library not in (None, "torch"):
+                self.where[library] += 1
+                return
+
+    @property
+    def total(self) -> int:
+        return sum(self.where.values())
+
+
+@pytest.fixture
+def device_reads(monkeypatch) -> DeviceReads:
+    """A :class:`DeviceReads` counter patched into ``torch.Tensor`` for one test."""
+    reads = DeviceReads()
+    for name in DeviceReads.METHODS:
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _original=original, **kwargs):
+            if reads.counting:
+                reads.counting = False  # a read that reads (cpu() -> numpy) counts once
+                try:
+                    reads.record()
+                    return _original(self, *args, **kwargs)
+                finally:
+                    reads.counting = True
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    return reads

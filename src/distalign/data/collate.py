@@ -295,3 +295,13 @@ def collate_prompts(
         attention_mask[b, span] = 1
     row_index = torch.tensor([p.row_index for p in prompts], dtype=torch.long)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "row_index": row_index}
+
+
+def token_counts(batch: dict[str, torch.Tensor]) -> tuple[int, int, int]:
+    """(tokens, positions, forwarded) of a host batch from :func:`collate_sequences` or
+    :func:`pack_sequences`: its sequences' tokens (prompt + completion each), the positions a forward
+    pass processes (padding included) and the tokens it forwards (fewer than ``tokens`` when a shared
+    prompt is forwarded once). Read on the host, before the batch is copied to the device, so that
+    throughput accounting never waits on the device."""
+    tokens = int(batch["prompt_lengths"].sum() + batch["completion_mask"].sum())
+    return tokens, batch["attention_mask"].numel(), int(batch["attention_mask"].sum())

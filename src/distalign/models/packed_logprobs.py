@@ -92,6 +92,8 @@ def _check_packed(
                 str(tuple(t.shape)) for t in (input_ids, position_ids, sequence_index, completion_mask)
             )
         )
+    if completion_mask.device.type != "cpu":
+        return  # as in logprobs._check_masks: on a device each check would wait for it
     completion = completion_mask.bool()
     if bool((completion & (sequence_index < 0)).any()):
         raise ValueError("a completion token lies on padding (sequence_index -1)")
@@ -138,7 +140,7 @@ def packed_sequence_logprobs(
     """
     _check_packed(input_ids, position_ids, sequence_index, completion_mask)
     targets, predictors = predictor_positions(completion_mask, sequence_index, group_index)
-    if bool((predictors < 0).any()):
+    if predictors.device.type == "cpu" and bool((predictors < 0).any()):
         raise ValueError("a completion has no prompt token before it in its packed sequence or group")
     owner = sequence_index.flatten()[targets]  # [N] the sequence each predicted token belongs to
     if num_sequences is None:

@@ -239,6 +239,30 @@ class Engine:
         gathered = self.accelerator.gather(padded).view(self.world_size, max(sizes), *trailing)
         return torch.cat([gathered[r, : sizes[r]] for r in range(self.world_size)])
 
+    def gather_rows(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Concatenate along dim 0, in rank order (detached), a tensor with the same shape on every
+        process (statistics of a global batch, which every process holds equally many rows of): one
+        collective, and no size exchange read back to the host."""
+        tensor = tensor.detach()
+        return tensor if self.world_size == 1 else self.accelerator.gather(tensor)
+
+    def reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum a tensor over processes on the device (detached): nothing is read back to the host."""
+        tensor = tensor.detach().clone()
+        if self.world_size > 1:
+            dist.all_reduce(tensor)
+        return tensor
+
+    def read_scalars(self, values: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Scalar tensors as Python floats, read from the device in one transfer: each separate read
+        (``float(t)``, ``.item()``) would wait for the device on its own."""
+        if not values:
+            return {}
+        stacked = torch.stack(
+            [v.detach().to(self.device, torch.float64).reshape(()) for v in values.values()]
+        )
+        return dict(zip(values, stacked.tolist(), strict=True))
+
     def sum_across(self, value: float) -> float:
         """Sum a Python number over processes."""
         if self.world_size == 1:
@@ -319,14 +343,15 @@ class Engine:
         """Back-propagate this process's share of the global objective (scaled for DDP's mean)."""
         self.accelerator.backward(share_of_global_loss * self.world_size)
 
-    def optimizer_step(self) -> float | None:
-        """Clip, step, schedule, zero. Returns the pre-clip gradient norm when clipping is on: the norm
-        of the whole synchronised gradient (under FSDP2 reduced over every process's shard, under
-        DeepSpeed the norm DeepSpeed clipped with when it stepped in the last backward)."""
+    def optimizer_step(self) -> torch.Tensor | None:
+        """Clip, step, schedule, zero. Returns the pre-clip gradient norm when clipping is on, as a
+        scalar tensor on the device (not read back here): the norm of the whole synchronised gradient
+        (under FSDP2 reduced over every process's shard, under DeepSpeed the norm DeepSpeed clipped with
+        when it stepped in the last backward)."""
         grad_norm = None
         if self.config.train.max_grad_norm is not None:
             norm = self.accelerator.clip_grad_norm_(self.model.parameters(), self.config.train.max_grad_norm)
-            grad_norm = global_value(norm)
+            grad_norm = whole_scalar(norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -358,9 +383,12 @@ class Engine:
             self._progress.update(1)
         if step % self.config.train.log_every and step != self._final_step:
             return
-        tokens = self.sum_across(float(self._tokens_since_log))
-        forwarded = self.sum_across(float(self._forwarded_since_log))
-        positions = self.sum_across(float(self._positions_since_log))
+        counted = [self._tokens_since_log, self._forwarded_since_log, self._positions_since_log]
+        if self.world_size > 1:  # one collective and one read for the three counts
+            summed = torch.tensor(counted, dtype=torch.float64, device=self.device)
+            dist.all_reduce(summed)
+            counted = summed.tolist()
+        tokens, forwarded, positions = (float(c) for c in counted)
         elapsed = max(time.perf_counter() - self._last_log_time, 1e-9)
         record = {"step": step, **metrics, "lr": self.lr}
         # the trained sequences' tokens (prompt + completion each) since the last record
@@ -512,15 +540,15 @@ class Engine:
         }
 
 
-def global_value(value: Any) -> float | None:
-    """A scalar the engine reads back as a Python float: a DTensor (FSDP2's replicated gradient norm)
-    is made whole first; None stays None (DeepSpeed before its first step)."""
+def whole_scalar(value: Any) -> torch.Tensor | None:
+    """A scalar as a plain tensor: a DTensor (FSDP2's replicated gradient norm) is made whole, a Python
+    number (DeepSpeed's norm) becomes a tensor; None stays None (DeepSpeed before its first step)."""
     if value is None:
         return None
     full_tensor = getattr(value, "full_tensor", None)
     if callable(full_tensor):
         value = full_tensor()
-    return float(value)
+    return torch.as_tensor(value).detach()
 
 
 def iterate_steps(first_step: int, total_steps: int) -> Iterator[int]:

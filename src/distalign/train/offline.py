@@ -14,12 +14,13 @@ One step, on one screen (``_train_step``):
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
 
 from distalign.config import RunConfig
-from distalign.data.collate import PackedRows
+from distalign.data.collate import PackedRows, token_counts
 from distalign.losses.base import (
     ListwiseStats,
     LossResult,
@@ -76,15 +77,13 @@ class StatsComputer:
         ``count_tokens=False`` for a pass that repeats one already counted (throughput is honest)."""
         with_kl = with_kl and self.data.needs_kl
         device = self.engine.device
-        batch = {k: v.to(device) for k, v in self.data.collate(rows, with_kl, self.packing).items()}
+        host_batch = self.data.collate(rows, with_kl, self.packing)
+        if count_tokens:
+            tokens, positions, forwarded = token_counts(host_batch)
+            self.engine.count_tokens(tokens, positions, forwarded=forwarded)
+        batch = {k: v.to(device) for k, v in host_batch.items()}
         with self.engine.accelerator.autocast():
             logps, counts, *head_outputs = batch_logprobs(self.engine.model, batch, self.heads)
-        if count_tokens:  # the sequences' tokens; the positions the forward processed, padding included
-            self.engine.count_tokens(
-                int(batch["prompt_lengths"].sum() + batch["completion_mask"].sum()),
-                batch["attention_mask"].numel(),
-                forwarded=int(batch["attention_mask"].sum()),  # fewer when prompts are shared
-            )
         # Losses run in at least float32 (float64 models keep float64, for exactness checks).
         precision = torch.promote_types(logps.dtype, torch.float32)
         logps, counts = logps.to(precision), counts.to(precision)
@@ -140,14 +139,16 @@ def _train_step(
     compute: StatsComputer,
     micro_batches: list[list[int]],
     data: OfflineData,
+    global_weight: float,
 ) -> LossResult:
     """Forward/backward every micro-batch of this process, then one optimizer step. Returns the
-    global-batch loss and metrics (identical on every process)."""
+    global-batch loss and metrics (identical on every process), as tensors on the device: nothing in a
+    step waits on the device until the loop reads them, once. ``global_weight``: the global batch's
+    total row weight (host data, the same on every process)."""
     cfg = engine.config.loss
     last = len(micro_batches) - 1
     coupled_globally = objective.batch_coupled and cfg.coupling_scope == "global"
     if not coupled_globally:
-        global_weight = engine.sum_across(sum(data.weight_total(mb) for mb in micro_batches))
         detached = []
         for k, rows in enumerate(micro_batches):
             with engine.sync_context(k == last):
@@ -193,11 +194,11 @@ def _train_step(
     return _with_grad_norm(result, grad_norm)
 
 
-def _with_grad_norm(result: LossResult, grad_norm: float | None) -> LossResult:
+def _with_grad_norm(result: LossResult, grad_norm: torch.Tensor | None) -> LossResult:
     """``result`` with the step's pre-clip gradient norm (the whole gradient's, however it is sharded)
     among its metrics, as ``grad_norm``, when clipping is on (``train.max_grad_norm``)."""
     if grad_norm is not None:
-        result.metrics["grad_norm"] = torch.tensor(grad_norm)
+        result.metrics["grad_norm"] = grad_norm
     return result
 
 
@@ -216,10 +217,10 @@ def name_codes(metric: str, vocabularies: dict[str, list[str]]) -> str:
 
 
 def _gather(engine: Engine, local: Stats) -> tuple[Stats, int]:
-    """Global statistics in global-batch order, and where this process's rows start in them."""
-    fields = {name: engine.gather_varlen(tensor) for name, tensor in stats_fields(local).items()}
-    sizes = engine.gather_varlen(torch.tensor([len(local)], device=engine.device)).tolist()
-    return stats_from_fields(type(local), fields), int(sum(sizes[: engine.rank]))
+    """Global statistics in global-batch order, and where this process's rows start in them (every
+    process holds equally many rows of the global batch: ``split_for_process``)."""
+    fields = {name: engine.gather_rows(tensor) for name, tensor in stats_fields(local).items()}
+    return stats_from_fields(type(local), fields), engine.rank * len(local)
 
 
 def _mean_over_micro_batches(engine: Engine, objective, detached: list[Stats]) -> LossResult:
@@ -228,13 +229,13 @@ def _mean_over_micro_batches(engine: Engine, objective, detached: list[Stats]) -
     happens to hold, so they are left out (every process must enter the same collectives)."""
     results = [objective(stats) for stats in detached]
     scale = 1.0 / (len(results) * engine.world_size)
-    loss = engine.sum_across(float(sum(r.loss for r in results))) * scale
+
+    def mean(values: list[torch.Tensor]) -> torch.Tensor:
+        return engine.reduce_sum(torch.stack([v.detach().to(engine.device) for v in values]).sum()) * scale
+
     keys = [key for key in results[0].metrics if "=" not in key]
-    metrics = {
-        key: torch.tensor(engine.sum_across(float(sum(r.metrics[key] for r in results))) * scale)
-        for key in keys
-    }
-    return LossResult(torch.tensor(loss), metrics)
+    metrics = {key: mean([r.metrics[key] for r in results]) for key in keys}
+    return LossResult(mean([r.loss for r in results]), metrics)
 
 
 @without_cudnn_attention
@@ -274,16 +275,17 @@ def train_offline(config: RunConfig, *, stop_after_step: int | None = None) -> P
         micro_batches = split_for_process(
             rows, engine.rank, engine.world_size, config.train.micro_batch_size, lengths
         )
-        result = _train_step(engine, objective, compute, micro_batches, data)
-        if not bool(torch.isfinite(result.loss).all()):  # the global loss: every process stops here
+        result = _train_step(engine, objective, compute, micro_batches, data, data.weight_total(rows))
+        # The step's one read from the device: the global loss and metrics, the same on every process.
+        values = engine.read_scalars({"loss": result.loss, **result.metrics})
+        if not math.isfinite(values["loss"]):  # every process stops here
             from distalign.errors import NonFiniteLossError
 
             engine.close()
             raise NonFiniteLossError.at_step(
-                step, "the loss", float(result.loss), applied=True, checkpoints=engine.list_checkpoints()
+                step, "the loss", values["loss"], applied=True, checkpoints=engine.list_checkpoints()
             )
-        metrics = {name_codes(k, data.signal_vocab): float(v) for k, v in result.metrics.items()}
-        engine.log(step, {"loss": float(result.loss), **metrics})
+        engine.log(step, {name_codes(k, data.signal_vocab): v for k, v in values.items()})
         if config.train.save_every and step % config.train.save_every == 0 and step != total_steps:
             engine.save_checkpoint(step, {"aggregator_state": state_to_json(objective.state)})
         if stop_after_step is not None and step >= stop_after_step:

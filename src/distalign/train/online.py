@@ -194,10 +194,13 @@ class OnlineRun:
                 forwarded,
                 self.packing,
             )
-            surrogate = engine.sum_across(surrogate)  # the same on every process: all stop, or none
+            # Read before the step, so a non-finite loss is never applied; the same on every process:
+            # all stop, or none. (The update's micro-batch loop itself reads nothing from the device.)
+            surrogate = float(engine.reduce_sum(surrogate))
             if not math.isfinite(surrogate):
                 raise self.non_finite(step, "the surrogate loss", surrogate, applied=False)
-            grad_norm = engine.optimizer_step()
+            norm = engine.optimizer_step()
+            grad_norm = None if norm is None else float(norm)
         if grad_norm is not None and not math.isfinite(grad_norm):
             raise self.non_finite(step, "the gradient norm", grad_norm, applied=True)
         metrics = self.step_metrics(batch, signal)

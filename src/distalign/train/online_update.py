@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from distalign.data.collate import PackedRows, collate_sequences, pack_sequences
+from distalign.data.collate import PackedRows, collate_sequences, pack_sequences, token_counts
 from distalign.losses.fdivergence import fdpg_policy_gradient_loss
 from distalign.models.logprobs import batch_logprobs
 from distalign.train.engine import Engine
@@ -28,17 +28,14 @@ def policy_forward(
     with shared prompts, a prompt's samples share one copy of it), None: padded."""
     prompts, completions = rollout.prompt_ids[start:stop], rollout.completion_ids[start:stop]
     if packing is None:
-        batch = collate_sequences(prompts, completions, pad_id)
+        host_batch = collate_sequences(prompts, completions, pad_id)
     else:
-        batch = pack_sequences(prompts, completions, pad_id, rows=packing)
-    batch = {key: value.to(engine.device) for key, value in batch.items()}
+        host_batch = pack_sequences(prompts, completions, pad_id, rows=packing)
+    tokens, positions, forwarded = token_counts(host_batch)
+    engine.count_tokens(tokens, positions, forwarded=forwarded)
+    batch = {key: value.to(engine.device) for key, value in host_batch.items()}
     with engine.accelerator.autocast():
         logps, _ = batch_logprobs(engine.model, batch)
-    engine.count_tokens(
-        sum(len(p) + len(c) for p, c in zip(prompts, completions, strict=True)),
-        batch["attention_mask"].numel(),
-        forwarded=int(batch["attention_mask"].sum()),  # fewer when prompts are shared
-    )
     return logps.float()
 
 
@@ -52,13 +49,14 @@ def policy_gradient_backward(
     pad_id: int,
     forwarded: torch.Tensor | None = None,
     packing: PackedRows | None = None,
-) -> float:
+) -> torch.Tensor:
     """Back-propagate this process's share of mean_j(-w_j A_j log pi(x_j)) over the ``global_count``
     samples of the step, micro-batch by micro-batch; ``advantages``, ``weights`` [len(rollout)]. Returns
-    that share's value (summed over processes: the step's surrogate loss). ``forwarded``: the output of
+    that share's value (summed over processes: the step's surrogate loss), a scalar tensor on the
+    device: nothing in the micro-batch loop is read back to the host. ``forwarded``: the output of
     :func:`policy_forward` for all of ``rollout`` (one micro-batch), whose graph is used instead of a
     new forward; ``packing`` as for :func:`policy_forward`."""
-    total = 0.0
+    total = torch.zeros((), dtype=torch.float64, device=engine.device)
     starts = list(range(0, len(rollout), micro_batch_size))
     if forwarded is not None and len(starts) != 1:
         raise ValueError("a forwarded log pi covers exactly one micro-batch")
@@ -74,7 +72,7 @@ def policy_gradient_backward(
             result = fdpg_policy_gradient_loss(logps, advantages[start:stop].to(engine.device), w)
             share = result.loss * (stop - start) / global_count
             engine.backward(share)
-        total += float(share.detach())
+        total += share.detach()
     return total
 
 

@@ -107,7 +107,8 @@ class OfflineData:
 
     def __post_init__(self) -> None:
         self.signal_table, self.signal_vocab = signal_table([item.signals for item in self.items])
-        self._weights = torch.tensor([float(item.weight) for item in self.items], dtype=torch.float64)
+        self._weight_list = [float(item.weight) for item in self.items]  # host numbers: no tensor read
+        self._weights = torch.tensor(self._weight_list, dtype=torch.float64)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -199,7 +200,7 @@ class OfflineData:
         return self._weights[rows].to(device)
 
     def weight_total(self, rows: list[int]) -> float:
-        return float(self._weights[rows].sum())
+        return float(sum(self._weight_list[i] for i in rows))
 
     def signals(self, rows: list[int], device) -> dict[str, torch.Tensor]:
         return {name: values[rows].to(device) for name, values in self.signal_table.items()}
