@@ -7,11 +7,13 @@ them. Nothing here is imported by the library.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
 import resource
 import shlex
+import signal
 import statistics
 import subprocess
 import sys
@@ -67,6 +69,36 @@ def command_line() -> str:
     return shlex.join(["python", script, *sys.argv[1:]])
 
 
+def run_in_own_group(
+    command: Sequence[str], *, timeout: float, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """``subprocess.run(command, capture_output=True, text=True, timeout=timeout)``, with the command in
+    a process group of its own that is killed whole on a timeout or an interruption: a launcher's
+    children (accelerate's ranks, a worker's data-loader processes) would otherwise outlive it, still
+    holding the GPU the next run needs. ``TimeoutExpired`` carries the output written until then."""
+    with subprocess.Popen(
+        list(command),
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    ) as process:
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+        except BaseException as err:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            try:  # bounded: a process that left the group could still hold the pipes open
+                stdout, stderr = process.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                stdout, stderr = "", ""
+            if isinstance(err, subprocess.TimeoutExpired):
+                raise subprocess.TimeoutExpired(list(command), timeout, stdout, stderr) from None
+            raise
+    return subprocess.CompletedProcess(list(command), process.returncode, stdout, stderr)
+
+
 def run_worker(
     script: str,
     worker_args: Sequence[str],
@@ -86,7 +118,7 @@ def run_worker(
         command += ["--result", str(result_path), "--scratch", scratch]
         full_env = {**os.environ, **WORKER_ENV, **(env or {})}
         started = time.perf_counter()
-        completed = subprocess.run(command, env=full_env, capture_output=True, text=True, timeout=timeout)
+        completed = run_in_own_group(command, timeout=timeout, env=full_env)
         if completed.returncode != 0 or not result_path.exists():
             tail = (completed.stdout + completed.stderr)[-4000:]
             raise RuntimeError(f"worker failed (exit {completed.returncode}): {shlex.join(command)}\n{tail}")
