@@ -97,7 +97,8 @@ class DataConfig(Section):
     loop, the update's forward over the samples (a prompt's samples share one copy of it with
     ``share_prompts``; sampling and the reference's scoring share it through the KV cache). Each
     micro-batch's sequences laid end to end with position ids restarting at 0 and attention confined to
-    each sequence (SDPA models: one attention call per sequence, ``models/span_attention.py``; eager: a
+    each sequence (SDPA models: one attention call per sequence on the CPU, one FlexAttention call over a
+    block mask on a GPU, ``models/span_attention.py``; eager: a
     block-diagonal causal mask; flash-attention: variable-length attention through position_ids, one
     row), so no compute goes to padding. Exact: the same log-probs and gradients as padded batches, up to
     float rounding. A model it cannot be exact for (sliding-window or chunked attention shorter than

@@ -8,6 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
+import distalign.models.packed_logprobs as packed_logprobs_module
 from distalign.config import load_config
 from distalign.data.collate import collate_sequences, pack_sequences, packed_attention_mask
 from distalign.models.logprobs import sequence_logprobs
@@ -16,6 +17,7 @@ from distalign.models.span_attention import (
     IMPLEMENTATION,
     Span,
     attention_spans,
+    packed_block_mask,
     span_attention_forward,
     use_span_attention,
 )
@@ -140,3 +142,62 @@ def test_a_packed_run_switches_its_sdpa_policy_and_a_padded_run_does_not():
         layout = packing_layout(model, config)
         assert model.config._attn_implementation == expected
         assert layout == ("shared_one" if packing else None)
+
+
+# ------------------------------------------------------------------ the GPU path: FlexAttention
+GQA_PROMPTS = [[5, 6, 7, 8], [5, 6, 7, 8], [9, 10], [11, 12, 13]]
+GQA_COMPLETIONS = [[20, 21, 22], [23, 24], [25, 26, 27, 28], [30, 31]]
+PACKED_KEYS = ("input_ids", "position_ids", "sequence_index", "completion_mask")
+
+
+@pytest.mark.parametrize("rows", ["longest", "shared", "one", "shared_one"])
+def test_the_block_mask_is_the_packed_mask(rows):
+    """Token by token, the FlexAttention block mask's rule is the dense packed mask's."""
+    packed = pack_sequences(GQA_PROMPTS, GQA_COMPLETIONS, 0, rows=rows)
+    sequence, group = packed["sequence_index"], packed.get("group_index")
+    block_mask = packed_block_mask(sequence, group, packed["completion_mask"])
+    r, w = sequence.shape
+    b, q, kv = torch.meshgrid(torch.arange(r), torch.arange(w), torch.arange(w), indexing="ij")
+    rule = block_mask.mask_mod(b, torch.zeros_like(b), q, kv)
+    dense = packed_attention_mask(sequence, group_index=group, completion_mask=packed["completion_mask"])
+    assert torch.equal(rule, dense[:, 0])
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")  # the CPU reference
+@pytest.mark.parametrize(("dtype", "tolerance"), [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+def test_a_flex_packed_forward_gives_the_padded_logprobs(monkeypatch, dtype, tolerance):
+    """Forward only: PyTorch 2.13 has no FlexAttention backward on the CPU (the GPU device script,
+    benchmarks/gpu_check.py, compares gradients on CUDA). Grouped-query heads, every layout."""
+    model = _gqa_model().to(dtype)
+    padded = collate_sequences(GQA_PROMPTS, GQA_COMPLETIONS, 0)
+    assert use_span_attention(model)
+    with torch.no_grad():
+        reference = sequence_logprobs(
+            model, *(padded[k] for k in ("input_ids", "attention_mask", "completion_mask"))
+        )
+        for rows in ("longest", "shared", "one", "shared_one"):
+            packed = pack_sequences(GQA_PROMPTS, GQA_COMPLETIONS, 0, rows=rows)
+            inputs = [packed[k] for k in PACKED_KEYS]
+            result = packed_sequence_logprobs(
+                model, *inputs, group_index=packed.get("group_index"), attention="flex"
+            )
+            torch.testing.assert_close(result.summed, reference.summed, atol=tolerance, rtol=tolerance)
+        # The check can fail: a block mask that ignores the shared layout's groups hides the prompt
+        # from every completion but the first.
+        monkeypatch.setattr(
+            packed_logprobs_module, "packed_block_mask", lambda sequence, *_: packed_block_mask(sequence)
+        )
+        leaky = packed_sequence_logprobs(model, *inputs, group_index=packed["group_index"], attention="flex")
+    assert not torch.allclose(leaky.summed, reference.summed, atol=1e-3)
+
+
+def test_sampling_with_the_switched_model_stays_on_sdpa():
+    """Neither spans nor a block mask: the registered implementation is transformers' SDPA, so
+    generation never compiles FlexAttention."""
+    model = _gqa_model()
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        before = model(ids).logits
+        assert use_span_attention(model)
+        after = model(ids).logits
+    torch.testing.assert_close(after, before, atol=1e-12, rtol=0)

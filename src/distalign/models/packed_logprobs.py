@@ -22,18 +22,25 @@ from distalign.models.logprobs import (
     _model_inputs,
     _summed_logprobs,
 )
+from distalign.models.span_attention import (
+    BLOCK_MASK_KEYWORD,
+    SPANS_KEYWORD,
+    attention_spans,
+    packed_block_mask,
+)
 from distalign.models.span_attention import IMPLEMENTATION as SPAN_ATTENTION
-from distalign.models.span_attention import SPANS_KEYWORD, attention_spans
 
 
 def packed_attention_kind(model: nn.Module) -> str:
     """How a packed batch's attention is confined to each sequence: "varlen" for flash-attention
     kernels (transformers derives the sequence boundaries from ``position_ids``; the batch must be one
-    row), "spans" for a model on span attention (:func:`~distalign.models.span_attention.use_span_attention`),
-    "mask" otherwise (a block-diagonal causal 4D mask)."""
-    implementation = getattr(getattr(_causal_lm(model), "config", None), "_attn_implementation", None)
+    row); for a model on span attention (:func:`~distalign.models.span_attention.use_span_attention`),
+    "flex" (one FlexAttention call over a block mask) when its weights are on a GPU and "spans" (one SDPA
+    call per span) elsewhere; "mask" otherwise (a block-diagonal causal 4D mask)."""
+    causal_lm = _causal_lm(model)
+    implementation = getattr(getattr(causal_lm, "config", None), "_attn_implementation", None)
     if implementation == SPAN_ATTENTION:
-        return "spans"
+        return "flex" if next(causal_lm.parameters()).device.type == "cuda" else "spans"
     return "varlen" if "flash" in str(implementation or "") else "mask"
 
 
@@ -47,7 +54,7 @@ def packed_rows(model: nn.Module, share_prompts: bool = False) -> PackedRows:
     kind = packed_attention_kind(model)
     if kind == "varlen":
         return "one"
-    if kind == "spans":
+    if kind in ("spans", "flex"):
         return "shared_one" if share_prompts else "one"
     return "shared" if share_prompts else "longest"
 
@@ -73,6 +80,9 @@ def _packed_inputs(
     if attention == "spans":
         spans = attention_spans(sequence_index, group_index, completion_mask)
         return {**_model_inputs(module, input_ids, None, position_ids), SPANS_KEYWORD: spans}
+    if attention == "flex":  # built once per forward, read by every layer
+        block_mask = packed_block_mask(sequence_index, group_index, completion_mask)
+        return {**_model_inputs(module, input_ids, None, position_ids), BLOCK_MASK_KEYWORD: block_mask}
     implementation = getattr(getattr(module, "config", None), "_attn_implementation", None)
     dtype = next(module.parameters()).dtype if implementation == "eager" else None
     mask = packed_attention_mask(
@@ -127,7 +137,8 @@ def packed_sequence_logprobs(
         group_index: [R, W] the shared-prompt layout's groups (``pack_sequences(rows="shared")``):
             completions attend to their group's prompt, laid out once; None: no prompt is shared.
         num_sequences: M; default ``sequence_index.max() + 1``.
-        attention: "spans" (span attention), "mask" (block-diagonal causal 4D mask: eager/SDPA) or
+        attention: "spans" (span attention), "flex" (FlexAttention over a block mask, the GPU path of
+            a model on span attention), "mask" (block-diagonal causal 4D mask: eager/SDPA) or
             "varlen" (``position_ids`` only, one row: flash-attention kernels); default
             :func:`packed_attention_kind`.
         head_positions: [M] flat index ``r * W + t`` of each sequence's last prompt token.

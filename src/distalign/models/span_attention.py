@@ -13,11 +13,18 @@ later completion of a shared prompt attends to the prompt in full and to itself 
 with a [completion, prompt + completion] mask). The same row costs 4.3 s. The values are those of the
 masked computation (each query sees the same keys; ``benchmarks`` and the tests compare).
 
+On a GPU, many small SDPA calls per row cost a kernel launch each; there the same attention runs as
+one FlexAttention call per layer (PyTorch's own, compiled once), over a ``BlockMask`` built once per
+forward from the row's sequence and group indices (:func:`packed_block_mask`): it skips the blocks a
+query cannot see, as spans do, in one kernel. PyTorch 2.13 has no FlexAttention backward on the CPU,
+which keeps the spans there.
+
 Wiring: transformers looks an attention function up by ``config._attn_implementation`` for every
 layer call. :func:`use_span_attention` gives a model the implementation registered here, which is
 PyTorch SDPA exactly as transformers' "sdpa" (it delegates) unless the forward call carries
-``distalign_spans``: the packed forward passes them (:func:`attention_spans`) through the model's
-keyword arguments to every attention layer.
+``distalign_spans`` or ``distalign_block_mask``: the packed forward passes them (:func:`attention_spans`,
+:func:`packed_block_mask`) through the model's keyword arguments to every attention layer. Sampling
+with the same model (no spans, no block mask) stays on SDPA.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ from torch import Tensor, nn
 
 IMPLEMENTATION = "distalign_span_sdpa"
 SPANS_KEYWORD = "distalign_spans"
+BLOCK_MASK_KEYWORD = "distalign_block_mask"
 
 
 @dataclass(frozen=True)
@@ -122,6 +130,9 @@ def span_attention_forward(
     """transformers' attention-function signature: [B, H, T, D] queries, [B, Hkv, T, D] keys and values
     in, [B, T, H, D] out. Without ``distalign_spans`` this is transformers' SDPA attention."""
     spans = kwargs.pop(SPANS_KEYWORD, None)
+    block_mask = kwargs.pop(BLOCK_MASK_KEYWORD, None)
+    if block_mask is not None:
+        return _flex_attention_output(module, query, key, value, block_mask, dropout, scaling, **kwargs)
     if spans is None:
         return _sdpa_attention_forward()(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
@@ -142,6 +153,68 @@ def span_attention_forward(
         for r, row in enumerate(spans)
     ]
     return torch.cat(rows, dim=0).transpose(1, 2).contiguous(), None
+
+
+def packed_block_mask(
+    sequence_index: Tensor, group_index: Tensor | None = None, completion_mask: Tensor | None = None
+):
+    """The FlexAttention ``BlockMask`` of a packed batch: the attention of
+    :func:`~distalign.data.collate.packed_attention_mask` (query t sees key s iff s <= t in the same
+    sequence; in the shared-prompt layout, in the same group and s a prompt token or in the same
+    completion), on the batch's device. Blocks no query of theirs can see are skipped by the kernel."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    if group_index is not None and completion_mask is None:
+        raise ValueError("the shared-prompt block mask needs the completion_mask")
+    rows, width = sequence_index.shape
+    sequence = sequence_index
+    if group_index is None:
+
+        def mask_mod(b, h, q, kv):
+            return (kv <= q) & (sequence[b, q] == sequence[b, kv])
+
+    else:
+        group, prompt = group_index, ~completion_mask.bool()
+
+        def mask_mod(b, h, q, kv):
+            visible = prompt[b, kv] | (sequence[b, q] == sequence[b, kv])
+            return (kv <= q) & (group[b, q] == group[b, kv]) & visible
+
+    return create_block_mask(mask_mod, rows, None, width, width, device=sequence_index.device)
+
+
+def _flex_attention_output(
+    module: nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    block_mask,
+    dropout: float,
+    scaling,
+    **kwargs,
+) -> tuple[Tensor, None]:
+    """One FlexAttention call over the packed rows (transformers' layout in and out)."""
+    if dropout > 0:
+        raise ValueError(
+            "packed FlexAttention has no attention dropout (set the model's attention_dropout to 0)"
+        )
+    if kwargs.get("softcap") is not None:
+        raise ValueError("packed FlexAttention does not soft-cap attention scores")
+    groups = query.shape[1] // key.shape[1]
+    if groups > 1:  # grouped-query attention, as in the spans
+        key = key.repeat_interleave(groups, dim=1)
+        value = value.repeat_interleave(groups, dim=1)
+    output = _flex_attention(query.device.type)(query, key, value, block_mask=block_mask, scale=scaling)
+    return output.transpose(1, 2).contiguous(), None
+
+
+@functools.cache
+def _flex_attention(device_type: str):
+    """FlexAttention, compiled once on an accelerator (uncompiled it materialises every score); on the
+    CPU the eager reference, which the forward-only CPU tests use."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return flex_attention if device_type == "cpu" else torch.compile(flex_attention)
 
 
 @functools.cache
