@@ -246,16 +246,16 @@ def test_the_advantage_subtracts_the_value_head_by_hand():
     def by_hand(advantage_uses_value: bool) -> torch.Tensor:
         rows = []
         for i in range(N):
-            chosen = float(stats.policy_chosen_logps[i] - stats.ref_chosen_logps[i])
-            rejected = float(stats.policy_rejected_logps[i] - stats.ref_rejected_logps[i])
+            chosen = float(stats.policy_chosen_logps[i].detach() - stats.ref_chosen_logps[i])
+            rejected = float(stats.policy_rejected_logps[i].detach() - stats.ref_rejected_logps[i])
             total = math.log1p(math.exp(-beta * (chosen - rejected)))  # -log sigmoid(beta margin)
             for reward, logp, length in (
                 (chosen_r[i], stats.policy_chosen_logps[i], stats.chosen_lengths[i]),
                 (rejected_r[i], stats.policy_rejected_logps[i], stats.rejected_lengths[i]),
             ):
-                residual = reward - float(values[i])
+                residual = reward - float(values[i].detach())
                 advantage = residual if advantage_uses_value else reward
-                aux = -math.exp(advantage / temperature) * float(logp / length)
+                aux = -math.exp(advantage / temperature) * float(logp.detach() / length)
                 expectile = (tau if residual >= 0 else 1 - tau) * residual**2
                 total += 0.5 * (lam * aux + weight * expectile)
             rows.append(total)
