@@ -243,6 +243,11 @@ class TrainConfig(Section):
     that fixes a global coupling before its micro-batches back-propagate, the end-of-run dominance
     summary). Such a pass keeps no activations, so it fits more rows than a training micro-batch;
     null = 2 x micro_batch_size. A memory and speed knob like micro_batch_size."""
+    compile: bool = False
+    """``torch.compile`` each decoder layer of the policy (regional compilation: one layer's code is
+    compiled once and reused by every layer), for its forward and backward; the output head and the
+    loss stay eager. The same results as eager up to float rounding; the first steps pay the compile
+    (and one recompile when sequence lengths vary). A speed knob: it may change when a run resumes."""
     max_steps: int | None = Field(None, gt=0)
     """Optimizer steps; null = as many as `epochs` needs. Must match when a run resumes: the learning-rate
     schedule is laid out over the total, so raising it would change the steps already taken (to train
@@ -287,7 +292,7 @@ class TrainConfig(Section):
     differing fields; a finished run (final/ present) of the same config is left as it is (nothing is
     trained; the CLI exits 0). Fields that may differ on resume:
     output_dir, eval.*, train.log_every / save_every / keep_checkpoints / trackers / progress /
-    micro_batch_size / no_grad_micro_batch_size, data.packing / share_prompts / group_by_length,
+    micro_batch_size / no_grad_micro_batch_size / compile, data.packing / share_prompts / group_by_length,
     model.gradient_checkpointing / logprob_chunk_size / lora.save_merged, loss.global_strategy,
     reference.precompute / cache_dir (see distalign.train.checkpoints.RESULT_NEUTRAL_FIELDS). Saved as
     false in the run's config.yaml."""

@@ -117,6 +117,7 @@ def _prefix_then_causal(length: int, prefix_length: int, device: torch.device) -
     return mask
 
 
+@torch.compiler.disable  # spans differ with every micro-batch: traced, each would recompile (train.compile)
 def span_attention_forward(
     module: nn.Module,
     query: Tensor,

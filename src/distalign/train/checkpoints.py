@@ -91,6 +91,7 @@ RESULT_NEUTRAL_FIELDS = (
     "model.lora.save_merged",
     "train.micro_batch_size",
     "train.no_grad_micro_batch_size",
+    "train.compile",
     "data.packing",
     "data.share_prompts",
     "data.group_by_length",

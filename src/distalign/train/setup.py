@@ -32,6 +32,7 @@ from distalign.data.tokenize import (
 from distalign.errors import SetupError
 from distalign.losses.base import LossSpec
 from distalign.models.card import TrainingRecord, write_model_card
+from distalign.models.compile import compile_decoder_layers
 from distalign.models.fingerprint import data_fingerprint, model_fingerprint
 from distalign.models.heads import build_heads
 from distalign.models.loading import (
@@ -310,7 +311,13 @@ def packing_layout(model, config: RunConfig) -> PackedRows | None:
 
 
 def wrap_for_training(policy, config: RunConfig, heads: tuple[str, ...] = ()) -> SequenceLogprobModel:
-    """The policy's log-prob module, with the model heads a loss declares attached."""
+    """The policy's log-prob module, with the model heads a loss declares attached; its decoder layers
+    compiled with ``train.compile``."""
+    if config.train.compile:
+        try:
+            compile_decoder_layers(policy)
+        except ValueError as err:
+            raise SetupError(str(err)) from None
     modules = None
     if heads:
         parameter = next(policy.parameters())
