@@ -47,7 +47,8 @@ speed and memory over TRL's.
 
 Exactness tolerances (packed against padded, same precision):
   float32  per-sequence log-prob sums within 1e-5 relative and every parameter's gradient within 1e-4
-           of its own norm: the two layouts run different attention kernels (span vs masked), which
+           of its own norm: the two layouts run different attention kernels (packed: FlexAttention over a
+           block mask on a GPU, span attention on the CPU; padded: SDPA), which
            differ only in float32 rounding order; a packing error (a dropped or leaked token) moves a
            sequence's log-prob by a whole token's (nats: ~1e-3 relative at these lengths).
   bf16     at most 2x the rounding bf16 itself commits on the padded batch (its distance to the
@@ -423,10 +424,17 @@ def differences(logprobs, gradients: dict, reference_logprobs, reference_gradien
 def dropped_completion_token(batch: dict) -> dict:
     """The control: the packed batch with the last completion token of sequence 0 left out, as a
     packer off by one would; the float32 comparison must catch it."""
+    from distalign.data.collate import predictor_positions
+
     broken = {key: value.clone() for key, value in batch.items()}
     mask = broken["completion_mask"].view(-1)
     positions = ((broken["sequence_index"].view(-1) == 0) & (mask == 1)).nonzero()
     mask[positions[-1]] = 0
+    # the packer's host-side indices follow the mask, as a buggy packer's would
+    indices = predictor_positions(
+        broken["completion_mask"], broken["sequence_index"], broken.get("group_index")
+    )
+    broken["target_positions"], broken["predictor_positions"] = indices
     return broken
 
 

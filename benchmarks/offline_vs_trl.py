@@ -111,7 +111,8 @@ def _prepare_inputs(args: argparse.Namespace, scratch: Path) -> tuple[str, str]:
 
 def _arms(args: argparse.Namespace) -> list[tuple[str, str, str, str]]:
     """(label, framework, setting, prototype fixes) of every run in one repetition; a label ending in
-    "packed" runs distalign with data.packing on ("packed-mask": with the block-diagonal mask)."""
+    "packed" runs distalign with data.packing on ("packed-mask": with the block-diagonal mask); "compiled"
+    with train.compile."""
     arms = []
     for setting in args.settings:
         if setting == "trl_defaults":
@@ -122,6 +123,8 @@ def _arms(args: argparse.Namespace) -> list[tuple[str, str, str, str]]:
             arms.append(("distalign packed", "distalign", setting, ""))
         if args.packed_mask:
             arms.append(("distalign packed-mask", "distalign", setting, ""))
+        if args.compiled:
+            arms.append(("distalign compiled", "distalign", setting, ""))
         if args.prototype_fixes and setting in args.fix_settings:
             arms.append(("distalign+fixes", "distalign", setting, ",".join(args.prototype_fixes)))
     return arms
@@ -151,6 +154,8 @@ def _worker_args(
         flags.append("--packing")
     if arm[0].endswith("packed-mask"):
         flags.append("--block-diagonal-mask")
+    if arm[0].endswith("compiled"):
+        flags.append("--compile")
     if args.lora_r:
         flags += ["--lora-r", str(args.lora_r)]
     return flags + (["--profile", framework] if args.profile == framework else [])
@@ -187,6 +192,8 @@ COMPARISONS = [
         ("distalign packed-mask", "precomputed"),
         "packed: span attention vs block-diagonal mask",
     ),
+    (("distalign compiled", "precomputed"), ("trl", "precomputed"), "train.compile, both precompute"),
+    (("distalign compiled", "precomputed"), ("distalign", "precomputed"), "train.compile vs eager"),
     (("distalign+fixes", "precomputed"), ("trl", "trl_defaults"), "prototype fixes vs TRL defaults (fp32)"),
     (("distalign+fixes", "precomputed"), ("trl", "on_the_fly"), "prototype fixes vs TRL on-the-fly, no GC"),
     (("distalign+fixes", "precomputed"), ("trl", "precomputed"), "prototype fixes, both precompute"),
@@ -366,6 +373,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=0,
         help="LoRA rank for both frameworks (adapters on q/k/v/o, alpha 2r); 0 = full fine-tune",
     )
+    parser.add_argument(
+        "--compiled",
+        action="store_true",
+        help="also run distalign with train.compile (compiled decoder layers)",
+    )
     parser.add_argument("--profile", choices=("distalign", "trl"), help="cProfile that framework's workers")
     parser.add_argument(
         "--threads",
@@ -387,6 +399,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help=argparse.SUPPRESS)
     parser.add_argument("--packing", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--block-diagonal-mask", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--compile", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker is None:
         preset = dict(PRESETS[args.model])

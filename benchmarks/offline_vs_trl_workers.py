@@ -71,6 +71,7 @@ def _distalign_worker(args: argparse.Namespace) -> dict:
         f"train.mixed_precision='{'bf16' if args.precision == 'bf16' else 'no'}'",
         f"data.packing={'true' if args.packing else 'false'}",
         "train.log_every=1",  # the default; one record per step gives per-step wall times
+        f"train.compile={'true' if getattr(args, 'compile', False) else 'false'}",
     ]
     if args.lora_r:  # the same adapters as the TRL worker's peft_config
         overrides += [

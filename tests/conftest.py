@@ -93,9 +93,16 @@ def plant_packing_bug(monkeypatch):
         original = module.pack_sequences
 
         def drops_a_token(*args, **kwargs):
+            from distalign.data.collate import predictor_positions
+
             batch = original(*args, **kwargs)
             first = (batch["sequence_index"] == 0) & batch["completion_mask"].bool()
             batch["completion_mask"][tuple(first.nonzero()[-1])] = 0
+            # The batch stays self-consistent, as a buggy packer's would: its indices follow the mask.
+            positions = predictor_positions(
+                batch["completion_mask"], batch["sequence_index"], batch.get("group_index")
+            )
+            batch["target_positions"], batch["predictor_positions"] = positions
             return batch
 
         monkeypatch.setattr(module, "pack_sequences", drops_a_token)
@@ -107,12 +114,13 @@ class DeviceReads:
     """Counts the calls that read a tensor's values back to the host (``item``, ``tolist``, ``cpu``,
     ``numpy``, ``float``/``int``/``bool`` of a tensor) while :attr:`counting` is set. On an accelerator
     each such call waits for the device to finish its queued work; on the CPU nothing waits, but the
-    same calls would, so counting them on the CPU tests the loop's code. Reads made by the host-side
-    data layer (``distalign/data/``: batches built on the host before their copy) are not device reads
-    and are left out. Each read is filed under its innermost distalign frame, or under the library that
+    same calls would, so counting them on the CPU tests the loop's code (``nonzero`` too: its output's
+    size is read back). Reads made by the host-side data layer (``distalign/data/``: batches built on
+    the host before their copy) are not device reads and are left out, unless the model's forward
+    (``distalign/models/``) called it. Each read is filed under its innermost distalign frame, or under the library that
     made it when no distalign frame is on top (``transformers``)."""
 
-    METHODS = ("item", "tolist", "cpu", "numpy", "__float__", "__int__", "__bool__", "__index__")
+    METHODS = ("item", "tolist", "cpu", "numpy", "__float__", "__int__", "__bool__", "__index__", "nonzero")
 
     def __init__(self) -> None:
         import collections
@@ -127,10 +135,16 @@ class DeviceReads:
         import distalign
 
         package = Path(distalign.__file__).parent
-        for frame in reversed(traceback.extract_stack()[:-2]):
+        stack = traceback.extract_stack()[:-2]
+        # Called by the model's forward: a models/ frame after the loop's last frame (train/).
+        last_loop = max(
+            (i for i, f in enumerate(stack) if Path(f.filename).is_relative_to(package / "train")), default=-1
+        )
+        in_forward = any(Path(f.filename).is_relative_to(package / "models") for f in stack[last_loop + 1 :])
+        for frame in reversed(stack):
             path = Path(frame.filename)
             if path.is_relative_to(package):
-                if not path.is_relative_to(package / "data"):
+                if in_forward or not path.is_relative_to(package / "data"):
                     self.where[f"{path.relative_to(package)}:{frame.lineno} ({frame.name})"] += 1
                 return
             library = (

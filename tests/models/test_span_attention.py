@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 import distalign.models.packed_logprobs as packed_logprobs_module
 from distalign.config import load_config
 from distalign.data.collate import collate_sequences, pack_sequences, packed_attention_mask
-from distalign.models.logprobs import sequence_logprobs
+from distalign.models.logprobs import SequenceLogprobModel, batch_logprobs, sequence_logprobs
 from distalign.models.packed_logprobs import packed_attention_kind, packed_sequence_logprobs
 from distalign.models.span_attention import (
     IMPLEMENTATION,
@@ -189,6 +189,24 @@ def test_a_flex_packed_forward_gives_the_padded_logprobs(monkeypatch, dtype, tol
         )
         leaky = packed_sequence_logprobs(model, *inputs, group_index=packed["group_index"], attention="flex")
     assert not torch.allclose(leaky.summed, reference.summed, atol=1e-3)
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_a_flex_packed_forward_reads_nothing_from_the_device(device_reads):
+    """Neither distalign's forward nor transformers' mask preprocessing reads a value (on a GPU each
+    read would wait for it): the block mask reaches the layers as the attention mask, as it is. The
+    host-side checks, which a device skips (tests/train/test_host_reads.py), are left out."""
+    model = _gqa_model()
+    assert use_span_attention(model)
+    packed = pack_sequences(GQA_PROMPTS, GQA_COMPLETIONS, 0, rows="shared_one")
+    module = SequenceLogprobModel(model)
+    module.packed_attention = "flex"  # what a model on CUDA gets
+    with torch.no_grad():
+        device_reads.counting = True
+        batch_logprobs(module, packed)
+        device_reads.counting = False
+    reads = {where: n for where, n in device_reads.where.items() if "(_check_" not in where}
+    assert reads == {}, device_reads.where
 
 
 def test_sampling_with_the_switched_model_stays_on_sdpa():

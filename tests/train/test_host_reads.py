@@ -11,6 +11,7 @@ import torch
 import distalign.train.offline as offline_module
 from distalign.config import load_config
 from distalign.models.logprobs import sequence_logprobs
+from distalign.models.packed_logprobs import packed_sequence_logprobs
 from distalign.testing.runs import TINY_BASE
 from distalign.train.offline import train_offline
 
@@ -67,6 +68,30 @@ def test_the_loop_reads_the_device_once_per_step(tmp_path, monkeypatch, device_r
         assert loop == {next(w for w in reads if "(read_scalars)" in w): 1}, reads
 
 
+HOST_ONLY = (
+    "(_check_masks)",
+    "(_check_packed)",
+    "(_check_predictors)",
+    "(attention_spans)",
+)  # skipped on a device: below
+
+
+def test_the_packed_forward_reads_nothing_a_device_would_wait_for(tmp_path, monkeypatch, device_reads):
+    """The packer computes the predictor positions on the host; the number of sequences comes from a
+    shape. Left out: the checks (CPU only) and the CPU path's spans (on a GPU: one FlexAttention call
+    over a block mask)."""
+    overrides = ["loss.name=dpo", "data.packing=true"]
+    for reads in _reads_per_step(tmp_path, monkeypatch, device_reads, *overrides):
+        forward = {
+            w: n for w, n in reads.items() if w.startswith(("models/", "data/")) and not w.endswith(HOST_ONLY)
+        }
+        assert forward == {}, reads
+        # The CPU path gives transformers position ids without a mask: it reads them once per forward
+        # to detect packed sequences (its own code; the GPU path hands it the block mask instead, and
+        # it reads nothing: tests/models/test_span_attention.py).
+        assert reads.get("transformers", 0) == 4, reads
+
+
 def test_the_padded_forward_reads_nothing_of_its_own(tmp_path, monkeypatch, device_reads):
     """distalign's padded forward (distalign/models/) reads nothing; transformers' causal-mask builder
     reads the padding mask (to decide whether SDPA may skip it: its own code, two reads a forward).
@@ -95,15 +120,42 @@ def test_the_counter_sees_a_read_in_the_micro_batch_loop(tmp_path, monkeypatch, 
 
 def test_the_mask_checks_read_nothing_from_a_device(device_reads):
     """On a device the forward's mask checks are skipped (each would wait for it); on the CPU they
-    run. A meta tensor stands in for a device one: reading it would raise."""
+    run. A meta tensor stands in for a device one: reading it would raise. (The predicting positions
+    come with the batch, found on the host by the collate.)"""
     model = torch.nn.Linear(1, 1)  # never called: the meta forward stops at the model
     ids = torch.zeros(2, 5, dtype=torch.long, device="meta")
     device_reads.counting = True
     with pytest.raises(Exception) as failure:
-        sequence_logprobs(model, ids, torch.ones_like(ids), torch.zeros_like(ids))
+        positions = torch.zeros(3, dtype=torch.long, device="meta")  # the collate's, computed on the host
+        sequence_logprobs(
+            model, ids, torch.ones_like(ids), torch.zeros_like(ids), predictor_positions=positions
+        )
     device_reads.counting = False
     assert "completion_mask" not in str(failure.value)
     assert device_reads.total == 0
     with pytest.raises(ValueError, match="completion_mask"):  # on the CPU, a bad mask is refused
         cpu = torch.zeros(2, 5, dtype=torch.long)
         sequence_logprobs(model, cpu, torch.ones_like(cpu), torch.ones_like(cpu))
+
+
+def test_the_packed_checks_read_nothing_from_a_device(device_reads):
+    model = torch.nn.Linear(1, 1)
+    ids = torch.zeros(1, 6, dtype=torch.long, device="meta")
+    positions = torch.zeros(3, dtype=torch.long, device="meta")
+    device_reads.counting = True
+    with pytest.raises(Exception) as failure:
+        packed_sequence_logprobs(
+            model,
+            ids,
+            ids,
+            ids,
+            ids,
+            target_positions=positions,
+            predictor_positions=positions,
+            num_sequences=1,
+        )
+    device_reads.counting = False
+    assert "packed sequence" not in str(failure.value) and device_reads.total == 0
+    with pytest.raises(ValueError, match="starts a packed sequence"):  # on the CPU, checked
+        cpu = torch.ones(1, 6, dtype=torch.long)
+        packed_sequence_logprobs(model, cpu, cpu, cpu, cpu)

@@ -61,7 +61,10 @@ def collate_sequences(
     """Concatenate each prompt with its completion and right-pad to one length.
 
     Returns (all ``torch.long``): ``input_ids`` [B, T], ``attention_mask`` [B, T],
-    ``completion_mask`` [B, T] (see the module docstring for the shift) and ``prompt_lengths`` [B].
+    ``completion_mask`` [B, T] (see the module docstring for the shift), ``prompt_lengths`` [B] and
+    ``predictor_positions`` [N]: the flat index ``b * T + t`` of every position whose output predicts a
+    completion token (t + 1), row-major, computed here on the host so that a forward on a device need
+    not find them in the mask (a ``nonzero`` there waits for the device).
     T is the longest prompt + completion, rounded up to ``pad_to_multiple_of`` when given.
     """
     lengths = _sequence_lengths(prompts_ids, completions_ids, pad_token_id)
@@ -76,11 +79,14 @@ def collate_sequences(
         attention_mask[b, : len(sequence)] = 1
         completion_mask[b, len(prompt) : len(sequence)] = 1
     prompt_lengths = torch.tensor([len(p) for p in prompts_ids], dtype=torch.long)
+    predicts = torch.zeros_like(completion_mask)
+    predicts[:, :-1] = completion_mask[:, 1:]
     return {
         "input_ids": input_ids,
         "attention_mask": attention_mask,
         "completion_mask": completion_mask,
         "prompt_lengths": prompt_lengths,
+        "predictor_positions": predicts.flatten().nonzero(as_tuple=True)[0],
     }
 
 
@@ -136,7 +142,10 @@ def pack_sequences(
     ``sequence_index`` (the sequence of each token, -1 on padding; a shared prompt's tokens carry the
     group's first sequence): all [R, W]; ``head_positions`` [M] (flat index ``r * W + t`` of each
     sequence's last prompt token) and ``prompt_lengths`` [M]; with shared prompts also
-    ``group_index`` [R, W] (-1 on padding). Sequence m is the m-th input pair, wherever it lands.
+    ``group_index`` [R, W] (-1 on padding); ``target_positions`` and ``predictor_positions`` [N], the
+    :func:`predictor_positions` of the batch, computed here on the host so that a forward on a device
+    need not derive them from the masks (``nonzero`` and ``max`` there each wait for the device).
+    Sequence m is the m-th input pair, wherever it lands.
     """
     if rows not in ("longest", "one", "shared", "shared_one"):
         raise ValueError(f"rows must be 'longest', 'one', 'shared' or 'shared_one', got {rows!r}")
@@ -187,6 +196,8 @@ def pack_sequences(
     }
     if shared:
         batch["group_index"] = group_index
+    targets, predictors = predictor_positions(completion_mask, sequence_index, batch.get("group_index"))
+    batch["target_positions"], batch["predictor_positions"] = targets, predictors
     return batch
 
 

@@ -340,6 +340,7 @@ def sequence_logprobs(
     heads: nn.ModuleDict | None = None,
     head_positions: Tensor | None = None,
     detach_head_input: bool = False,
+    predictor_positions: Tensor | None = None,
 ) -> SequenceLogprobs:
     """Exact summed log-probability of each row's completion tokens, memory-lean.
 
@@ -353,13 +354,20 @@ def sequence_logprobs(
         heads: model heads (:mod:`distalign.models.heads`) to evaluate on the final hidden state.
         head_positions: [B] the position each head reads (the last prompt token); needed with heads.
         detach_head_input: heads read a detached hidden state, so their losses train the heads only.
+        predictor_positions: [N] flat ``b * T + t`` of each position predicting a completion token, as
+            :func:`~distalign.data.collate.collate_sequences` computes them on the host; found in
+            ``completion_mask`` here when None.
 
     Returns:
         :class:`SequenceLogprobs` with ``summed`` [B], ``counts`` [B] and ``heads`` (name -> [B]).
     """
     _check_masks(input_ids, attention_mask, completion_mask)
-    predicts = completion_mask[:, 1:].bool()  # [B, T-1]: position t predicts token t + 1
-    batch_index, position = predicts.nonzero(as_tuple=True)  # [N] each, row-major
+    width = input_ids.shape[1]
+    if predictor_positions is None:  # position t predicts token t + 1
+        predicts = torch.zeros_like(completion_mask, dtype=torch.bool)
+        predicts[:, :-1] = completion_mask[:, 1:].bool()
+        predictor_positions = predicts.flatten().nonzero(as_tuple=True)[0]  # [N], row-major
+    batch_index = torch.div(predictor_positions, width, rounding_mode="floor")
     head_index = None
     if head_positions is not None:
         rows = torch.arange(input_ids.shape[0], device=input_ids.device)
@@ -368,8 +376,8 @@ def sequence_logprobs(
         model,
         input_ids,
         partial(_model_inputs, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids),
-        batch_index * input_ids.shape[1] + position,
-        input_ids[:, 1:][predicts],
+        predictor_positions,
+        input_ids.flatten()[predictor_positions + 1],
         batch_index,
         input_ids.shape[0],
         chunk_size=chunk_size,
@@ -435,6 +443,9 @@ class SequenceLogprobModel(nn.Module):
         head_positions: Tensor | None = None,
         sequence_index: Tensor | None = None,
         group_index: Tensor | None = None,
+        target_positions: Tensor | None = None,
+        predictor_positions: Tensor | None = None,
+        num_sequences: int | None = None,
     ) -> tuple[Tensor, Tensor] | tuple[Tensor, Tensor, dict[str, Tensor]]:
         common = dict(
             chunk_size=self.chunk_size,
@@ -445,7 +456,13 @@ class SequenceLogprobModel(nn.Module):
         )
         if sequence_index is None:
             result = sequence_logprobs(
-                self.model, input_ids, attention_mask, completion_mask, position_ids=position_ids, **common
+                self.model,
+                input_ids,
+                attention_mask,
+                completion_mask,
+                position_ids=position_ids,
+                predictor_positions=predictor_positions,
+                **common,
             )
         else:
             if position_ids is None:
@@ -460,6 +477,9 @@ class SequenceLogprobModel(nn.Module):
                 completion_mask,
                 group_index=group_index,
                 attention=self.packed_attention,
+                target_positions=target_positions,
+                predictor_positions=predictor_positions,
+                num_sequences=num_sequences,
                 **common,
             )
         if head_positions is None:
@@ -478,8 +498,12 @@ def batch_logprobs(
     head_positions = None
     if heads:
         head_positions = batch["head_positions"] if packed else batch["prompt_lengths"] - 1
-    packed_keys = ("position_ids", "sequence_index", "group_index")
+    packed_keys = ("position_ids", "sequence_index", "group_index", "target_positions")
     extra = {key: batch[key] for key in packed_keys if key in batch} if packed else {}
+    if "predictor_positions" in batch:  # either layout: computed on the host by the collate
+        extra["predictor_positions"] = batch["predictor_positions"]
+    if packed:  # from a shape: counting the sequences on a device would wait for it
+        extra["num_sequences"] = batch["head_positions"].shape[0]
     return module(
         batch["input_ids"],
         batch["attention_mask"],

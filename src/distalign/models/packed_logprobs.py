@@ -14,7 +14,8 @@ from functools import partial
 
 from torch import Tensor, nn
 
-from distalign.data.collate import PackedRows, packed_attention_mask, predictor_positions
+from distalign.data.collate import PackedRows, packed_attention_mask
+from distalign.data.collate import predictor_positions as derive_predictor_positions
 from distalign.models.logprobs import (
     SequenceLogprobs,
     _accepts,
@@ -22,13 +23,12 @@ from distalign.models.logprobs import (
     _model_inputs,
     _summed_logprobs,
 )
+from distalign.models.span_attention import IMPLEMENTATION as SPAN_ATTENTION
 from distalign.models.span_attention import (
-    BLOCK_MASK_KEYWORD,
     SPANS_KEYWORD,
     attention_spans,
     packed_block_mask,
 )
-from distalign.models.span_attention import IMPLEMENTATION as SPAN_ATTENTION
 
 
 def packed_attention_kind(model: nn.Module) -> str:
@@ -80,9 +80,9 @@ def _packed_inputs(
     if attention == "spans":
         spans = attention_spans(sequence_index, group_index, completion_mask)
         return {**_model_inputs(module, input_ids, None, position_ids), SPANS_KEYWORD: spans}
-    if attention == "flex":  # built once per forward, read by every layer
+    if attention == "flex":  # built once per forward, read by every layer as its attention mask
         block_mask = packed_block_mask(sequence_index, group_index, completion_mask)
-        return {**_model_inputs(module, input_ids, None, position_ids), BLOCK_MASK_KEYWORD: block_mask}
+        return _model_inputs(module, input_ids, block_mask, position_ids)
     implementation = getattr(getattr(module, "config", None), "_attn_implementation", None)
     dtype = next(module.parameters()).dtype if implementation == "eager" else None
     mask = packed_attention_mask(
@@ -113,6 +113,11 @@ def _check_packed(
         )
 
 
+def _check_predictors(predictors: Tensor) -> None:
+    if predictors.device.type == "cpu" and bool((predictors < 0).any()):  # on a device: see above
+        raise ValueError("a completion has no prompt token before it in its packed sequence or group")
+
+
 def packed_sequence_logprobs(
     model: nn.Module,
     input_ids: Tensor,
@@ -128,6 +133,8 @@ def packed_sequence_logprobs(
     heads: nn.ModuleDict | None = None,
     head_positions: Tensor | None = None,
     detach_head_input: bool = False,
+    target_positions: Tensor | None = None,
+    predictor_positions: Tensor | None = None,
 ) -> SequenceLogprobs:
     """:func:`sequence_logprobs` of a packed batch (:func:`~distalign.data.collate.pack_sequences`).
 
@@ -142,6 +149,9 @@ def packed_sequence_logprobs(
             "varlen" (``position_ids`` only, one row: flash-attention kernels); default
             :func:`packed_attention_kind`.
         head_positions: [M] flat index ``r * W + t`` of each sequence's last prompt token.
+        target_positions, predictor_positions: [N] the batch's
+            :func:`~distalign.data.collate.predictor_positions`, when the packer computed them on the
+            host (``pack_sequences`` does); derived from the masks here otherwise.
         chunk_size, lean, heads, detach_head_input: as for :func:`sequence_logprobs`.
 
     Returns:
@@ -150,9 +160,11 @@ def packed_sequence_logprobs(
         when :func:`~distalign.models.packing.packing_problem` finds none for the model.
     """
     _check_packed(input_ids, position_ids, sequence_index, completion_mask)
-    targets, predictors = predictor_positions(completion_mask, sequence_index, group_index)
-    if predictors.device.type == "cpu" and bool((predictors < 0).any()):
-        raise ValueError("a completion has no prompt token before it in its packed sequence or group")
+    if target_positions is None or predictor_positions is None:
+        targets, predictors = derive_predictor_positions(completion_mask, sequence_index, group_index)
+    else:
+        targets, predictors = target_positions, predictor_positions
+    _check_predictors(predictors)
     owner = sequence_index.flatten()[targets]  # [N] the sequence each predicted token belongs to
     if num_sequences is None:
         num_sequences = int(sequence_index.max()) + 1 if sequence_index.numel() else 0

@@ -22,9 +22,11 @@ which keeps the spans there.
 Wiring: transformers looks an attention function up by ``config._attn_implementation`` for every
 layer call. :func:`use_span_attention` gives a model the implementation registered here, which is
 PyTorch SDPA exactly as transformers' "sdpa" (it delegates) unless the forward call carries
-``distalign_spans`` or ``distalign_block_mask``: the packed forward passes them (:func:`attention_spans`,
-:func:`packed_block_mask`) through the model's keyword arguments to every attention layer. Sampling
-with the same model (no spans, no block mask) stays on SDPA.
+``distalign_spans`` (:func:`attention_spans`, passed through the model's keyword arguments to every
+attention layer) or a FlexAttention ``BlockMask`` as its attention mask (:func:`packed_block_mask`;
+transformers hands a ready 4D mask to the layers as it is, without building its own or reading the
+position ids for packed sequences). Sampling with the same model (no spans, no block mask) stays on
+SDPA.
 """
 
 from __future__ import annotations
@@ -38,7 +40,6 @@ from torch import Tensor, nn
 
 IMPLEMENTATION = "distalign_span_sdpa"
 SPANS_KEYWORD = "distalign_spans"
-BLOCK_MASK_KEYWORD = "distalign_block_mask"
 
 
 @dataclass(frozen=True)
@@ -129,11 +130,11 @@ def span_attention_forward(
     **kwargs,
 ) -> tuple[Tensor, None]:
     """transformers' attention-function signature: [B, H, T, D] queries, [B, Hkv, T, D] keys and values
-    in, [B, T, H, D] out. Without ``distalign_spans`` this is transformers' SDPA attention."""
+    in, [B, T, H, D] out. Without ``distalign_spans`` or a ``BlockMask`` as ``attention_mask`` this is
+    transformers' SDPA attention."""
     spans = kwargs.pop(SPANS_KEYWORD, None)
-    block_mask = kwargs.pop(BLOCK_MASK_KEYWORD, None)
-    if block_mask is not None:
-        return _flex_attention_output(module, query, key, value, block_mask, dropout, scaling, **kwargs)
+    if _is_block_mask(attention_mask):
+        return _flex_attention_output(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     if spans is None:
         return _sdpa_attention_forward()(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
@@ -182,6 +183,12 @@ def packed_block_mask(
             return (kv <= q) & (group[b, q] == group[b, kv]) & visible
 
     return create_block_mask(mask_mod, rows, None, width, width, device=sequence_index.device)
+
+
+def _is_block_mask(mask: object) -> bool:
+    from torch.nn.attention.flex_attention import BlockMask
+
+    return isinstance(mask, BlockMask)
 
 
 def _flex_attention_output(
