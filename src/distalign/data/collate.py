@@ -79,15 +79,21 @@ def collate_sequences(
         attention_mask[b, : len(sequence)] = 1
         completion_mask[b, len(prompt) : len(sequence)] = 1
     prompt_lengths = torch.tensor([len(p) for p in prompts_ids], dtype=torch.long)
-    predicts = torch.zeros_like(completion_mask)
-    predicts[:, :-1] = completion_mask[:, 1:]
     return {
         "input_ids": input_ids,
         "attention_mask": attention_mask,
         "completion_mask": completion_mask,
         "prompt_lengths": prompt_lengths,
-        "predictor_positions": predicts.flatten().nonzero(as_tuple=True)[0],
+        "predictor_positions": padded_predictor_positions(completion_mask),
     }
+
+
+def padded_predictor_positions(completion_mask: torch.Tensor) -> torch.Tensor:
+    """[N] the flat index ``b * T + t`` of every position of a padded batch [B, T] whose output predicts
+    a completion token (position t predicts token t + 1), row-major."""
+    predicts = torch.zeros_like(completion_mask, dtype=torch.bool)
+    predicts[:, :-1] = completion_mask[:, 1:].bool()
+    return predicts.flatten().nonzero(as_tuple=True)[0]
 
 
 PackedRows = Literal["longest", "one", "shared", "shared_one"]

@@ -36,6 +36,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from distalign.data.collate import padded_predictor_positions
 from distalign.models.fused_head import LogitTransform, fused_head_logprobs
 
 logger = logging.getLogger(__name__)
@@ -363,10 +364,8 @@ def sequence_logprobs(
     """
     _check_masks(input_ids, attention_mask, completion_mask)
     width = input_ids.shape[1]
-    if predictor_positions is None:  # position t predicts token t + 1
-        predicts = torch.zeros_like(completion_mask, dtype=torch.bool)
-        predicts[:, :-1] = completion_mask[:, 1:].bool()
-        predictor_positions = predicts.flatten().nonzero(as_tuple=True)[0]  # [N], row-major
+    if predictor_positions is None:
+        predictor_positions = padded_predictor_positions(completion_mask)
     batch_index = torch.div(predictor_positions, width, rounding_mode="floor")
     head_index = None
     if head_positions is not None:
