@@ -16,9 +16,14 @@ import torch  # noqa: E402
 def _isolated_distalign_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch):
     """Tests (and the subprocesses they start) never touch ~/.cache and never wait on the network.
 
-    The cache is shared within the session so the tiny model is built once.
+    The caches are shared within the session so the tiny model is built once, and so is the op
+    DeepSpeed compiles at startup on CPU (its shared-memory all-reduce). That build takes a lock file
+    in its directory; a run killed while building leaves the lock behind, and every later DeepSpeed
+    start in that directory waits for it forever (what hung CI in ~/.cache/torch_extensions).
     """
-    monkeypatch.setenv("DISTALIGN_CACHE", str(tmp_path_factory.getbasetemp() / "distalign-cache"))
+    base = tmp_path_factory.getbasetemp()
+    monkeypatch.setenv("DISTALIGN_CACHE", str(base / "distalign-cache"))
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(base / "torch-extensions"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
 
