@@ -15,7 +15,7 @@ held-out pairs:
   paired viol / W1-   quantile violation rate and W1 violation of Z_pi = log pi(c) - log pi(r) against
                       Z_ref (paired AOT's target: Z_pi >=_FSD Z_ref)
   unpaired viol / W1- the same for U = r(chosen) against V = r(rejected) (unpaired AOT's target)
-computed with distalign.eval.dominance. Results are means over --seeds.
+computed with distalign.stats.dominance. Results are means over --seeds.
 
     python benchmarks/compare_methods.py --quick
     python benchmarks/compare_methods.py --seeds 0 1 2
@@ -156,7 +156,7 @@ class PairScorer:
 
 
 def pair_metrics(policy: tuple, reference: tuple) -> dict[str, float]:
-    from distalign.eval.dominance import quantile_violation_rate, w1_gap
+    from distalign.stats.dominance import quantile_violation_rate, w1_gap
 
     (pi_c, pi_r), (ref_c, ref_r) = policy, reference
     reward_c, reward_r = pi_c - ref_c, pi_r - ref_r

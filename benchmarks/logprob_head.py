@@ -29,7 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_utils import environment_note, markdown_table  # noqa: E402
 
-from distalign.models import logprobs as logprobs_module  # noqa: E402
+from distalign.models import token_logprobs as logprobs_module  # noqa: E402
 from distalign.models.fused_head import fused_head_logprobs  # noqa: E402
 
 

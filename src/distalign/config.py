@@ -19,11 +19,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from distalign.configs import ChatTemplateMode, MixedPrecisionMode
 from distalign.configs.evaluation import EvalConfig
 from distalign.configs.online import OnlineConfig
+from distalign.errors import ConfigError
 from distalign.registry import typed_options
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot be used; the message names the field path."""
 
 
 class Section(BaseModel):

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from distalign.eval.metrics import Estimate
+from distalign.stats.metrics import Estimate
 
 MARKER = ".distalign-demo"
 #: What the demo writes into its output directory (and replaces on a rerun).

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message names the field path."""
+
+
 class SetupError(ValueError):
     """A run that cannot start as configured (the message says which setting to change)."""
 

@@ -30,8 +30,8 @@ from typing import Any
 
 from distalign.config import RunConfig
 from distalign.errors import SetupError
-from distalign.eval.metrics import Estimate, EvalResult
 from distalign.eval.pareto import COMPOSITE
+from distalign.stats.metrics import Estimate, EvalResult
 from distalign.sweep import Sweep, SweepRun
 
 #: Key of ``EvalResult.settings`` recording what a sweep evaluated with (to know when to redo it).
@@ -177,7 +177,7 @@ def _same_tokenizer(a: Any, b: Any) -> bool:
 def evaluate_sweep_run(run: SweepRun, pool: ReferencePool) -> Path:
     """Evaluate ``RUN/final`` against the shared reference samples; writes ``RUN/eval/``, returns eval.json."""
     from distalign.eval.run import evaluate_models, load_trained_model, run_designer, write_eval
-    from distalign.models.card import refresh_model_card
+    from distalign.train.card import refresh_model_card
 
     config, final = run.config, run.path / "final"
     reference = pool.get(config)

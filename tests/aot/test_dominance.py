@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from distalign.eval.dominance import (
+from distalign.stats.dominance import (
     dominance_metrics,
     ot_cost,
     plot_quantile_curves,

@@ -9,11 +9,12 @@ import datasets
 import pytest
 
 from distalign.cli import main
-from distalign.data.check import format_mismatch, nothing_kept_reason
+from distalign.data.check import nothing_kept_reason
 from distalign.data.formats import DataError
 from distalign.data.loading import load_rows
 from distalign.data.readers import conversion_hint, sniff
 from distalign.data.tokenize import TokenizationSettings, apply_length_policy, encode_rows
+from distalign.losses.base import format_mismatch
 
 PAIRS = [
     {"prompt": "Review: soup.", "chosen": " Lovely.", "rejected": " Awful."},

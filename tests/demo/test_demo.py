@@ -10,7 +10,7 @@ import pytest
 
 from distalign.cli import main
 from distalign.demo import MARKER, SMOLLM2, TINY, prepare_output_dir, run_config
-from distalign.eval.metrics import EvalResult
+from distalign.stats.metrics import EvalResult
 
 
 @pytest.mark.slow

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import yaml
 
-from distalign.eval.metrics import evaluate_samples
+from distalign.stats.metrics import evaluate_samples
 
 PROMPTS = [f"Held-out prompt {i}: tell me about <b>thing {i}</b> & more" for i in range(12)]
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from distalign.eval.metrics import (
+from distalign.stats.metrics import (
     Estimate,
     EvalResult,
     bootstrap_ci,

@@ -12,7 +12,6 @@ import pytest
 import yaml
 from matplotlib.image import imread
 
-from distalign.eval.metrics import Estimate, evaluate_samples
 from distalign.eval.plots import (
     FrontierPoint,
     curve_keys,
@@ -23,7 +22,9 @@ from distalign.eval.plots import (
     plot_win_rates,
     read_metrics_jsonl,
 )
-from distalign.eval.report import flatten, load_run, report_paths, write_report
+from distalign.eval.report import flatten, report_paths, write_report
+from distalign.eval.run_dir import load_run
+from distalign.stats.metrics import Estimate, evaluate_samples
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

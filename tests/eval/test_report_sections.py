@@ -11,7 +11,8 @@ import yaml
 from distalign.eval.generations import by_prompt, generations_section, pick_prompts
 from distalign.eval.overview import data_rows_label, lora_label, steps_label
 from distalign.eval.plots import REFERENCE_COLOR, panel_title, run_colors
-from distalign.eval.report import load_run, write_report
+from distalign.eval.report import write_report
+from distalign.eval.run_dir import load_run
 
 
 def samples(changes, per_prompt=2):
@@ -75,7 +76,7 @@ def test_run_settings_labels(tmp_path, two_runs):
     (dpo.path / "dominance.json").unlink()
     dpo.config["data"]["limit"] = 100
     assert data_rows_label(dpo) == "≤ 100"
-    from distalign.models.card import TrainingRecord
+    from distalign.train.card import TrainingRecord
 
     (dpo.path / "final").mkdir(exist_ok=True)
     TrainingRecord("data.jsonl", "paired", 1234, "f" * 64, 20).save(dpo.path / "final")

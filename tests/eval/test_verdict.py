@@ -6,7 +6,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from distalign.eval.metrics import Estimate, evaluate_samples
 from distalign.eval.verdict import (
     BETTER,
     UNCLEAR,
@@ -17,6 +16,7 @@ from distalign.eval.verdict import (
     signal,
     verdict,
 )
+from distalign.stats.metrics import Estimate, evaluate_samples
 
 
 def est(value, low, high, n=64):

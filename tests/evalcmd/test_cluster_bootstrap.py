@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from distalign.eval.metrics import (
+from distalign.stats.metrics import (
     bootstrap_ci,
     evaluate_samples,
     kl_estimate,

@@ -10,7 +10,7 @@ import torch
 from matplotlib.image import imread
 
 from distalign.cli import main
-from distalign.eval.metrics import EvalResult
+from distalign.stats.metrics import EvalResult
 
 from .conftest import EVAL_FAST, make_run
 

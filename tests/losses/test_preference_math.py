@@ -264,7 +264,7 @@ def test_token_mean_logps() -> None:
 
 
 def test_weighted_batch_mean_hand_values() -> None:
-    from distalign.losses.aggregators import weighted_mean as weighted_batch_mean
+    from distalign.losses.base import weighted_mean as weighted_batch_mean
 
     losses = t64(1.0, 3.0)
     assert weighted_batch_mean(losses, t64(1.0, 1.0)).item() == pytest.approx(2.0)

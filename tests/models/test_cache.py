@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from distalign.models.cache import COMPLETE_MARKER, build_once, cache_root, is_complete, settings_key
+from distalign.cache import COMPLETE_MARKER, build_once, cache_root, is_complete, settings_key
 
 
 def test_cache_root_precedence(tmp_path, monkeypatch):
@@ -96,7 +96,7 @@ def test_losing_a_rename_race_keeps_the_winner(tmp_path):
 def test_a_model_build_that_wrote_no_weights_is_never_marked_complete(tmp_path):
     """What transformers leaves when it declines to save (not rank 0 of a process group): a tokenizer
     and no model. The build fails, naming the reason, and nothing is cached."""
-    from distalign.models.cache import require_saved_model
+    from distalign.cache import require_saved_model
 
     def tokenizer_only(staging: Path) -> None:
         (staging / "tokenizer.json").write_text("{}")

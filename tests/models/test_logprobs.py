@@ -8,15 +8,10 @@ import pytest
 import torch
 from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaForCausalLM
 
-import distalign.models.logprobs as logprobs_module
+import distalign.models.token_logprobs as logprobs_module
 from distalign.models.loading import LoraSettings, apply_lora
-from distalign.models.logprobs import (
-    SequenceLogprobModel,
-    lean_path_supported,
-    naive_sequence_logprobs,
-    sequence_logprobs,
-    split_pairs,
-)
+from distalign.models.logprobs import SequenceLogprobModel, split_pairs
+from distalign.models.token_logprobs import lean_path_supported, naive_sequence_logprobs, sequence_logprobs
 
 VOCAB = 512
 # Completion lengths 5, 9, 1, 7 with chunk sizes 3 and 7 put chunk boundaries inside sequences.

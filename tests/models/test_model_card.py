@@ -14,15 +14,7 @@ import pytest
 from huggingface_hub import ModelCard
 
 from distalign.config import load_config
-from distalign.eval.metrics import Estimate, EvalResult, KLEstimate
 from distalign.models import loading
-from distalign.models.card import (
-    SMOLLM2_QUANTIZATION,
-    TRAINING_RECORD,
-    TrainingRecord,
-    build_model_card,
-    write_model_card,
-)
 from distalign.models.gguf import SMOLLM2_GGUF_FILENAME
 from distalign.models.loading import (
     LoraSettings,
@@ -32,6 +24,14 @@ from distalign.models.loading import (
     set_adapter_base_model,
 )
 from distalign.models.tiny import build_tiny_model
+from distalign.stats.metrics import Estimate, EvalResult, KLEstimate
+from distalign.train.card import (
+    SMOLLM2_QUANTIZATION,
+    TRAINING_RECORD,
+    TrainingRecord,
+    build_model_card,
+    write_model_card,
+)
 
 SMOLLM2_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 REPO = Path(__file__).resolve().parents[2]

@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 
-from distalign.models.cache import COMPLETE_MARKER
+from distalign.cache import COMPLETE_MARKER
 from distalign.models.fingerprint import data_fingerprint, model_fingerprint
 from distalign.models.loading import LoraSettings, apply_lora
-from distalign.models.logprobs import SequenceLogprobModel, naive_sequence_logprobs, sequence_logprobs
+from distalign.models.logprobs import SequenceLogprobModel
 from distalign.models.reference import (
     ReferenceLogprobCache,
     adapters_disabled,
@@ -19,6 +19,7 @@ from distalign.models.reference import (
     reference_key_parts,
 )
 from distalign.models.tiny import build_tiny_model
+from distalign.models.token_logprobs import naive_sequence_logprobs, sequence_logprobs
 
 TOKENIZATION = {"chat_template": "chatml", "max_length": 64, "truncation_side": "left"}
 LOGPROBS = {"provider": "separate_model", "dtype": "float32"}

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 import distalign.models.packed_logprobs as packed_logprobs_module
 from distalign.config import load_config
 from distalign.data.collate import collate_sequences, pack_sequences, packed_attention_mask
-from distalign.models.logprobs import SequenceLogprobModel, batch_logprobs, sequence_logprobs
+from distalign.models.logprobs import SequenceLogprobModel, batch_logprobs
 from distalign.models.packed_logprobs import packed_attention_kind, packed_sequence_logprobs
 from distalign.models.span_attention import (
     IMPLEMENTATION,
@@ -22,6 +22,7 @@ from distalign.models.span_attention import (
     use_span_attention,
 )
 from distalign.models.tiny import build_tiny_model
+from distalign.models.token_logprobs import sequence_logprobs
 from distalign.train.setup import packing_layout
 
 

@@ -190,7 +190,7 @@ def test_the_quickstart_config_keeps_every_prompt_whole(capsys):
 
 def test_eval_of_the_tiny_model_says_it_is_a_plumbing_check():
     from distalign.cli.evaluate import _eval_lines
-    from distalign.eval.metrics import Estimate, EvalResult
+    from distalign.stats.metrics import Estimate, EvalResult
 
     estimate = Estimate(0.1, 0.0, 0.2, 4)
     result = EvalResult("sentiment", "vader", 4, {"policy": estimate, "reference": estimate})

@@ -10,8 +10,8 @@ import torch
 
 import distalign.train.offline as offline_module
 from distalign.config import load_config
-from distalign.models.logprobs import sequence_logprobs
 from distalign.models.packed_logprobs import packed_sequence_logprobs
+from distalign.models.token_logprobs import sequence_logprobs
 from distalign.testing.runs import TINY_BASE
 from distalign.train.offline import train_offline
 

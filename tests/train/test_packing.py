@@ -17,9 +17,9 @@ import pytest
 import torch
 from transformers import MistralConfig, MistralForCausalLM
 
-import distalign.models.logprobs as logprobs_module
 import distalign.models.packed_logprobs as packed_logprobs_module
 import distalign.models.packing as packing_module
+import distalign.models.token_logprobs as logprobs_module
 import distalign.train.offline as offline_module
 import distalign.train.setup as training_setup
 from distalign.data.collate import (

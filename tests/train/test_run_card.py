@@ -8,11 +8,11 @@ import json
 from huggingface_hub import ModelCard
 
 from distalign.data.loading import load_rows
-from distalign.eval.metrics import EvalResult
 from distalign.eval.run import evaluate_run
 from distalign.models import loading
-from distalign.models.card import TRAINING_RECORD
+from distalign.stats.metrics import EvalResult
 from distalign.train import setup
+from distalign.train.card import TRAINING_RECORD
 
 TINY_EVAL = ["eval.num_prompts=4", "eval.samples_per_prompt=1", "eval.max_new_tokens=8"]
 

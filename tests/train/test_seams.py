@@ -206,8 +206,7 @@ def _value_regression(stats, *, beta: float = 0.1, value_weight: float = 1.0):
 
 def _ema_scaled(losses, *, weights, signals, state, decay: float = 0.5):
     """A throwaway stateful aggregator: the mean divided by 1 + a running mean of past batch means."""
-    from distalign.losses.aggregators import weighted_mean
-    from distalign.losses.base import LossResult
+    from distalign.losses.base import LossResult, weighted_mean
 
     batch_mean = weighted_mean(losses.detach(), weights)
     running = batch_mean if state is None else decay * state["running"][0] + (1 - decay) * batch_mean

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import shutil
 
-from distalign.eval.report import load_run
+from distalign.eval.run_dir import load_run
 
 STEPS = ("train.max_steps=1", "train.batch_size=4", "train.micro_batch_size=4")
 

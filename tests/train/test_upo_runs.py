@@ -114,7 +114,7 @@ def _heldout_accuracy(run: Path, rows: list[dict]) -> float:
     """Share of held-out pairs whose implicit reward margin (policy vs its initial weights) is positive."""
     from distalign.data.tokenize import tokenize_paired
     from distalign.models.loading import load_model_and_tokenizer
-    from distalign.models.logprobs import sequence_logprobs
+    from distalign.models.token_logprobs import sequence_logprobs
     from distalign.train.setup import OfflineData
 
     policy, tokenizer = load_model_and_tokenizer(str(run / "final"))

@@ -20,8 +20,8 @@ batch_size, seed, n_boot, alpha, chat_template); see src/distalign/configs/evalu
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from distalign.config import ConfigError
-    from distalign.eval.metrics import EvalResult
     from distalign.eval.run import evaluate_target
+    from distalign.stats.metrics import EvalResult
 
     target, overrides = split_config_and_overrides(args.target_and_overrides)
     if target is None:
@@ -72,7 +72,8 @@ def default_report_path(run_dirs: list[Path]) -> Path:
 def cmd_report(args: argparse.Namespace) -> int:
     from distalign.config import ConfigError
     from distalign.errors import SetupError
-    from distalign.eval.report import not_a_run_directory, write_report
+    from distalign.eval.report import write_report
+    from distalign.eval.run_dir import not_a_run_directory
 
     run_dirs = [Path(p) for p in args.run_dirs]
     not_runs = [problem for problem in map(not_a_run_directory, run_dirs) if problem is not None]

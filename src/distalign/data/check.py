@@ -233,24 +233,3 @@ def nothing_kept_reason(
         f"all {report.rows_in} rows are dropped for length (truncation=drop): {' and '.join(found)}; raise "
         f"{' and '.join(advice)} to keep every row, or cut long rows instead with {truncate}"
     )
-
-
-def format_mismatch(loss: str, loss_kind: str, path: str, fmt: str) -> str:
-    """Why ``loss`` (which trains on ``loss_kind`` rows) cannot train on ``path`` (``fmt`` rows), and the
-    losses that can."""
-    from distalign.losses import LOSSES
-
-    fitting = [name for name in LOSSES if LOSSES.get(name).data_kind == fmt]
-    reason = f"loss {loss!r} trains on {loss_kind} rows but {path} holds {fmt} rows"
-    options = []
-    if fmt == "paired" and loss_kind == "unpaired":
-        options.append("set data.unpair=true to split each pair into a positive and a negative")
-    if fitting:
-        options.append(f"pick a loss for {fmt} rows (loss.name): {', '.join(fitting)}")
-    elif fmt == "prompt":
-        options.append(
-            "prompt-only rows are for the online loop (an `online` section), which samples completions"
-        )
-    else:
-        options.append(f"no registered loss trains on {fmt} rows")
-    return f"{reason}; {'; or '.join(options)}"

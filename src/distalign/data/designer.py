@@ -134,7 +134,7 @@ class FittedDesigner:
 def _build(spec: dict[str, Any], cache_dir: str | None) -> RewardFn | None:
     if "column" in spec:
         return None
-    from distalign.models.cache import cache_root
+    from distalign.cache import cache_root
 
     # Raw scores only: the designer fits the normalisation itself, over the training responses.
     unnormalised = {k: v for k, v in spec.items() if k != "normalize"}

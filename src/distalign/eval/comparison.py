@@ -10,7 +10,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from distalign.eval.metrics import Estimate, EvalResult
 from distalign.eval.overview import run_label, setting_cells, setting_columns
 from distalign.eval.page import escape, estimate_cell
 from distalign.eval.page import image as _image
@@ -24,9 +23,10 @@ from distalign.eval.plots import (
     plot_quantile_curves,
     plot_win_rates,
 )
+from distalign.stats.metrics import Estimate, EvalResult
 
 if TYPE_CHECKING:
-    from distalign.eval.report import RunSummary
+    from distalign.eval.run_dir import RunSummary
 
 
 def _shared_reference(runs: Sequence[RunSummary]) -> Estimate | None:

@@ -18,7 +18,7 @@ from distalign.eval.page import Raw, escape, estimate_cell, swatch, table
 from distalign.eval.verdict import run_verdict
 
 if TYPE_CHECKING:
-    from distalign.eval.report import RunSummary
+    from distalign.eval.run_dir import RunSummary
 
 #: ``write_dominance_summary`` scores at most this many training rows (its ``max_rows`` default).
 SCORED_ROWS_CAP = 512
@@ -50,7 +50,7 @@ def steps_label(run: RunSummary) -> str:
 
 def data_rows_label(run: RunSummary) -> str:
     """Training rows as the run recorded them (see the module docstring); ``""`` when unknown."""
-    from distalign.models.card import TrainingRecord
+    from distalign.train.card import TrainingRecord
 
     try:
         record = TrainingRecord.load(run.path / "final")

@@ -1,6 +1,6 @@
 """The designer-score vs win-rate view of several runs: which runs are points, which are plain DPO,
 which are on the Pareto front. Pure functions over run configs (as dicts) and
-:class:`~distalign.eval.metrics.EvalResult`; the report draws and tabulates what they return.
+:class:`~distalign.stats.metrics.EvalResult`; the report draws and tabulates what they return.
 
 A run takes part when its eval.json has designer scores (``EvalResult.designer["designer"]`` with a
 ``"policy"`` estimate) and a win rate. The front is computed on point estimates among the runs only
@@ -13,8 +13,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from distalign.eval.metrics import Estimate, EvalResult
 from distalign.eval.plots import DesignerPoint, non_dominated
+from distalign.stats.metrics import Estimate, EvalResult
 
 #: The composite designer score's key in ``EvalResult.designer``.
 COMPOSITE = "designer"

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
-from distalign.eval.metrics import Estimate
+from distalign.stats.metrics import Estimate
 
 #: Keys of metrics.jsonl rows that are bookkeeping, not curves.
 NON_CURVE_KEYS = frozenset(
@@ -496,10 +496,10 @@ def plot_policy_vs_reference(
     reward: str = "gold reward",
 ) -> Path:
     """One run's gold rewards against the reference's: their quantile functions on the merged grid
-    (:func:`distalign.eval.dominance.quantile_curves`; where the policy's is below, dominance is
+    (:func:`distalign.stats.dominance.quantile_curves`; where the policy's is below, dominance is
     violated, shaded) and their histograms; the policy in ``color``, the reference in
     :data:`REFERENCE_COLOR`, legends outside the axes."""
-    from distalign.eval.dominance import draw_quantile_curves
+    from distalign.stats.dominance import draw_quantile_curves
 
     fig = Figure(figsize=(11.0, 3.8))
     quantiles, histogram = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)

@@ -1,7 +1,7 @@
 """``write_report``: one self-contained HTML page (plus PNG files) for one or more run directories.
 
 A run directory holds ``config.yaml`` (resolved config), ``metrics.jsonl`` (training log),
-``eval/eval.json`` (:class:`~distalign.eval.metrics.EvalResult`) and optionally PNGs under ``plots/``
+``eval/eval.json`` (:class:`~distalign.stats.metrics.EvalResult`) and optionally PNGs under ``plots/``
 and ``eval/``. Every piece is optional: a missing or unreadable piece is reported on the page and the
 rest still renders. Images are embedded as base64 data URIs so the page can be mailed or archived
 alone, and are also written as files in ``<report stem>_files/`` beside it.
@@ -19,16 +19,12 @@ import os
 import re
 import shutil
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from distalign.eval.comparison import comparison_section
 from distalign.eval.generations import by_prompt, generations_section, read_samples
-from distalign.eval.metrics import EvalResult
 from distalign.eval.overview import verdict_section
 from distalign.eval.page import CSS
 from distalign.eval.page import image as _image
@@ -39,92 +35,13 @@ from distalign.eval.plots import (
     plot_policy_vs_reference,
     plot_quantile_curves,
     plot_training_curves,
-    read_metrics_jsonl,
     run_colors,
 )
+from distalign.eval.run_dir import RunSummary, load_run
+from distalign.stats.metrics import EvalResult
 
 Samples = dict[str, list[dict[str, Any]]]
 """samples.jsonl rows per run name (empty list: none)."""
-
-
-@dataclass
-class RunSummary:
-    """What could be read from one run directory; ``problems`` lists what could not."""
-
-    name: str
-    path: Path
-    config: dict[str, Any] | None = None
-    metrics: list[dict[str, Any]] = field(default_factory=list)
-    eval: EvalResult | None = None
-    pngs: list[Path] = field(default_factory=list)
-    problems: list[str] = field(default_factory=list)
-
-    @property
-    def method(self) -> str:
-        """The loss name from the config (``loss.name``), or "?" when unknown."""
-        loss = (self.config or {}).get("loss")
-        name = loss.get("name") if isinstance(loss, dict) else loss
-        return str(name) if name is not None else "?"
-
-
-#: Sections no run config lacks (a run saves every section, every default written out).
-RUN_CONFIG_SECTIONS = frozenset({"model", "loss"})
-
-
-def not_a_run_directory(path: Path) -> str | None:
-    """Why ``path`` is not the output directory of a distalign run, or None when it is one (finished
-    or still running). A run writes its resolved config to ``config.yaml`` before its first step; a
-    folder without one, or whose ``config.yaml`` is not a run config (top-level keys that are not
-    run-config sections, or no model or loss section: an unrelated project's), is refused rather than
-    written into."""
-    from distalign.config import RunConfig
-
-    config_file = path / "config.yaml"
-    if not path.is_dir():
-        return f"no such directory {path}" if not path.exists() else f"{path} is not a directory"
-    if not config_file.is_file():
-        return f"{path} has no config.yaml"
-    try:
-        loaded = yaml.safe_load(config_file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
-        return f"{config_file} is not readable YAML ({type(err).__name__})"
-    keys = set(loaded) if isinstance(loaded, dict) else set()
-    unknown = sorted(keys - set(RunConfig.model_fields))
-    missing = sorted(RUN_CONFIG_SECTIONS - keys)
-    if missing or unknown:
-        what = f"no {', '.join(missing)} section" if missing else f"unknown sections {', '.join(unknown)}"
-        return f"{config_file} is not a distalign run config ({what})"
-    return None
-
-
-def load_run(run_dir: str | Path, name: str | None = None) -> RunSummary:
-    """Read a run directory; never raises for missing or malformed pieces (they go to ``problems``)."""
-    path = Path(run_dir)
-    run = RunSummary(name=name or path.name, path=path)
-    if not path.is_dir():
-        run.problems.append(f"{path} is not a directory")
-        return run
-    try:
-        loaded = yaml.safe_load((path / "config.yaml").read_text(encoding="utf-8"))
-        run.config = loaded if isinstance(loaded, dict) else None
-    except FileNotFoundError:
-        run.problems.append("no config.yaml")
-    except (OSError, yaml.YAMLError) as err:
-        run.problems.append(f"config.yaml unreadable: {err}")
-    if (path / "metrics.jsonl").is_file():
-        run.metrics = read_metrics_jsonl(path / "metrics.jsonl")
-    else:
-        run.problems.append("no metrics.jsonl")
-    eval_path = path / "eval" / "eval.json"
-    if eval_path.is_file():
-        try:
-            run.eval = EvalResult.load(eval_path)
-        except (OSError, ValueError, KeyError, TypeError) as err:
-            run.problems.append(f"eval/eval.json unreadable: {err!r}")
-    else:
-        run.problems.append("no eval/eval.json (run `distalign eval` to add gold-reward results)")
-    run.pngs = sorted(p for sub in ("plots", "eval") for p in (path / sub).glob("*.png") if p.is_file())
-    return run
 
 
 def _unique_names(run_dirs: Sequence[Path]) -> list[str]:

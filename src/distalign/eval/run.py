@@ -4,7 +4,7 @@ Both models draw ``samples_per_prompt`` exact ancestral samples (temperature 1, 
 distribution) for the same prompts; the policy's samples are also scored by the reference
 (teacher-forced), so ``log pi(y) - log ref(y)`` on y ~ pi is an unbiased KL(pi || ref) estimate. Gold
 rewards come from the task; intervals from a bootstrap over prompts. Outputs go to ``OUT/eval.json``
-(:class:`~distalign.eval.metrics.EvalResult`), ``OUT/samples.jsonl`` and PNGs.
+(:class:`~distalign.stats.metrics.EvalResult`), ``OUT/samples.jsonl`` and PNGs.
 
 The reference's samples depend only on the reference, the prompts and the seed, so they can be drawn
 once and shared by the evaluations of several policies (``reference_samples=``): that is what
@@ -26,9 +26,9 @@ from tqdm.auto import tqdm
 from distalign.config import ConfigError, RunConfig, load_config
 from distalign.configs.evaluation import EvalConfig
 from distalign.data.designer import FittedDesigner, designer_for_run
-from distalign.eval.dominance import dominance_metrics
-from distalign.eval.dominance import plot_quantile_curves as plot_dominance
-from distalign.eval.metrics import EvalResult, evaluate_samples, mean_with_ci
+from distalign.stats.dominance import dominance_metrics
+from distalign.stats.dominance import plot_quantile_curves as plot_dominance
+from distalign.stats.metrics import EvalResult, evaluate_samples, mean_with_ci
 from distalign.tasks import Task, get_task, select_prompts
 from distalign.tasks.sampler import model_device, render_task_prompts, uses_chat_template
 
@@ -390,7 +390,7 @@ def evaluate_run(
     )
     written = write_eval(outcome, output or run_dir / "eval", save_samples=config.eval.save_samples)
     if output is None:  # the run's own evaluation: final/README.md (the model card) shows it
-        from distalign.models.card import refresh_model_card
+        from distalign.train.card import refresh_model_card
 
         refresh_model_card(run_dir, outcome.result, overrides)
     return written

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from distalign.eval.generations import by_prompt
-from distalign.eval.metrics import Estimate, EvalResult, mean_with_ci
+from distalign.stats.metrics import Estimate, EvalResult, mean_with_ci
 
 BETTER, UNCLEAR, WORSE = 1, 0, -1
 

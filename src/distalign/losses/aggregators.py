@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from distalign.losses.base import LossResult
+from distalign.losses.base import LossResult, checked_weights, weighted_mean
 from distalign.registry import Registry
 
 #: Parameters every aggregator receives from the loop; the remaining keyword-only ones are options.
@@ -88,22 +88,6 @@ def get_aggregator(name: str) -> AggregatorSpec:
     return AGGREGATORS.get(name)
 
 
-def _check_weights(losses: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    if losses.dim() != 1 or weights.shape != losses.shape:
-        raise ValueError(
-            f"expected per-example losses [N] and weights [N], got {tuple(losses.shape)} and "
-            f"{tuple(weights.shape)}"
-        )
-    return weights.detach().to(losses.dtype)
-
-
-def weighted_mean(losses: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """``sum(w l) / sum(w)``; [N], [N] -> []. All-zero weights give 0 (with zero gradient), not NaN."""
-    weights = _check_weights(losses, weights)
-    total = weights.sum().clamp(min=torch.finfo(losses.dtype).tiny)
-    return (weights * losses).sum() / total
-
-
 def weight_diagnostics(
     effective: torch.Tensor, weights: torch.Tensor, signals: dict[str, torch.Tensor]
 ) -> dict[str, torch.Tensor]:
@@ -149,7 +133,7 @@ def cvar_weights(losses: torch.Tensor, weights: torch.Tensor, alpha: float) -> t
     """
     if not 0.0 < alpha <= 1.0:
         raise ValueError(f"cvar alpha must lie in (0, 1], got {alpha}")
-    weights = _check_weights(losses, weights)
+    weights = checked_weights(losses, weights)
     with torch.no_grad():
         mass = weights.double() / weights.double().sum().clamp(min=torch.finfo(torch.float64).tiny)
         order = torch.argsort(losses.detach(), descending=True, stable=True)

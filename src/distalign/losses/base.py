@@ -45,6 +45,23 @@ SIGNAL_PREFIX = "signals."
 HEAD_PREFIX = "heads."
 
 
+def checked_weights(losses: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """``weights`` detached, in the losses' dtype, after checking both are [N] of one shape."""
+    if losses.dim() != 1 or weights.shape != losses.shape:
+        raise ValueError(
+            f"expected per-example losses [N] and weights [N], got {tuple(losses.shape)} and "
+            f"{tuple(weights.shape)}"
+        )
+    return weights.detach().to(losses.dtype)
+
+
+def weighted_mean(losses: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """``sum(w l) / sum(w)``; [N], [N] -> []. All-zero weights give 0 (with zero gradient), not NaN."""
+    weights = checked_weights(losses, weights)
+    total = weights.sum().clamp(min=torch.finfo(losses.dtype).tiny)
+    return (weights * losses).sum() / total
+
+
 @dataclass
 class PairedStats:
     """Per-pair sequence statistics; every tensor has shape [N].
@@ -222,8 +239,6 @@ class LossSpec:
     def __call__(self, stats: Stats, **options: Any) -> LossResult:
         """The loss reduced by the default aggregator, the (weighted) mean: a convenience for callers
         with their own loop. The training loop composes with the configured aggregator instead."""
-        from distalign.losses.aggregators import weighted_mean  # the one reduction; imports this module
-
         result = self.function(stats, **options)
         return LossResult(weighted_mean(result.losses, row_weights(stats)), result.metrics)
 
@@ -298,3 +313,22 @@ def get_loss(name: str) -> LossSpec:
     import distalign.losses  # noqa: F401  (registers built-ins)
 
     return LOSSES.get(name)
+
+
+def format_mismatch(loss: str, loss_kind: str, path: str, fmt: str) -> str:
+    """Why ``loss`` (which trains on ``loss_kind`` rows) cannot train on ``path`` (``fmt`` rows), and the
+    losses that can."""
+    fitting = [name for name in LOSSES if LOSSES.get(name).data_kind == fmt]
+    reason = f"loss {loss!r} trains on {loss_kind} rows but {path} holds {fmt} rows"
+    options = []
+    if fmt == "paired" and loss_kind == "unpaired":
+        options.append("set data.unpair=true to split each pair into a positive and a negative")
+    if fitting:
+        options.append(f"pick a loss for {fmt} rows (loss.name): {', '.join(fitting)}")
+    elif fmt == "prompt":
+        options.append(
+            "prompt-only rows are for the online loop (an `online` section), which samples completions"
+        )
+    else:
+        options.append(f"no registered loss trains on {fmt} rows")
+    return f"{reason}; {'; or '.join(options)}"

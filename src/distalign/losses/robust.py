@@ -19,8 +19,8 @@ import math
 import torch
 
 from distalign.data.signals import GROUP_SIZE
-from distalign.losses.aggregators import register_aggregator, weight_diagnostics, weighted_mean
-from distalign.losses.base import LossResult
+from distalign.losses.aggregators import register_aggregator, weight_diagnostics
+from distalign.losses.base import LossResult, weighted_mean
 
 DENSITY_RATIO = "density_ratio"
 

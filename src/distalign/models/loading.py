@@ -24,7 +24,7 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from distalign.models.cache import publish_directory
+from distalign.cache import publish_directory
 from distalign.models.gguf import cached_gguf_conversion, smollm2_path
 from distalign.models.tiny import tiny_model_path
 
@@ -122,7 +122,7 @@ def quiet_transformers_progress() -> Iterator[None]:
 def build_cached_model(name: str, cache_dir: str | os.PathLike[str] | None = None) -> None:
     """Build or convert the cached copy ``name`` stands for (the tiny model, a GGUF conversion), if it
     has one and it is not built yet; loads nothing. Training calls it before its process group starts
-    (:func:`distalign.models.cache.require_saved_model` says why)."""
+    (:func:`distalign.cache.require_saved_model` says why)."""
     with quiet_transformers_progress():
         resolve_model_source(name, cache_dir)
 

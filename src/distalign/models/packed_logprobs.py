@@ -1,6 +1,6 @@
 """Log-probs of a packed (padding-free) batch: sequences end to end in rows, positions restarting at 0.
 
-The computation is :func:`distalign.models.logprobs.sequence_logprobs`'s, with two differences: each
+The computation is :func:`distalign.models.token_logprobs.sequence_logprobs`'s, with two differences: each
 token's log-prob is summed into its own sequence (``sequence_index``) rather than its row, and attention
 is confined to each sequence by attention spans (:mod:`distalign.models.span_attention`: models on
 SDPA, switched to it when packing is on), by a block-diagonal causal mask (eager and other
@@ -16,18 +16,18 @@ from torch import Tensor, nn
 
 from distalign.data.collate import PackedRows, packed_attention_mask
 from distalign.data.collate import predictor_positions as derive_predictor_positions
-from distalign.models.logprobs import (
-    SequenceLogprobs,
-    _accepts,
-    _causal_lm,
-    _model_inputs,
-    _summed_logprobs,
-)
 from distalign.models.span_attention import IMPLEMENTATION as SPAN_ATTENTION
 from distalign.models.span_attention import (
     SPANS_KEYWORD,
     attention_spans,
     packed_block_mask,
+)
+from distalign.models.token_logprobs import (
+    SequenceLogprobs,
+    accepts_argument,
+    causal_lm_of,
+    model_inputs,
+    summed_logprobs,
 )
 
 
@@ -37,7 +37,7 @@ def packed_attention_kind(model: nn.Module) -> str:
     row); for a model on span attention (:func:`~distalign.models.span_attention.use_span_attention`),
     "flex" (one FlexAttention call over a block mask) when its weights are on a GPU and "spans" (one SDPA
     call per span) elsewhere; "mask" otherwise (a block-diagonal causal 4D mask)."""
-    causal_lm = _causal_lm(model)
+    causal_lm = causal_lm_of(model)
     implementation = getattr(getattr(causal_lm, "config", None), "_attn_implementation", None)
     if implementation == SPAN_ATTENTION:
         return "flex" if next(causal_lm.parameters()).device.type == "cuda" else "spans"
@@ -69,26 +69,26 @@ def _packed_inputs(
     completion_mask: Tensor,
     attention: str,
 ) -> dict:
-    if not _accepts(module, "position_ids"):
+    if not accepts_argument(module, "position_ids"):
         raise ValueError(f"{type(module).__name__}.forward takes no position_ids: packing needs them")
     if attention == "varlen":
         if input_ids.shape[0] != 1:
             raise ValueError("variable-length (flash) attention needs the packed batch in one row")
         if group_index is not None:
             raise ValueError("variable-length (flash) attention cannot share prompts: pack with rows='one'")
-        return _model_inputs(module, input_ids, None, position_ids)
+        return model_inputs(module, input_ids, None, position_ids)
     if attention == "spans":
         spans = attention_spans(sequence_index, group_index, completion_mask)
-        return {**_model_inputs(module, input_ids, None, position_ids), SPANS_KEYWORD: spans}
+        return {**model_inputs(module, input_ids, None, position_ids), SPANS_KEYWORD: spans}
     if attention == "flex":  # built once per forward, read by every layer as its attention mask
         block_mask = packed_block_mask(sequence_index, group_index, completion_mask)
-        return _model_inputs(module, input_ids, block_mask, position_ids)
+        return model_inputs(module, input_ids, block_mask, position_ids)
     implementation = getattr(getattr(module, "config", None), "_attn_implementation", None)
     dtype = next(module.parameters()).dtype if implementation == "eager" else None
     mask = packed_attention_mask(
         sequence_index, dtype, group_index=group_index, completion_mask=completion_mask
     )
-    return _model_inputs(module, input_ids, mask, position_ids)
+    return model_inputs(module, input_ids, mask, position_ids)
 
 
 def _check_packed(
@@ -103,7 +103,7 @@ def _check_packed(
             )
         )
     if completion_mask.device.type != "cpu":
-        return  # as in logprobs._check_masks: on a device each check would wait for it
+        return  # as in token_logprobs._check_masks: on a device each check would wait for it
     completion = completion_mask.bool()
     if bool((completion & (sequence_index < 0)).any()):
         raise ValueError("a completion token lies on padding (sequence_index -1)")
@@ -177,7 +177,7 @@ def packed_sequence_logprobs(
         completion_mask=completion_mask,
         attention=attention or packed_attention_kind(model),
     )
-    return _summed_logprobs(
+    return summed_logprobs(
         model,
         input_ids,
         inputs,

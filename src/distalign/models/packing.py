@@ -17,8 +17,8 @@ from typing import Any
 from torch import nn
 
 from distalign.data.collate import PackedRows, collate_sequences, pack_sequences
-from distalign.models.logprobs import _causal_lm, _probe_tolerance, _probing, sequence_logprobs
 from distalign.models.packed_logprobs import packed_attention_kind, packed_rows, packed_sequence_logprobs
+from distalign.models.token_logprobs import causal_lm_of, probe_tolerance, probing, sequence_logprobs
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ def _packed_vs_padded(causal_lm: nn.Module, model: nn.Module, rows: PackedRows) 
     padded_batch, packed_batch = (
         {k: v.to(parameter.device) for k, v in batch.items()} for batch in (padded_batch, packed_batch)
     )
-    with _probing(causal_lm):
+    with probing(causal_lm):
         padded = sequence_logprobs(model, *(padded_batch[k] for k in _PADDED_KEYS))
         packed = packed_sequence_logprobs(
             model, *(packed_batch[k] for k in _PACKED_KEYS), group_index=packed_batch.get("group_index")
@@ -100,7 +100,7 @@ def _probe_packing(causal_lm: nn.Module, model: nn.Module) -> str | None:
         difference = max(_packed_vs_padded(causal_lm, model, rows) for rows in layouts)
     except (ValueError, TypeError, RuntimeError) as err:
         return f"a packed forward failed ({type(err).__name__}: {err})"
-    if not difference <= _probe_tolerance(parameter.dtype):  # NaN fails too
+    if not difference <= probe_tolerance(parameter.dtype):  # NaN fails too
         return (
             f"packed log-probs of a probe differ from padded ones (relative difference {difference:.3g}): "
             "its attention does not keep packed sequences apart (a custom 4D mask or restarting "
@@ -120,7 +120,7 @@ def packing_problem(model: nn.Module, max_length: int | None = None) -> str | No
     yet, or one whose weights are ZeRO-3 partitions, cannot run it and is accepted only for
     architectures known to pack exactly.
     """
-    causal_lm = _causal_lm(model)
+    causal_lm = causal_lm_of(model)
     config = getattr(causal_lm, "config", None)
     name = (
         f"model type {getattr(config, 'model_type', None)!r} ({type(causal_lm).__name__}, attention "

@@ -30,10 +30,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from distalign.models.cache import COMPLETE_MARKER, cache_root, is_complete, publish_directory
+from distalign.cache import COMPLETE_MARKER, cache_root, is_complete, publish_directory
 from distalign.models.fingerprint import tensor_bytes
 from distalign.models.loading import DtypeName, is_peft_model, load_model_and_tokenizer, unwrap_model
-from distalign.models.logprobs import SequenceLogprobModel, sequence_logprobs
+from distalign.models.logprobs import SequenceLogprobModel
+from distalign.models.token_logprobs import sequence_logprobs
 
 logger = logging.getLogger(__name__)
 

@@ -248,9 +248,9 @@ def use_span_attention(model: nn.Module) -> bool:
     :data:`IMPLEMENTATION` (the same attention until a forward passes spans); returns whether it now
     uses it. Other implementations (eager, flash kernels, models that cannot change theirs) are left
     as they are."""
-    from distalign.models.logprobs import _causal_lm
+    from distalign.models.token_logprobs import causal_lm_of
 
-    causal_lm = _causal_lm(model)
+    causal_lm = causal_lm_of(model)
     config = getattr(causal_lm, "config", None)
     current = getattr(config, "_attn_implementation", None)
     if current == IMPLEMENTATION:

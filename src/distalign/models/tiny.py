@@ -18,7 +18,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from distalign.models.cache import build_once, cache_root, require_saved_model, settings_key
+from distalign.cache import build_once, cache_root, require_saved_model, settings_key
 
 PAD_TOKEN = "<|pad|>"
 EOS_TOKEN = "<|eos|>"

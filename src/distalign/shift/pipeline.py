@@ -1,6 +1,6 @@
 """From a data file to density ratios: validate, embed (cached), fit (cached), summarise, write.
 
-Cache layout (under ``distalign.models.cache.cache_root()``: ``--cache-dir``, ``$DISTALIGN_CACHE`` or
+Cache layout (under ``distalign.cache.cache_root()``: ``--cache-dir``, ``$DISTALIGN_CACHE`` or
 ``~/.cache/distalign``), each entry built in a temporary directory and renamed into place with a
 ``COMPLETE`` marker (``models.cache.build_once``):
 
@@ -32,9 +32,9 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from distalign.cache import build_once, cache_root, remove_directory, settings_key
 from distalign.data.formats import DataError
 from distalign.errors import SetupError
-from distalign.models.cache import build_once, cache_root, remove_directory, settings_key
 from distalign.shift.features import (
     MINILM,
     MINILM_PACKAGE,

@@ -120,7 +120,7 @@ def make_task_dataset(
     were sampled. ``kind="shift"`` builds pairs from a mixture of response sources (``tasks/shift.py``),
     with ``label_noise`` of them flipped. Bad settings raise :class:`~distalign.config.ConfigError` naming the option.
     """
-    from distalign.config import ConfigError
+    from distalign.errors import ConfigError
     from distalign.tasks.base import get_task
     from distalign.tasks.make import KINDS, make_dataset
 
@@ -214,7 +214,7 @@ def _make_shift_dataset(
     split: str,
 ) -> Path:
     """Pairs from the mixture of :data:`~distalign.tasks.shift.DEFAULT_SOURCES`, written with provenance."""
-    from distalign.config import ConfigError
+    from distalign.errors import ConfigError
     from distalign.tasks.builders import to_conversational
     from distalign.tasks.io import write_jsonl_with_provenance
     from distalign.tasks.shift import DEFAULT_SOURCES, build_shift_dataset, source_task

@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
-from distalign.losses.aggregators import AggregatorSpec, get_aggregator, weighted_mean
-from distalign.losses.base import LossResult, LossSpec, Stats, get_loss, row_weights
+from distalign.losses.aggregators import AggregatorSpec, get_aggregator
+from distalign.losses.base import LossResult, LossSpec, Stats, get_loss, row_weights, weighted_mean
 from distalign.losses.preference import positive_nll
 
 

@@ -27,9 +27,9 @@ from tqdm.auto import tqdm
 
 from distalign.config import RunConfig
 from distalign.errors import NonFiniteLossError, SetupError, TrainingStoppedError
-from distalign.eval.metrics import distinct_n
 from distalign.models.attention import without_cudnn_attention
 from distalign.models.sampling import score_completions
+from distalign.stats.metrics import distinct_n
 from distalign.targets import ProposalRefreshRule, estimate_divergence, importance_weighted_mean
 from distalign.train.batching import BatchPlan
 from distalign.train.engine import Engine, iterate_steps

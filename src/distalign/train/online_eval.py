@@ -33,8 +33,8 @@ from statistics import NormalDist
 import torch
 
 from distalign.errors import SetupError
-from distalign.eval.metrics import diversity_stats
 from distalign.models.sampling import score_completions
+from distalign.stats.metrics import diversity_stats
 from distalign.targets import (
     BooleanConstraint,
     Estimate,

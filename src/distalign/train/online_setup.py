@@ -24,12 +24,12 @@ from distalign.data.formats import DataError
 from distalign.data.loading import load_rows
 from distalign.data.tokenize import TokenizationSettings, tokenize_prompts
 from distalign.errors import SetupError
-from distalign.models.card import TrainingRecord
 from distalign.models.fingerprint import data_fingerprint
 from distalign.models.loading import load_model_and_tokenizer
 from distalign.models.reference import adapters_disabled
 from distalign.models.sampling import sample_completions, score_completions
 from distalign.targets import LogZEstimator, Target, WindowedMeanBaseline
+from distalign.train.card import TrainingRecord
 from distalign.train.engine import Engine
 from distalign.train.online_signal import GlobalBatch, Signal, compute_signal
 

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import save_file
 
 from distalign.config import RunConfig
-from distalign.data.check import format_mismatch, nothing_kept_reason
+from distalign.data.check import nothing_kept_reason
 from distalign.data.collate import PackedRows, collate_sequences, pack_sequences
 from distalign.data.designer import FittedDesigner, attach_designer, build_designer, fit_designer
 from distalign.data.formats import unpair_rows
@@ -30,8 +30,7 @@ from distalign.data.tokenize import (
     tokenize_unpaired,
 )
 from distalign.errors import SetupError
-from distalign.losses.base import LossSpec
-from distalign.models.card import TrainingRecord, write_model_card
+from distalign.losses.base import LossSpec, format_mismatch
 from distalign.models.compile import compile_decoder_layers
 from distalign.models.fingerprint import data_fingerprint, model_fingerprint
 from distalign.models.heads import build_heads
@@ -47,6 +46,7 @@ from distalign.models.packed_logprobs import packed_rows
 from distalign.models.packing import packing_problem
 from distalign.models.reference import ReferenceLogprobCache, adapters_disabled
 from distalign.models.span_attention import use_span_attention
+from distalign.train.card import TrainingRecord, write_model_card
 from distalign.train.checkpoints import remove_stale_evaluation
 from distalign.train.engine import Engine
 from distalign.train.objective import BatchObjective

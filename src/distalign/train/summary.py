@@ -14,8 +14,8 @@ import json
 
 import torch
 
-from distalign.eval.dominance import dominance_metrics, plot_quantile_curves
 from distalign.losses.base import PairedStats, Stats, stats_fields, stats_from_fields
+from distalign.stats.dominance import dominance_metrics, plot_quantile_curves
 from distalign.train.coupling import concat_stats, slice_stats
 
 

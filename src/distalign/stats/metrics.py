@@ -331,7 +331,7 @@ class EvalResult:
     * ``quantiles``: ``{"levels": [...], "policy": [...], "reference": [...]}`` gold-reward quantile curves.
     * ``diversity``: per model, :func:`diversity_stats`; ``length``: per model, :func:`length_stats`.
     * ``dominance``: first-order dominance of the policy's gold rewards over the reference's
-      (:func:`distalign.eval.dominance.dominance_metrics`: violation_rate, w1, signed_mean_gap, ...).
+      (:func:`distalign.stats.dominance.dominance_metrics`: violation_rate, w1, signed_mean_gap, ...).
     * ``designer``: designer scores (``designer:`` config section) of the same samples, by name:
       ``"designer"`` is the composite ``r_aux = sum_k w_k normalise(r_k)`` (higher is better, normalised
       with the statistics fitted on the training data), then each reward by alias in its own raw units

@@ -30,7 +30,7 @@ from distalign.models.gguf import SMOLLM2_GGUF_FILENAME
 from distalign.models.loading import public_model_id
 
 if TYPE_CHECKING:  # the eval layer sits above this one: its result is only read, never imported
-    from distalign.eval.metrics import EvalResult
+    from distalign.stats.metrics import EvalResult
 
 CARD = "README.md"
 TRAINING_RECORD = "distalign_training.json"
