@@ -87,7 +87,7 @@ def check_same_prompts(path: str, task: str) -> float:
 
     from distalign.config import load_config
     from distalign.tasks import get_task
-    from distalign.train.online_setup import load_prompts
+    from distalign.train.online.setup import load_prompts
 
     tokenizer = AutoTokenizer.from_pretrained(path)
     config = load_config(None, [f"model.name={path}", f"online.prompts.task={task}", "online.method=rloo",

@@ -31,8 +31,8 @@ from distalign.models.sampling import eos_token_ids, sample_completions, score_c
 from distalign.testing.engines import CpuEngine
 from distalign.testing.runs import read_metrics
 from distalign.train.online import train_online
-from distalign.train.online_samplers import EngineSampler
-from distalign.train.online_setup import load_prompts, repeat_prompts
+from distalign.train.online.samplers import EngineSampler
+from distalign.train.online.setup import load_prompts, repeat_prompts
 from distalign.train.setup import load_policy
 
 

@@ -47,3 +47,30 @@ def test_an_import_up_the_layers_breaks_the_contract(tmp_path):
     result = lint_imports(config)
     assert result.returncode != 0
     assert "distalign.losses.robust -> distalign.data.signals" in result.stdout
+
+
+def _private(name: str) -> bool:
+    return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
+
+
+def private_imports(source: str) -> list[str]:
+    """``module: name`` for each ``from distalign... import _name`` in ``source`` (any depth); dunder
+    names (``__version__``) are public."""
+    import ast
+
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("distalign"):
+            found += [f"{node.module}: {alias.name}" for alias in node.names if _private(alias.name)]
+    return found
+
+
+def test_no_module_imports_another_modules_private_names():
+    offenders = {
+        str(path.relative_to(ROOT)): names
+        for path in sorted((ROOT / "src" / "distalign").rglob("*.py"))
+        if (names := private_imports(path.read_text()))
+    }
+    assert offenders == {}
+    # control: the check sees an import of a private name inside a function
+    assert private_imports("def f():\n    from distalign.x import _y, z\n") == ["distalign.x: _y"]

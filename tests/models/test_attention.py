@@ -54,7 +54,7 @@ class _Seen(Exception):
     ("module", "loop", "config_path"),
     [
         ("distalign.train.offline", train_offline, None),
-        ("distalign.train.online", train_online, "configs/fdpg_tiny.yaml"),
+        ("distalign.train.online.loop", train_online, "configs/fdpg_tiny.yaml"),
     ],
 )
 def test_both_training_loops_run_without_it(monkeypatch, module, loop, config_path):

@@ -11,8 +11,8 @@ import distalign.models.loading as loading_module
 from distalign.models.loading import (
     LoraSettings,
     ModelLoadError,
-    _plain_state_key,
     load_model_and_tokenizer,
+    plain_state_key,
     resolve_model_source,
     save_final_model,
 )
@@ -174,11 +174,11 @@ def test_save_without_merge_and_atomic_replace(tmp_path):
 
 
 def test_plain_state_key_mapping():
-    assert _plain_state_key("model.layers.0.self_attn.q_proj.base_layer.weight") == (
+    assert plain_state_key("model.layers.0.self_attn.q_proj.base_layer.weight") == (
         "model.layers.0.self_attn.q_proj.weight"
     )
-    assert _plain_state_key("model.layers.0.self_attn.q_proj.lora_A.default.weight") is None
-    assert _plain_state_key("model.layers.0.mlp.lora_magnitude_vector.default.weight") is None
-    assert _plain_state_key("lm_head.original_module.weight") is None
-    assert _plain_state_key("lm_head.modules_to_save.default.weight") == "lm_head.weight"
-    assert _plain_state_key("model.norm.weight") == "model.norm.weight"
+    assert plain_state_key("model.layers.0.self_attn.q_proj.lora_A.default.weight") is None
+    assert plain_state_key("model.layers.0.mlp.lora_magnitude_vector.default.weight") is None
+    assert plain_state_key("lm_head.original_module.weight") is None
+    assert plain_state_key("lm_head.modules_to_save.default.weight") == "lm_head.weight"
+    assert plain_state_key("model.norm.weight") == "model.norm.weight"

@@ -81,8 +81,8 @@ def test_given_prompt_ids_are_what_sampling_and_scoring_condition_on():
 
 
 def test_exact_target_samples_give_kl_minus_log_z_when_the_policy_is_the_base():
-    from distalign.train.online_eval import kl_target_to_policy, sample_constraint_target
-    from distalign.train.online_setup import PromptSet
+    from distalign.train.online.evaluation import kl_target_to_policy, sample_constraint_target
+    from distalign.train.online.setup import PromptSet
 
     model, tokenizer = build_tiny_model(seed=0)
     prompts = PromptSet(ids=[[2]], keys=[""], contexts=[""])

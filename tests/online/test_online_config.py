@@ -56,7 +56,7 @@ def test_invalid_online_settings_name_the_field(overrides: list[str], message: s
 
 
 def test_reward_and_target_belong_to_their_methods():
-    with pytest.raises(ConfigError, match="online.reward is for rloo"):
+    with pytest.raises(ConfigError, match="online.reward is for the methods scored by a reward"):
         load_config(None, [*FDPG, "online.reward=length"])
     with pytest.raises(ConfigError, match="online.target is for method 'fdpg'"):
         load_config(None, [*FDPG, "online.method=reinforce", "online.reward=length"])

@@ -4,7 +4,7 @@ non-finite loss is never applied."""
 
 from __future__ import annotations
 
-import distalign.train.online as online_module
+import distalign.train.online.loop as online_module
 from distalign.train.online import train_online
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import distalign.train.online_update as online_update
+import distalign.train.online.update as online_update
 from distalign.testing.runs import gradients_close, largest_gradient, read_metrics, step_gradient
 from distalign.train.online import train_online
 

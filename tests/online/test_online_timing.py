@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from distalign.testing.runs import read_metrics
-from distalign.train.online import STEP_PHASES, train_online
+from distalign.train.online.loop import STEP_PHASES, train_online
 from distalign.train.timing import PhaseTimer
 
 EVAL = {"eval_every": 2, "eval_prompts": 1, "eval_samples_per_prompt": 8}

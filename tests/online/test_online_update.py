@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import pytest
 
-import distalign.train.online as online_module
+import distalign.train.online.loop as online_module
 from distalign.models import sampling
 from distalign.models.loading import LoraSettings, load_model_and_tokenizer
 from distalign.testing.runs import final_weights, read_metrics
-from distalign.train.online import OnlineRun, train_online
-from distalign.train.online_update import has_active_dropout
+from distalign.train.online.loop import OnlineRun, train_online
+from distalign.train.online.update import has_active_dropout
 
 OFF_POLICY = {"proposal": "offline", "baseline": "window", "baseline_window": 40}
 

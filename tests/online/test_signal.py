@@ -12,8 +12,8 @@ import torch
 
 from distalign.configs.online import OnlineConfig
 from distalign.errors import SetupError
-from distalign.train.online_setup import FrozenProposal, LoopState
-from distalign.train.online_signal import GlobalBatch, compute_signal
+from distalign.train.online.setup import FrozenProposal, LoopState
+from distalign.train.online.signal import GlobalBatch, compute_signal
 
 TARGET = {"scorers": [{"kind": "constraint", "feature": {"name": "regex", "pattern": "s"}}]}
 INF = math.inf

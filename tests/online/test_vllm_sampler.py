@@ -22,9 +22,9 @@ from distalign.models.loading import LoraSettings, load_model_and_tokenizer
 from distalign.models.vllm_engine import EngineSample, GenerationRequest
 from distalign.testing.engines import CpuEngine
 from distalign.testing.runs import read_metrics
-from distalign.train.online import OnlineRun, train_online
-from distalign.train.online_samplers import EngineSampler, build_sampler
-from distalign.train.online_setup import LoopState, PromptSet
+from distalign.train.online.loop import OnlineRun, train_online
+from distalign.train.online.samplers import EngineSampler, build_sampler
+from distalign.train.online.setup import LoopState, PromptSet
 
 RLOO = {"method": "rloo", "target": None, "reward": {"name": "regex", "pattern": "s"}, "kl_coef": 0.05}
 FDPG_CONFIG = [

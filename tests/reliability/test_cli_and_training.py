@@ -264,7 +264,7 @@ def test_a_learning_run_counts_no_stall(tmp_path, capsys):
 
 
 def test_online_nan_loss_stops_before_the_update(tmp_path, capsys, monkeypatch):
-    import distalign.train.online_update as online_update  # where the online update computes its loss
+    import distalign.train.online.update as online_update  # where the online update computes its loss
 
     real = online_update.fdpg_policy_gradient_loss
 

@@ -1,4 +1,4 @@
-"""``distalign shift fit`` and ``distalign shift score``: density ratios for DoRA (methods/dora.md)."""
+"""``distalign shift fit`` and ``distalign shift score``: density ratios for DoRA (docs/robust.md)."""
 
 from __future__ import annotations
 

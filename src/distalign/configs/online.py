@@ -92,6 +92,14 @@ class TargetConfig(_Section):
         return scorers
 
 
+#: The baselines an online method may subtract (online.baseline), and what each is.
+BASELINE_NAMES = {
+    "loo": "leave-one-out: the mean of the other samples of the prompt",
+    "window": "the mean of the last baseline_window rewards",
+    "none": "no baseline",
+}
+
+
 #: vLLM sampling settings that change the distribution drawn from, with the value that leaves it alone
 #: (top_k: vLLM reads both 0 and -1 as "off"). The loop needs samples from the model itself, with the
 #: model's own log-probs: see VLLMConfig.
@@ -169,9 +177,10 @@ class OnlineConfig(_Section):
     is not used: the global batch is prompts_per_step x samples_per_prompt sequences.
     """
 
-    method: Literal["fdpg", "rloo", "reinforce"] = "fdpg"
-    """"fdpg": minimise D_f(pi || p) to `target`; "rloo": maximise E[r] - kl_coef KL(pi || a) with the
-    leave-one-out baseline; "reinforce": the same objective with `baseline`."""
+    method: str = "fdpg"
+    """A registered online method (distalign.online_methods): "fdpg": minimise D_f(pi || p) to
+    `target`; "rloo": maximise E[r] - kl_coef KL(pi || a) with the leave-one-out baseline;
+    "reinforce": the same objective with `baseline`."""
     divergence: str = "jensen_shannon"
     """f-DPG divergence (forward_kl, reverse_kl, total_variation, jensen_shannon, pearson_chi2,
     neyman_chi2, alpha)."""
@@ -240,6 +249,17 @@ class OnlineConfig(_Section):
     each prompt got the same (pseudo-)reward, or the gradient norm is 0), so the policy does not change.
     Logged as `warnings/steps_without_signal`; 0 = never stop."""
 
+    @field_validator("method")
+    @classmethod
+    def _registered_method(cls, method: str) -> str:
+        from distalign.online_methods import ONLINE_METHODS
+
+        if method not in ONLINE_METHODS:
+            raise ValueError(
+                f"unknown online method {method!r}; valid names: {', '.join(ONLINE_METHODS.names())}"
+            )
+        return method
+
     @field_validator("qrs_acceptance_rates")
     @classmethod
     def _rates_in_range(cls, rates: list[float]) -> list[float]:
@@ -252,23 +272,34 @@ class OnlineConfig(_Section):
     def _consistent(self) -> OnlineConfig:
         _check_divergence("divergence", self.divergence, self.divergence_params)
         _check_divergence("refresh_divergence", self.refresh_divergence, {})
-        if self.method == "fdpg":
+        from distalign.online_methods import ONLINE_METHODS
+
+        spec = ONLINE_METHODS.get(self.method)
+        scored_by = {name: ONLINE_METHODS.get(name).scored_by for name in ONLINE_METHODS}
+        if spec.scored_by == "target":
             if self.target is None:
-                raise ValueError("method 'fdpg' needs online.target (the scorers of the target distribution)")
-            if self.reward is not None:
                 raise ValueError(
-                    "online.reward is for rloo/reinforce; f-DPG rewards go in a reward_tilt scorer"
+                    f"method {self.method!r} needs online.target (the scorers of the target distribution)"
+                )
+            if self.reward is not None:
+                by_reward = "/".join(name for name, kind in scored_by.items() if kind == "reward")
+                raise ValueError(
+                    f"online.reward is for the methods scored by a reward ({by_reward}); {self.method!r} "
+                    "is scored by its target: put a reward in a reward_tilt scorer"
                 )
             _check_support(self.divergence, self.divergence_params, self.target.scorers)
         else:
             if self.reward is None:
                 raise ValueError(f"method {self.method!r} needs online.reward")
             if self.target is not None:
-                raise ValueError(f"online.target is for method 'fdpg', not {self.method!r}")
-        if self.method == "rloo" and self.baseline != "loo":
+                by_target = " or ".join(repr(name) for name, kind in scored_by.items() if kind == "target")
+                raise ValueError(
+                    f"online.target is for method {by_target} (scored by a target), not {self.method!r}"
+                )
+        if spec.baselines is not None and self.baseline not in spec.baselines:
+            allowed = " or ".join(f"{name} ({BASELINE_NAMES[name]})" for name in spec.baselines)
             raise ValueError(
-                "method 'rloo' is REINFORCE with the leave-one-out baseline; use method "
-                "'reinforce' for another baseline"
+                f"method {self.method!r} allows online.baseline {allowed}, not {self.baseline!r}"
             )
         if self.baseline == "loo" and self.samples_per_prompt < 2:
             raise ValueError("baseline 'loo' needs samples_per_prompt >= 2 (one sample has no others)")

@@ -45,6 +45,12 @@ SIGNAL_PREFIX = "signals."
 HEAD_PREFIX = "heads."
 
 
+def check_positive(name: str, value: float) -> None:
+    """Raise ValueError naming the option ``name`` unless ``value`` > 0 (a loss or aggregator option)."""
+    if not value > 0:
+        raise ValueError(f"{name} must be > 0, got {value}")
+
+
 def checked_weights(losses: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """``weights`` detached, in the losses' dtype, after checking both are [N] of one shape."""
     if losses.dim() != 1 or weights.shape != losses.shape:

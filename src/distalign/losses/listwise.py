@@ -13,8 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from distalign.losses.base import ListwiseStats, PerExampleLosses, register_loss
-from distalign.losses.preference import _check_positive
+from distalign.losses.base import ListwiseStats, PerExampleLosses, check_positive, register_loss
 
 
 def plackett_luce_loss(
@@ -31,7 +30,7 @@ def plackett_luce_loss(
     Returns:
         [N] per-row loss in nats (0 for a row with one response).
     """
-    _check_positive("beta", beta)
+    check_positive("beta", beta)
     present = present.bool()
     ranking_key = torch.where(
         present, scores.to(torch.float64), torch.full_like(scores, -torch.inf, dtype=torch.float64)

@@ -1,6 +1,6 @@
 """The DPO family of offline preference losses: pure per-example functions and registered objectives.
 
-Notation (methods/baselines.md): for a pair (x, y_w, y_l) the log-ratios are
+Notation (docs/paper_index.md, "Offline losses"): for a pair (x, y_w, y_l) the log-ratios are
 ``rho_w = log pi(y_w|x) - log pi_ref(y_w|x)`` and ``rho_l`` likewise (nats, summed over completion
 tokens unless a loss says "length-normalised"), and the margin is ``m = rho_w - rho_l``.
 
@@ -23,7 +23,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from distalign.losses.base import PairedStats, PerExampleLosses, UnpairedStats, register_loss
+from distalign.losses.base import PairedStats, PerExampleLosses, UnpairedStats, check_positive, register_loss
 
 PairedInputs = Literal["logratios", "token_mean_logratios", "token_mean_logps"]
 
@@ -40,11 +40,6 @@ __all__ = [
     "simpo_loss",
     "token_mean_logps",
 ]
-
-
-def _check_positive(name: str, value: float) -> None:
-    if not value > 0:
-        raise ValueError(f"{name} must be > 0, got {value}")
 
 
 def _check_noise_rate(name: str, value: float) -> None:
@@ -79,7 +74,7 @@ def dpo_loss(
     Returns:
         [B] per-pair loss in nats.
     """
-    _check_positive("beta", beta)
+    check_positive("beta", beta)
     _check_noise_rate("label_smoothing", label_smoothing)
     logits = beta * (chosen_logratios - rejected_logratios)
     loss = -F.logsigmoid(logits)
@@ -110,7 +105,7 @@ def robust_dpo_loss(
     Returns:
         [B] per-pair loss in nats (may be negative).
     """
-    _check_positive("beta", beta)
+    check_positive("beta", beta)
     _check_noise_rate("eps", eps)
     logits = beta * (chosen_logratios - rejected_logratios)
     loss_as_labelled = -F.logsigmoid(logits)
@@ -138,7 +133,7 @@ def ipo_loss(
     Returns:
         [B] per-pair loss in (nats per token)^2.
     """
-    _check_positive("beta", beta)
+    check_positive("beta", beta)
     margin = chosen_logratios - rejected_logratios
     return (margin - 1 / (2 * beta)) ** 2
 
@@ -161,7 +156,7 @@ def hinge_loss(
     Returns:
         [B] per-pair loss (dimensionless).
     """
-    _check_positive("beta", beta)
+    check_positive("beta", beta)
     return torch.relu(1 - beta * (chosen_logratios - rejected_logratios))
 
 
@@ -189,7 +184,7 @@ def simpo_loss(
     Returns:
         [B] per-pair loss in nats.
     """
-    _check_positive("beta", beta)
+    check_positive("beta", beta)
     return -F.logsigmoid(beta * (chosen_avg_logps - rejected_avg_logps) - gamma)
 
 
@@ -221,7 +216,7 @@ def kto_loss(
     Returns:
         [B] per-row loss in [0, max(w_D, w_U)].
     """
-    _check_positive("beta", beta)
+    check_positive("beta", beta)
     if desirable_weight < 0 or undesirable_weight < 0:
         raise ValueError(f"KTO weights must be >= 0, got {desirable_weight=}, {undesirable_weight=}")
     if not bool(((labels == 0) | (labels == 1)).all()):

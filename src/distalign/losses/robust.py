@@ -1,4 +1,4 @@
-"""Robust aggregators: DoRA and the distributionally robust family around it (methods/dora.md).
+"""Robust aggregators: DoRA and the distributionally robust family around it (docs/robust.md).
 
 Every one reduces per-example losses ``l`` [N] with row weights ``w`` (the data's ``weight`` column;
 all expectations below are ``w``-weighted means over the batch) and is batch-coupled: the loop
@@ -20,7 +20,7 @@ import torch
 
 from distalign.data.signals import GROUP_SIZE
 from distalign.losses.aggregators import register_aggregator, weight_diagnostics
-from distalign.losses.base import LossResult, weighted_mean
+from distalign.losses.base import LossResult, check_positive, weighted_mean
 
 DENSITY_RATIO = "density_ratio"
 
@@ -28,11 +28,6 @@ DENSITY_RATIO = "density_ratio"
 def _probabilities(weights: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     weights = weights.detach().to(like.dtype)
     return weights / weights.sum().clamp(min=torch.finfo(like.dtype).tiny)
-
-
-def _check_positive(name: str, value: float) -> None:
-    if not value > 0:
-        raise ValueError(f"{name} must be > 0, got {value}")
 
 
 def _log_mean_exp(values: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
@@ -85,7 +80,7 @@ def dora(losses, *, weights, signals, state, temperature: float = 1.0) -> LossRe
     dominate. ``temperature -> infinity`` gives ``E_P[h l]`` (``importance_weighted``); small
     temperatures approach the worst case.
     """
-    _check_positive("temperature", temperature)
+    check_positive("temperature", temperature)
     h = signals[DENSITY_RATIO].to(losses.dtype)
     p = _probabilities(weights, losses)
     return _with_diagnostics(
@@ -101,7 +96,7 @@ def dora(losses, *, weights, signals, state, temperature: float = 1.0) -> LossRe
 def kl_dro(losses, *, weights, signals, state, temperature: float = 1.0) -> LossResult:
     """``lambda log E_P[exp(l / lambda)]``: the KL-DRO dual at a fixed ``lambda = temperature``
     (DoRA with ``h = 1``): up-weights high-loss examples by ``softmax(l / lambda)``."""
-    _check_positive("temperature", temperature)
+    check_positive("temperature", temperature)
     p = _probabilities(weights, losses)
     return _with_diagnostics(
         lambda x: temperature * _log_mean_exp(x / temperature, p), losses, weights, signals
@@ -120,8 +115,8 @@ def kldpo(losses, *, weights, signals, state, tau: float = 0.05, max_weight: flo
     the clamp bounds any one example's influence. Metrics add ``weights/clipped`` (fraction of rows at
     the clamp).
     """
-    _check_positive("tau", tau)
-    _check_positive("max_weight", max_weight)
+    check_positive("tau", tau)
+    check_positive("max_weight", max_weight)
     p = _probabilities(weights, losses)
     with torch.no_grad():
         centred = losses.detach() - (p * losses.detach()).sum()
@@ -142,7 +137,7 @@ def dr_dpo(losses, *, weights, signals, state, beta_prime: float = 1.0) -> LossR
     """Dr.DPO: ``-beta' log E_P[exp(-l / beta')]``, a soft minimum that *down*-weights high-loss (likely
     mislabelled) examples by ``softmax(-l / beta')`` — the mirror image of KL-DRO. ``beta' -> infinity``
     gives the mean."""
-    _check_positive("beta_prime", beta_prime)
+    check_positive("beta_prime", beta_prime)
     p = _probabilities(weights, losses)
     return _with_diagnostics(
         lambda x: -beta_prime * _log_mean_exp(-x / beta_prime, p), losses, weights, signals
@@ -215,7 +210,7 @@ def chi2_dro(losses, *, weights, signals, state, radius: float = 1.0) -> LossRes
     constant. By Danskin's theorem that is the supremum's gradient (``Q*`` is unique); where the ball
     holds the point mass on the largest loss, ``(1 + 2 rho) P(top) >= 1`` (always for one row), the
     supremum is that loss and the gradient is ``p`` restricted to the rows that hold it."""
-    _check_positive("radius", radius)
+    check_positive("radius", radius)
     p = _probabilities(weights, losses)
     q = chi2_worst_case(losses, p, radius).to(losses.dtype)
     return _with_diagnostics(lambda x: (q * x).sum(), losses, weights, signals)
@@ -244,7 +239,7 @@ def group_dro(
     enters with the mean of the current weights. Metrics: ``group/weight=<code>`` and
     ``group/loss=<code>``.
     """
-    _check_positive("step_size", step_size)
+    check_positive("step_size", step_size)
     codes = signals["group"].to(losses.device).long()
     if bool((codes < 0).any()):
         raise ValueError("group_dro needs a group on every row (data column 'group')")

@@ -35,15 +35,9 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from distalign.losses.base import PairedStats, PerExampleLosses, UnpairedStats, register_loss
+from distalign.losses.base import PairedStats, PerExampleLosses, UnpairedStats, check_positive, register_loss
 from distalign.losses.kto import kto_per_example
-from distalign.losses.preference import (
-    _check_positive,
-    dpo_loss,
-    paired_inputs,
-    preference_metrics,
-    token_mean_logps,
-)
+from distalign.losses.preference import dpo_loss, paired_inputs, preference_metrics, token_mean_logps
 
 #: The per-row signal names of the composite designer reward (data/designer.py writes them).
 DESIGNER = "designer"
@@ -89,9 +83,9 @@ def advantage_weights(
     ``effective_sample_size`` is ``(sum w)^2 / (M sum w^2)`` in (0, 1]: 1 when all weights are equal,
     1/M when one response carries all the weight.
     """
-    _check_positive("advantage_temperature", temperature)
+    check_positive("advantage_temperature", temperature)
     if clip is not None:
-        _check_positive("weight_clip", clip)
+        check_positive("weight_clip", clip)
     scaled = advantages.detach() / temperature
     if normalize:
         weights = torch.exp(scaled - scaled.max())
@@ -313,7 +307,7 @@ def _designer_margin(stats: PairedStats, loss_name: str) -> torch.Tensor:
 def modpo_per_example(stats: PairedStats, *, beta: float = 0.1, lambda_aux: float = 1.0) -> PerExampleLosses:
     """``-log sigmoid(beta m - lambda_aux (r_aux(y_w) - r_aux(y_l)))`` per pair (MODPO's margin term with
     the preference weight 1): the policy's implicit reward models preference + ``lambda_aux`` x designer."""
-    _check_positive("beta", beta)
+    check_positive("beta", beta)
     chosen, rejected = paired_inputs(stats, "modpo", "logratios")
     designer_margin = _designer_margin(stats, "modpo")
     losses = -F.logsigmoid(beta * (chosen - rejected) - lambda_aux * designer_margin)
@@ -335,7 +329,7 @@ def dpo_relabel_per_example(
 ) -> PerExampleLosses:
     """DPO with each pair oriented by the compound score ``1(preferred) + lambda_aux r_aux``: swapped
     when ``lambda_aux (r_aux(y_l) - r_aux(y_w)) > 1``. Logs the swapped fraction."""
-    _check_positive("beta", beta)
+    check_positive("beta", beta)
     chosen, rejected = paired_inputs(stats, "dpo_relabel", "logratios")
     swapped = lambda_aux * _designer_margin(stats, "dpo_relabel") < -1.0
     sign = torch.where(swapped, -1.0, 1.0).to(chosen.dtype)

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import torch
 
-from distalign.models.loading import _plain_state_key, is_peft_model, unwrap_model
+from distalign.models.loading import is_peft_model, plain_state_key, unwrap_model
 
 
 @torch.no_grad()
@@ -33,7 +33,7 @@ def engine_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]
     base = model.get_base_model()
     deltas = _lora_deltas(base)
     for name, param in base.named_parameters():
-        plain = _plain_state_key(name)
+        plain = plain_state_key(name)
         if plain is None:  # an adapter matrix, or the original of a modules_to_save copy
             continue
         layer = deltas.get(name)

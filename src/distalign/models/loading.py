@@ -266,7 +266,7 @@ def unwrap_model(model: Any) -> Any:
             return model
 
 
-def _plain_state_key(peft_key: str) -> str | None:
+def plain_state_key(peft_key: str) -> str | None:
     """Key of a peft-injected base-model parameter in the plain model, or None for adapter-only entries."""
     parts = peft_key.split(".")
     if any(part.startswith("lora_") for part in parts) or "original_module" in parts:
@@ -302,7 +302,7 @@ def _save_merged_copy(peft_model: Any, directory: Path) -> None:
     try:
         plain_state = {}
         for key, tensor in base.state_dict().items():
-            plain_key = _plain_state_key(key)
+            plain_key = plain_state_key(key)
             if plain_key is not None:
                 plain_state[plain_key] = tensor
         with torch.device("meta"):

@@ -1,4 +1,4 @@
-"""Density ratios of a target ("golden") source against synthetic sources, for DoRA (methods/dora.md).
+"""Density ratios of a target ("golden") source against synthetic sources, for DoRA (docs/robust.md).
 
 ``distalign shift fit DATA --target NAME`` fits one golden-vs-source classifier per synthetic source
 (a logistic probe on sentence embeddings) and reports held-out accuracy and calibration;

@@ -322,7 +322,7 @@ def write_fit_outputs(result: ShiftResult, output_dir: str | Path) -> tuple[Path
     """``OUTPUT_DIR/shift_summary.json`` and ``OUTPUT_DIR/reliability.png``, each written atomically
     (the plot first, the summary last)."""
     from distalign.shift.calibration import plot_reliability
-    from distalign.tasks.io import _atomic_write  # temp file + fsync + rename
+    from distalign.tasks.io import atomic_write  # temp file + fsync + rename
 
     output = Path(output_dir)
     title = f"held-out reliability of P({result.model.target} | text), {Path(result.data.loaded.path).name}"
@@ -330,7 +330,7 @@ def write_fit_outputs(result: ShiftResult, output_dir: str | Path) -> tuple[Path
     curves = {f"{target} vs {name}": bins for name, bins in result.model.reliability().items()}
     plot = plot_reliability(curves, output / PLOT_FILE, title=title)
     summary = output / SUMMARY_FILE
-    _atomic_write(summary, json.dumps(result.summary(), indent=2, ensure_ascii=False, allow_nan=False) + "\n")
+    atomic_write(summary, json.dumps(result.summary(), indent=2, ensure_ascii=False, allow_nan=False) + "\n")
     return summary, plot
 
 

@@ -1,7 +1,7 @@
 """The DoRA density ratio ``h = dQ_0 / dP`` from per-source classifiers, and the mixture proportions.
 
 The training data is a mixture ``P = alpha Q_0 + sum_i beta_i Q_i`` of the target ("golden") source
-``Q_0`` and synthetic sources ``Q_i`` (methods/dora.md, Step 1). Classifier ``i`` separates golden
+``Q_0`` and synthetic sources ``Q_i`` (DoRA, step 1; docs/robust.md). Classifier ``i`` separates golden
 responses from source-``i`` responses and returns ``c_i = P(golden | z)`` under its own class sizes;
 with ``gamma_i = n_i / n_0`` (source-``i`` examples per golden example in the set the probabilities were
 fitted on), Bayes' rule gives ``Q_0 / Q_i = gamma_i c_i / (1 - c_i)``, hence

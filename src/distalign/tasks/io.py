@@ -32,7 +32,7 @@ def provenance_path(path: str | Path) -> Path:
     return Path(path).with_suffix(".provenance.json")
 
 
-def _atomic_write(path: Path, text: str) -> None:
+def atomic_write(path: Path, text: str) -> None:
     # Temp file in the same directory + rename: readers see the old file or the whole new one.
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -59,7 +59,7 @@ def write_jsonl_with_provenance(
     """
     path = Path(path)
     text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-    _atomic_write(path, text)
+    atomic_write(path, text)
     record = {
         **provenance,
         "rows": len(rows),
@@ -68,7 +68,7 @@ def write_jsonl_with_provenance(
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "versions": library_versions(),
     }
-    _atomic_write(provenance_path(path), json.dumps(record, indent=2, ensure_ascii=False, default=str) + "\n")
+    atomic_write(provenance_path(path), json.dumps(record, indent=2, ensure_ascii=False, default=str) + "\n")
     return path
 
 

@@ -1,6 +1,6 @@
 """A built-in distribution-shift task: preference pairs from a mixture of response sources.
 
-DoRA's setting (methods/dora.md): the training responses come from a mixture ``P = alpha Q_0 +
+DoRA's setting (docs/robust.md): the training responses come from a mixture ``P = alpha Q_0 +
 sum_i beta_i Q_i`` of a *golden* source ``Q_0`` (the distribution we want the policy to serve) and
 synthetic sources ``Q_i``. Here every source is the same base model sampled differently:
 

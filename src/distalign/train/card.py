@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 from distalign.config import RunConfig, load_config
 from distalign.models.gguf import SMOLLM2_GGUF_FILENAME
 from distalign.models.loading import public_model_id
+from distalign.online_methods import get_online_method
 
 if TYPE_CHECKING:  # the eval layer sits above this one: its result is only read, never imported
     from distalign.stats.metrics import EvalResult
@@ -42,14 +43,7 @@ SMOLLM2_QUANTIZATION = (
     "weights are float32"
 )
 
-#: Papers of the online methods (docs/paper_index.md, "f-DPG" and "Baselines for online training").
-_ONLINE_PAPERS = {
-    "fdpg": "Go et al., ICML 2023, f-DPG: aligning language models with preferences through "
-    "f-divergence minimization, arXiv 2302.08215",
-    "rloo": "Ahmadian et al. 2024, Back to Basics: Revisiting REINFORCE Style Optimization for Learning "
-    "from Human Feedback in LLMs (RLOO), arXiv 2402.14740",
-    "reinforce": "KL-regularised REINFORCE as in Ahmadian et al. 2024, arXiv 2402.14740",
-}
+#: The paper index: citations for names no registry cites, and more arXiv links (a source checkout).
 _PAPER_INDEX = Path(__file__).resolve().parents[3] / "docs" / "paper_index.md"
 _ARXIV = re.compile(r"arXiv[:\s]*(\d{4}\.\d{4,5})")
 
@@ -182,10 +176,9 @@ def _method_lines(config: RunConfig) -> list[str]:
 
     if config.online is not None:
         online = config.online
-        lines = [
-            f"- Online method: `{online.method}` — {_citation(online.method, _ONLINE_PAPERS[online.method])}"
-        ]
-        if online.method == "fdpg":
+        method = get_online_method(online.method)
+        lines = [f"- Online method: `{online.method}` — {_citation(online.method, method.paper)}"]
+        if method.scored_by == "target":
             params = f" {online.divergence_params}" if online.divergence_params else ""
             lines.append(
                 f"- f-divergence: `{online.divergence}`{params}; target scorers: {online.target.scorers}"

@@ -6,7 +6,7 @@ aggregators) depends on every sample of the optimizer batch. Its parameter gradi
 every micro-batch and process, ``dL/ds_i`` is a fixed coefficient per sample, and each micro-batch can
 back-propagate the linear surrogate ``sum_{i in micro-batch} c_i * s_i`` on its own. The sum of those
 gradients equals the gradient of the global objective exactly, for any objective, without deriving a
-surrogate per loss (for AOT it reproduces the envelope-theorem surrogate of methods/aot.md).
+surrogate per loss (for AOT it reproduces the envelope-theorem surrogate of the AOT paper, docs/paper_index.md).
 """
 
 from __future__ import annotations

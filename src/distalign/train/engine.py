@@ -1,6 +1,6 @@
 """The one engine both training loops run on: accelerate, optimisation, gathering, logging, checkpoints.
 
-The loops (``offline.py``, ``online.py``) own *what* a step computes; the engine owns *how* it is
+The loops (``offline.py``, ``online/loop.py``) own *what* a step computes; the engine owns *how* it is
 executed across processes and saved. Gradient accumulation is managed explicitly (not through
 accelerate's accumulation plugin) because batch-coupled losses need to see every micro-batch of the
 optimizer step before any backward: the loop decides when gradients are synchronised.

@@ -2,7 +2,7 @@
 
 Nothing here holds or changes state (no model, no process group, no estimator): the running estimates
 the signal depends on come in as arguments, the per-sample log Z and the window baseline's mean of
-earlier rewards. ``LoopState.step_signal`` (online_setup.py) advances those estimates around
+earlier rewards. ``LoopState.step_signal`` (setup.py) advances those estimates around
 :func:`compute_signal`.
 
 f-DPG (fdpg.md): pseudo-rewards R = -f'(pi/p) with l = log pi - log P + log Z, log Z being a running
@@ -19,8 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from distalign.configs.online import OnlineConfig
-from distalign.errors import SetupError
-from distalign.losses.fdivergence import fdpg_pseudo_rewards
+from distalign.online_methods import get_online_method
 from distalign.targets import clipped_importance_weights, leave_one_out_baseline
 
 
@@ -59,23 +58,10 @@ class Signal:
 
 
 def signal_rewards(cfg: OnlineConfig, batch: GlobalBatch, log_z: torch.Tensor | None) -> torch.Tensor:
-    """R [N]: f-DPG pseudo-rewards given the per-sample ``log_z`` [N], or RLOO's r - beta (log pi - log a)."""
-    if cfg.method == "fdpg":
-        if log_z is None:
-            raise ValueError("f-DPG pseudo-rewards need the per-sample log Z")
-        rewards = fdpg_pseudo_rewards(
-            batch.policy_logps, batch.target_logps, log_z, cfg.divergence, **cfg.divergence_params
-        )
-    else:
-        rewards = batch.rewards.double() - cfg.kl_coef * (batch.policy_logps - batch.base_logps)
-    if not bool(torch.isfinite(rewards).all()):
-        raise SetupError(
-            f"non-finite {'pseudo-' if cfg.method == 'fdpg' else ''}reward: with divergence {cfg.divergence!r} "
-            "the divergence is infinite at these samples (reverse KL, Neyman chi^2 and alpha >= 1 are infinite "
-            "when the policy samples x with P(x) = 0): give the constraint an epsilon > 0 (soft constraint) or "
-            "use forward_kl, jensen_shannon or total_variation"
-        )
-    return rewards
+    """R [N]: the per-sample reward of the run's online method (``distalign.online_methods``), e.g.
+    f-DPG's pseudo-rewards given the per-sample ``log_z`` [N], or RLOO's r - beta (log pi - log a)."""
+    spec = get_online_method(cfg.method)
+    return spec.rewards(batch, log_z, **spec.options_of(cfg))
 
 
 def subtract_baseline(
@@ -93,9 +79,11 @@ def subtract_baseline(
 def compute_signal(
     cfg: OnlineConfig, batch: GlobalBatch, log_z: torch.Tensor | None = None, window_mean: float = 0.0
 ) -> Signal:
-    """Pseudo-rewards (f-DPG) or KL-regularised rewards (RLOO), baseline and importance weights.
+    """The method's rewards (pseudo-rewards for f-DPG, KL-regularised rewards for RLOO), baseline and
+    importance weights.
 
-    ``log_z`` [N]: log Z of each sample's key, already including this batch (f-DPG only);
+    ``log_z`` [N]: log Z of each sample's key, already including this batch (methods scored by a
+    target only);
     ``window_mean``: the window baseline before this batch (``cfg.baseline == "window"`` only).
     """
     rewards = signal_rewards(cfg, batch, log_z)
@@ -110,7 +98,7 @@ def compute_signal(
         metrics.update(
             {"is/ess_fraction": ratios.ess_fraction, "is/clipped_fraction": ratios.clipped_fraction}
         )
-    metrics.update(_summary("pseudo_reward" if cfg.method == "fdpg" else "shaped_reward", rewards))
+    metrics.update(_summary(get_online_method(cfg.method).reward_metric, rewards))
     metrics["advantage/abs_mean"] = float(advantages.abs().mean())
     return Signal(rewards, advantages, weights, metrics)
 

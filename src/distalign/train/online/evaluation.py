@@ -49,7 +49,7 @@ from distalign.targets import (
     qrs_sample,
 )
 from distalign.targets.features import as_feature_values, evaluate_features
-from distalign.train.online_setup import (
+from distalign.train.online.setup import (
     BaseScorer,
     PromptSet,
     draw_rollout,

@@ -17,7 +17,7 @@ from distalign.data.collate import PackedRows, collate_sequences, pack_sequences
 from distalign.losses.fdivergence import fdpg_policy_gradient_loss
 from distalign.models.logprobs import batch_logprobs
 from distalign.train.engine import Engine
-from distalign.train.online_setup import Rollout
+from distalign.train.online.setup import Rollout
 
 
 def policy_forward(

@@ -3,7 +3,7 @@
 One step (``OnlineRun.run_step``), on one screen:
   1. sample: the plan gives the step's prompts; this process draws ``samples_per_prompt`` completions of
      its share from q (the policy on-policy, a frozen proposal off-policy) with exact log q (a vLLM
-     engine holding q's weights draws token ids only, and log q is our own head's: online_samplers.py);
+     engine holding q's weights draws token ids only, and log q is our own head's: samplers.py);
   2. score: log a under the base; f-DPG: log P = log a + the target's log-scores; RLOO: the reward r;
   3. gather every process's samples, then on the global batch (identically on every process): update
      the running log Z, pseudo-rewards R = -f'(pi/p) (f-DPG, fdpg.md) or R = r - beta (log pi - log a)
@@ -29,13 +29,14 @@ from distalign.config import RunConfig
 from distalign.errors import NonFiniteLossError, SetupError, TrainingStoppedError
 from distalign.models.attention import without_cudnn_attention
 from distalign.models.sampling import score_completions
+from distalign.online_methods import get_online_method
 from distalign.stats.metrics import distinct_n
 from distalign.targets import ProposalRefreshRule, estimate_divergence, importance_weighted_mean
 from distalign.train.batching import BatchPlan
 from distalign.train.engine import Engine, iterate_steps
-from distalign.train.online_eval import EvalLog, OnlineEvaluator, sample_monitors
-from distalign.train.online_samplers import build_sampler
-from distalign.train.online_setup import (
+from distalign.train.online.evaluation import EvalLog, OnlineEvaluator, sample_monitors
+from distalign.train.online.samplers import build_sampler
+from distalign.train.online.setup import (
     BaseScorer,
     FrozenProposal,
     LoopState,
@@ -50,7 +51,7 @@ from distalign.train.online_setup import (
     restore_moments,
     shard,
 )
-from distalign.train.online_signal import (
+from distalign.train.online.signal import (
     GlobalBatch,
     Signal,
     has_learning_signal,
@@ -58,7 +59,7 @@ from distalign.train.online_signal import (
     non_finite_signal,
     samples_in_support,
 )
-from distalign.train.online_update import (
+from distalign.train.online.update import (
     policy_forward,
     policy_gradient_backward,
     update_forward_scores_policy,
@@ -111,8 +112,9 @@ class OnlineRun:
         self.packing = packing_layout(policy, config)
         self.prompts = load_prompts(config, tokenizer, "train", engine)
         self.plan = BatchPlan(len(self.prompts), cfg.prompts_per_step, config.train.seed)
-        self.target = build_target(config) if cfg.method == "fdpg" else None
-        self.reward = build_online_reward(config) if cfg.method != "fdpg" else None
+        scored_by = get_online_method(cfg.method).scored_by
+        self.target = build_target(config) if scored_by == "target" else None
+        self.reward = build_online_reward(config) if scored_by == "reward" else None
         self.base = BaseScorer(config, policy, tokenizer)  # before any step: the policy still is a
         proposal = None
         if cfg.proposal == "offline":
@@ -500,7 +502,8 @@ def train_online(config: RunConfig, *, stop_after_step: int | None = None, gener
         if run.evaluator is not None and config.online.eval_at_start:
             eval_log.write(0, run.evaluate())
     engine.set_final_step(total_steps)
-    label = config.online.method if config.online.method != "fdpg" else f"fdpg:{config.online.divergence}"
+    method = get_online_method(config.online.method)
+    label = method.label(method.options_of(config.online))
     engine.start_progress(total_steps, first_step, label)
     engine.model.train()
     for step in iterate_steps(first_step, total_steps):

@@ -23,7 +23,7 @@ from distalign.models.engine_weights import engine_weights
 from distalign.models.sampling import eos_token_ids
 from distalign.models.vllm_engine import EngineSample, GenerationEngine, GenerationRequest, build_vllm_engine
 from distalign.train.engine import Engine
-from distalign.train.online_setup import PromptSet, Rollout, draw_rollout, seeded_generator, stream_seed
+from distalign.train.online.setup import PromptSet, Rollout, draw_rollout, seeded_generator, stream_seed
 
 
 class RolloutSampler(Protocol):

@@ -1,7 +1,7 @@
 """What the online loop needs around its step: prompts, log a(x|c), the proposal, the loop state that
-advances around the pure signal (online_signal.py), rollouts, gathering.
+advances around the pure signal (signal.py), rollouts, gathering.
 
-Kept apart from ``online.py`` so that the loop reads as the step itself. Exactness conventions:
+Kept apart from ``loop.py`` so that the loop reads as the step itself. Exactness conventions:
 every context is conditioned on by the *same token ids* when sampling, when scoring under the base
 and when computing the policy's log-probs with gradients (``PromptSet.ids``), and samples are drawn by
 plain ancestral sampling, so log q is the exact log-probability of what was drawn.
@@ -28,10 +28,11 @@ from distalign.models.fingerprint import data_fingerprint
 from distalign.models.loading import load_model_and_tokenizer
 from distalign.models.reference import adapters_disabled
 from distalign.models.sampling import sample_completions, score_completions
+from distalign.online_methods import get_online_method
 from distalign.targets import LogZEstimator, Target, WindowedMeanBaseline
 from distalign.train.card import TrainingRecord
 from distalign.train.engine import Engine
-from distalign.train.online_signal import GlobalBatch, Signal, compute_signal
+from distalign.train.online.signal import GlobalBatch, Signal, compute_signal
 
 
 def stream_seed(*parts: object) -> int:
@@ -240,7 +241,7 @@ class LoopState:
         pseudo-rewards are computed (every sample seen counts, these included); the window is read
         *before* it absorbs the batch's rewards (the baseline must not depend on R_j)."""
         log_z, metrics = None, {}
-        if cfg.method == "fdpg":
+        if get_online_method(cfg.method).scored_by == "target":
             self.log_z.update(batch.target_logps, batch.proposal_logps, batch.keys)
             log_z = self.log_z.log_z_for(batch.keys)
             metrics = log_z_metrics(self.log_z, batch.keys)
