@@ -414,7 +414,7 @@ def _train(config) -> Path:
 def _evaluate(runs: dict[str, Path], base, tokenizer, eval_cfg: dict[str, Any]) -> dict[str, Any]:
     """Reference samples are drawn once and shared: both runs are compared with the same reference draws."""
     from distalign.config import load_config
-    from distalign.configs.evaluation import EvalConfig
+    from distalign.config.evaluation import EvalConfig
     from distalign.eval.run import (
         draw_reference_samples,
         eval_prompts,

@@ -127,3 +127,35 @@ def test_plugin_option_values_are_coerced_like_config_fields():
 def test_an_option_out_of_range_names_the_field():
     with pytest.raises(ConfigError, match=r"aggregator\.alpha: cvar alpha must lie in \(0, 1\]"):
         load_config(None, ["aggregator.name=cvar", "aggregator.alpha=2"])
+
+
+def test_the_resume_neutral_fields_are_the_ones_marked_on_the_fields():
+    """Marked once, where each field is defined; the resume check reads them from there. Marking a
+    field changes what a resume accepts, so this list changes with it, deliberately."""
+    from distalign.config import RunConfig
+    from distalign.config.base import resume_neutral_fields
+    from distalign.train.checkpoints import RESULT_NEUTRAL_FIELDS
+
+    expected = {
+        "output_dir",
+        "eval",
+        "train.log_every",
+        "train.save_every",
+        "train.keep_checkpoints",
+        "train.trackers",
+        "train.progress",
+        "train.overwrite_output_dir",
+        "train.micro_batch_size",
+        "train.no_grad_micro_batch_size",
+        "train.compile",
+        "model.lora.save_merged",
+        "model.gradient_checkpointing",
+        "model.logprob_chunk_size",
+        "data.packing",
+        "data.share_prompts",
+        "data.group_by_length",
+        "loss.global_strategy",
+        "reference.precompute",
+        "reference.cache_dir",
+    }
+    assert set(RESULT_NEUTRAL_FIELDS) == set(resume_neutral_fields(RunConfig)) == expected

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 
 from distalign.config import ConfigError, load_config
 
@@ -76,3 +77,23 @@ def test_divergences_infinite_off_the_support_refuse_a_hard_constraint(divergenc
     )
     for finite in ("forward_kl", "jensen_shannon", "total_variation", "pearson_chi2"):
         load_config(None, [*FDPG, f"online.divergence={finite}"])  # finite there: a hard constraint is fine
+
+
+@pytest.mark.parametrize("override", ["aggregator.name=cvar", "loss.name=ipo", "loss.beta=0.5"])
+def test_an_offline_setting_in_an_online_run_is_refused_naming_it(override):
+    """The online loop reads neither the loss nor the aggregator section: a setting there would be
+    silently ignored."""
+    field = override.split("=")[0]
+    with pytest.raises(ConfigError, match=f"{field}: the {field.split('.')[0]} section is for offline runs"):
+        load_config(None, [*FDPG, override])
+
+
+def test_a_saved_online_config_loads_back():
+    """A run saves its config with every default written out (loss, aggregator and online.vllm
+    included); reading it back (``distalign eval RUN``, the model card's refresh) must not refuse those
+    defaults as settings."""
+    from distalign.config import build_config, dump_config
+
+    saved = dump_config(load_config(None, FDPG))
+    assert "vllm:" in saved and "aggregator:" in saved
+    assert build_config(yaml.safe_load(saved)) == load_config(None, FDPG)

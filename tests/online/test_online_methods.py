@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from distalign.configs.online import OnlineConfig
+from distalign.config.online import OnlineConfig
 from distalign.errors import SetupError
 from distalign.online_methods import ONLINE_METHODS, OnlineMethodSpec, get_online_method
 from distalign.train.online.signal import GlobalBatch, compute_signal

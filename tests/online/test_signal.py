@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from distalign.configs.online import OnlineConfig
+from distalign.config.online import OnlineConfig
 from distalign.errors import SetupError
 from distalign.train.online.setup import FrozenProposal, LoopState
 from distalign.train.online.signal import GlobalBatch, compute_signal

@@ -14,7 +14,7 @@ Examples:
   distalign eval runs/aot eval.num_prompts=16 eval.samples_per_prompt=4
   distalign eval configs/quickstart.yaml                   # the untrained model against itself (baseline)
 Settings live in the config's `eval:` section (task, num_prompts, samples_per_prompt, max_new_tokens,
-batch_size, seed, n_boot, alpha, chat_template); see src/distalign/configs/evaluation.py.
+batch_size, seed, n_boot, alpha, chat_template); see src/distalign/config/evaluation.py.
 """
 
 

@@ -24,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from distalign.config import ConfigError, RunConfig, load_config
-from distalign.configs.evaluation import EvalConfig
+from distalign.config.evaluation import EvalConfig
 from distalign.data.designer import FittedDesigner, designer_for_run
 from distalign.stats.dominance import dominance_metrics
 from distalign.stats.dominance import plot_quantile_curves as plot_dominance

@@ -44,6 +44,7 @@ from pydantic import BaseModel
 from pydantic_core import to_jsonable_python
 
 from distalign.config import RunConfig
+from distalign.config.base import resume_neutral_fields
 from distalign.errors import SetupError
 
 CHECKPOINT_PREFIX = "step_"
@@ -68,39 +69,13 @@ RUN_FILES = (
 #: Their presence means the directory holds an earlier run (``eval/``, ``plots/``, ``logs/`` alone do not).
 _RUN_MARKERS = ("config.yaml", "metrics.jsonl", "checkpoints", "final")
 
-#: Config fields (dotted prefixes) that may differ between a run's checkpoints and the run resuming them.
-#: Bookkeeping that never enters a computation: where the run lives, logging, trackers, the progress bar,
-#: checkpoint cadence and retention, the overwrite switch itself, the ``eval`` section (read by
-#: ``distalign eval``, not by training), the reference cache location and whether a LoRA run also
-#: saves merged weights. And knobs that trade memory for compute while computing the same objective:
-#: micro-batches (the global batch is fixed by ``train.batch_size``), packing and shared prompts,
-#: length grouping, gradient checkpointing, the log-prob chunk size, the coupling strategy and whether
-#: reference log-probs are precomputed. A run resumed with one of the latter changed trains the same
-#: objective but is not bitwise equal to the uninterrupted run. Everything else (model, data, loss
-#: and its options, aggregator, reference model, seed, lr, schedule, batch_size, max_steps / epochs,
-#: mixed precision, the online section, ...) changes the result and must match.
-RESULT_NEUTRAL_FIELDS = (
-    "output_dir",
-    "eval",
-    "train.log_every",
-    "train.save_every",
-    "train.keep_checkpoints",
-    "train.trackers",
-    "train.progress",
-    "train.overwrite_output_dir",
-    "model.lora.save_merged",
-    "train.micro_batch_size",
-    "train.no_grad_micro_batch_size",
-    "train.compile",
-    "data.packing",
-    "data.share_prompts",
-    "data.group_by_length",
-    "model.gradient_checkpointing",
-    "model.logprob_chunk_size",
-    "loss.global_strategy",
-    "reference.precompute",
-    "reference.cache_dir",
-)
+#: Config fields (dotted prefixes) that may differ between a run's checkpoints and the run resuming
+#: them: those marked on the fields themselves (``distalign.config.base.RESUME_NEUTRAL``). A run resumed
+#: with a memory-for-compute knob changed trains the same objective but is not bitwise equal to the
+#: uninterrupted run. Everything else (model, data, loss and its options, aggregator, reference model,
+#: seed, lr, schedule, batch_size, max_steps / epochs, mixed precision, the online section, ...)
+#: changes the result and must match.
+RESULT_NEUTRAL_FIELDS = resume_neutral_fields(RunConfig)
 
 _WAYS_OUT = (
     "choose a new output_dir, or pass --overwrite-output-dir (config: train.overwrite_output_dir=true) to "

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from distalign.config import RunConfig
-from distalign.configs.online import OnlineConfig
+from distalign.config.online import OnlineConfig
 from distalign.data.formats import DataError
 from distalign.data.loading import load_rows
 from distalign.data.tokenize import TokenizationSettings, tokenize_prompts

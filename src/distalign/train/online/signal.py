@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from distalign.configs.online import OnlineConfig
+from distalign.config.online import OnlineConfig
 from distalign.online_methods import get_online_method
 from distalign.targets import clipped_importance_weights, leave_one_out_baseline
 

@@ -1,30 +1,12 @@
-"""Typed, documented, validated run configuration: YAML plus dotted ``key=value`` overrides.
-
-Every section is a pydantic model that forbids unknown keys, so a typo fails with the field path
-(``loss.betaa: unknown field``). ``load_config(path, overrides)`` is the single entry point; the
-resolved configuration is written into every run directory as ``config.yaml``.
-
-Loss options default to ``None`` meaning "the loss function's own default": the defaults live once,
-in the signature of the registered objective (see :mod:`distalign.losses.base`).
-"""
+"""The sections of an offline run: model, data, loss, aggregator, designer, reference, train."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import ConfigDict, Field, model_validator
 
-from distalign.configs import ChatTemplateMode, MixedPrecisionMode
-from distalign.configs.evaluation import EvalConfig
-from distalign.configs.online import OnlineConfig
-from distalign.errors import ConfigError
-from distalign.registry import typed_options
-
-
-class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
+from distalign.config.base import RESUME_NEUTRAL, ChatTemplateMode, MixedPrecisionMode, Section
 
 
 class LoraConfig(Section):
@@ -40,7 +22,7 @@ class LoraConfig(Section):
     """Dropout on the adapter input."""
     target_modules: list[str] | Literal["all-linear"] = ["q_proj", "v_proj"]
     """Module names to adapt, or "all-linear"."""
-    save_merged: bool = True
+    save_merged: bool = Field(True, json_schema_extra=RESUME_NEUTRAL)
     """Also save base + adapter merged into ``final/`` (as large as the base model), the folder
     ``AutoModelForCausalLM.from_pretrained`` loads. false saves the adapter alone (``final/adapter``, a
     few MB), which ``distalign eval`` / ``report`` / ``sweep`` apply to ``model.name`` when loading."""
@@ -59,9 +41,9 @@ class ModelConfig(Section):
     """Hub revision (branch, tag or commit) for hub ids."""
     trust_remote_code: bool = False
     """Allow model code from the checkpoint. Off unless you trust the source."""
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = Field(False, json_schema_extra=RESUME_NEUTRAL)
     """Recompute activations in backward to save memory."""
-    logprob_chunk_size: int = Field(1024, gt=0)
+    logprob_chunk_size: int = Field(1024, gt=0, json_schema_extra=RESUME_NEUTRAL)
     """Completion positions per chunk when computing log-probs (bounds the [chunk, vocab] temporary)."""
     lora: LoraConfig = LoraConfig()
 
@@ -89,7 +71,7 @@ class DataConfig(Section):
     """Over-long rows: "truncate" (prompt from the left, then completion from the right) or "drop"."""
     chat_template: ChatTemplateMode = "auto"
     """Render with the tokenizer's chat template: "auto" = iff the rows are conversational."""
-    packing: bool = False
+    packing: bool = Field(False, json_schema_extra=RESUME_NEUTRAL)
     """Padding-free forward passes: in the offline loop, policy and reference log-probs; in the online
     loop, the update's forward over the samples (a prompt's samples share one copy of it with
     ``share_prompts``; sampling and the reference's scoring share it through the KV cache). Each
@@ -101,14 +83,14 @@ class DataConfig(Section):
     float rounding. A model it cannot be exact for (sliding-window or chunked attention shorter than
     max_length, attention that ignores the mask; checked by a probe at setup) is refused, naming its
     model type. See docs/architecture.md, 'Packing'."""
-    share_prompts: bool = True
+    share_prompts: bool = Field(True, json_schema_extra=RESUME_NEUTRAL)
     """With ``packing``: sequences with the same prompt in a micro-batch (a pair's chosen and rejected, a
     list's responses) share one copy of the prompt in the packed row; each completion attends to it
     and to itself only, with the positions it would have alone, so log-probs and gradients are those of
     separate sequences (exact) while the prompt's tokens go through the model once. Not available with
     flash attention's variable-length kernel (sequence boundaries only); packing there lays prompts out
     per sequence."""
-    group_by_length: bool = False
+    group_by_length: bool = Field(False, json_schema_extra=RESUME_NEUTRAL)
     """Form each step's micro-batches from rows of similar length (less padding). The global batch keeps
     exactly its rows, so every objective is unchanged, batch-coupled ones included (with
     loss.coupling_scope=global); with coupling_scope=micro_batch it would change which rows are coupled
@@ -157,7 +139,7 @@ class LossConfig(Section):
     coupling_scope: Literal["global", "micro_batch"] = "global"
     """Batch-coupled losses: couple over the whole optimizer batch (all micro-batches and processes,
     exact) or only within each micro-batch (what other tools do; cheaper, not the paper's objective)."""
-    global_strategy: Literal["recompute", "retain"] = "recompute"
+    global_strategy: Literal["recompute", "retain"] = Field("recompute", json_schema_extra=RESUME_NEUTRAL)
     """How global coupling spans gradient-accumulation micro-batches: "recompute" runs a no-grad
     forward first (one extra forward per step, no extra memory); "retain" keeps every micro-batch's
     graph until one backward (no extra compute, memory of the whole batch)."""
@@ -218,10 +200,10 @@ class ReferenceConfig(Section):
     model: str | None = None
     """A separate reference model (same forms as model.name); null = the policy's initial weights
     (the base with adapters off under LoRA, otherwise a frozen copy)."""
-    precompute: bool = True
+    precompute: bool = Field(True, json_schema_extra=RESUME_NEUTRAL)
     """Compute reference log-probs once before training and cache them on disk (keyed by model,
     data and tokenisation fingerprints); false computes them on the fly every step."""
-    cache_dir: str | None = None
+    cache_dir: str | None = Field(None, json_schema_extra=RESUME_NEUTRAL)
     """Cache location; default $DISTALIGN_CACHE/reference_logps or ~/.cache/distalign/reference_logps."""
 
 
@@ -232,15 +214,15 @@ class TrainConfig(Section):
     """Seeds data order and initialisation."""
     batch_size: int = Field(8, gt=0)
     """Global rows (pairs or completions) per optimizer step, over all micro-batches and processes."""
-    micro_batch_size: int = Field(8, gt=0)
+    micro_batch_size: int = Field(8, gt=0, json_schema_extra=RESUME_NEUTRAL)
     """Rows per forward pass on each process; batch_size / (micro_batch_size x processes) micro-batches
     are accumulated per step. A memory knob (same objective): it may change when a run resumes."""
-    no_grad_micro_batch_size: int | None = Field(None, gt=0)
+    no_grad_micro_batch_size: int | None = Field(None, gt=0, json_schema_extra=RESUME_NEUTRAL)
     """Rows per forward pass without gradients (offline training: the reference precompute, the pass
     that fixes a global coupling before its micro-batches back-propagate, the end-of-run dominance
     summary). Such a pass keeps no activations, so it fits more rows than a training micro-batch;
     null = 2 x micro_batch_size. A memory and speed knob like micro_batch_size."""
-    compile: bool = False
+    compile: bool = Field(False, json_schema_extra=RESUME_NEUTRAL)
     """``torch.compile`` each decoder layer of the policy (regional compilation: one layer's code is
     compiled once and reused by every layer), for its forward and backward; the output head and the
     loss stay eager. The same results as eager up to float rounding; the first steps pay the compile
@@ -269,277 +251,28 @@ class TrainConfig(Section):
     """Gradient clipping; null disables it."""
     mixed_precision: MixedPrecisionMode = "auto"
     """"auto" = bf16 on a GPU that supports it, otherwise full precision."""
-    log_every: int = Field(1, gt=0)
+    log_every: int = Field(1, gt=0, json_schema_extra=RESUME_NEUTRAL)
     """Steps between metric records (metrics.jsonl, trackers, progress bar). May change on resume."""
-    save_every: int = Field(0, ge=0)
+    save_every: int = Field(0, ge=0, json_schema_extra=RESUME_NEUTRAL)
     """Steps between checkpoints; 0 = no intermediate checkpoints. May change on resume."""
-    keep_checkpoints: int = Field(2, gt=0)
+    keep_checkpoints: int = Field(2, gt=0, json_schema_extra=RESUME_NEUTRAL)
     """Most recent checkpoints kept on disk. May change on resume."""
-    trackers: list[Literal["tensorboard", "wandb", "mlflow"]] = []
+    trackers: list[Literal["tensorboard", "wandb", "mlflow"]] = Field([], json_schema_extra=RESUME_NEUTRAL)
     """Extra experiment trackers through accelerate (metrics.jsonl is always written). May change on
     resume."""
-    progress: bool = True
+    progress: bool = Field(True, json_schema_extra=RESUME_NEUTRAL)
     """Show a progress bar. May change on resume."""
-    overwrite_output_dir: bool = False
+    overwrite_output_dir: bool = Field(False, json_schema_extra=RESUME_NEUTRAL)
     """Start over in an output_dir that holds an earlier run (CLI: `train --overwrite-output-dir`): its
     config.yaml, metrics.jsonl, evals.jsonl, checkpoints/, final/, dominance.json, plots/, eval/ and logs/
     are deleted once the new run's model and data have loaded and validated (a failed start deletes
     nothing; other files there are left alone). Off (the default): `train` resumes from the newest intact
     checkpoint when the run's config.yaml matches this config, and otherwise refuses, naming the
     differing fields; a finished run (final/ present) of the same config is left as it is (nothing is
-    trained; the CLI exits 0). Fields that may differ on resume:
-    output_dir, eval.*, train.log_every / save_every / keep_checkpoints / trackers / progress /
-    micro_batch_size / no_grad_micro_batch_size / compile, data.packing / share_prompts / group_by_length,
-    model.gradient_checkpointing / logprob_chunk_size / lora.save_merged, loss.global_strategy,
-    reference.precompute / cache_dir (see distalign.train.checkpoints.RESULT_NEUTRAL_FIELDS). Saved as
-    false in the run's config.yaml."""
+    trained; the CLI exits 0). The fields that may differ on resume are marked RESUME_NEUTRAL where
+    they are defined (distalign.config.base). Saved as false in the run's config.yaml."""
 
     @property
     def no_grad_rows(self) -> int:
         """Rows per forward pass without gradients (``no_grad_micro_batch_size`` resolved)."""
         return self.no_grad_micro_batch_size or 2 * self.micro_batch_size
-
-
-class RunConfig(Section):
-    """A whole training run."""
-
-    output_dir: str = "runs/quickstart"
-    """Run directory: config.yaml, metrics.jsonl, checkpoints/, final/."""
-    model: ModelConfig = ModelConfig()
-    data: DataConfig = DataConfig()
-    loss: LossConfig = LossConfig()
-    aggregator: AggregatorConfig = AggregatorConfig()
-    designer: DesignerConfig = DesignerConfig()
-    reference: ReferenceConfig = ReferenceConfig()
-    train: TrainConfig = TrainConfig()
-    online: OnlineConfig | None = None
-    """Present => the online loop (sample -> score -> step) instead of the offline one."""
-    eval: EvalConfig = EvalConfig()
-
-    @field_validator("output_dir")
-    @classmethod
-    def _non_empty(cls, value: str) -> str:
-        if not value.strip():
-            raise ValueError("must not be empty")
-        return value
-
-    @model_validator(mode="after")
-    def _designer_is_offline(self) -> RunConfig:
-        if self.online is not None and self.designer.enabled:
-            raise ValueError(
-                "designer: designer rewards feed offline losses (UPO, MODPO); the online loop optimises "
-                'online.reward (a reward spec, or a "pkg.module:function" callable that combines several)'
-            )
-        return self
-
-    @model_validator(mode="after")
-    def _grouping_is_offline(self) -> RunConfig:
-        if self.online is not None and self.data.group_by_length:
-            raise ValueError(
-                "data.group_by_length: applies to the offline loop's micro-batches; the online loop "
-                "batches its own samples and would ignore it"
-            )
-        return self
-
-    @model_validator(mode="after")
-    def _loss_accepts_options(self) -> RunConfig:
-        from distalign.losses.base import get_loss
-
-        spec = get_loss(self.loss.name)  # UnknownNameError lists the valid names
-        accepted = spec.options
-        valid = ", ".join(sorted(accepted)) or "none"
-        for option in self.loss.loss_options():
-            if option in accepted:
-                continue
-            if option in self.loss.unknown_options():
-                raise ValueError(f"loss.{option}: unknown field (loss {spec.name!r} takes: {valid})")
-            raise ValueError(f"loss.{option} is not an option of loss {spec.name!r} (its options: {valid})")
-        # The typed fields above were checked by pydantic; a loss's own options only here.
-        extra = self.loss.__pydantic_extra__ or {}
-        extra.update(typed_options("loss", accepted, extra))
-        _check_loss_option_values(spec, self.loss.loss_options())
-        _check_aggregator(spec, self.aggregator, self.loss.coupling_scope)
-        _check_grouping(spec, self.loss, self.aggregator, self.data.group_by_length)
-        if self.train.batch_size % self.train.micro_batch_size:
-            raise ValueError(
-                f"train.batch_size ({self.train.batch_size}) must be a multiple of "
-                f"train.micro_batch_size ({self.train.micro_batch_size})"
-            )
-        return self
-
-
-def _check_loss_option_values(spec, options: dict[str, Any]) -> None:
-    """Out-of-range option values (``beta <= 0``, a flip rate of 0.5, ...) fail here, at config time,
-    with the loss's own message: the loss is called once on made-up statistics. A loss whose inputs the
-    made-up statistics cannot represent (e.g. it reads a data signal) fails in another way, which is not
-    an option error; it is then checked at its first step as before."""
-    from distalign.losses.base import example_stats
-
-    try:
-        spec.per_example(example_stats(spec), **options)
-    except ValueError as err:
-        named = next((option for option in options if option in str(err)), None)
-        where = f"loss.{named}" if named else "loss"
-        raise ValueError(f"{where}: {err} (loss {spec.name!r})") from None
-    except Exception:  # noqa: BLE001  (not an option problem: see the docstring)
-        pass
-
-
-def _check_aggregator(loss_spec, section: AggregatorConfig, coupling_scope: str) -> None:
-    """Refuse, at config time, an unknown aggregator, an option it does not take or a bad value, and a
-    combination the loss or the loop cannot honour (ValueError naming the field and the reason)."""
-    import torch
-
-    from distalign.data.signals import GROUP_SIZE
-    from distalign.losses.aggregators import get_aggregator
-    from distalign.registry import UnknownNameError
-
-    try:
-        spec = get_aggregator(section.name)
-    except UnknownNameError as err:
-        raise ValueError(f"aggregator.name: {err}") from None
-    options = section.options()
-    for option in options:
-        if option not in spec.options:
-            valid = ", ".join(sorted(spec.options)) or "none"
-            raise ValueError(
-                f"aggregator.{option} is not an option of aggregator {spec.name!r} (its options: {valid})"
-            )
-    options = typed_options("aggregator", spec.options, options)
-    section.__pydantic_extra__.update(options)
-    if not loss_spec.accepts_aggregator(spec.name):
-        accepted = ", ".join(loss_spec.aggregators)
-        raise ValueError(
-            f"aggregator.name: loss {loss_spec.name!r} composes only with {accepted}, not {spec.name!r}: "
-            f"{loss_spec.aggregator_note}"
-        )
-    if spec.stateful and coupling_scope != "global":
-        raise ValueError(
-            f"aggregator.name: {spec.name!r} carries state across steps, which is defined on the global "
-            "batch only; set loss.coupling_scope=global"
-        )
-    # A dry run on two values checks the option values with the aggregator's own validation.
-    signals = {name: torch.zeros(2, dtype=torch.long) for name in spec.signals}
-    if "group" in signals:  # derived from the group column when the data loads
-        signals[GROUP_SIZE] = torch.full((2,), 2.0, dtype=torch.float64)
-    try:
-        spec(torch.tensor([0.0, 1.0], dtype=torch.float64), signals=signals, **options)
-    except (ValueError, TypeError) as err:
-        named = next((option for option in options if option in str(err)), None)
-        where = f"aggregator.{named}" if named else "aggregator"
-        raise ValueError(f"{where}: {err} (aggregator {spec.name!r})") from None
-
-
-def _check_grouping(loss_spec, loss: LossConfig, section: AggregatorConfig, group_by_length: bool) -> None:
-    """Grouping by length regroups the micro-batches; under micro-batch coupling those are the coupled
-    sets, so the objective would change with the data's lengths."""
-    from distalign.losses.aggregators import get_aggregator
-
-    if not group_by_length or loss.coupling_scope != "micro_batch":
-        return
-    if loss_spec.is_batch_coupled(loss.loss_options()) or get_aggregator(section.name).batch_coupled:
-        raise ValueError(
-            "data.group_by_length: with loss.coupling_scope=micro_batch the micro-batches are the coupled "
-            f"sets of {loss_spec.name!r} x {section.name!r}, and grouping by length would change which "
-            "rows are coupled; use loss.coupling_scope=global (exact over the whole batch) or turn "
-            "grouping off"
-        )
-
-
-def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
-    keys = dotted.split(".")
-    node = tree
-    for key in keys[:-1]:
-        child = node.setdefault(key, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"override {dotted!r}: {key!r} is not a section")
-        node = child
-    node[keys[-1]] = value
-
-
-def parse_overrides(overrides: list[str]) -> dict[str, Any]:
-    """Turn ``["a.b=1", "c=x"]`` into a nested dict; values are parsed as YAML scalars."""
-    tree: dict[str, Any] = {}
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. loss.beta=0.1)")
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError as err:
-            raise ConfigError(f"override {item!r}: cannot parse value: {err}") from None
-        _set_dotted(tree, key.strip(), value)
-    return tree
-
-
-def merge_config_trees(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
-    """``base`` with ``update`` laid over it, section by section (nested dicts merge; other values
-    replace). Neither input is modified."""
-    merged = dict(base)
-    for key, value in update.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = merge_config_trees(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
-
-
-def _format_validation_error(err: ValidationError, source: str) -> str:
-    lines = [f"invalid configuration ({source}):"]
-    for problem in err.errors():
-        path = ".".join(str(part) for part in problem["loc"]) or "(top level)"
-        if problem["type"] == "value_error" and not problem["loc"]:
-            # A whole-config check: its message names the field itself ("aggregator.alpha: ...").
-            lines.append(f"  {problem['ctx']['error']}")
-            continue
-        message = "unknown field" if problem["type"] == "extra_forbidden" else problem["msg"]
-        if problem["type"] == "value_error":  # a validator's own sentence, without pydantic's prefix
-            message = str(problem["ctx"]["error"])
-        shown = problem.get("input")
-        suffix = (
-            "" if problem["type"] == "extra_forbidden" or isinstance(shown, dict) else f" (got {shown!r})"
-        )
-        lines.append(f"  {path}: {message}{suffix}")
-    return "\n".join(lines)
-
-
-def build_config(tree: dict[str, Any], source: str = "config") -> RunConfig:
-    """Validate a nested dict into a :class:`RunConfig`, raising :class:`ConfigError` on any problem."""
-    from distalign.registry import UnknownNameError
-
-    try:
-        return RunConfig.model_validate(tree)
-    except ValidationError as err:
-        raise ConfigError(_format_validation_error(err, source)) from None
-    except UnknownNameError as err:
-        raise ConfigError(f"invalid configuration ({source}):\n  loss.name: {err}") from None
-
-
-def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
-    """Load YAML from ``path`` (``None`` = all defaults), apply dotted overrides, validate."""
-    tree: dict[str, Any] = {}
-    source = "defaults"
-    if path is not None:
-        source = str(path)
-        try:
-            text = Path(path).read_text()
-        except OSError as err:
-            raise ConfigError(f"cannot read config {path}: {err.strerror}") from None
-        try:
-            loaded = yaml.safe_load(text)
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML: {err}") from None
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: expected a mapping of sections at the top level")
-        tree = loaded
-    if overrides:
-        tree = merge_config_trees(tree, parse_overrides(overrides))
-        source += " + overrides"
-    return build_config(tree, source)
-
-
-def dump_config(config: RunConfig) -> str:
-    """The resolved configuration as YAML (what ``config show`` prints and runs save)."""
-    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

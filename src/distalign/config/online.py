@@ -14,16 +14,12 @@ from __future__ import annotations
 import math
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from distalign.configs import ChatTemplateMode
-
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
+from distalign.config.base import ChatTemplateMode, Section
 
 
-class PromptsConfig(_Section):
+class PromptsConfig(Section):
     """Where the contexts come from: a task's prompts, a data file's prompts, or none (unconditional)."""
 
     task: str | None = None
@@ -62,7 +58,7 @@ class PromptsConfig(_Section):
         return self.task is None and self.path is None
 
 
-class TargetConfig(_Section):
+class TargetConfig(Section):
     """The f-DPG target P(x|c) = a(x|c) x prod of scorers; a = the initial policy (the base model)."""
 
     scorers: list[dict[str, Any]] = Field(min_length=1)
@@ -114,7 +110,7 @@ DISTRIBUTION_CHANGING_SETTINGS: dict[str, tuple[float, ...]] = {
 }
 
 
-class VLLMConfig(_Section):
+class VLLMConfig(Section):
     """The vLLM sampler (``online.sampler: vllm``, extra ``distalign[vllm]``, one CUDA GPU).
 
     vLLM only draws token ids. Every log-prob the estimator uses (log q of the draw, log pi, log a) is
@@ -168,7 +164,7 @@ class VLLMConfig(_Section):
         return data
 
 
-class OnlineConfig(_Section):
+class OnlineConfig(Section):
     """Settings of the online loop. Present in a run config => ``distalign train`` runs the online loop.
 
     Each step draws ``prompts_per_step`` prompts and ``samples_per_prompt`` completions of each by exact
@@ -308,7 +304,8 @@ class OnlineConfig(_Section):
 
     def _check_sampler(self) -> None:
         if self.sampler != "vllm":
-            if self.vllm.model_fields_set:
+            # Differences from the defaults, not fields set: a saved run config writes every default out.
+            if self.vllm.model_dump() != VLLMConfig().model_dump():
                 raise ValueError("online.vllm is used only with online.sampler: vllm (now 'hf')")
             return
         stale = self.vllm.sync_every is not None and self.vllm.sync_every > 1

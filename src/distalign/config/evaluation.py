@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from distalign.configs import ChatTemplateMode
+from distalign.config.base import ChatTemplateMode
 
 
 class EvalConfig(BaseModel):
