@@ -30,8 +30,10 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "testing"))  # the test helpers (not installed)
+from distalign_testing.runs import ACCELERATE_CONFIGS, TINY_BASE
+
 from distalign.models.loading import build_cached_model
-from distalign.testing.runs import ACCELERATE_CONFIGS, TINY_BASE
 from distalign.train.distributed import CPU_SHARDING_ENV
 
 RUN = [*TINY_BASE, "loss.name=dpo", "train.batch_size=8", "train.micro_batch_size=2", "train.max_steps=4"]

@@ -30,7 +30,10 @@ from bench_utils import distalign_step_times, environment_note, markdown_table  
 
 from distalign.config import load_config  # noqa: E402
 from distalign.data.loading import load_rows  # noqa: E402
-from distalign.testing.runs import read_metrics  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "testing"))  # the test helpers (not installed)
+from distalign_testing.runs import read_metrics  # noqa: E402
+
 from distalign.train.offline import train_offline  # noqa: E402
 
 MODES = {

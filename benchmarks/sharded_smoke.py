@@ -20,20 +20,23 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from distalign.config import load_config
-from distalign.testing.runs import (
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "testing"))  # the test helpers (not installed)
+from distalign_testing.runs import (
     ACCELERATE_CONFIGS,
     accelerate_launch,
     final_weights,
     max_weight_difference,
     read_metrics,
 )
+
+from distalign.config import load_config
 from distalign.train.distributed import CPU_SHARDING_ENV
 from distalign.train.offline import train_offline
 

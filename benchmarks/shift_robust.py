@@ -148,7 +148,7 @@ def main() -> None:
     started = time.time()
     scored = make_data(args, root)
 
-    from distalign.configs.evaluation import EvalConfig
+    from distalign.config.evaluation import EvalConfig
     from distalign.eval.run import draw_reference_samples, eval_prompts, evaluate_models, load_eval_model
     from distalign.models.loading import load_model_and_tokenizer
 

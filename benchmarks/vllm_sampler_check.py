@@ -20,16 +20,20 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "testing"))  # the test helpers (not installed)
+from distalign_testing.engines import CpuEngine
+from distalign_testing.runs import read_metrics
 
 from distalign.config import load_config
 from distalign.models.reference import adapters_disabled
 from distalign.models.sampling import eos_token_ids, sample_completions, score_completions
-from distalign.testing.engines import CpuEngine
-from distalign.testing.runs import read_metrics
 from distalign.train.online import train_online
 from distalign.train.online.samplers import EngineSampler
 from distalign.train.online.setup import load_prompts, repeat_prompts

@@ -18,13 +18,16 @@ runs give a quick check of the layout:
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 from pathlib import Path
 
 from PIL import Image
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "testing"))  # the test helpers (not installed)
+from distalign_testing.browser import probe_page, screenshot
+
 from distalign.eval.report import write_report
-from distalign.testing.browser import probe_page, screenshot
 
 
 def main() -> None:

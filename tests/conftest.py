@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 # Before anything imports torch: idle OpenMP threads sleep instead of spinning, which keeps the
 # suite fast when other jobs share the cores (the CLI sets the same default).
@@ -22,6 +23,10 @@ def _isolated_distalign_cache(tmp_path_factory: pytest.TempPathFactory, monkeypa
     start in that directory waits for it forever (what hung CI in ~/.cache/torch_extensions).
     """
     base = tmp_path_factory.getbasetemp()
+    # Processes the tests start (accelerate launch -m distalign_testing.grad_probe, ...) find the test
+    # helpers, which are not installed.
+    helpers = str(Path(__file__).resolve().parents[1] / "testing")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [helpers, os.environ.get("PYTHONPATH")])))
     monkeypatch.setenv("DISTALIGN_CACHE", str(base / "distalign-cache"))
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(base / "torch-extensions"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

@@ -71,8 +71,9 @@ def test_the_readme_registration_example_trains(tmp_path):
     train the tiny model. At step 1 the policy is its reference, so every DPO term is ln 2 and the
     step-1 loss is ln 2 + length_penalty x (a chosen length): twice the penalty, twice the excess over
     ln 2; and the worst row's loss lies above the mean's."""
+    from distalign_testing.runs import TINY_BASE, read_metrics
+
     from distalign.losses import AGGREGATORS, LOSSES
-    from distalign.testing.runs import TINY_BASE, read_metrics
     from distalign.train.offline import train_offline
 
     block = next(b for b in re.findall(r"```python\n(.*?)```", README, flags=re.S) if "register_loss(" in b)

@@ -35,7 +35,9 @@ from common import Results, markdown_table, mean_interval, verdict  # noqa: E402
 
 from distalign.losses.fdivergence import f_divergence, fdpg_policy_gradient_loss, fdpg_pseudo_rewards  # noqa: E402
 from distalign.targets.estimators import LogZEstimator, leave_one_out_baseline  # noqa: E402
-from distalign.testing.toy import TabularPolicy, ToySpace, ToyTarget  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "testing"))  # the test helpers (not installed)
+from distalign_testing.toy import TabularPolicy, ToySpace, ToyTarget  # noqa: E402
 
 SPACE = ToySpace(num_symbols=4, max_length=3)
 MODES = ("ab", "cd", "da")  # two-symbol prefixes

@@ -9,9 +9,9 @@ from __future__ import annotations
 import os
 
 import pytest
+from distalign_testing.browser import find_chromium, probe_page, screenshot
 
 from distalign.eval.report import write_report
-from distalign.testing.browser import find_chromium, probe_page, screenshot
 
 CHROMIUM = find_chromium()
 

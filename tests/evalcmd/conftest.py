@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from distalign.testing.runs import TINY_BASE
+from distalign_testing.runs import TINY_BASE
 
 #: Small, fast evaluation settings for the tiny model.
 EVAL_FAST = [

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import pytest
-
-from distalign.testing.tiny_lm import build_word_llama, build_word_tokenizer
+from distalign_testing.tiny_lm import build_word_llama, build_word_tokenizer
 
 #: The vocabulary of the word-level tiny Llama the sampling tests run on (plus BOS / EOS).
 WORDS = ["x", "y", "z", "w", "v"]

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from distalign_testing.toy import TabularPolicy, ToySpace, ToyTarget
 
 from distalign.losses.fdivergence import f_divergence
 from distalign.targets.estimators import (
@@ -21,7 +22,6 @@ from distalign.targets.estimators import (
     importance_weighted_mean,
     leave_one_out_baseline,
 )
-from distalign.testing.toy import TabularPolicy, ToySpace, ToyTarget
 
 SPACE = ToySpace(num_symbols=3, max_length=3)
 

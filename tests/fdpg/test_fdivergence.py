@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from distalign_testing.toy import reference_f_divergence
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -19,7 +20,6 @@ from distalign.losses.fdivergence import (
     pseudo_reward,
 )
 from distalign.registry import UnknownNameError
-from distalign.testing.toy import reference_f_divergence
 
 # (name, params): every registered generator, the alpha family at several orders.
 CASES = [(name, {}) for name in F_DIVERGENCES.names() if name != "alpha"] + [

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from distalign_testing.toy import TabularPolicy, ToySpace, ToyTarget
 from scipy.stats import chisquare
 
 from distalign.targets.qrs import (
@@ -14,7 +15,6 @@ from distalign.targets.qrs import (
     qrs_diagnostics,
     qrs_sample,
 )
-from distalign.testing.toy import TabularPolicy, ToySpace, ToyTarget
 
 SPACE = ToySpace(num_symbols=3, max_length=3)
 

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from distalign_testing.toy import TabularPolicy, ToySpace, ToyTarget
 
 from distalign.registry import UnknownNameError
 from distalign.targets import (
@@ -17,7 +18,6 @@ from distalign.targets import (
     build_scorer,
     fit_moment_tilt,
 )
-from distalign.testing.toy import TabularPolicy, ToySpace, ToyTarget
 
 SPACE = ToySpace(num_symbols=3, max_length=3)
 TEXTS = ["The cat sat.", "concatenate", "CAT!", "cats and dogs", "a cat"]

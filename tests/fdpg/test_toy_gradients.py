@@ -1,7 +1,7 @@
 """On the exact toy: the f-DPG REINFORCE estimator is unbiased for grad D_f, and training lowers D_f.
 
 The exact gradient is autograd through the *textbook* D_f of the enumerated distributions
-(distalign.testing.toy.reference_f_divergence), independent of the log-space code under test.
+(distalign_testing.toy.reference_f_divergence), independent of the log-space code under test.
 Monte Carlo tolerance: every coordinate within 5 standard errors (computed from the same samples; a
 false alarm has probability ~1e-6 per coordinate) - and the same seed gives the same samples.
 """
@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from distalign_testing.toy import TabularPolicy, ToySpace, ToyTarget, reference_f_divergence
 
 from distalign.losses.fdivergence import f_divergence, fdpg_policy_gradient_loss, fdpg_pseudo_rewards
 from distalign.targets.estimators import LogZEstimator, leave_one_out_baseline
-from distalign.testing.toy import TabularPolicy, ToySpace, ToyTarget, reference_f_divergence
 
 CASES = [
     ("forward_kl", {}),

@@ -112,7 +112,7 @@ def test_two_processes_build_the_tiny_model_whole_whichever_loads_first(tmp_path
     """Rank 1 reaches the policy load 3 s before rank 0 on an empty cache. Built there, under the
     process group, the cached model would have no weights (transformers saves on rank 0 only): the
     engine builds it before the group starts."""
-    from distalign.testing.runs import TINY_BASE, torchrun
+    from distalign_testing.runs import TINY_BASE, torchrun
 
     monkeypatch.setenv("DISTALIGN_CACHE", str(tmp_path / "cache"))
     probe = str(Path(__file__).parents[1] / "train" / "cache_build_probe.py")

@@ -6,12 +6,13 @@ import math
 
 import pytest
 import torch
+from distalign_testing.naive_logprobs import naive_sequence_logprobs
 from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaForCausalLM
 
 import distalign.models.token_logprobs as logprobs_module
 from distalign.models.loading import LoraSettings, apply_lora
 from distalign.models.logprobs import SequenceLogprobModel, split_pairs
-from distalign.models.token_logprobs import lean_path_supported, naive_sequence_logprobs, sequence_logprobs
+from distalign.models.token_logprobs import lean_path_supported, sequence_logprobs
 
 VOCAB = 512
 # Completion lengths 5, 9, 1, 7 with chunk sizes 3 and 7 put chunk boundaries inside sequences.

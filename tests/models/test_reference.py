@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from distalign_testing.naive_logprobs import naive_sequence_logprobs
 
 from distalign.cache import COMPLETE_MARKER
 from distalign.models.fingerprint import data_fingerprint, model_fingerprint
@@ -19,7 +20,7 @@ from distalign.models.reference import (
     reference_key_parts,
 )
 from distalign.models.tiny import build_tiny_model
-from distalign.models.token_logprobs import naive_sequence_logprobs, sequence_logprobs
+from distalign.models.token_logprobs import sequence_logprobs
 
 TOKENIZATION = {"chat_template": "chatml", "max_length": 64, "truncation_side": "left"}
 LOGPROBS = {"provider": "separate_model", "dtype": "float32"}

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from distalign_testing.runs import gradients_close, largest_gradient, read_metrics, step_gradient
 
 import distalign.train.online.update as online_update
-from distalign.testing.runs import gradients_close, largest_gradient, read_metrics, step_gradient
 from distalign.train.online import train_online
 
 RLOO_TASK = {

@@ -8,16 +8,16 @@ import math
 from pathlib import Path
 
 import pytest
-
-from distalign.config import ConfigError, load_config
-from distalign.models.loading import load_model_and_tokenizer
-from distalign.testing.runs import (
+from distalign_testing.runs import (
     final_weights,
     max_weight_difference,
     optimizer_steps_taken,
     read_metrics,
     torchrun,
 )
+
+from distalign.config import ConfigError, load_config
+from distalign.models.loading import load_model_and_tokenizer
 from distalign.train.online import train_online
 from distalign.train.setup import SetupError
 

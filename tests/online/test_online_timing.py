@@ -8,8 +8,8 @@ import time
 
 import pytest
 import torch
+from distalign_testing.runs import read_metrics
 
-from distalign.testing.runs import read_metrics
 from distalign.train.online.loop import STEP_PHASES, train_online
 from distalign.train.timing import PhaseTimer
 

@@ -5,11 +5,11 @@ with dropout, autocast or several micro-batches."""
 from __future__ import annotations
 
 import pytest
+from distalign_testing.runs import final_weights, read_metrics
 
 import distalign.train.online.loop as online_module
 from distalign.models import sampling
 from distalign.models.loading import LoraSettings, load_model_and_tokenizer
-from distalign.testing.runs import final_weights, read_metrics
 from distalign.train.online.loop import OnlineRun, train_online
 from distalign.train.online.update import has_active_dropout
 

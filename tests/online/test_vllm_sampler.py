@@ -14,14 +14,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from distalign_testing.engines import CpuEngine
+from distalign_testing.runs import read_metrics
 
 from distalign.config import ConfigError, load_config
 from distalign.errors import SetupError
 from distalign.models.engine_weights import engine_weights
 from distalign.models.loading import LoraSettings, load_model_and_tokenizer
 from distalign.models.vllm_engine import EngineSample, GenerationRequest
-from distalign.testing.engines import CpuEngine
-from distalign.testing.runs import read_metrics
 from distalign.train.online.loop import OnlineRun, train_online
 from distalign.train.online.samplers import EngineSampler, build_sampler
 from distalign.train.online.setup import LoopState, PromptSet

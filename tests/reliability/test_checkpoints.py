@@ -21,10 +21,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from distalign_testing.runs import TINY_BASE, final_weights, max_weight_difference, read_metrics
 
 from distalign.cli import main
 from distalign.config import load_config
-from distalign.testing.runs import TINY_BASE, final_weights, max_weight_difference, read_metrics
 from distalign.train.checkpoints import MANIFEST, config_differences, write_manifest
 from distalign.train.offline import train_offline
 

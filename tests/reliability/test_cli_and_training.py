@@ -17,9 +17,9 @@ import pytest
 import torch
 import transformers  # noqa: F401  (its log handler binds sys.stderr now, not to one test's capsys)
 import yaml
+from distalign_testing.runs import TINY_BASE, read_metrics
 
 from distalign.cli import main
-from distalign.testing.runs import TINY_BASE, read_metrics
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -8,8 +8,7 @@ import sys
 import time
 
 import pytest
-
-from distalign.testing.runs import run_process_group
+from distalign_testing.runs import run_process_group
 
 # A launcher that starts a worker and then hangs, like `accelerate launch` whose workers wait on a lock.
 HANGING_LAUNCHER = """

@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from distalign_testing.runs import TINY_BASE
 
 from distalign.config import load_config
-from distalign.testing.runs import TINY_BASE
 from distalign.train.offline import train_offline
 
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from distalign_testing.runs import gradients_close, largest_gradient, run_gradient
 
 from distalign.config import load_config
 from distalign.errors import SetupError
-from distalign.testing.runs import gradients_close, largest_gradient, run_gradient
 from distalign.train.setup import wrap_for_training
 
 

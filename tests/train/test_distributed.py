@@ -12,10 +12,10 @@ from accelerate.commands.config.config_args import load_config_from_file
 from accelerate.commands.launch import _validate_launch_command, launch_command_parser
 from accelerate.utils import DeepSpeedPlugin, DistributedType, FullyShardedDataParallelPlugin
 from accelerate.utils.launch import prepare_deepspeed_cmd_env, prepare_multi_gpu_env
+from distalign_testing.runs import ACCELERATE_CONFIGS, TINY_BASE
 
 from distalign.config import load_config
 from distalign.errors import SetupError
-from distalign.testing.runs import ACCELERATE_CONFIGS, TINY_BASE
 from distalign.train.distributed import (
     CPU_SHARDING_ENV,
     configure_deepspeed,

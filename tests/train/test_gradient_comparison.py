@@ -5,8 +5,7 @@ the whole gradient (the rule it replaced: max |a - b| <= tol x max(1, max |b|)) 
 from __future__ import annotations
 
 import torch
-
-from distalign.testing.runs import gradients_close, largest_gradient, unwrapped_name
+from distalign_testing.runs import gradients_close, largest_gradient, unwrapped_name
 
 
 def _gradient() -> dict[str, torch.Tensor]:

@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from distalign_testing.runs import TINY_BASE
 
 import distalign.train.offline as offline_module
 from distalign.config import load_config
 from distalign.models.packed_logprobs import packed_sequence_logprobs
 from distalign.models.token_logprobs import sequence_logprobs
-from distalign.testing.runs import TINY_BASE
 from distalign.train.offline import train_offline
 
 STEPS = 3

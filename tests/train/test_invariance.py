@@ -7,8 +7,7 @@ reference log-probs come from must not change what is learned.
 from __future__ import annotations
 
 import pytest
-
-from distalign.testing.runs import (
+from distalign_testing.runs import (
     TINY_BASE,
     distance_trained,
     final_weights,
@@ -21,6 +20,7 @@ from distalign.testing.runs import (
     run_gradient_two_processes,
     torchrun,
 )
+
 from distalign.train.engine import Engine
 
 

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from distalign_testing.runs import read_metrics
 from safetensors.torch import load_file
 
 from distalign.losses import LOSSES
-from distalign.testing.runs import read_metrics
 
 #: Designer rewards for the losses that read them: brevity (minus the word count), z-scored.
 BREVITY = "designer.rewards=[{name: length, alias: brevity}]"

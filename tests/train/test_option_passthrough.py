@@ -13,17 +13,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
-from distalign.config import load_config
-from distalign.losses import LOSSES
-from distalign.losses.aggregators import AGGREGATORS
-from distalign.testing.runs import (
+from distalign_testing.runs import (
     TINY_BASE,
     final_weights,
     max_weight_difference,
     read_metrics,
     write_shifted_pairs,
 )
+
+from distalign.config import load_config
+from distalign.losses import LOSSES
+from distalign.losses.aggregators import AGGREGATORS
 from distalign.train.offline import train_offline
 
 pytestmark = pytest.mark.slow

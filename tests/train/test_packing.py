@@ -15,6 +15,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from distalign_testing.runs import (
+    gradients_close,
+    largest_gradient,
+    read_metrics,
+    run_gradient,
+    run_gradient_two_processes,
+)
 from transformers import MistralConfig, MistralForCausalLM
 
 import distalign.models.packed_logprobs as packed_logprobs_module
@@ -37,13 +44,6 @@ from distalign.models.packing import packing_problem
 from distalign.models.span_attention import IMPLEMENTATION as SPANS
 from distalign.models.span_attention import register_span_attention
 from distalign.models.tiny import build_tiny_model
-from distalign.testing.runs import (
-    gradients_close,
-    largest_gradient,
-    read_metrics,
-    run_gradient,
-    run_gradient_two_processes,
-)
 from distalign.train.batching import split_for_process
 
 PAD = 0

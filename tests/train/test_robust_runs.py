@@ -7,9 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-
-from distalign.data.loading import load_rows
-from distalign.testing.runs import (
+from distalign_testing.runs import (
     final_weights,
     gradients_close,
     largest_gradient,
@@ -20,6 +18,8 @@ from distalign.testing.runs import (
     run_gradient_two_processes,
     write_shifted_pairs,
 )
+
+from distalign.data.loading import load_rows
 
 STEP = 3
 

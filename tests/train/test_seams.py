@@ -8,10 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from distalign.config import ConfigError, load_config
-from distalign.data.loading import load_rows
-from distalign.testing.runs import (
+from distalign_testing.runs import (
     TINY_BASE,
     final_weights,
     gradients_close,
@@ -23,6 +20,9 @@ from distalign.testing.runs import (
     run_gradient_two_processes,
     torchrun,
 )
+
+from distalign.config import ConfigError, load_config
+from distalign.data.loading import load_rows
 
 SUMMARY_PROBE = str(Path(__file__).with_name("summary_probe.py"))
 STEP = 3  # at step 1 the policy is its reference: every DPO loss ties and CVaR's tail is arbitrary

@@ -15,9 +15,7 @@ import math
 
 import pytest
 import torch
-
-from distalign.config import load_config
-from distalign.testing.runs import (
+from distalign_testing.runs import (
     ACCELERATE_CONFIGS,
     TINY_BASE,
     accelerate_launch,
@@ -29,6 +27,8 @@ from distalign.testing.runs import (
     read_metrics,
     run_gradient,
 )
+
+from distalign.config import load_config
 from distalign.train.distributed import CPU_SHARDING_ENV
 from distalign.train.offline import train_offline
 
@@ -88,7 +88,7 @@ def test_aot_global_coupling_under_fsdp2_applies_the_one_process_gradient(tmp_pa
     step = 3  # at step 1 the policy is its reference and every AOT gap is 0
     whole = run_gradient(tmp_path / "whole", *AOT, "train.micro_batch_size=8", step=step)
     out = tmp_path / "fsdp2.pt"
-    probe = ["-m", "distalign.testing.grad_probe", str(out), str(step)]
+    probe = ["-m", "distalign_testing.grad_probe", str(out), str(step)]
     overrides = [*AOT, "train.micro_batch_size=2", f"output_dir={tmp_path / 'fsdp2'}"]
     accelerate_launch(ACCELERATE_CONFIGS / "fsdp2.yaml", [*probe, *overrides], env=CPU_SHARDING)
     sharded = torch.load(out, weights_only=True)

@@ -9,16 +9,16 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from distalign.data.loading import load_rows
-from distalign.errors import SetupError
-from distalign.testing.runs import (
+from distalign_testing.runs import (
     gradients_close,
     largest_gradient,
     read_metrics,
     run_gradient,
     run_gradient_two_processes,
 )
+
+from distalign.data.loading import load_rows
+from distalign.errors import SetupError
 
 BREVITY = "designer.rewards=[{name: length, alias: brevity}]"
 STEP = 3

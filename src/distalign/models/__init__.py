@@ -19,7 +19,7 @@ from distalign.models.reference import (
     reference_key_parts,
 )
 from distalign.models.tiny import build_tiny_model, tiny_model_path
-from distalign.models.token_logprobs import SequenceLogprobs, naive_sequence_logprobs, sequence_logprobs
+from distalign.models.token_logprobs import SequenceLogprobs, sequence_logprobs
 
 __all__ = [
     "EmbeddedModelUnavailableError",
@@ -37,7 +37,6 @@ __all__ = [
     "load_model_and_tokenizer",
     "load_reference_model",
     "model_fingerprint",
-    "naive_sequence_logprobs",
     "reference_key_parts",
     "save_final_model",
     "sequence_logprobs",

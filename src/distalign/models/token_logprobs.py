@@ -110,25 +110,6 @@ def model_inputs(
     return inputs
 
 
-def naive_sequence_logprobs(
-    model: nn.Module,
-    input_ids: Tensor,
-    attention_mask: Tensor,
-    completion_mask: Tensor,
-    position_ids: Tensor | None = None,
-) -> tuple[Tensor, Tensor]:
-    """Reference implementation: full [B, T, V] logits, float64 log-softmax, gather.
-
-    Returns ``(summed [B] float64, counts [B] float64)``. Memory-hungry by design; for tests only.
-    """
-    _check_masks(input_ids, attention_mask, completion_mask)
-    logits = model(**model_inputs(model, input_ids, attention_mask, position_ids)).logits
-    token_logps = torch.log_softmax(logits[:, :-1].double(), dim=-1)
-    token_logps = token_logps.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
-    mask = completion_mask[:, 1:].double()
-    return (token_logps * mask).sum(-1), mask.sum(-1)
-
-
 def _logit_postprocess(config: Any) -> LogitTransform | None:
     """The transform some architectures apply after the output head (scaling, soft-capping)."""
     scale = 1.0

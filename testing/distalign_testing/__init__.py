@@ -3,6 +3,6 @@
 Nothing here is used by the library at run time; tests across the project import it.
 """
 
-from distalign.testing.toy import TabularPolicy, ToySpace, ToyTarget
+from distalign_testing.toy import TabularPolicy, ToySpace, ToyTarget
 
 __all__ = ["TabularPolicy", "ToySpace", "ToyTarget"]

@@ -1,13 +1,13 @@
 """Script: train STEP steps, save the last step's gradient.
-``torchrun ... -m distalign.testing.grad_probe OUT.pt STEP KEY=VALUE ...``"""
+``torchrun ... -m distalign_testing.grad_probe OUT.pt STEP KEY=VALUE ...``"""
 
 import os
 import sys
 
 import torch
 
-from distalign.testing.runs import capture_gradient
 from distalign.train.distributed import exit_process
+from distalign_testing.runs import capture_gradient
 
 if __name__ == "__main__":
     gradient = capture_gradient(sys.argv[3:], step=int(sys.argv[2]))

@@ -119,7 +119,7 @@ def torchrun(args: list[str], nproc: int = 2, timeout: int = 600) -> subprocess.
 
 
 #: The launch configs shipped with distalign (``accelerate launch --config_file``).
-ACCELERATE_CONFIGS = Path(__file__).resolve().parents[3] / "configs" / "accelerate"
+ACCELERATE_CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "accelerate"
 
 
 def accelerate_launch(
@@ -220,7 +220,7 @@ def run_gradient_two_processes(run_dir: Path, *overrides: str, step: int = 1) ->
     torchrun(
         [
             "-m",
-            "distalign.testing.grad_probe",
+            "distalign_testing.grad_probe",
             str(out),
             str(step),
             *TINY_BASE,
