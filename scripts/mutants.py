@@ -98,7 +98,7 @@ BUGS = [
     PlantedBug(
         "self_bleu_ignores_seed_and_max_refs",
         "self-BLEU compares every text with all others, whatever seed and max_refs say",
-        "src/distalign/stats/metrics.py",
+        "src/distalign/stats/diversity.py",
         "        if max_refs is not None and len(others) > max_refs:",
         "        if False:",
         ("tests/eval/test_metrics.py",),

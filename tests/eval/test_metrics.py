@@ -8,19 +8,15 @@ import numpy as np
 import pytest
 import torch
 
+from distalign.stats.diversity import distinct_n, length_stats, self_bleu, sentence_bleu, token_entropy
 from distalign.stats.metrics import (
     Estimate,
     EvalResult,
     bootstrap_ci,
-    distinct_n,
     evaluate_samples,
     kl_estimate,
-    length_stats,
     mean_with_ci,
     quantile_curve,
-    self_bleu,
-    sentence_bleu,
-    token_entropy,
     win_rate,
     win_rate_with_ci,
 )

@@ -9,11 +9,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from distalign.losses.kto import kto_loss
 from distalign.losses.preference import (
     dpo_loss,
     hinge_loss,
     ipo_loss,
-    kto_loss,
     robust_dpo_loss,
     sft_loss,
     simpo_loss,

@@ -31,7 +31,6 @@ __all__ = [
     "dpo_loss",
     "hinge_loss",
     "ipo_loss",
-    "kto_loss",
     "positive_nll",
     "preference_metrics",
     "register_pairwise",
@@ -186,46 +185,6 @@ def simpo_loss(
     """
     check_positive("beta", beta)
     return -F.logsigmoid(beta * (chosen_avg_logps - rejected_avg_logps) - gamma)
-
-
-def kto_loss(
-    logratios: torch.Tensor,
-    labels: torch.Tensor,
-    kl_reference: torch.Tensor | float,
-    *,
-    beta: float = 0.1,
-    desirable_weight: float = 1.0,
-    undesirable_weight: float = 1.0,
-) -> torch.Tensor:
-    """KTO loss per row; Ethayarajh et al. 2024, the KTO loss ``lambda_y - v(x, y)``.
-
-    Desirable rows: ``w_D (1 - sigmoid(beta (rho - z)))``; undesirable rows:
-    ``w_U (1 - sigmoid(beta (z - rho)))``, computed as ``sigmoid`` of the negated argument so nothing
-    cancels. ``z = kl_reference`` is the reference point: it is detached here and clamped at 0 (a KL
-    divergence estimate cannot be negative), so callers may pass the raw batch estimate. The paper
-    recommends ``w_D n_D / (w_U n_U)`` in [1, 4/3].
-
-    Args:
-        logratios: [B] ``rho = log pi(y|x) - log pi_ref(y|x)`` in nats.
-        labels: [B] 1 for desirable, 0 for undesirable (bool, int or float).
-        kl_reference: scalar ``z`` in nats.
-        beta: value-function sharpness (> 0).
-        desirable_weight: ``w_D`` (>= 0).
-        undesirable_weight: ``w_U`` (>= 0).
-
-    Returns:
-        [B] per-row loss in [0, max(w_D, w_U)].
-    """
-    check_positive("beta", beta)
-    if desirable_weight < 0 or undesirable_weight < 0:
-        raise ValueError(f"KTO weights must be >= 0, got {desirable_weight=}, {undesirable_weight=}")
-    if not bool(((labels == 0) | (labels == 1)).all()):
-        raise ValueError("KTO labels must be 1 (desirable) or 0 (undesirable)")
-    z = torch.as_tensor(kl_reference, dtype=logratios.dtype, device=logratios.device).detach().clamp(min=0)
-    desirable = labels.to(torch.bool)
-    desirable_loss = desirable_weight * torch.sigmoid(beta * (z - logratios))
-    undesirable_loss = undesirable_weight * torch.sigmoid(beta * (logratios - z))
-    return torch.where(desirable, desirable_loss, undesirable_loss)
 
 
 def token_mean_logps(logps: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:

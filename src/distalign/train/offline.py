@@ -41,9 +41,9 @@ from distalign.train.coupling import (
 )
 from distalign.train.engine import Engine, iterate_steps
 from distalign.train.objective import BatchObjective, build_objective, state_from_json, state_to_json
+from distalign.train.reference import ReferenceLogps
 from distalign.train.setup import (
     OfflineData,
-    ReferenceLogps,
     load_offline_data,
     load_policy,
     packing_layout,

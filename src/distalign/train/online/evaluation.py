@@ -34,7 +34,7 @@ import torch
 
 from distalign.errors import SetupError
 from distalign.models.sampling import score_completions
-from distalign.stats.metrics import diversity_stats
+from distalign.stats.diversity import diversity_stats
 from distalign.targets import (
     BooleanConstraint,
     Estimate,

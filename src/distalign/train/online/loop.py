@@ -30,7 +30,7 @@ from distalign.errors import NonFiniteLossError, SetupError, TrainingStoppedErro
 from distalign.models.attention import without_cudnn_attention
 from distalign.models.sampling import score_completions
 from distalign.online_methods import get_online_method
-from distalign.stats.metrics import distinct_n
+from distalign.stats.diversity import distinct_n
 from distalign.targets import ProposalRefreshRule, estimate_divergence, importance_weighted_mean
 from distalign.train.batching import BatchPlan
 from distalign.train.engine import Engine, iterate_steps
