@@ -385,11 +385,12 @@ def logprobs_and_gradients(module, batch: dict, weights, autocast_dtype) -> tupl
     mixed up with another shows), both in float32."""
     import torch
 
+    from distalign.data.collate import to_device
     from distalign.models.logprobs import batch_logprobs
 
     device = weights.device
     module.zero_grad(set_to_none=True)
-    batch = {key: value.to(device) for key, value in batch.items()}
+    batch = to_device(batch, device)
     with torch.autocast(
         device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None
     ):
@@ -426,7 +427,7 @@ def dropped_completion_token(batch: dict) -> dict:
     packer off by one would; the float32 comparison must catch it."""
     from distalign.data.collate import predictor_positions
 
-    broken = {key: value.clone() for key, value in batch.items()}
+    broken = type(batch)({key: value.clone() for key, value in batch.items()})
     mask = broken["completion_mask"].view(-1)
     positions = ((broken["sequence_index"].view(-1) == 0) & (mask == 1)).nonzero()
     mask[positions[-1]] = 0
@@ -446,19 +447,20 @@ def exactness_worker(args: argparse.Namespace) -> dict:
     from distalign.data.collate import collate_sequences, pack_sequences
     from distalign.models.attention import without_cudnn_attention
     from distalign.models.logprobs import SequenceLogprobModel
-    from distalign.models.packed_logprobs import packed_attention_kind, packed_rows
+    from distalign.models.packed_logprobs import packed_attention_kind, packing_layout_of
     from distalign.models.span_attention import use_span_attention
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = AutoModelForCausalLM.from_pretrained(args.model_path, dtype=torch.float32).to(device)
     use_span_attention(model)  # as the training setup does when data.packing is on
-    module = SequenceLogprobModel(model)
+    layout = packing_layout_of(model, share_prompts=True)
+    module = SequenceLogprobModel(model, packing=layout)
     prompts, completions = paired_sequences(
         args.pairs, args.max_prompt, args.max_completion, model.config.vocab_size
     )
     pad = model.config.pad_token_id or 0
     padded = collate_sequences(prompts, completions, pad)
-    packed = pack_sequences(prompts, completions, pad, rows=packed_rows(model, share_prompts=True))
+    packed = pack_sequences(prompts, completions, pad, rows=layout.rows)
     weights = torch.linspace(-1.0, 2.0, len(prompts), device=device)
     run = without_cudnn_attention(logprobs_and_gradients)  # the kernels the training loops use
     float32_padded = run(module, padded, weights, None)

@@ -8,6 +8,10 @@ from pathlib import Path
 # Before anything imports torch: idle OpenMP threads sleep instead of spinning, which keeps the
 # suite fast when other jobs share the cores (the CLI sets the same default).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Processes the tests start (accelerate launch -m distalign_testing.grad_probe, ...) find the test
+# helpers, which are not installed; set for the whole session, since module-scoped fixtures launch too.
+_HELPERS = str(Path(__file__).resolve().parents[1] / "testing")
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [_HELPERS, os.environ.get("PYTHONPATH")]))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -23,10 +27,6 @@ def _isolated_distalign_cache(tmp_path_factory: pytest.TempPathFactory, monkeypa
     start in that directory waits for it forever (what hung CI in ~/.cache/torch_extensions).
     """
     base = tmp_path_factory.getbasetemp()
-    # Processes the tests start (accelerate launch -m distalign_testing.grad_probe, ...) find the test
-    # helpers, which are not installed.
-    helpers = str(Path(__file__).resolve().parents[1] / "testing")
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [helpers, os.environ.get("PYTHONPATH")])))
     monkeypatch.setenv("DISTALIGN_CACHE", str(base / "distalign-cache"))
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(base / "torch-extensions"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

@@ -9,7 +9,8 @@ import torch
 
 from distalign.losses import get_loss
 from distalign.losses.base import PairedStats, UnpairedStats
-from distalign.losses.preference import dpo_loss, kto_loss
+from distalign.losses.kto import kto_loss
+from distalign.losses.preference import dpo_loss
 from distalign.losses.upo import advantage_weights, expectile_loss
 
 N = 5

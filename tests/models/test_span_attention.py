@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 import distalign.models.packed_logprobs as packed_logprobs_module
 from distalign.config import load_config
-from distalign.data.collate import collate_sequences, pack_sequences, packed_attention_mask
+from distalign.data.collate import PackingLayout, collate_sequences, pack_sequences, packed_attention_mask
 from distalign.models.logprobs import SequenceLogprobModel, batch_logprobs
 from distalign.models.packed_logprobs import packed_attention_kind, packed_sequence_logprobs
 from distalign.models.span_attention import (
@@ -142,7 +142,7 @@ def test_a_packed_run_switches_its_sdpa_policy_and_a_padded_run_does_not():
         config = load_config(None, ["model.name=tiny", f"data.packing={str(packing).lower()}"])
         layout = packing_layout(model, config)
         assert model.config._attn_implementation == expected
-        assert layout == ("shared_one" if packing else None)
+        assert layout == (PackingLayout("shared_one", "spans") if packing else None)
 
 
 # ------------------------------------------------------------------ the GPU path: FlexAttention

@@ -30,6 +30,7 @@ import distalign.models.token_logprobs as logprobs_module
 import distalign.train.offline as offline_module
 import distalign.train.setup as training_setup
 from distalign.data.collate import (
+    PackingLayout,
     collate_sequences,
     pack_sequences,
     packed_attention_mask,
@@ -39,7 +40,7 @@ from distalign.data.loading import load_rows
 from distalign.errors import SetupError
 from distalign.models.heads import build_heads
 from distalign.models.logprobs import SequenceLogprobModel, batch_logprobs
-from distalign.models.packed_logprobs import packed_sequence_logprobs
+from distalign.models.packed_logprobs import packed_attention_kind, packed_sequence_logprobs
 from distalign.models.packing import packing_problem
 from distalign.models.span_attention import IMPLEMENTATION as SPANS
 from distalign.models.span_attention import register_span_attention
@@ -509,11 +510,50 @@ def test_shared_prompts_are_the_packed_default_and_can_be_switched_off():
     from distalign.train.setup import packing_layout
 
     model, _ = build_tiny_model(seed=0)  # on SDPA, switched to span attention: one row
-    assert packing_layout(model, load_config(None, ["data.packing=true"])) == "shared_one"
+    assert packing_layout(model, load_config(None, ["data.packing=true"])) == PackingLayout(
+        "shared_one", "spans"
+    )
     off = load_config(None, ["data.packing=true", "data.share_prompts=false"])
-    assert packing_layout(model, off) == "one"
+    assert packing_layout(model, off) == PackingLayout("one", "spans")
     assert packing_layout(model, load_config(None, [])) is None
     eager, _ = build_tiny_model(seed=0)
     eager.set_attn_implementation("eager")  # a dense mask: rows of the longest sequence
-    assert packing_layout(eager, load_config(None, ["data.packing=true"])) == "shared"
-    assert packing_layout(eager, off) == "longest"
+    assert packing_layout(eager, load_config(None, ["data.packing=true"])) == PackingLayout("shared", "mask")
+    assert packing_layout(eager, off) == PackingLayout("longest", "mask")
+
+
+def test_the_batch_type_not_its_keys_says_packed(model64):
+    """A packed batch copied into a plain dict (the way devices used to be reached) would read as a
+    padded one, its [R, W] token mask letting sequences attend to each other: refused, naming the fix;
+    moved with to_device it stays packed."""
+    from distalign.data.collate import to_device
+
+    prompts, completions = _sequences()
+    module = SequenceLogprobModel(model64, chunk_size=4)
+    packed = pack_sequences(prompts, completions, PAD)
+    with pytest.raises(ValueError, match="lost its type.*to_device"):
+        batch_logprobs(module, {key: value for key, value in packed.items()})
+    moved, _ = batch_logprobs(module, to_device(packed, "cpu"))
+    padded, _ = batch_logprobs(module, collate_sequences(prompts, completions, PAD))
+    torch.testing.assert_close(moved, padded, atol=1e-12, rtol=0)
+
+
+def test_the_module_attends_as_the_runs_layout_says(model64, monkeypatch):
+    """The layout decided at setup reaches the forward: the module does not re-derive it from the
+    model (here an SDPA model, which alone would be attended with a dense mask)."""
+    import distalign.models.packed_logprobs as packed_module
+
+    seen = []
+    original = packed_module.packed_sequence_logprobs
+
+    def spy(*args, attention=None, **kwargs):
+        seen.append(attention)
+        return original(*args, attention=attention, **kwargs)
+
+    monkeypatch.setattr("distalign.models.logprobs.packed_sequence_logprobs", spy)
+    prompts, completions = _sequences()
+    layout = PackingLayout("one", "spans")
+    module = SequenceLogprobModel(model64, chunk_size=4, packing=layout)
+    assert packed_attention_kind(model64) == "mask" and module.packed_attention == "spans"
+    batch_logprobs(module, pack_sequences(prompts, completions, PAD, rows=layout.rows))
+    assert seen == ["spans"]

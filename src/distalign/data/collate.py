@@ -25,6 +25,7 @@ token before them (:func:`predictor_positions`).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -98,6 +99,33 @@ def padded_predictor_positions(completion_mask: torch.Tensor) -> torch.Tensor:
 
 PackedRows = Literal["longest", "one", "shared", "shared_one"]
 
+PackedAttention = Literal["mask", "spans", "flex", "varlen"]
+
+
+@dataclass(frozen=True)
+class PackingLayout:
+    """How a run packs its forward passes (``data.packing``), decided once at setup from the model
+    (``distalign.train.setup.packing_layout``) and handed to every collate and to the log-prob module.
+
+    ``rows``: how :func:`pack_sequences` lays the sequences into rows. ``attention``: how the forward
+    keeps each sequence's attention inside it: "mask", a block-diagonal causal 4D mask; "spans", one
+    SDPA call per span; "flex", one FlexAttention call over a block mask; "varlen", flash kernels'
+    variable-length path (from the position ids; the batch must be one row)."""
+
+    rows: PackedRows
+    attention: PackedAttention
+
+
+class PackedBatch(dict):
+    """The tensors of a packed batch (:func:`pack_sequences`), by name: its type, not its keys, tells
+    a consumer that it is packed. Move it with :func:`to_device`, which keeps the type."""
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device | str) -> dict[str, torch.Tensor]:
+    """``batch`` with every tensor on ``device``, of the same type (a padded dict or a
+    :class:`PackedBatch`)."""
+    return type(batch)({name: tensor.to(device) for name, tensor in batch.items()})
+
 
 def _first_fit_rows(lengths: list[int], capacity: int) -> list[list[int]]:
     """Sequence indices per row: first fit, longest sequences first (ties in input order)."""
@@ -131,7 +159,7 @@ def pack_sequences(
     pad_token_id: int,
     *,
     rows: PackedRows = "longest",
-) -> dict[str, torch.Tensor]:
+) -> PackedBatch:
     """Lay the sequences (prompt + completion each) end to end, padding-free, for one packed forward.
 
     ``rows="longest"``: rows of at most the longest sequence's length, filled first-fit from the
@@ -204,7 +232,7 @@ def pack_sequences(
         batch["group_index"] = group_index
     targets, predictors = predictor_positions(completion_mask, sequence_index, batch.get("group_index"))
     batch["target_positions"], batch["predictor_positions"] = targets, predictors
-    return batch
+    return PackedBatch(batch)
 
 
 def predictor_positions(

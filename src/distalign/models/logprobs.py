@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from distalign.data.collate import PackedBatch, PackingLayout
 from distalign.models.packed_logprobs import packed_attention_kind, packed_sequence_logprobs
 from distalign.models.token_logprobs import causal_lm_of, lean_path_supported, sequence_logprobs
 
@@ -34,7 +35,8 @@ class SequenceLogprobModel(nn.Module):
     the batch is packed (:func:`~distalign.models.packed_logprobs.packed_sequence_logprobs`:
     ``attention_mask`` is then only the [R, W] token mask, ``position_ids`` are required,
     ``head_positions`` are flat indices; with ``group_index`` too, prompts are shared) and the results
-    are per sequence. :func:`batch_logprobs` calls it with either layout's batch dict.
+    are per sequence, attended as ``packing.attention`` says. :func:`batch_logprobs` calls it with
+    either layout's batch.
     """
 
     def __init__(
@@ -45,6 +47,7 @@ class SequenceLogprobModel(nn.Module):
         lean: bool | None = None,
         heads: nn.ModuleDict | None = None,
         detach_head_input: bool = False,
+        packing: PackingLayout | None = None,
     ) -> None:
         super().__init__()
         self.model = model
@@ -53,7 +56,9 @@ class SequenceLogprobModel(nn.Module):
         self.chunk_size = chunk_size
         # Decided now, on the plain model, rather than inside a sharded forward later.
         self.lean = lean_path_supported(model) if lean is None else lean
-        self.packed_attention = packed_attention_kind(model)
+        # A run's layout was decided at setup (train.setup.packing_layout); without one (a module built
+        # directly), packed batches are attended as the model's own attention implementation allows.
+        self.packed_attention = packing.attention if packing is not None else packed_attention_kind(model)
 
     @property
     def _no_split_modules(self) -> list[str] | None:
@@ -118,9 +123,15 @@ def batch_logprobs(
 ) -> tuple[Tensor, Tensor] | tuple[Tensor, Tensor, dict[str, Tensor]]:
     """Call a (possibly DDP/FSDP-wrapped) :class:`SequenceLogprobModel` on a padded
     (:func:`~distalign.data.collate.collate_sequences`) or packed
-    (:func:`~distalign.data.collate.pack_sequences`) batch; with ``heads``, the heads read each
-    sequence's last prompt token. Returns what its ``forward`` returns, per sequence."""
-    packed = "sequence_index" in batch
+    (:func:`~distalign.data.collate.pack_sequences`, a :class:`~distalign.data.collate.PackedBatch`)
+    batch; with ``heads``, the heads read each sequence's last prompt token. Returns what its
+    ``forward`` returns, per sequence."""
+    packed = isinstance(batch, PackedBatch)
+    if not packed and "sequence_index" in batch:
+        raise ValueError(
+            "a packed batch lost its type on the way here (a dict comprehension copied it): move it with "
+            "distalign.data.collate.to_device, which keeps it a PackedBatch"
+        )
     head_positions = None
     if heads:
         head_positions = batch["head_positions"] if packed else batch["prompt_lengths"] - 1

@@ -14,7 +14,7 @@ from functools import partial
 
 from torch import Tensor, nn
 
-from distalign.data.collate import PackedRows, packed_attention_mask
+from distalign.data.collate import PackedAttention, PackingLayout, packed_attention_mask
 from distalign.data.collate import predictor_positions as derive_predictor_positions
 from distalign.models.span_attention import IMPLEMENTATION as SPAN_ATTENTION
 from distalign.models.span_attention import (
@@ -31,7 +31,7 @@ from distalign.models.token_logprobs import (
 )
 
 
-def packed_attention_kind(model: nn.Module) -> str:
+def packed_attention_kind(model: nn.Module) -> PackedAttention:
     """How a packed batch's attention is confined to each sequence: "varlen" for flash-attention
     kernels (transformers derives the sequence boundaries from ``position_ids``; the batch must be one
     row); for a model on span attention (:func:`~distalign.models.span_attention.use_span_attention`),
@@ -44,19 +44,22 @@ def packed_attention_kind(model: nn.Module) -> str:
     return "varlen" if "flash" in str(implementation or "") else "mask"
 
 
-def packed_rows(model: nn.Module, share_prompts: bool = False) -> PackedRows:
-    """The row layout :func:`~distalign.data.collate.pack_sequences` should use for ``model``.
+def packing_layout_of(model: nn.Module, share_prompts: bool = False) -> PackingLayout:
+    """The :class:`~distalign.data.collate.PackingLayout` of ``model``: its attention kind
+    (:func:`packed_attention_kind`) and the rows that suit it.
 
     Variable-length kernels and span attention cost each sequence's own attention whatever the row, so
     one row (no row-end padding at all); a dense mask costs the square of the row, so rows of the
     longest sequence. Prompts are shared (``share_prompts``) except for variable-length kernels, whose
     only input is sequence boundaries."""
-    kind = packed_attention_kind(model)
-    if kind == "varlen":
-        return "one"
-    if kind in ("spans", "flex"):
-        return "shared_one" if share_prompts else "one"
-    return "shared" if share_prompts else "longest"
+    attention = packed_attention_kind(model)
+    if attention == "varlen":
+        rows = "one"
+    elif attention in ("spans", "flex"):
+        rows = "shared_one" if share_prompts else "one"
+    else:
+        rows = "shared" if share_prompts else "longest"
+    return PackingLayout(rows=rows, attention=attention)
 
 
 def _packed_inputs(

@@ -16,8 +16,12 @@ from typing import Any
 
 from torch import nn
 
-from distalign.data.collate import PackedRows, collate_sequences, pack_sequences
-from distalign.models.packed_logprobs import packed_attention_kind, packed_rows, packed_sequence_logprobs
+from distalign.data.collate import PackingLayout, collate_sequences, pack_sequences, to_device
+from distalign.models.packed_logprobs import (
+    packed_attention_kind,
+    packed_sequence_logprobs,
+    packing_layout_of,
+)
 from distalign.models.token_logprobs import causal_lm_of, probe_tolerance, probing, sequence_logprobs
 
 logger = logging.getLogger(__name__)
@@ -54,24 +58,27 @@ def _mask_limit(config: Any, max_length: int | None) -> str | None:
     return None
 
 
-def _packed_vs_padded(causal_lm: nn.Module, model: nn.Module, rows: PackedRows) -> float:
+def _packed_vs_padded(causal_lm: nn.Module, model: nn.Module, layout: PackingLayout) -> float:
     """Probe: the largest difference, relative to max(1, |value|), between the packed and the padded
     summed log-probs of three short sequences, the first two with one prompt (packed in two rows, one
-    ending in padding, or in one; with ``rows="shared"`` the common prompt once)."""
+    ending in padding, or in one; with ``layout.rows="shared"`` the common prompt once)."""
     parameter = next(causal_lm.parameters())
     vocab_size = max(int(getattr(causal_lm.config, "vocab_size", 2)) - 1, 1)
     tokens = [[(t * (k + 3)) % vocab_size + 1 for t in range(1, n + 1)] for k, n in enumerate((9, 5, 3))]
     prompts, completions = [t[:2] for t in tokens], [t[2:] for t in tokens]
     prompts[1] = prompts[0]
     padded_batch = collate_sequences(prompts, completions, 0)
-    packed_batch = pack_sequences(prompts, completions, 0, rows=rows)
+    packed_batch = pack_sequences(prompts, completions, 0, rows=layout.rows)
     padded_batch, packed_batch = (
-        {k: v.to(parameter.device) for k, v in batch.items()} for batch in (padded_batch, packed_batch)
+        to_device(batch, parameter.device) for batch in (padded_batch, packed_batch)
     )
     with probing(causal_lm):
         padded = sequence_logprobs(model, *(padded_batch[k] for k in _PADDED_KEYS))
         packed = packed_sequence_logprobs(
-            model, *(packed_batch[k] for k in _PACKED_KEYS), group_index=packed_batch.get("group_index")
+            model,
+            *(packed_batch[k] for k in _PACKED_KEYS),
+            group_index=packed_batch.get("group_index"),
+            attention=layout.attention,
         )
     scale = padded.summed.double().abs().clamp_min(1)
     return float(((packed.summed.double() - padded.summed.double()).abs() / scale).max())
@@ -95,9 +102,9 @@ def _probe_packing(causal_lm: nn.Module, model: nn.Module) -> str | None:
             logger.info("packing: known architecture, not probed (%s)", unprobed)
             return None
         return f"{unprobed}, and the architecture is not one known to pack exactly"
-    layouts = dict.fromkeys((packed_rows(model), packed_rows(model, share_prompts=True)))
+    layouts = dict.fromkeys((packing_layout_of(model), packing_layout_of(model, share_prompts=True)))
     try:
-        difference = max(_packed_vs_padded(causal_lm, model, rows) for rows in layouts)
+        difference = max(_packed_vs_padded(causal_lm, model, layout) for layout in layouts)
     except (ValueError, TypeError, RuntimeError) as err:
         return f"a packed forward failed ({type(err).__name__}: {err})"
     if not difference <= probe_tolerance(parameter.dtype):  # NaN fails too

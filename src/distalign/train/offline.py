@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from distalign.config import RunConfig
-from distalign.data.collate import PackedRows, token_counts
+from distalign.data.collate import PackingLayout, to_device, token_counts
 from distalign.losses.base import (
     ListwiseStats,
     LossResult,
@@ -56,7 +56,7 @@ from distalign.train.summary import write_dominance_summary
 class StatsComputer:
     """Runs the policy forward on rows and assembles the loss statistics: log-probs, reference values,
     weights, per-row signals and the outputs of the model heads the loss declares. ``packing``: the
-    packed row layout of the forward passes (``data.packing``), None for padded batches."""
+    run's packing layout (``data.packing``), None for padded batches."""
 
     def __init__(
         self,
@@ -64,7 +64,7 @@ class StatsComputer:
         data: OfflineData,
         reference: ReferenceLogps | None,
         heads: bool = False,
-        packing: PackedRows | None = None,
+        packing: PackingLayout | None = None,
     ) -> None:
         self.engine = engine
         self.data = data
@@ -81,7 +81,7 @@ class StatsComputer:
         if count_tokens:
             tokens, positions, forwarded = token_counts(host_batch)
             self.engine.count_tokens(tokens, positions, forwarded=forwarded)
-        batch = {k: v.to(device) for k, v in host_batch.items()}
+        batch = to_device(host_batch, device)
         with self.engine.accelerator.autocast():
             logps, counts, *head_outputs = batch_logprobs(self.engine.model, batch, self.heads)
         # Losses run in at least float32 (float64 models keep float64, for exactness checks).
@@ -248,14 +248,16 @@ def train_offline(config: RunConfig, *, stop_after_step: int | None = None) -> P
     policy, tokenizer = load_policy(config)
     packing = packing_layout(policy, config)  # refuses a model packing cannot be exact for
     data = load_offline_data(config, tokenizer, objective, engine)
-    reference = ReferenceLogps.build(config, spec, policy, data, engine) if spec.needs_reference else None
+    reference = (
+        ReferenceLogps.build(config, spec, policy, data, engine, packing) if spec.needs_reference else None
+    )
     engine.open_run_dir()
     if data.designer is not None and engine.is_main:
         data.designer.save(engine.run_dir / "designer.json")  # eval scores samples on this scale
 
     plan = BatchPlan(len(data), config.train.batch_size, config.train.seed, data.plan_labels())
     total_steps = config.train.max_steps or plan.steps_for_epochs(config.train.epochs)
-    engine.prepare(wrap_for_training(policy, config, objective.heads), total_steps)
+    engine.prepare(wrap_for_training(policy, config, objective.heads, packing), total_steps)
     if reference is not None:  # FSDP2 / ZeRO-3: scored by the sharded policy, before any update
         reference.score_with_prepared_policy()
     state = engine.resume_latest()

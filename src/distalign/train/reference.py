@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from distalign.config import RunConfig
-from distalign.data.collate import PackedRows
+from distalign.data.collate import PackingLayout, to_device
 from distalign.losses.base import LossSpec
 from distalign.models.fingerprint import model_fingerprint
 from distalign.models.loading import (
@@ -52,14 +52,26 @@ class ReferenceLogps:
 
     @classmethod
     def build(
-        cls, config: RunConfig, spec: LossSpec, policy, data: OfflineData, engine: Engine
+        cls,
+        config: RunConfig,
+        spec: LossSpec,
+        policy,
+        data: OfflineData,
+        engine: Engine,
+        packing: PackingLayout | None = None,
     ) -> ReferenceLogps:
+        """``packing``: the policy's packing layout (:func:`~distalign.train.setup.packing_layout`),
+        which the reference shares unless it is a separate model (``reference.model``, laid out for
+        itself)."""
         with engine.loading_whole_models():
             ref_model, adapters_off = _reference_model(config, policy)
+        ref_packing = packing_layout(ref_model, config) if ref_model is not policy else packing
         if not config.reference.precompute:
             if ref_model is policy and not adapters_off:
                 ref_model = copy.deepcopy(policy).requires_grad_(False)
-            return cls(data, engine, None, _ReferenceScorer.unprepared(ref_model, adapters_off, config))
+            return cls(
+                data, engine, None, _ReferenceScorer.unprepared(ref_model, adapters_off, config, ref_packing)
+            )
         key = {
             "reference_model": model_fingerprint(ref_model, exclude_adapters=True),
             "data": data.fingerprint,
@@ -82,9 +94,9 @@ class ReferenceLogps:
             engine.print("reference log-probs: reusing cache")
             return cls(data, engine, table)
         if through_sharded_policy:
-            pending = _PendingScore(cache, key, adapters_off, packing_layout(policy, config))
+            pending = _PendingScore(cache, key, adapters_off, packing)
             return cls(data, engine, None, pending=pending)
-        scorer = _ReferenceScorer.unprepared(ref_model, adapters_off, config)
+        scorer = _ReferenceScorer.unprepared(ref_model, adapters_off, config, ref_packing)
         table = _score_every_row(scorer, data, engine, config.train.no_grad_rows)
         if engine.is_main:
             cache.store(key, table)
@@ -120,7 +132,7 @@ class _PendingScore:
     cache: ReferenceLogprobCache
     key: dict
     adapters_off: bool
-    packing: PackedRows | None
+    packing: PackingLayout | None
 
 
 def _reference_model(config: RunConfig, policy):
@@ -141,7 +153,9 @@ class _ReferenceScorer:
     log-prob module the batches run through — the engine's prepared model when scoring the sharded
     policy, then under the engine's autocast like a training forward."""
 
-    def __init__(self, model, wrapper, adapters_off: bool, packing: PackedRows | None, autocast=None) -> None:
+    def __init__(
+        self, model, wrapper, adapters_off: bool, packing: PackingLayout | None, autocast=None
+    ) -> None:
         self.model = model
         self.wrapper = wrapper
         self.adapters_off = adapters_off
@@ -149,13 +163,14 @@ class _ReferenceScorer:
         self.autocast = autocast
 
     @classmethod
-    def unprepared(cls, model, adapters_off: bool, config: RunConfig) -> _ReferenceScorer:
-        packing = packing_layout(model, config)  # may switch the model's attention: before the wrapper
-        wrapper = SequenceLogprobModel(model, chunk_size=config.model.logprob_chunk_size)
+    def unprepared(
+        cls, model, adapters_off: bool, config: RunConfig, packing: PackingLayout | None
+    ) -> _ReferenceScorer:
+        wrapper = SequenceLogprobModel(model, chunk_size=config.model.logprob_chunk_size, packing=packing)
         return cls(model, wrapper, adapters_off, packing)
 
     @classmethod
-    def prepared(cls, engine: Engine, adapters_off: bool, packing: PackedRows | None) -> _ReferenceScorer:
+    def prepared(cls, engine: Engine, adapters_off: bool, packing: PackingLayout | None) -> _ReferenceScorer:
         return cls(engine.unwrapped().model, engine.model, adapters_off, packing, engine.accelerator.autocast)
 
     @torch.no_grad()
@@ -166,7 +181,7 @@ class _ReferenceScorer:
         self.wrapper.eval()
         context = adapters_disabled(self.model) if self.adapters_off else nullcontext()
         with context, self.autocast() if self.autocast is not None else nullcontext():
-            batch = {k: v.to(device) for k, v in data.collate(rows, packing=self.packing).items()}
+            batch = to_device(data.collate(rows, packing=self.packing), device)
             logps, _ = batch_logprobs(self.wrapper, batch)
         self.wrapper.train(was_training)
         return logps.to(torch.promote_types(logps.dtype, torch.float32))

@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 
 from distalign.config import RunConfig
 from distalign.data.check import nothing_kept_reason
-from distalign.data.collate import PackedRows, collate_sequences, pack_sequences
+from distalign.data.collate import PackingLayout, collate_sequences, pack_sequences
 from distalign.data.designer import FittedDesigner, attach_designer, build_designer, fit_designer
 from distalign.data.formats import unpair_rows
 from distalign.data.loading import load_rows
@@ -40,7 +40,7 @@ from distalign.models.loading import (
     unsharded_copy,
 )
 from distalign.models.logprobs import SequenceLogprobModel
-from distalign.models.packed_logprobs import packed_rows
+from distalign.models.packed_logprobs import packing_layout_of
 from distalign.models.packing import packing_problem
 from distalign.models.span_attention import use_span_attention
 from distalign.train.card import TrainingRecord, write_model_card
@@ -152,14 +152,13 @@ class OfflineData:
         return prompts, completions
 
     def collate(
-        self, rows: list[int], with_kl: bool = True, packing: PackedRows | None = None
+        self, rows: list[int], with_kl: bool = True, packing: PackingLayout | None = None
     ) -> dict[str, torch.Tensor]:
-        """The batch of :meth:`sequences`: padded, or packed in the row layout ``packing``
-        (:func:`~distalign.data.collate.pack_sequences`)."""
+        """The batch of :meth:`sequences`: padded, or packed as ``packing`` lays it out."""
         prompts, completions = self.sequences(rows, with_kl)
         if packing is None:
             return collate_sequences(prompts, completions, self.pad_token_id)
-        return pack_sequences(prompts, completions, self.pad_token_id, rows=packing)
+        return pack_sequences(prompts, completions, self.pad_token_id, rows=packing.rows)
 
     def row_lengths(self, rows: list[int]) -> list[int]:
         """Per row, the longest of the sequences it puts in a forward pass (to group rows by length)."""
@@ -291,12 +290,16 @@ def _mismatched_completions(items: list, seed: int) -> list:
     ]
 
 
-def packing_layout(model, config: RunConfig) -> PackedRows | None:
-    """The packed row layout for ``model``'s forward passes when ``data.packing`` is on (None: padded).
-    A model packing cannot be exact for is refused here, before any step, naming its model type."""
+def packing_layout(model, config: RunConfig) -> PackingLayout | None:
+    """The run's packing layout for ``model``'s forward passes when ``data.packing`` is on (None:
+    padded), decided here once and handed to the collates and the log-prob module. A model packing
+    cannot be exact for is refused here, before any step, naming its model type.
+
+    An SDPA model is first switched to span attention (the same attention until a forward passes
+    spans), so that its packed forwards compute only the attention blocks each sequence sees: this is
+    the one place a run changes a model's attention implementation."""
     if not config.data.packing:
         return None
-    # Packed forwards of an SDPA model then compute only the attention blocks each sequence sees.
     use_span_attention(model)
     problem = packing_problem(model, config.data.max_length)
     if problem is not None:
@@ -304,12 +307,14 @@ def packing_layout(model, config: RunConfig) -> PackedRows | None:
             f"data.packing=true cannot be exact for {problem}; set data.packing=false (padded batches; "
             "data.group_by_length=true also cuts padding)"
         )
-    return packed_rows(model, config.data.share_prompts)
+    return packing_layout_of(model, config.data.share_prompts)
 
 
-def wrap_for_training(policy, config: RunConfig, heads: tuple[str, ...] = ()) -> SequenceLogprobModel:
-    """The policy's log-prob module, with the model heads a loss declares attached; its decoder layers
-    compiled with ``train.compile``."""
+def wrap_for_training(
+    policy, config: RunConfig, heads: tuple[str, ...] = (), packing: PackingLayout | None = None
+) -> SequenceLogprobModel:
+    """The policy's log-prob module, with the model heads a loss declares attached and the run's
+    packing layout (:func:`packing_layout`); its decoder layers compiled with ``train.compile``."""
     if config.train.compile:
         try:
             compile_decoder_layers(policy)
@@ -324,6 +329,7 @@ def wrap_for_training(policy, config: RunConfig, heads: tuple[str, ...] = ()) ->
         chunk_size=config.model.logprob_chunk_size,
         heads=modules,
         detach_head_input=not config.train.head_gradient_to_policy,
+        packing=packing,
     )
 
 

@@ -485,7 +485,7 @@ def train_online(config: RunConfig, *, stop_after_step: int | None = None, gener
     engine.open_run_dir()
     plan_steps = run.plan.steps_for_epochs(config.train.epochs)
     total_steps = config.train.max_steps or plan_steps
-    engine.prepare(wrap_for_training(policy, config), total_steps)
+    engine.prepare(wrap_for_training(policy, config, packing=run.packing), total_steps)
     if run.state.proposal is not None:
         engine.accelerator.register_for_checkpointing(run.state.proposal.model)
     state = engine.resume_latest()

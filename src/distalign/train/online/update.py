@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from distalign.data.collate import PackedRows, collate_sequences, pack_sequences, token_counts
+from distalign.data.collate import PackingLayout, collate_sequences, pack_sequences, to_device, token_counts
 from distalign.losses.fdivergence import fdpg_policy_gradient_loss
 from distalign.models.logprobs import batch_logprobs
 from distalign.train.engine import Engine
@@ -21,19 +21,19 @@ from distalign.train.online.setup import Rollout
 
 
 def policy_forward(
-    engine: Engine, rollout: Rollout, start: int, stop: int, pad_id: int, packing: PackedRows | None = None
+    engine: Engine, rollout: Rollout, start: int, stop: int, pad_id: int, packing: PackingLayout | None = None
 ) -> torch.Tensor:
     """[stop - start] float32 log pi of samples start:stop, summed over completion tokens, with the graph
-    for a backward (one forward of the prepared model). ``packing``: the packed row layout (``data.packing``;
+    for a backward (one forward of the prepared model). ``packing``: the run's packing layout (``data.packing``;
     with shared prompts, a prompt's samples share one copy of it), None: padded."""
     prompts, completions = rollout.prompt_ids[start:stop], rollout.completion_ids[start:stop]
     if packing is None:
         host_batch = collate_sequences(prompts, completions, pad_id)
     else:
-        host_batch = pack_sequences(prompts, completions, pad_id, rows=packing)
+        host_batch = pack_sequences(prompts, completions, pad_id, rows=packing.rows)
     tokens, positions, forwarded = token_counts(host_batch)
     engine.count_tokens(tokens, positions, forwarded=forwarded)
-    batch = {key: value.to(engine.device) for key, value in host_batch.items()}
+    batch = to_device(host_batch, engine.device)
     with engine.accelerator.autocast():
         logps, _ = batch_logprobs(engine.model, batch)
     return logps.float()
@@ -48,7 +48,7 @@ def policy_gradient_backward(
     micro_batch_size: int,
     pad_id: int,
     forwarded: torch.Tensor | None = None,
-    packing: PackedRows | None = None,
+    packing: PackingLayout | None = None,
 ) -> torch.Tensor:
     """Back-propagate this process's share of mean_j(-w_j A_j log pi(x_j)) over the ``global_count``
     samples of the step, micro-batch by micro-batch; ``advantages``, ``weights`` [len(rollout)]. Returns
