@@ -178,7 +178,8 @@ def add_exact_kl(args: argparse.Namespace, model: str, records: list[tuple[Path 
     from distalign.config import build_config
     from distalign.models.loading import load_model_and_tokenizer
     from distalign.train.online.evaluation import kl_target_to_policy, sample_constraint_target
-    from distalign.train.online.setup import build_target, load_prompts
+    from distalign.train.online.scoring import build_target
+    from distalign.train.online.setup import load_prompts
 
     config = build_config(run_config(args, model, DIVERGENCES[0], 0, args.out / "unused"))
     base, tokenizer = load_model_and_tokenizer(model)

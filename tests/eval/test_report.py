@@ -12,11 +12,9 @@ import pytest
 import yaml
 from matplotlib.image import imread
 
+from distalign.eval.frontier_plots import FrontierPoint, pareto_front, plot_frontier
 from distalign.eval.plots import (
-    FrontierPoint,
     curve_keys,
-    pareto_front,
-    plot_frontier,
     plot_quantile_curves,
     plot_training_curves,
     plot_win_rates,

@@ -14,8 +14,8 @@ import yaml
 
 from distalign.cli import main
 from distalign.config import ConfigError, parse_overrides
+from distalign.eval.frontier_plots import non_dominated
 from distalign.eval.pareto import is_plain_dpo, pareto_rows
-from distalign.eval.plots import non_dominated
 from distalign.eval.report import write_report
 from distalign.stats.metrics import Estimate, EvalResult
 from distalign.sweep import grid_points, load_sweep, override_text, select_runs

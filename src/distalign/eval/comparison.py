@@ -10,19 +10,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from distalign.eval.frontier_plots import FrontierPoint, plot_designer_pareto, plot_frontier
 from distalign.eval.overview import run_label, setting_cells, setting_columns
 from distalign.eval.page import escape, estimate_cell
 from distalign.eval.page import image as _image
 from distalign.eval.page import table as _table
 from distalign.eval.pareto import has_designer_scores, pareto_rows, shared_designer_reference
-from distalign.eval.plots import (
-    FrontierPoint,
-    plot_designer_pareto,
-    plot_frontier,
-    plot_gold_rewards,
-    plot_quantile_curves,
-    plot_win_rates,
-)
+from distalign.eval.plots import plot_gold_rewards, plot_quantile_curves, plot_win_rates
 from distalign.stats.metrics import Estimate, EvalResult
 
 if TYPE_CHECKING:

@@ -4,7 +4,7 @@ which are on the Pareto front. Pure functions over run configs (as dicts) and
 
 A run takes part when its eval.json has designer scores (``EvalResult.designer["designer"]`` with a
 ``"policy"`` estimate) and a win rate. The front is computed on point estimates among the runs only
-(the reference is drawn as a landmark, not a candidate): see :func:`distalign.eval.plots.non_dominated`.
+(the reference is drawn as a landmark, not a candidate): see :func:`distalign.eval.frontier_plots.non_dominated`.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from distalign.eval.plots import DesignerPoint, non_dominated
+from distalign.eval.frontier_plots import DesignerPoint, non_dominated
 from distalign.stats.metrics import Estimate, EvalResult
 
 #: The composite designer score's key in ``EvalResult.designer``.

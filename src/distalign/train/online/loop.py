@@ -36,19 +36,21 @@ from distalign.train.batching import BatchPlan
 from distalign.train.engine import Engine, iterate_steps
 from distalign.train.online.evaluation import EvalLog, OnlineEvaluator, sample_monitors
 from distalign.train.online.samplers import build_sampler
+from distalign.train.online.scoring import (
+    build_online_reward,
+    build_target,
+    fit_target_moments,
+    restore_moments,
+)
 from distalign.train.online.setup import (
     BaseScorer,
     FrozenProposal,
     LoopState,
     Rollout,
-    build_online_reward,
-    build_target,
-    fit_target_moments,
     gather,
     gather_texts,
     load_prompts,
     repeat_prompts,
-    restore_moments,
     shard,
 )
 from distalign.train.online.signal import (
