@@ -3,11 +3,11 @@ a padded batch with :func:`~distalign.models.token_logprobs.sequence_logprobs` a
 :func:`~distalign.models.packed_logprobs.packed_sequence_logprobs`.
 
 :func:`~distalign.models.packed_logprobs.packed_sequence_logprobs` scores the padding-free layout of
-:func:`distalign.data.collate.pack_sequences` (sequences end to end, position ids restarting at 0): the
-attention is block-diagonal and causal, given as a 4D mask to eager/SDPA attention or, for
-flash-attention kernels, left to their variable-length path through ``position_ids``. Each token's
-log-prob is summed into its own sequence's total. :func:`distalign.models.packing.packing_problem` decides,
-once per model, whether packing is exact for it (a probe against the padded layout), and says why not.
+:func:`distalign.data.collate.pack_sequences` (sequences end to end, position ids restarting at 0),
+each sequence's attention confined to it as the run's :class:`~distalign.data.collate.PackingLayout`
+says (a 4D mask, spans, FlexAttention or flash kernels' variable-length path), each token's log-prob
+summed into its own sequence's total. :func:`distalign.models.packing.packing_problem` decides, once
+per model, whether packing is exact for it (a probe against the padded layout), and says why not.
 """
 
 from __future__ import annotations
