@@ -3,7 +3,7 @@
 The task (GDC / f-DPG "pointwise constraint"): the target is the base model conditioned on its sample
 containing a word, p(x) ∝ a(x) b(x). Every divergence gets the same base, target, seed, learning rate,
 batch and number of steps, then one evaluation on fresh policy samples reports (see
-distalign/train/online_eval.py): alignment E_pi[b], KL(p || pi) by importance sampling with the ESS of
+distalign/train/online/evaluation.py): alignment E_pi[b], KL(p || pi) by importance sampling with the ESS of
 P/pi, KL(pi || p), JS (unscaled: 2 x textbook), TV, KL(pi || a), distinct-2 and self-BLEU. Because the
 importance-sampling KL(p || pi) rests on a handful of samples once pi has moved (low ESS), KL(p || pi) is
 also estimated from exact samples of p (rejection sampling from the base, QRS with beta = 1, shared by
