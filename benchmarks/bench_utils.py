@@ -7,21 +7,21 @@ them. Nothing here is imported by the library.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import os
 import resource
 import shlex
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "testing"))  # the test helpers (not installed)
+from distalign_testing.processes import run_in_own_group  # noqa: E402
 
 # Keep every worker offline and quiet in the same way, whatever the framework.
 WORKER_ENV = {
@@ -67,36 +67,6 @@ def command_line() -> str:
     """How this script was invoked, as a copy-pastable shell command."""
     script = os.path.relpath(sys.argv[0]) if os.path.isabs(sys.argv[0]) else sys.argv[0]
     return shlex.join(["python", script, *sys.argv[1:]])
-
-
-def run_in_own_group(
-    command: Sequence[str], *, timeout: float, env: dict[str, str] | None = None
-) -> subprocess.CompletedProcess:
-    """``subprocess.run(command, capture_output=True, text=True, timeout=timeout)``, with the command in
-    a process group of its own that is killed whole on a timeout or an interruption: a launcher's
-    children (accelerate's ranks, a worker's data-loader processes) would otherwise outlive it, still
-    holding the GPU the next run needs. ``TimeoutExpired`` carries the output written until then."""
-    with subprocess.Popen(
-        list(command),
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    ) as process:
-        try:
-            stdout, stderr = process.communicate(timeout=timeout)
-        except BaseException as err:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-            try:  # bounded: a process that left the group could still hold the pipes open
-                stdout, stderr = process.communicate(timeout=30)
-            except subprocess.TimeoutExpired:
-                stdout, stderr = "", ""
-            if isinstance(err, subprocess.TimeoutExpired):
-                raise subprocess.TimeoutExpired(list(command), timeout, stdout, stderr) from None
-            raise
-    return subprocess.CompletedProcess(list(command), process.returncode, stdout, stderr)
 
 
 def run_worker(

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -13,6 +12,8 @@ from pathlib import Path
 
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
+
+from distalign_testing.processes import run_in_own_group
 
 #: Overrides shared by tiny-model test runs (short sequences, fixed seed, no progress bar).
 TINY_BASE = [
@@ -86,31 +87,11 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if line]
 
 
-def run_process_group(command: list[str], timeout: int, env: dict) -> subprocess.CompletedProcess:
-    """Run a launcher ``command`` in its own process group, capturing its output; on timeout kill the
-    whole group and raise ``subprocess.TimeoutExpired`` with what it printed so far.
-
-    ``subprocess.run`` kills only the launcher on timeout: its worker processes lived on, and a worker
-    stuck at startup (a DeepSpeed op build waiting on a lock) kept the next launch waiting too."""
-    process = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True
-    )
-    try:
-        stdout, stderr = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        stdout, stderr = process.communicate()
-        raise subprocess.TimeoutExpired(
-            command, timeout, output=stdout[-3000:], stderr=stderr[-6000:]
-        ) from None
-    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
-
-
 def torchrun(args: list[str], nproc: int = 2, timeout: int = 600) -> subprocess.CompletedProcess:
     """``python -m torch.distributed.run --nproc_per_node N ARGS`` on CPU; raises with its output on failure."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), *args]
-    result = run_process_group(command, timeout=timeout, env=env)
+    result = run_in_own_group(command, timeout=timeout, env=env)
     if result.returncode != 0:
         raise AssertionError(
             f"torchrun failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
@@ -145,7 +126,7 @@ def accelerate_launch(
         *args,
     ]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    result = run_process_group(command, timeout=timeout, env=full_env)
+    result = run_in_own_group(command, timeout=timeout, env=full_env)
     if result.returncode != 0:
         raise AssertionError(
             f"accelerate launch failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"

@@ -8,7 +8,7 @@ import sys
 import time
 
 import pytest
-from distalign_testing.runs import run_process_group
+from distalign_testing.processes import run_in_own_group
 
 # A launcher that starts a worker and then hangs, like `accelerate launch` whose workers wait on a lock.
 HANGING_LAUNCHER = """
@@ -31,7 +31,7 @@ def alive(pid: int) -> bool:
 
 def test_a_timed_out_launch_kills_its_workers_too():
     with pytest.raises(subprocess.TimeoutExpired) as timed_out:
-        run_process_group([sys.executable, "-c", HANGING_LAUNCHER], timeout=5, env=dict(os.environ))
+        run_in_own_group([sys.executable, "-c", HANGING_LAUNCHER], timeout=5, env=dict(os.environ))
     worker = int(timed_out.value.output.split()[0])
     deadline = time.monotonic() + 10
     while alive(worker) and time.monotonic() < deadline:
@@ -40,7 +40,7 @@ def test_a_timed_out_launch_kills_its_workers_too():
 
 
 def test_a_finished_launch_returns_its_output_and_exit_code():
-    result = run_process_group(
+    result = run_in_own_group(
         [sys.executable, "-c", "import sys; print('out'); print('err', file=sys.stderr); sys.exit(3)"],
         timeout=30,
         env=dict(os.environ),
