@@ -1,4 +1,4 @@
-"""What exact global-batch coupling costs AOT: steps/s and peak RSS of loss.coupling_scope=global vs
+"""What exact global-batch coupling costs AOT: steps/s and peak RSS of train.coupling_scope=global vs
 micro_batch (sorting within each micro-batch, what other tools do), on the same data, model and steps.
 
 Cases (paired AOT on the quickstart pairs, tiny model by default):
@@ -67,8 +67,8 @@ def worker_main(args: argparse.Namespace) -> None:
         "data.max_length=64",
         "data.max_prompt_length=32",
         "loss.name=aot_paired",
-        f"loss.coupling_scope={args.scope}",
-        f"loss.global_strategy={args.strategy}",
+        f"train.coupling_scope={args.scope}",
+        f"train.global_strategy={args.strategy}",
         f"reference.cache_dir={args.reference_cache}",  # shared and warm: the precompute is not measured
         f"train.batch_size={args.batch}",
         f"train.micro_batch_size={args.micro}",

@@ -219,7 +219,7 @@ def run_config(settings: DemoSettings, loss: str, data_path: Path, output_dir: P
 
     loss_section: dict[str, Any] = {"name": loss, "beta": settings.beta}
     if loss == "aot_paired":
-        loss_section.update(cost="logistic", coupling_scope="global")
+        loss_section.update(cost="logistic")
     tree = {
         "output_dir": str(output_dir),
         "model": {

@@ -154,8 +154,25 @@ def test_the_resume_neutral_fields_are_the_ones_marked_on_the_fields():
         "data.packing",
         "data.share_prompts",
         "data.group_by_length",
-        "loss.global_strategy",
+        "train.global_strategy",
         "reference.precompute",
         "reference.cache_dir",
     }
     assert set(RESULT_NEUTRAL_FIELDS) == set(resume_neutral_fields(RunConfig)) == expected
+
+
+def test_loop_settings_given_in_the_loss_section_load_from_their_new_place(tmp_path):
+    """coupling_scope, global_strategy and sft_weight moved from loss to train: a config (or a run
+    directory's config.yaml) written before the move still loads, with a warning naming the new key, and
+    means what it meant."""
+    old = tmp_path / "old.yaml"
+    old.write_text("loss:\n  name: aot_paired\n  coupling_scope: micro_batch\n  sft_weight: 0.25\n")
+    with pytest.warns(FutureWarning, match=r"loss.sft_weight is now train.sft_weight"):
+        config = load_config(old)
+    assert config.train.coupling_scope == "micro_batch" and config.train.sft_weight == 0.25
+    assert "coupling_scope" not in config.loss.model_dump()
+    # The same settings at both places must agree; otherwise the config is ambiguous.
+    with pytest.warns(FutureWarning):
+        assert load_config(old, ["train.sft_weight=0.25"]).train.sft_weight == 0.25
+    with pytest.raises(ConfigError, match=r"loss.sft_weight \(0.25\) and train.sft_weight \(0.5\)"):
+        load_config(old, ["train.sft_weight=0.5"])

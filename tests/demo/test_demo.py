@@ -126,7 +126,7 @@ def test_dpo_and_aot_arms_differ_only_in_the_loss(tmp_path):
         assert aot[section] == dpo[section], section
     # Micro-batches bound the memory; AOT still sorts the whole batch (a no-grad pass fixes the coupling).
     assert dpo["train"]["micro_batch_size"] < dpo["train"]["batch_size"]
-    assert aot["loss"]["coupling_scope"] == "global" and aot["loss"]["global_strategy"] == "recompute"
+    assert aot["train"]["coupling_scope"] == "global" and aot["train"]["global_strategy"] == "recompute"
     # LoRA, and no merged copy of the model per arm: the adapter is what eval and report need.
     assert dpo["model"]["lora"]["enabled"] is True and dpo["model"]["lora"]["save_merged"] is False
 

@@ -88,6 +88,15 @@ def test_an_offline_setting_in_an_online_run_is_refused_naming_it(override):
         load_config(None, [*FDPG, override])
 
 
+@pytest.mark.parametrize("override", ["train.sft_weight=0.5", "train.coupling_scope=micro_batch"])
+def test_an_offline_loop_setting_in_an_online_run_is_refused_naming_it(override):
+    """The loop settings that moved out of the loss section (the SFT term, the batch coupling) are read by
+    the offline loop only: an online run refuses them as it refuses a loss setting."""
+    field = override.split("=")[0]
+    with pytest.raises(ConfigError, match=f"{field}: an offline-loop setting"):
+        load_config(None, [*FDPG, override])
+
+
 def test_a_saved_online_config_loads_back():
     """A run saves its config with every default written out (loss, aggregator and online.vllm
     included); reading it back (``distalign eval RUN``, the model card's refresh) must not refuse those

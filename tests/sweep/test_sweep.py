@@ -305,4 +305,4 @@ def test_shipped_sweep_files_expand_and_validate(path):
     sweep = load_sweep(path)
     assert len(sweep.runs) >= 3
     assert any(run.config.loss.name == "upo" for run in sweep.runs)
-    assert any(run.config.loss.name == "dpo" and not run.config.loss.sft_weight for run in sweep.runs)
+    assert any(run.config.loss.name == "dpo" and not run.config.train.sft_weight for run in sweep.runs)

@@ -52,9 +52,9 @@ def _by_layer(reads: dict[str, int]) -> dict[str, int]:
     "overrides",
     [
         ["loss.name=dpo"],
-        ["loss.name=dpo", "aggregator.name=cvar", "loss.coupling_scope=micro_batch"],
+        ["loss.name=dpo", "aggregator.name=cvar", "train.coupling_scope=micro_batch"],
         ["loss.name=aot_paired"],  # coupled over the global batch: recompute strategy
-        ["loss.name=aot_paired", "loss.global_strategy=retain"],
+        ["loss.name=aot_paired", "train.global_strategy=retain"],
         ["loss.name=kto", "data.path=builtin:quickstart_unpaired.jsonl"],
         ["loss.name=dpo", "data.packing=true"],
     ],

@@ -49,15 +49,15 @@ def test_aot_global_gradient_is_exact_across_micro_batches_and_processes(tmp_pat
     mb2 = "train.micro_batch_size=2"
     whole = run_gradient(tmp_path / "whole", *AOT, "train.micro_batch_size=8", step=AOT_STEP)
     recompute = run_gradient(
-        tmp_path / "recompute", *AOT, mb2, "loss.global_strategy=recompute", step=AOT_STEP
+        tmp_path / "recompute", *AOT, mb2, "train.global_strategy=recompute", step=AOT_STEP
     )
     # The no-grad pass in groups of 3 rows, which straddle the micro-batches of 2: offsets must hold.
     straddling = run_gradient(
         tmp_path / "straddling", *AOT, mb2, "train.no_grad_micro_batch_size=3", step=AOT_STEP
     )
-    retain = run_gradient(tmp_path / "retain", *AOT, mb2, "loss.global_strategy=retain", step=AOT_STEP)
+    retain = run_gradient(tmp_path / "retain", *AOT, mb2, "train.global_strategy=retain", step=AOT_STEP)
     two_procs = run_gradient_two_processes(tmp_path / "ddp", *AOT, mb2, step=AOT_STEP)
-    local = run_gradient(tmp_path / "local", *AOT, mb2, "loss.coupling_scope=micro_batch", step=AOT_STEP)
+    local = run_gradient(tmp_path / "local", *AOT, mb2, "train.coupling_scope=micro_batch", step=AOT_STEP)
     assert largest_gradient(whole) > 0
     for other in (recompute, straddling, retain, two_procs):
         assert gradients_close(other, whole)
@@ -69,7 +69,7 @@ def test_aot_micro_batch_scope_is_a_different_objective(tmp_path):
     test above can fail."""
     whole = run_gradient(tmp_path / "whole", *AOT, "train.micro_batch_size=8", step=AOT_STEP)
     local = run_gradient(
-        tmp_path / "local", *AOT, "train.micro_batch_size=2", "loss.coupling_scope=micro_batch", step=AOT_STEP
+        tmp_path / "local", *AOT, "train.micro_batch_size=2", "train.coupling_scope=micro_batch", step=AOT_STEP
     )
     assert not gradients_close(local, whole, tol=1e-3)
 

@@ -149,7 +149,7 @@ def test_aot_violation_rate_falls_on_noisy_pairs(run_tiny, tmp_path):
 
 
 def test_sft_weight_adds_the_nll_term(run_tiny):
-    run = run_tiny("loss.name=dpo", "loss.sft_weight=0.5", *SHORT, name="dpo_sft")
+    run = run_tiny("loss.name=dpo", "train.sft_weight=0.5", *SHORT, name="dpo_sft")
     records = read_metrics(run)
     assert "sft_nll" in records[0]
     assert records[-1]["sft_nll"] < records[0]["sft_nll"]

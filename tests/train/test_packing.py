@@ -490,9 +490,9 @@ def test_group_by_length_with_micro_batch_coupling_is_refused():
 
     with pytest.raises(ConfigError, match="data.group_by_length"):
         load_config(
-            None, ["loss.name=aot_paired", "loss.coupling_scope=micro_batch", "data.group_by_length=true"]
+            None, ["loss.name=aot_paired", "train.coupling_scope=micro_batch", "data.group_by_length=true"]
         )
-    load_config(None, ["loss.name=dpo", "loss.coupling_scope=micro_batch", "data.group_by_length=true"])
+    load_config(None, ["loss.name=dpo", "train.coupling_scope=micro_batch", "data.group_by_length=true"])
 
 
 def test_the_online_loop_refuses_grouping_by_length_rather_than_ignoring_it():

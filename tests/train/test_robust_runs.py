@@ -94,7 +94,7 @@ def test_group_dro_resume_is_exact(run_tiny, shifted_pairs):
     assert weights(straight)[-1] != weights(straight)[0]  # the state moved
 
 
-CONTROL = {"dora": ["loss.coupling_scope=micro_batch"], "group_dro": ["aggregator.name=mean"]}
+CONTROL = {"dora": ["train.coupling_scope=micro_batch"], "group_dro": ["aggregator.name=mean"]}
 
 
 @pytest.mark.slow

@@ -76,11 +76,11 @@ def test_coupled_aggregator_gradient_is_exact_across_micro_batches_and_processes
     mb2 = "train.micro_batch_size=2"
     whole = run_gradient(tmp_path / "whole", *common, "train.micro_batch_size=8", step=STEP)
     recompute = run_gradient(
-        tmp_path / "recompute", *common, mb2, "loss.global_strategy=recompute", step=STEP
+        tmp_path / "recompute", *common, mb2, "train.global_strategy=recompute", step=STEP
     )
-    retain = run_gradient(tmp_path / "retain", *common, mb2, "loss.global_strategy=retain", step=STEP)
+    retain = run_gradient(tmp_path / "retain", *common, mb2, "train.global_strategy=retain", step=STEP)
     two_procs = run_gradient_two_processes(tmp_path / "ddp", *common, mb2, step=STEP)
-    local = run_gradient(tmp_path / "local", *common, mb2, "loss.coupling_scope=micro_batch", step=STEP)
+    local = run_gradient(tmp_path / "local", *common, mb2, "train.coupling_scope=micro_batch", step=STEP)
     assert largest_gradient(whole) > 0
     for other in (recompute, retain, two_procs):
         assert gradients_close(other, whole, tol=1e-9)
@@ -105,14 +105,14 @@ def test_weighted_rows_train_identically_however_the_batch_is_split(tmp_path, we
 
 
 def test_sft_term_with_weights_is_independent_of_micro_batching(tmp_path, weighted_pairs):
-    common = ["loss.name=dpo", "loss.sft_weight=0.5", f"data.path={weighted_pairs}", "train.batch_size=8"]
+    common = ["loss.name=dpo", "train.sft_weight=0.5", f"data.path={weighted_pairs}", "train.batch_size=8"]
     common += ["model.dtype=float64"]
     whole = run_gradient(tmp_path / "whole", *common, "train.micro_batch_size=8", step=2)
     split = run_gradient(tmp_path / "split", *common, "train.micro_batch_size=2", step=2)
     assert largest_gradient(whole) > 0 and gradients_close(split, whole, tol=1e-9)
     # The check can fail: the same split with the SFT term dropped (sft_weight 0) differs.
     no_sft = run_gradient(
-        tmp_path / "no_sft", *common, "train.micro_batch_size=2", "loss.sft_weight=0", step=2
+        tmp_path / "no_sft", *common, "train.micro_batch_size=2", "train.sft_weight=0", step=2
     )
     assert not gradients_close(no_sft, whole, tol=1e-3)
 
@@ -124,7 +124,7 @@ def test_logged_loss_is_the_optimised_objective_on_the_global_batch():
     from distalign.train.coupling import slice_stats
     from distalign.train.objective import build_objective
 
-    config = load_config(None, ["loss.name=dpo", "loss.sft_weight=0.7"])
+    config = load_config(None, ["loss.name=dpo", "train.sft_weight=0.7"])
     objective = build_objective(config)
     g = torch.Generator().manual_seed(0)
     r = lambda: torch.randn(8, generator=g, dtype=torch.float64)  # noqa: E731
@@ -143,8 +143,8 @@ def test_logged_loss_is_the_optimised_objective_on_the_global_batch():
 
 def test_tokens_are_counted_once_per_training_forward(run_tiny):
     args = ["loss.name=aot_paired", "train.batch_size=8", "train.micro_batch_size=2", "train.max_steps=2"]
-    retain = run_tiny(*args, "loss.global_strategy=retain", name="retain")
-    recompute = run_tiny(*args, "loss.global_strategy=recompute", name="recompute")
+    retain = run_tiny(*args, "train.global_strategy=retain", name="retain")
+    recompute = run_tiny(*args, "train.global_strategy=recompute", name="recompute")
     dpo = run_tiny(*args[1:], "loss.name=dpo", name="dpo")
     tokens = lambda run: [r["tokens"] for r in read_metrics(run)]  # noqa: E731
     assert tokens(recompute) == tokens(retain) == tokens(dpo)

@@ -95,7 +95,7 @@ def test_aot_global_coupling_under_fsdp2_applies_the_one_process_gradient(tmp_pa
     assert largest_gradient(whole) > 0
     assert gradients_close(sharded, whole)
     # The check can fail: the same micro-batches of 2, each sorted on its own, apply another gradient.
-    local = ["train.micro_batch_size=2", "loss.coupling_scope=micro_batch"]
+    local = ["train.micro_batch_size=2", "train.coupling_scope=micro_batch"]
     assert not gradients_close(run_gradient(tmp_path / "local", *AOT, *local, step=step), whole, tol=1e-3)
 
 
@@ -188,14 +188,14 @@ def test_deepspeed_launch_trains_what_one_process_trains(tmp_path, config):
 def test_aot_global_coupling_under_zero3_trains_what_one_process_trains(tmp_path):
     """AOT couples the whole global batch (recompute strategy: a no-grad pass, then one backward per
     micro-batch, DeepSpeed stepping in the last). Coupling each micro-batch alone instead (the
-    same run with loss.coupling_scope=micro_batch, on one process) is far outside the tolerance."""
+    same run with train.coupling_scope=micro_batch, on one process) is far outside the tolerance."""
     args = [*AOT, *FLOAT32, "train.max_steps=4", "train.max_grad_norm=10"]
 
     def one_process(name: str, *extra: str):
         return train_offline(load_config(None, [*args, *extra, f"output_dir={tmp_path / name}"]))
 
     whole = one_process("whole", "train.micro_batch_size=8")
-    local = one_process("local", "train.micro_batch_size=2", "loss.coupling_scope=micro_batch")
+    local = one_process("local", "train.micro_batch_size=2", "train.coupling_scope=micro_batch")
     launch_train("zero3", tmp_path / "zero3", *args, "train.micro_batch_size=2")
     zero3 = final_weights(tmp_path / "zero3")
     assert max_weight_difference(final_weights(whole), zero3) < WEIGHT_TOLERANCE

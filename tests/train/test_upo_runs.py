@@ -166,5 +166,5 @@ def test_upo_gradient_is_exact_across_micro_batches_and_processes(tmp_path, loss
     processes = run_gradient_two_processes(tmp_path / "two", *common, "train.micro_batch_size=2", step=STEP)
     assert largest_gradient(whole) > 0 and gradients_close(processes, whole, tol=1e-9)
     # The check can fail: the batch-coupled weights (normalised, or KTO's KL estimate) per micro-batch.
-    local = ["train.micro_batch_size=2", "loss.coupling_scope=micro_batch"]
+    local = ["train.micro_batch_size=2", "train.coupling_scope=micro_batch"]
     assert not gradients_close(run_gradient(tmp_path / "local", *common, *local, step=STEP), whole, tol=1e-3)

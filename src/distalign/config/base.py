@@ -43,17 +43,30 @@ class Section(BaseModel):
 RESUME_NEUTRAL = {"resume_neutral": True}
 
 
-def resume_neutral_fields(model: type[BaseModel], prefix: str = "") -> tuple[str, ...]:
-    """The dotted paths of the fields marked :data:`RESUME_NEUTRAL` in ``model`` and its sections."""
+#: Marks a field that only the offline loop reads (how a loss's batch is coupled, the SFT term): an
+#: online run, whose objective is ``online.method``, refuses it when it is not at its default.
+OFFLINE_ONLY = {"offline_only": True}
+
+
+def marked_fields(model: type[BaseModel], marker: dict[str, bool], prefix: str = "") -> tuple[str, ...]:
+    """The dotted paths of the fields in ``model`` and its sections whose ``json_schema_extra`` carries
+    ``marker`` (:data:`RESUME_NEUTRAL`, :data:`OFFLINE_ONLY`)."""
+    (key,) = marker
     found: list[str] = []
     for name, info in model.model_fields.items():
         path = f"{prefix}{name}"
-        if (info.json_schema_extra or {}).get("resume_neutral"):
+        extra = info.json_schema_extra
+        if isinstance(extra, dict) and extra.get(key):
             found.append(path)
             continue
         for section in _section_classes(info.annotation):
-            found.extend(resume_neutral_fields(section, f"{path}."))
+            found.extend(marked_fields(section, marker, f"{path}."))
     return tuple(found)
+
+
+def resume_neutral_fields(model: type[BaseModel], prefix: str = "") -> tuple[str, ...]:
+    """The dotted paths of the fields marked :data:`RESUME_NEUTRAL` in ``model`` and its sections."""
+    return marked_fields(model, RESUME_NEUTRAL, prefix)
 
 
 def _section_classes(annotation: Any) -> list[type[BaseModel]]:

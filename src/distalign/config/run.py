@@ -3,13 +3,14 @@ plus dotted ``key=value`` overrides."""
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from distalign.config.base import RESUME_NEUTRAL, Section
+from distalign.config.base import OFFLINE_ONLY, RESUME_NEUTRAL, Section, marked_fields
 from distalign.config.evaluation import EvalConfig
 from distalign.config.online import OnlineConfig
 from distalign.config.sections import (
@@ -26,6 +27,42 @@ from distalign.registry import typed_options
 
 #: Sections only the offline loop reads: set in an online run, they would be ignored.
 OFFLINE_ONLY_SECTIONS = ("loss", "aggregator")
+
+#: Settings that moved to another section: (section, key) -> new section. A config or run directory
+#: written before the move still loads, with a warning naming the new place.
+MOVED_SETTINGS = {
+    ("loss", "coupling_scope"): "train",
+    ("loss", "global_strategy"): "train",
+    ("loss", "sft_weight"): "train",
+}
+
+
+def move_renamed_settings(tree: Any) -> Any:
+    """``tree`` (a raw config mapping) with every setting of :data:`MOVED_SETTINGS` at its new place; a
+    setting given at both places with different values is refused. The input is not modified."""
+    if not isinstance(tree, dict):
+        return tree
+    moved = {name: dict(section) if isinstance(section, dict) else section for name, section in tree.items()}
+    for (old_section, key), new_section in MOVED_SETTINGS.items():
+        old = moved.get(old_section)
+        if not isinstance(old, dict) or key not in old:
+            continue
+        value = old.pop(key)
+        new = moved.setdefault(new_section, {})
+        if not isinstance(new, dict):
+            continue  # the new section is malformed: its own validation names it
+        if key in new and new[key] != value:
+            raise ValueError(
+                f"{old_section}.{key} ({value!r}) and {new_section}.{key} ({new[key]!r}): the setting moved "
+                f"to {new_section}.{key}; give it there only"
+            )
+        new[key] = value
+        warnings.warn(
+            f"{old_section}.{key} is now {new_section}.{key}; read it from there (update the config)",
+            FutureWarning,
+            stacklevel=2,
+        )
+    return moved
 
 
 class RunConfig(Section):
@@ -51,6 +88,11 @@ class RunConfig(Section):
             raise ValueError("must not be empty")
         return value
 
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_settings(cls, data: Any) -> Any:
+        return move_renamed_settings(data)
+
     @model_validator(mode="after")
     def _designer_is_offline(self) -> RunConfig:
         if self.online is not None and self.designer.enabled:
@@ -67,6 +109,14 @@ class RunConfig(Section):
         config writes these sections out with their defaults, and loads back.)"""
         if self.online is None:
             return self
+        for path in marked_fields(RunConfig, OFFLINE_ONLY):
+            section, key = path.split(".")
+            value = getattr(getattr(self, section), key)
+            if value != type(getattr(self, section)).model_fields[key].default:
+                raise ValueError(
+                    f"{path}: an offline-loop setting; this run has an online section, whose objective is "
+                    f"online.method (remove the {path} setting)"
+                )
         for name in OFFLINE_ONLY_SECTIONS:
             section = getattr(self, name)
             defaults = type(section)().model_dump()
@@ -105,8 +155,8 @@ class RunConfig(Section):
         extra = self.loss.__pydantic_extra__ or {}
         extra.update(typed_options("loss", accepted, extra))
         _check_loss_option_values(spec, self.loss.loss_options())
-        _check_aggregator(spec, self.aggregator, self.loss.coupling_scope)
-        _check_grouping(spec, self.loss, self.aggregator, self.data.group_by_length)
+        _check_aggregator(spec, self.aggregator, self.train.coupling_scope)
+        _check_grouping(spec, self.loss, self.aggregator, self.train.coupling_scope, self.data.group_by_length)
         if self.train.batch_size % self.train.micro_batch_size:
             raise ValueError(
                 f"train.batch_size ({self.train.batch_size}) must be a multiple of "
@@ -163,7 +213,7 @@ def _check_aggregator(loss_spec, section: AggregatorConfig, coupling_scope: str)
     if spec.stateful and coupling_scope != "global":
         raise ValueError(
             f"aggregator.name: {spec.name!r} carries state across steps, which is defined on the global "
-            "batch only; set loss.coupling_scope=global"
+            "batch only; set train.coupling_scope=global"
         )
     # A dry run on two values checks the option values with the aggregator's own validation.
     signals = {name: torch.zeros(2, dtype=torch.long) for name in spec.signals}
@@ -177,18 +227,20 @@ def _check_aggregator(loss_spec, section: AggregatorConfig, coupling_scope: str)
         raise ValueError(f"{where}: {err} (aggregator {spec.name!r})") from None
 
 
-def _check_grouping(loss_spec, loss: LossConfig, section: AggregatorConfig, group_by_length: bool) -> None:
+def _check_grouping(
+    loss_spec, loss: LossConfig, section: AggregatorConfig, coupling_scope: str, group_by_length: bool
+) -> None:
     """Grouping by length regroups the micro-batches; under micro-batch coupling those are the coupled
     sets, so the objective would change with the data's lengths."""
     from distalign.losses.aggregators import get_aggregator
 
-    if not group_by_length or loss.coupling_scope != "micro_batch":
+    if not group_by_length or coupling_scope != "micro_batch":
         return
     if loss_spec.is_batch_coupled(loss.loss_options()) or get_aggregator(section.name).batch_coupled:
         raise ValueError(
-            "data.group_by_length: with loss.coupling_scope=micro_batch the micro-batches are the coupled "
+            "data.group_by_length: with train.coupling_scope=micro_batch the micro-batches are the coupled "
             f"sets of {loss_spec.name!r} x {section.name!r}, and grouping by length would change which "
-            "rows are coupled; use loss.coupling_scope=global (exact over the whole batch) or turn "
+            "rows are coupled; use train.coupling_scope=global (exact over the whole batch) or turn "
             "grouping off"
         )
 

@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import ConfigDict, Field, model_validator
 
-from distalign.config.base import RESUME_NEUTRAL, ChatTemplateMode, MixedPrecisionMode, Section
+from distalign.config.base import OFFLINE_ONLY, RESUME_NEUTRAL, ChatTemplateMode, MixedPrecisionMode, Section
 
 
 class LoraConfig(Section):
@@ -93,7 +93,7 @@ class DataConfig(Section):
     group_by_length: bool = Field(False, json_schema_extra=RESUME_NEUTRAL)
     """Form each step's micro-batches from rows of similar length (less padding). The global batch keeps
     exactly its rows, so every objective is unchanged, batch-coupled ones included (with
-    loss.coupling_scope=global); with coupling_scope=micro_batch it would change which rows are coupled
+    train.coupling_scope=global); with coupling_scope=micro_batch it would change which rows are coupled
     and is refused."""
 
     @model_validator(mode="after")
@@ -136,20 +136,9 @@ class LossConfig(Section):
     """AOT: soft-sort sharpness (larger = closer to the hard sort)."""
     length_normalize: bool | None = None
     """Use per-token mean log-probs instead of sums (AOT)."""
-    coupling_scope: Literal["global", "micro_batch"] = "global"
-    """Batch-coupled losses: couple over the whole optimizer batch (all micro-batches and processes,
-    exact) or only within each micro-batch (what other tools do; cheaper, not the paper's objective)."""
-    global_strategy: Literal["recompute", "retain"] = Field("recompute", json_schema_extra=RESUME_NEUTRAL)
-    """How global coupling spans gradient-accumulation micro-batches: "recompute" runs a no-grad
-    forward first (one extra forward per step, no extra memory); "retain" keeps every micro-batch's
-    graph until one backward (no extra compute, memory of the whole batch)."""
-    sft_weight: float = Field(0.0, ge=0.0)
-    """Add this times the chosen/positive completions' token-mean NLL to the loss."""
-
     def loss_options(self) -> dict[str, Any]:
         """The options the user set, to be forwarded to the loss function."""
-        engine_fields = {"name", "coupling_scope", "global_strategy", "sft_weight"}
-        return {k: v for k, v in self.model_dump().items() if k not in engine_fields and v is not None}
+        return {k: v for k, v in self.model_dump().items() if k != "name" and v is not None}
 
     def unknown_options(self) -> list[str]:
         """Extra (untyped) options, accepted only if the loss takes them."""
@@ -208,7 +197,7 @@ class ReferenceConfig(Section):
 
 
 class TrainConfig(Section):
-    """Optimisation and bookkeeping."""
+    """Optimisation, how the objective spans micro-batches, and bookkeeping."""
 
     seed: int = 0
     """Seeds data order and initialisation."""
@@ -227,6 +216,19 @@ class TrainConfig(Section):
     compiled once and reused by every layer), for its forward and backward; the output head and the
     loss stay eager. The same results as eager up to float rounding; the first steps pay the compile
     (and one recompile when sequence lengths vary). A speed knob: it may change when a run resumes."""
+    coupling_scope: Literal["global", "micro_batch"] = Field("global", json_schema_extra=OFFLINE_ONLY)
+    """Batch-coupled objectives (AOT's sorting, a normalised or CVaR aggregate, ...): couple over the
+    whole optimizer batch (all micro-batches and processes, exact) or only within each micro-batch
+    (what other tools do; cheaper, not the paper's objective)."""
+    global_strategy: Literal["recompute", "retain"] = Field(
+        "recompute", json_schema_extra={**RESUME_NEUTRAL, **OFFLINE_ONLY}
+    )
+    """How global coupling spans gradient-accumulation micro-batches: "recompute" runs a no-grad
+    forward first (one extra forward per step, no extra memory); "retain" keeps every micro-batch's
+    graph until one backward (no extra compute, memory of the whole batch)."""
+    sft_weight: float = Field(0.0, ge=0.0, json_schema_extra=OFFLINE_ONLY)
+    """Add this times the chosen/positive completions' token-mean NLL to every per-example loss,
+    before aggregation."""
     max_steps: int | None = Field(None, gt=0)
     """Optimizer steps; null = as many as `epochs` needs. Must match when a run resumes: the learning-rate
     schedule is laid out over the total, so raising it would change the steps already taken (to train

@@ -198,11 +198,11 @@ def _method_lines(config: RunConfig) -> list[str]:
         f"- Loss: `{loss.name}` — {_citation(loss.name, spec.paper)}",
         f"- Loss options: {_options(loss.loss_options(), spec.options)}",
     ]
-    if loss.sft_weight:
-        lines.append(f"- Added NLL of the chosen completions, weight {loss.sft_weight}")
+    if config.train.sft_weight:
+        lines.append(f"- Added NLL of the chosen completions, weight {config.train.sft_weight}")
     if spec.is_batch_coupled(loss.loss_options()):
         lines.append(
-            f"- Batch coupling: `{loss.coupling_scope}` (over the whole optimizer batch when global)"
+            f"- Batch coupling: `{config.train.coupling_scope}` (over the whole optimizer batch when global)"
         )
     lines.append(
         f"- Aggregator: `{aggregator.name}` — {_citation(aggregator.name, aggregator.paper)}; options: "

@@ -66,7 +66,7 @@ def build_objective(config) -> BatchObjective:
         aggregator=get_aggregator(config.aggregator.name),
         loss_options=config.loss.loss_options(),
         aggregator_options=config.aggregator.options(),
-        sft_weight=config.loss.sft_weight,
+        sft_weight=config.train.sft_weight,
     )
 
 

@@ -145,7 +145,7 @@ def _train_step(
     global-batch loss and metrics (identical on every process), as tensors on the device: nothing in a
     step waits on the device until the loop reads them, once. ``global_weight``: the global batch's
     total row weight (host data, the same on every process)."""
-    cfg = engine.config.loss
+    cfg = engine.config.train
     last = len(micro_batches) - 1
     coupled_globally = objective.batch_coupled and cfg.coupling_scope == "global"
     if not coupled_globally:
