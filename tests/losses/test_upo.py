@@ -264,3 +264,19 @@ def test_the_advantage_subtracts_the_value_head_by_hand():
 
     torch.testing.assert_close(got, by_hand(True), rtol=1e-12, atol=1e-12)
     assert (got - by_hand(False)).abs().max() > 0.5
+
+
+def test_upo_returns_its_three_weighted_terms_summing_to_the_loss():
+    """The terms train.grad_shares splits the gradient by: L_pref (DPO), lambda_aux L_aux (a pair's two
+    responses 1/2 each) and value_weight L_V, declared by the loss and adding up to its value."""
+    stats = _paired(torch.randn(N, dtype=torch.float64), torch.randn(N, dtype=torch.float64))
+    spec = get_loss("upo")
+    assert spec.terms == ("upo/preference", "upo/aux", "upo/value")
+    result = spec.per_example(stats, lambda_aux=0.4, value_weight=0.7)
+    torch.testing.assert_close(sum(result.terms.values()), result.losses, rtol=1e-14, atol=0)
+    dpo = get_loss("dpo").per_example(stats).losses
+    assert torch.equal(result.terms["upo/preference"], dpo)
+    aux_only = spec.per_example(stats, lambda_aux=1.0, value_weight=0.0).losses - dpo
+    torch.testing.assert_close(result.terms["upo/aux"], 0.4 * aux_only, rtol=1e-12, atol=0)
+    off = spec.per_example(stats, lambda_aux=0.0, value_weight=0.7).terms["upo/aux"]
+    assert not off.any()

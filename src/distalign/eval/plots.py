@@ -163,6 +163,49 @@ def plot_training_curves(
     return save_figure(fig, output)
 
 
+GRAD_SHARE_PREFIX = "grad_share_"
+
+
+def grad_share_keys(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Metric keys of per-term gradient-norm shares (``upo/grad_share_aux``, ``grad_share_sft``, ...;
+    logged with ``train.grad_shares``), in first-seen order."""
+    keys = curve_keys(rows, limit=10_000)
+    return [k for k in keys if k.rpartition("/")[2].startswith(GRAD_SHARE_PREFIX)]
+
+
+def plot_grad_shares(
+    rows: Sequence[Mapping[str, Any]], output: str | Path, *, title: str = ""
+) -> Path | None:
+    """Each loss term's share of the gradient norm per logged step, stacked (the bands sum to 1): one
+    band per key of :func:`grad_share_keys`, the legend outside the axes. ``None`` if no step has them."""
+    keys = grad_share_keys(rows)
+    logged = [row for row in rows if keys and all(_is_number(row.get(k)) for k in keys)]
+    if not logged:
+        return None
+    steps = np.array([row.get("step", i) for i, row in enumerate(logged)], dtype=np.float64)
+    shares = np.array([[row[k] for row in logged] for k in keys])
+    labels = [k.rpartition(GRAD_SHARE_PREFIX)[2] for k in keys]
+    colors = [f"C{i}" for i in range(len(keys))]
+    fig = Figure(figsize=(7.5, 3.4))
+    ax = fig.add_subplot(1, 1, 1)
+    if len(steps) > 1:
+        ax.stackplot(steps, shares, labels=labels, colors=colors, alpha=0.85)
+        ax.set_xlim(steps[0], steps[-1])
+    else:  # one logged step: a stacked bar (an area needs two)
+        bottoms = np.concatenate([[0.0], np.cumsum(shares[:-1, 0])])
+        for share, bottom, label, color in zip(shares[:, 0], bottoms, labels, colors):
+            ax.bar(steps[0], share, bottom=bottom, width=0.6, label=label, color=color, alpha=0.85)
+    ax.set_ylim(0.0, 1.0)
+    ax.set_xlabel("step")
+    ax.set_ylabel("share of the gradient norm")
+    ax.set_title(title or "Gradient-norm share per loss term", fontsize=10)
+    handles, names = ax.get_legend_handles_labels()  # listed top band first, as they are stacked
+    ax.legend(handles[::-1], names[::-1], loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return save_figure(fig, output)
+
+
 def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 

@@ -32,6 +32,8 @@ from distalign.eval.page import table as _table
 from distalign.eval.plots import (
     REFERENCE_COLOR,
     curve_keys,
+    grad_share_keys,
+    plot_grad_shares,
     plot_policy_vs_reference,
     plot_quantile_curves,
     plot_training_curves,
@@ -109,6 +111,13 @@ def _eval_tables(result: EvalResult) -> str:
 WEIGHT_METRIC_PREFIXES = ("weights/", "group/")
 
 
+GRAD_SHARE_NOTE = (
+    "Each band is one term's share of the step's gradient norm, ||g_k|| / sum_j ||g_j|| over the trainable "
+    "parameters (the bands add up to 1), on the logged steps (train.grad_shares). Unlike the terms' loss "
+    "values, which have different scales and floors, these compare: the widest band is the term that "
+    "moves the parameters most. A term whose weight is 0 has share 0. See docs/upo.md."
+)
+
 #: PNGs of ``distalign eval`` the report redraws in the run's colours when it has the samples.
 REDRAWN_EVAL_PNGS = frozenset({"gold_reward_quantiles.png", "gold_reward_histogram.png"})
 
@@ -130,7 +139,9 @@ def _run_section(run: RunSummary, assets: Path, color: str, samples: list[dict[s
     slug = _slug(run.name)
     # Robust aggregators log the weights they put on examples (weights/*, group/*): a panel of their own.
     weight_keys = [k for k in curve_keys(run.metrics, limit=1000) if k.startswith(WEIGHT_METRIC_PREFIXES)]
-    training_keys = [k for k in curve_keys(run.metrics, limit=1000) if k not in weight_keys][:12]
+    share_keys = grad_share_keys(run.metrics)  # stacked in a plot of their own
+    own_panel = set(weight_keys) | set(share_keys)
+    training_keys = [k for k in curve_keys(run.metrics, limit=1000) if k not in own_panel][:12]
     curves = (
         plot_training_curves(
             run.metrics, assets / f"{slug}_training.png", keys=training_keys, title=run.name, color=color
@@ -153,6 +164,16 @@ def _run_section(run: RunSummary, assets: Path, color: str, samples: list[dict[s
             "largest weight, clipped fraction and mean weight per source / group, per step (1 = the "
             "weight of a plain mean).</p>" + _image(weights_png, f"{run.name}: aggregator weights")
         )
+    shares_png = (
+        plot_grad_shares(
+            run.metrics, assets / f"{slug}_grad_shares.png", title=f"{run.name}: gradient share per term"
+        )
+        if share_keys
+        else None
+    )
+    if shares_png is not None:
+        parts.append(f"<h3>Gradient share per loss term</h3><p>{GRAD_SHARE_NOTE}</p>")
+        parts.append(_image(shares_png, f"{run.name}: gradient-norm share per loss term"))
     if run.eval is not None:
         parts.append(
             f"<h3>Evaluation: {html.escape(run.eval.task)} ({run.eval.num_prompts} held-out prompts)</h3>"

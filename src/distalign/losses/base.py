@@ -181,20 +181,28 @@ def row_weights(stats: Stats) -> torch.Tensor:
 @dataclass
 class PerExampleLosses:
     """What a registered loss returns. ``losses``: [N], one value per row of the batch (gradient flows
-    through it); ``metrics``: detached scalar tensors."""
+    through it); ``metrics``: detached scalar tensors. ``terms``: for a loss that is a sum of named
+    parts (declared with ``register_loss(terms=...)``), each part per row, [N] with gradient, summing to
+    ``losses``; empty for a loss of one part. The loop reads them only to split the gradient by part
+    (``train.grad_shares``)."""
 
     losses: torch.Tensor
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+    terms: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass
 class LossResult:
     """A reduced objective: ``loss`` scalar over the batch given, ``metrics`` detached scalars and, for
-    stateful aggregators, the aggregator ``state`` after this batch (``None`` otherwise)."""
+    stateful aggregators, the aggregator ``state`` after this batch (``None`` otherwise).
+    ``per_example`` ([N]) is what the aggregator reduced and ``terms`` its named parts per row (they sum
+    to it); both are set by the training objective and carry gradient."""
 
     loss: torch.Tensor
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)
     state: dict[str, torch.Tensor] | None = None
+    per_example: torch.Tensor | None = None
+    terms: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 LossFunction = Callable[..., PerExampleLosses]
@@ -209,6 +217,8 @@ class LossSpec:
     why in ``aggregator_note``. ``signals`` / ``heads``: per-row signals and model heads it reads.
     ``coupled_by``: options that, when set, make an otherwise per-example loss batch-coupled.
     ``needs_kl_pairs``: the loss reads ``kl_policy_logps`` / ``kl_ref_logps`` (KTO's mismatched pairs).
+    ``terms``: the names of the parts the loss returns per row (:attr:`PerExampleLosses.terms`), each
+    ``family/part`` (UPO: ``upo/preference``, ``upo/aux``, ``upo/value``); empty for a loss of one part.
     """
 
     name: str
@@ -223,6 +233,7 @@ class LossSpec:
     heads: tuple[str, ...] = ()
     coupled_by: tuple[str, ...] = ()
     needs_kl_pairs: bool = False
+    terms: tuple[str, ...] = ()
 
     def is_batch_coupled(self, options: dict[str, Any]) -> bool:
         """Whether the loss couples the batch with these options: always when ``batch_coupled``, else
@@ -239,8 +250,13 @@ class LossSpec:
         return self.aggregators is None or name in self.aggregators
 
     def per_example(self, stats: Stats, **options: Any) -> PerExampleLosses:
-        """The per-example losses of ``stats`` and the loss's metrics."""
-        return self.function(stats, **options)
+        """The per-example losses of ``stats``, the loss's metrics and its declared terms."""
+        result = self.function(stats, **options)
+        if set(result.terms) != set(self.terms):
+            raise ValueError(
+                f"loss {self.name!r} declares the terms {list(self.terms)} but returned {list(result.terms)}"
+            )
+        return result
 
     def __call__(self, stats: Stats, **options: Any) -> LossResult:
         """The loss reduced by the default aggregator, the (weighted) mean: a convenience for callers
@@ -288,6 +304,7 @@ def register_loss(
     heads: tuple[str, ...] = (),
     coupled_by: tuple[str, ...] = (),
     needs_kl_pairs: bool = False,
+    terms: tuple[str, ...] = (),
 ) -> Callable[[LossFunction], LossFunction]:
     """Register ``fn(stats, *, option=default, ...) -> PerExampleLosses`` under ``name``."""
 
@@ -307,6 +324,7 @@ def register_loss(
                 heads=heads,
                 coupled_by=coupled_by,
                 needs_kl_pairs=needs_kl_pairs,
+                terms=terms,
             ),
         )
         return fn

@@ -104,14 +104,18 @@ def advantage_weights(
     return AdvantageWeights(weights, clipped.float().mean(), ess)
 
 
+#: The parts of UPO's loss, per row (``PerExampleLosses.terms``): L_pref, lambda_aux L_aux, value_weight L_V.
+UPO_TERMS = ("upo/preference", "upo/aux", "upo/value")
+
+
 @dataclass
 class DesignerTerms:
-    """UPO's designer-side losses per response ([M] each) and their metrics."""
+    """UPO's designer-side losses per response ([M] each), already weighted (``lambda_aux`` x L_aux,
+    ``value_weight`` x L_V), and their metrics."""
 
     aux: torch.Tensor
     value: torch.Tensor
     metrics: dict[str, torch.Tensor]
-    combined: torch.Tensor  # lambda_aux * aux + value_weight * value, per response
 
 
 def designer_terms(
@@ -128,8 +132,8 @@ def designer_terms(
     normalize_weights: bool,
     aux_likelihood: Likelihood,
 ) -> DesignerTerms:
-    """``-w log pi(y|x)`` and ``|tau - 1(u<0)| u^2`` for M responses with rewards ``r_aux`` and values
-    ``V(x)``, and ``lambda_aux`` x the first + ``value_weight`` x the second (UPO's designer side).
+    """``lambda_aux`` x ``-w log pi(y|x)`` and ``value_weight`` x ``|tau - 1(u<0)| u^2`` for M responses
+    with rewards ``r_aux`` and values ``V(x)`` (UPO's designer side; the metrics are unweighted).
 
     ``aux_likelihood``: "sequence" uses the summed log-prob (the paper's ``log pi(y|x)``), "token_mean"
     divides it by the completion length so long responses do not dominate.
@@ -162,7 +166,7 @@ def designer_terms(
             "upo/clipped_fraction": weighted.clipped_fraction,
             "upo/weight_ess": weighted.effective_sample_size.float(),
         }
-    return DesignerTerms(aux, value, metrics, lambda_aux * aux + value_weight * value)
+    return DesignerTerms(lambda_aux * aux, value_weight * value, metrics)
 
 
 def _signal(stats: PairedStats | UnpairedStats, name: str, loss_name: str) -> torch.Tensor:
@@ -188,6 +192,7 @@ def _value_head(stats: PairedStats | UnpairedStats, loss_name: str) -> torch.Ten
     signals=(CHOSEN_DESIGNER, REJECTED_DESIGNER),
     heads=("value",),
     coupled_by=("normalize_weights",),
+    terms=UPO_TERMS,
 )
 def upo_per_example(
     stats: PairedStats,
@@ -223,12 +228,24 @@ def upo_per_example(
         aux_likelihood=aux_likelihood,
     )
     n = len(stats)
-    losses = preference + 0.5 * (terms.combined[:n] + terms.combined[n:])  # a pair's responses: 1/2 each
+    parts = dict(  # a pair's two responses count 1/2 each
+        zip(
+            UPO_TERMS,
+            (preference, 0.5 * (terms.aux[:n] + terms.aux[n:]), 0.5 * (terms.value[:n] + terms.value[n:])),
+        )
+    )
     metrics = preference_metrics(
         chosen, rejected, beta, stats.policy_chosen_logps, stats.policy_rejected_logps
     )
     metrics["upo/preference_loss"] = preference.detach().float().mean()
-    return PerExampleLosses(losses, {**metrics, **terms.metrics, **_designer_means(stats)})
+    return _sum_of_parts(parts, {**metrics, **terms.metrics, **_designer_means(stats)})
+
+
+def _sum_of_parts(parts: dict[str, torch.Tensor], metrics: dict[str, torch.Tensor]) -> PerExampleLosses:
+    """The per-example loss as the sum of its named parts, which it also returns (the loop can split the
+    gradient by part: ``train.grad_shares``)."""
+    losses = sum(parts.values(), torch.zeros_like(next(iter(parts.values()))))
+    return PerExampleLosses(losses, metrics, parts)
 
 
 @register_loss(
@@ -240,6 +257,7 @@ def upo_per_example(
     paper=UPO_PAPER + " with KTO (Ethayarajh et al. 2024) as L_pref, the paper's base",
     signals=(UNPAIRED_DESIGNER,),
     heads=("value",),
+    terms=UPO_TERMS,
 )
 def upo_kto_per_example(
     stats: UnpairedStats,
@@ -273,9 +291,9 @@ def upo_kto_per_example(
         normalize_weights=normalize_weights,
         aux_likelihood=aux_likelihood,
     )
-    losses = kto.losses + terms.combined
     metrics = {**kto.metrics, "upo/preference_loss": kto.losses.detach().float().mean(), **terms.metrics}
-    return PerExampleLosses(losses, {**metrics, **_designer_means(stats)})
+    parts = dict(zip(UPO_TERMS, (kto.losses, terms.aux, terms.value)))
+    return _sum_of_parts(parts, {**metrics, **_designer_means(stats)})
 
 
 def _designer_means(stats: PairedStats | UnpairedStats) -> dict[str, torch.Tensor]:

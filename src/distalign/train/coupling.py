@@ -37,26 +37,47 @@ def slice_stats(stats: Stats, start: int, stop: int) -> Stats:
     return stats_from_fields(type(stats), sliced)
 
 
-def coupling_coefficients(objective, global_stats: Stats) -> tuple[dict[str, torch.Tensor], LossResult]:
-    """``dL/ds`` for every gradient-carrying field of the (detached) global statistics — the policy's
-    log-probs and every model-head output — and L itself."""
-    fields = stats_fields(global_stats)
+def gradient_leaves(stats: Stats) -> tuple[Stats, dict[str, torch.Tensor]]:
+    """``stats`` (detached) with every gradient-carrying field — the policy's log-probs and every
+    model-head output — replaced by a fresh leaf that requires grad, and those leaves by name."""
+    fields = stats_fields(stats)
     leaves = {
         name: tensor.detach().clone().requires_grad_(True)
         for name, tensor in fields.items()
         if carries_gradient(name)
     }
-    with torch.enable_grad():
-        result = objective(stats_from_fields(type(global_stats), {**fields, **leaves}))
-        grads = torch.autograd.grad(result.loss, list(leaves.values()), allow_unused=True)
-    coefficients = {
+    return stats_from_fields(type(stats), {**fields, **leaves}), leaves
+
+
+def field_coefficients(
+    value: torch.Tensor, leaves: dict[str, torch.Tensor], *, retain_graph: bool = False
+) -> dict[str, torch.Tensor]:
+    """``d value / d leaf`` for every leaf of :func:`gradient_leaves` (zeros where it does not depend on it)."""
+    grads = torch.autograd.grad(value, list(leaves.values()), allow_unused=True, retain_graph=retain_graph)
+    return {
         name: (grad if grad is not None else torch.zeros_like(leaf))
         for (name, leaf), grad in zip(leaves.items(), grads)
     }
+
+
+def coupling_coefficients(objective, global_stats: Stats) -> tuple[dict[str, torch.Tensor], LossResult]:
+    """``dL/ds`` for every gradient-carrying field of the (detached) global statistics — the policy's
+    log-probs and every model-head output — and L itself."""
+    stats, leaves = gradient_leaves(global_stats)
+    with torch.enable_grad():
+        result = objective(stats)
+        coefficients = field_coefficients(result.loss, leaves)
     detached = LossResult(
         result.loss.detach(), {k: v.detach() for k, v in result.metrics.items()}, result.state
     )
     return coefficients, detached
+
+
+def gather_stats(engine, local: Stats) -> tuple[Stats, int]:
+    """Global statistics in global-batch order, and where this process's rows start in them (every
+    process holds equally many rows of the global batch: ``split_for_process``)."""
+    fields = {name: engine.gather_rows(tensor) for name, tensor in stats_fields(local).items()}
+    return stats_from_fields(type(local), fields), engine.rank * len(local)
 
 
 def linear_surrogate(local_stats: Stats, coefficients: dict[str, torch.Tensor], start: int) -> torch.Tensor:
