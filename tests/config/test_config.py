@@ -155,6 +155,7 @@ def test_the_resume_neutral_fields_are_the_ones_marked_on_the_fields():
         "data.share_prompts",
         "data.group_by_length",
         "train.global_strategy",
+        "train.grad_shares",
         "reference.precompute",
         "reference.cache_dir",
     }

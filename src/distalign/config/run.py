@@ -156,7 +156,14 @@ class RunConfig(Section):
         extra.update(typed_options("loss", accepted, extra))
         _check_loss_option_values(spec, self.loss.loss_options())
         _check_aggregator(spec, self.aggregator, self.train.coupling_scope)
-        _check_grouping(spec, self.loss, self.aggregator, self.train.coupling_scope, self.data.group_by_length)
+        _check_grouping(
+            spec, self.loss, self.aggregator, self.train.coupling_scope, self.data.group_by_length
+        )
+        if self.train.grad_shares and not spec.terms and not self.train.sft_weight:
+            raise ValueError(
+                f"train.grad_shares: loss {spec.name!r} is a single term, whose gradient share is always 1; "
+                "the shares need a loss that declares its terms (upo, upo_kto) or train.sft_weight > 0"
+            )
         if self.train.batch_size % self.train.micro_batch_size:
             raise ValueError(
                 f"train.batch_size ({self.train.batch_size}) must be a multiple of "

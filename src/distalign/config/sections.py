@@ -136,6 +136,7 @@ class LossConfig(Section):
     """AOT: soft-sort sharpness (larger = closer to the hard sort)."""
     length_normalize: bool | None = None
     """Use per-token mean log-probs instead of sums (AOT)."""
+
     def loss_options(self) -> dict[str, Any]:
         """The options the user set, to be forwarded to the loss function."""
         return {k: v for k, v in self.model_dump().items() if k != "name" and v is not None}
@@ -229,6 +230,12 @@ class TrainConfig(Section):
     sft_weight: float = Field(0.0, ge=0.0, json_schema_extra=OFFLINE_ONLY)
     """Add this times the chosen/positive completions' token-mean NLL to every per-example loss,
     before aggregation."""
+    grad_shares: bool = Field(False, json_schema_extra={**RESUME_NEUTRAL, **OFFLINE_ONLY})
+    """On every logged step, log each objective term's share of the gradient norm (UPO:
+    upo/grad_share_preference, _aux, _value; with sft_weight also grad_share_sft), exact over
+    micro-batches and processes. Costs, on a logged step only, one more forward and one backward per
+    term (and a no-grad forward with several micro-batches); the training steps are unchanged. Single
+    process or DDP (docs/upo.md)."""
     max_steps: int | None = Field(None, gt=0)
     """Optimizer steps; null = as many as `epochs` needs. Must match when a run resumes: the learning-rate
     schedule is laid out over the total, so raising it would change the steps already taken (to train

@@ -105,6 +105,12 @@ def sharding_problems(
     if deepspeed is not None:
         problems += _deepspeed_problems(deepspeed, config, cpu_only)
     sharding = sharding_of(fsdp, deepspeed)
+    if sharding.kind != "none" and config.train.grad_shares:
+        problems.append(
+            f"train.grad_shares under {sharding.name}: the per-term gradients are read from whole, "
+            "unsynchronised parameter gradients, which a sharded launch does not keep; measure the shares "
+            "on one process or under DDP (configs/accelerate/ddp.yaml), or turn train.grad_shares off"
+        )
     if sharding.shards_parameters and not config.reference.precompute and config.online is None:
         problems.append(
             f"reference.precompute=false under {sharding.name}: the on-the-fly reference would be a full, "

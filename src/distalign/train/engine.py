@@ -376,12 +376,16 @@ class Engine:
         if positions is not None:
             self._positions_since_log += positions
 
+    def logs_step(self, step: int) -> bool:
+        """Whether :meth:`log` writes a record for ``step`` (every ``train.log_every``-th and the last)."""
+        return step % self.config.train.log_every == 0 or step == self._final_step
+
     def log(self, step: int, metrics: dict[str, float]) -> None:
         """Record globally reduced ``metrics`` for ``step`` (every process calls this; rank 0 writes)."""
         self._steps_since_log += 1
         if self._progress is not None:
             self._progress.update(1)
-        if step % self.config.train.log_every and step != self._final_step:
+        if not self.logs_step(step):
             return
         counted = [self._tokens_since_log, self._forwarded_since_log, self._positions_since_log]
         if self.world_size > 1:  # one collective and one read for the three counts

@@ -39,19 +39,27 @@ class BatchObjective:
     def heads(self) -> tuple[str, ...]:
         return self.loss.heads
 
+    @property
+    def term_names(self) -> tuple[str, ...]:
+        """The parts of the per-example values (``LossResult.terms``; ``train/grad_shares.py``): the loss's
+        declared terms (``loss`` for a loss of one part), and ``sft`` when the SFT term is on."""
+        return (self.loss.terms or ("loss",)) + (("sft",) if self.sft_weight else ())
+
     def __call__(self, stats: Stats) -> LossResult:
         per_example = self.loss.per_example(stats, **self.loss_options)
         losses, metrics = per_example.losses, dict(per_example.metrics)
+        terms = dict(per_example.terms) or {"loss": losses}
         weights = row_weights(stats).to(losses.dtype)
         if self.sft_weight:
             # Per example, so the SFT term is weighted, aggregated and logged like the loss itself.
             nll = positive_nll(stats)
-            losses = losses + self.sft_weight * nll
+            terms["sft"] = self.sft_weight * nll
+            losses = losses + terms["sft"]
             metrics["sft_nll"] = weighted_mean(nll.detach(), weights).float()
         result = self.aggregator(
             losses, weights=weights, signals=stats.signals, state=self.state, **self.aggregator_options
         )
-        return LossResult(result.loss, {**metrics, **result.metrics}, result.state)
+        return LossResult(result.loss, {**metrics, **result.metrics}, result.state, losses, terms)
 
     def advance(self, result: LossResult) -> None:
         """Adopt the aggregator state after an optimizer step (no-op for stateless aggregators)."""

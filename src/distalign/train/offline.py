@@ -27,8 +27,6 @@ from distalign.losses.base import (
     PairedStats,
     Stats,
     UnpairedStats,
-    stats_fields,
-    stats_from_fields,
 )
 from distalign.models.attention import without_cudnn_attention
 from distalign.models.logprobs import batch_logprobs
@@ -37,9 +35,11 @@ from distalign.train.coupling import (
     concat_stats,
     coupling_coefficients,
     detach_stats,
+    gather_stats,
     linear_surrogate,
 )
 from distalign.train.engine import Engine, iterate_steps
+from distalign.train.grad_shares import gradient_shares
 from distalign.train.objective import BatchObjective, build_objective, state_from_json, state_to_json
 from distalign.train.reference import ReferenceLogps
 from distalign.train.setup import (
@@ -165,11 +165,11 @@ def _train_step(
             if objective.batch_coupled:
                 result = _mean_over_micro_batches(engine, objective, detached)
             else:
-                result = objective(_gather(engine, concat_stats(detached))[0])
+                result = objective(gather_stats(engine, concat_stats(detached))[0])
         return _with_grad_norm(result, grad_norm)
     if cfg.global_strategy == "retain" or len(micro_batches) == 1:
         live = [compute(rows) for rows in micro_batches]
-        global_stats, offset = _gather(engine, concat_stats([detach_stats(s) for s in live]))
+        global_stats, offset = gather_stats(engine, concat_stats([detach_stats(s) for s in live]))
         coefficients, result = coupling_coefficients(objective, global_stats)
         with engine.sync_context(True):
             engine.backward(linear_surrogate(concat_stats(live), coefficients, offset))
@@ -183,7 +183,7 @@ def _train_step(
                 compute(rows_in_order[i : i + group], count_tokens=False)
                 for i in range(0, len(rows_in_order), group)
             ]
-        global_stats, offset = _gather(engine, concat_stats(detached))
+        global_stats, offset = gather_stats(engine, concat_stats(detached))
         coefficients, result = coupling_coefficients(objective, global_stats)
         for k, rows in enumerate(micro_batches):
             with engine.sync_context(k == last):
@@ -214,13 +214,6 @@ def name_codes(metric: str, vocabularies: dict[str, list[str]]) -> str:
         if int(code) < len(names):
             return f"{prefix}={names[int(code)]}"
     return metric
-
-
-def _gather(engine: Engine, local: Stats) -> tuple[Stats, int]:
-    """Global statistics in global-batch order, and where this process's rows start in them (every
-    process holds equally many rows of the global batch: ``split_for_process``)."""
-    fields = {name: engine.gather_rows(tensor) for name, tensor in stats_fields(local).items()}
-    return stats_from_fields(type(local), fields), engine.rank * len(local)
 
 
 def _mean_over_micro_batches(engine: Engine, objective, detached: list[Stats]) -> LossResult:
@@ -277,9 +270,13 @@ def train_offline(config: RunConfig, *, stop_after_step: int | None = None) -> P
         micro_batches = split_for_process(
             rows, engine.rank, engine.world_size, config.train.micro_batch_size, lengths
         )
+        shares = {}
+        if config.train.grad_shares and engine.logs_step(step):  # before the step: its parameters
+            scope = config.train.coupling_scope
+            shares = gradient_shares(engine, objective, compute, micro_batches, coupling_scope=scope)
         result = _train_step(engine, objective, compute, micro_batches, data, data.weight_total(rows))
         # The step's one read from the device: the global loss and metrics, the same on every process.
-        values = engine.read_scalars({"loss": result.loss, **result.metrics})
+        values = engine.read_scalars({"loss": result.loss, **result.metrics, **shares})
         if not math.isfinite(values["loss"]):  # every process stops here
             from distalign.errors import NonFiniteLossError
 
