@@ -442,17 +442,17 @@ def dropped_completion_token(batch: dict) -> dict:
 def exactness_worker(args: argparse.Namespace) -> dict:
     """Packed vs padded on this device (module docstring: tolerances). Runs as a subprocess."""
     import torch
-    from transformers import AutoModelForCausalLM
 
     from distalign.data.collate import collate_sequences, pack_sequences
     from distalign.models.attention import without_cudnn_attention
+    from distalign.models.loading import load_model_and_tokenizer
     from distalign.models.logprobs import SequenceLogprobModel
     from distalign.models.packed_logprobs import packed_attention_kind, packing_layout_of
-    from distalign.models.span_attention import use_span_attention
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = AutoModelForCausalLM.from_pretrained(args.model_path, dtype=torch.float32).to(device)
-    use_span_attention(model)  # as the training setup does when data.packing is on
+    # Loaded on span attention, as the training setup loads a model when data.packing is on.
+    model, _ = load_model_and_tokenizer(args.model_path, dtype="float32", span_attention=True)
+    model = model.to(device)
     layout = packing_layout_of(model, share_prompts=True)
     module = SequenceLogprobModel(model, packing=layout)
     prompts, completions = paired_sequences(

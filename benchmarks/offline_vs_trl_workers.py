@@ -92,7 +92,7 @@ def _distalign_worker(args: argparse.Namespace) -> dict:
     if args.block_diagonal_mask:  # packed attention as before span attention: one masked call per row
         from distalign.train import setup as setup_module
 
-        setup_module.use_span_attention = lambda model: False
+        setup_module.packs_on_span_attention = lambda config: False
     config = load_config(None, overrides)
     clock.tick()
     # stop_after_step = max_steps ends right after the last optimizer step, skipping the final save

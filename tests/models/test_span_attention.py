@@ -23,7 +23,7 @@ from distalign.models.span_attention import (
 )
 from distalign.models.tiny import build_tiny_model
 from distalign.models.token_logprobs import sequence_logprobs
-from distalign.train.setup import packing_layout
+from distalign.train.setup import load_policy, packing_layout
 
 
 def test_spans_of_a_hand_built_shared_layout():
@@ -136,13 +136,19 @@ def test_eager_models_are_left_alone():
     assert model.config._attn_implementation == "eager" and packed_attention_kind(model) == "mask"
 
 
-def test_a_packed_run_switches_its_sdpa_policy_and_a_padded_run_does_not():
+def test_a_packed_run_loads_its_sdpa_policy_on_span_attention_and_a_padded_run_does_not():
+    """The attention is chosen when the model loads; the packing layout reads it and changes nothing."""
     for packing, expected in ((True, IMPLEMENTATION), (False, "sdpa")):
-        model, _ = build_tiny_model(seed=0)
         config = load_config(None, ["model.name=tiny", f"data.packing={str(packing).lower()}"])
+        model, _ = load_policy(config)
+        assert model.config._attn_implementation == expected
         layout = packing_layout(model, config)
         assert model.config._attn_implementation == expected
         assert layout == (PackingLayout("shared_one", "spans") if packing else None)
+    # A model loaded without span attention keeps its own: a packed layout then uses a dense mask.
+    model, _ = build_tiny_model(seed=0)
+    layout = packing_layout(model, load_config(None, ["model.name=tiny", "data.packing=true"]))
+    assert model.config._attn_implementation == "sdpa" and layout == PackingLayout("shared", "mask")
 
 
 # ------------------------------------------------------------------ the GPU path: FlexAttention

@@ -507,9 +507,10 @@ def test_the_online_loop_refuses_grouping_by_length_rather_than_ignoring_it():
 
 def test_shared_prompts_are_the_packed_default_and_can_be_switched_off():
     from distalign.config import load_config
+    from distalign.models.loading import load_model_and_tokenizer
     from distalign.train.setup import packing_layout
 
-    model, _ = build_tiny_model(seed=0)  # on SDPA, switched to span attention: one row
+    model, _ = load_model_and_tokenizer("tiny", span_attention=True)  # as a packed run loads it: one row
     assert packing_layout(model, load_config(None, ["data.packing=true"])) == PackingLayout(
         "shared_one", "spans"
     )

@@ -187,6 +187,7 @@ def load_model_and_tokenizer(
     trust_remote_code: bool = False,
     revision: str | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
+    span_attention: bool = False,
 ) -> tuple[Any, Any]:
     """Load a causal LM and its tokenizer.
 
@@ -198,6 +199,9 @@ def load_model_and_tokenizer(
         trust_remote_code: allow the checkpoint's own Python code; off unless the config says so.
         revision: hub revision (branch, tag or commit) for hub ids.
         cache_dir: distalign cache for built/converted models (the hub cache follows ``HF_HOME``).
+        span_attention: load a model that would run on SDPA on span attention instead
+            (:mod:`distalign.models.span_attention`: the same attention until a packed forward passes
+            spans); a model on another attention, or without SDPA, loads on its own.
 
     Returns:
         ``(model, tokenizer)``; the tokenizer always has a pad token (its EOS when it had none), and the
@@ -214,7 +218,9 @@ def load_model_and_tokenizer(
         # repeat inside the caller's own progress display.
         with quiet_transformers_progress() if is_local else contextlib.nullcontext():
             tokenizer = AutoTokenizer.from_pretrained(source, **common)
-            model = AutoModelForCausalLM.from_pretrained(source, **common, **dtype_kwargs)
+            model = AutoModelForCausalLM.from_pretrained(
+                source, **common, **dtype_kwargs, **_attention_kwargs(source, common, span_attention)
+            )
     except (OSError, ValueError) as error:
         where = "local directory" if is_local else "Hugging Face hub id (needs network or a warm HF cache)"
         raise ModelLoadError(f"could not load model {name!r} as a {where}: {error}") from error
@@ -224,6 +230,26 @@ def load_model_and_tokenizer(
     if lora is not None:
         model = apply_lora(model, lora)
     return model, tokenizer
+
+
+def _attention_kwargs(source: str, common: dict[str, Any], span_attention: bool) -> dict[str, str]:
+    """``attn_implementation`` for ``from_pretrained``: span attention when asked for and the model
+    would otherwise run on SDPA (its config names no other attention and its class supports SDPA);
+    nothing (transformers' own choice) otherwise."""
+    if not span_attention:
+        return {}
+    from transformers import AutoConfig
+
+    from distalign.models.span_attention import IMPLEMENTATION, register_span_attention
+
+    model_config = AutoConfig.from_pretrained(source, **common)
+    if getattr(model_config, "_attn_implementation", None) not in (None, "sdpa"):
+        return {}  # the checkpoint chose its attention (e.g. a flash kernel): packing uses that
+    model_class = transformers.models.auto.modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING.get(type(model_config), None)
+    if model_class is None or not getattr(model_class, "_supports_sdpa", False):
+        return {}  # remote code or no SDPA: the model's own attention, which packing_problem judges
+    register_span_attention()
+    return {"attn_implementation": IMPLEMENTATION}
 
 
 def _enable_activation_checkpointing(model: PreTrainedModel) -> None:

@@ -34,7 +34,7 @@ from distalign.models.token_logprobs import (
 def packed_attention_kind(model: nn.Module) -> PackedAttention:
     """How a packed batch's attention is confined to each sequence: "varlen" for flash-attention
     kernels (transformers derives the sequence boundaries from ``position_ids``; the batch must be one
-    row); for a model on span attention (:func:`~distalign.models.span_attention.use_span_attention`),
+    row); for a model on span attention (loaded with ``span_attention=True``),
     "flex" (one FlexAttention call over a block mask) when its weights are on a GPU and "spans" (one SDPA
     call per span) elsewhere; "mask" otherwise (a block-diagonal causal 4D mask)."""
     causal_lm = causal_lm_of(model)

@@ -20,7 +20,9 @@ query cannot see, as spans do, in one kernel. PyTorch 2.13 has no FlexAttention 
 which keeps the spans there.
 
 Wiring: transformers looks an attention function up by ``config._attn_implementation`` for every
-layer call. :func:`use_span_attention` gives a model the implementation registered here, which is
+layer call. A run loads its model on the implementation registered here
+(``load_model_and_tokenizer(span_attention=True)``); :func:`use_span_attention` switches a model
+already loaded (tests, benchmarks, a user's own model). The implementation is
 PyTorch SDPA exactly as transformers' "sdpa" (it delegates) unless the forward call carries
 ``distalign_spans`` (:func:`attention_spans`, passed through the model's keyword arguments to every
 attention layer) or a FlexAttention ``BlockMask`` as its attention mask (:func:`packed_block_mask`;

@@ -21,7 +21,13 @@ from distalign.models.loading import (
 from distalign.models.logprobs import SequenceLogprobModel, batch_logprobs
 from distalign.models.reference import ReferenceLogprobCache, adapters_disabled
 from distalign.train.engine import Engine
-from distalign.train.setup import OfflineData, default_cache_dir, packing_layout, tokenization_settings
+from distalign.train.setup import (
+    OfflineData,
+    default_cache_dir,
+    packing_layout,
+    packs_on_span_attention,
+    tokenization_settings,
+)
 
 
 class ReferenceLogps:
@@ -139,7 +145,10 @@ def _reference_model(config: RunConfig, policy):
     """(model to score with, whether to disable its adapters while scoring)."""
     if config.reference.model is not None:
         model, _ = load_model_and_tokenizer(
-            config.reference.model, dtype=config.model.dtype, trust_remote_code=config.model.trust_remote_code
+            config.reference.model,
+            dtype=config.model.dtype,
+            trust_remote_code=config.model.trust_remote_code,
+            span_attention=packs_on_span_attention(config),
         )
         return model.requires_grad_(False), False
     return policy, config.model.lora.enabled

@@ -42,7 +42,6 @@ from distalign.models.loading import (
 from distalign.models.logprobs import SequenceLogprobModel
 from distalign.models.packed_logprobs import packing_layout_of
 from distalign.models.packing import packing_problem
-from distalign.models.span_attention import use_span_attention
 from distalign.train.card import TrainingRecord, write_model_card
 from distalign.train.checkpoints import remove_stale_evaluation
 from distalign.train.engine import Engine
@@ -61,7 +60,8 @@ def lora_settings(config: RunConfig) -> LoraSettings | None:
 
 
 def load_policy(config: RunConfig):
-    """The policy model (LoRA-wrapped when configured) and its tokenizer."""
+    """The policy model (LoRA-wrapped when configured) and its tokenizer; on span attention when the run
+    packs (:func:`packs_on_span_attention`)."""
     m = config.model
     return load_model_and_tokenizer(
         m.name,
@@ -70,7 +70,15 @@ def load_policy(config: RunConfig):
         gradient_checkpointing=m.gradient_checkpointing,
         trust_remote_code=m.trust_remote_code,
         revision=m.revision,
+        span_attention=packs_on_span_attention(config),
     )
+
+
+def packs_on_span_attention(config: RunConfig) -> bool:
+    """Whether the run's models load on span attention: with ``data.packing``, so that a model that would
+    run on SDPA computes only the attention blocks each packed sequence sees. The attention is chosen
+    here, at load time; nothing switches it on a loaded model."""
+    return config.data.packing
 
 
 def tokenization_settings(config: RunConfig) -> TokenizationSettings:
@@ -293,14 +301,10 @@ def _mismatched_completions(items: list, seed: int) -> list:
 def packing_layout(model, config: RunConfig) -> PackingLayout | None:
     """The run's packing layout for ``model``'s forward passes when ``data.packing`` is on (None:
     padded), decided here once and handed to the collates and the log-prob module. A model packing
-    cannot be exact for is refused here, before any step, naming its model type.
-
-    An SDPA model is first switched to span attention (the same attention until a forward passes
-    spans), so that its packed forwards compute only the attention blocks each sequence sees: this is
-    the one place a run changes a model's attention implementation."""
+    cannot be exact for is refused here, before any step, naming its model type. The layout follows
+    the attention the model was loaded with (:func:`load_policy`), which this leaves as it is."""
     if not config.data.packing:
         return None
-    use_span_attention(model)
     problem = packing_problem(model, config.data.max_length)
     if problem is not None:
         raise SetupError(
