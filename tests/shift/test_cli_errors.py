@@ -91,7 +91,9 @@ def test_missing_file(shift_main, tmp_path, capsys):
     [
         (["--proportions", "human=0.5,bot=0.6"], "sum to 1.1"),
         (["--proportions", "human=1"], "missing sources present in the data: bot"),
-        (["--classifier", "hf:prajjwal1/bert-tiny"], "not implemented"),
+        (["--classifier", "hf:prajjwal1/bert-tiny"], "not a model in the local Hugging Face cache"),
+        (["--classifier", "hf:minilm", "--epochs", "0"], "--epochs must be >= 1"),
+        (["--classifier", "hf:minilm", "--learning-rate", "0"], "--learning-rate must be > 0"),
         (["--heldout-fraction", "1.5"], "--heldout-fraction must be in (0, 1)"),
         (["--C", "-1"], "--C must be > 0"),
         (["--C", "big"], "--C must be a number > 0 or 'auto'"),

@@ -9,6 +9,7 @@ DEFAULT_FIT_OUTPUT = "runs/shift"
 
 
 def _settings(args: argparse.Namespace):
+    from distalign.shift.finetune import FinetuneSettings
     from distalign.shift.fit import FitSettings
     from distalign.shift.pipeline import FeatureOptions
     from distalign.shift.ratio import parse_proportions
@@ -23,6 +24,7 @@ def _settings(args: argparse.Namespace):
         C=C,
         bins=args.bins,
         min_rows=args.min_rows,
+        scheme=args.scheme,
     )
     options = FeatureOptions(
         response=args.response,
@@ -31,6 +33,12 @@ def _settings(args: argparse.Namespace):
         classifier=args.classifier,
         device=args.device,
         batch_size=args.batch_size,
+        finetune=FinetuneSettings(
+            epochs=args.epochs,
+            learning_rate=args.learning_rate,
+            max_length=args.max_length,
+            batch_size=args.train_batch_size,
+        ),
     )
     return settings, options
 
@@ -60,17 +68,28 @@ def _print_report(result) -> None:
     )
     for name, report in summary["classifiers"].items():
         held = report["heldout"]
-        line = f"  {summary['target']} vs {name}: held-out accuracy {held['accuracy']:.3f}, ECE {held['ece']:.3f}"
+        line = (
+            f"  {summary['target']} vs {name}: held-out accuracy {held['accuracy']:.3f}, NLL {held['nll']:.3f}, "
+            f"ECE {held['ece']:.3f}"
+        )
         calibrated = report.get("heldout_calibrated")
         if calibrated is not None:
             line += f"; {report['calibrator']['method']} (cross-fitted): accuracy {calibrated['accuracy']:.3f}, ECE {calibrated['ece']:.3f}"
-        line += f"; gamma {report['gamma']:.3g}, C {report['C']:.3g}"
+        line += f"; gamma {report['gamma']:.3g}"
+        if "C" in report:  # the logistic probe's; a fine-tuned classifier has none
+            line += f", C {report['C']:.3g}"
         print(line)
         if held["accuracy"] == 1.0:
             print(
                 f"    note: {name} is perfectly separable from {summary['target']} on held-out rows; its "
                 "rows get h near 0 and the target's near the bound (DoRA then all but drops them)"
             )
+    multiclass = summary["scheme"].get("heldout_multiclass")
+    if multiclass is not None:
+        print(
+            f"  multinomial classifier over all sources: held-out accuracy {multiclass['accuracy']:.3f}, "
+            f"NLL {multiclass['nll']:.3f}"
+        )
     means = ", ".join(f"{name} {info['density_ratio_mean']:.3g}" for name, info in summary["sources"].items())
     print(
         f"  mean density ratio per source: {means}; over the mixture {summary['density_ratio']['mean_over_mixture']:.3g} (exact: 1)"
@@ -125,6 +144,13 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
         help="inverse L2 strength of the logistic probe, or 'auto' (cross-validated log-loss)",
     )
     parser.add_argument(
+        "--scheme",
+        default="one-vs-golden",
+        choices=["one-vs-golden", "multinomial"],
+        help="one-vs-golden: one binary classifier per synthetic source; multinomial: one classifier over "
+        "all sources, every ratio from its class probabilities (p_target / p_i times n_i / n_target)",
+    )
+    parser.add_argument(
         "--bins", type=int, default=10, help="equal-width bins of the ECE and reliability plot"
     )
     parser.add_argument("--min-rows", type=int, default=8, help="refuse a source with fewer rows")
@@ -146,11 +172,28 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--classifier",
         default="logistic",
-        help="logistic (a logistic probe on sentence embeddings); hf:<model> (fine-tuning) is not implemented",
+        help="logistic (a logistic probe on sentence embeddings), or hf:MODEL: fine-tune a transformers "
+        "sequence classifier on the texts (hf:minilm = the embedded MiniLM encoder with a fresh head, "
+        "hf:DIR = a local model directory, hf:ORG/NAME = a model already in the Hugging Face cache; offline)",
     )
+    parser.add_argument(
+        "--epochs", type=int, default=3, help="hf: classifiers: passes over the training rows"
+    )
+    parser.add_argument(
+        "--learning-rate",
+        type=float,
+        default=1e-4,
+        help="hf: classifiers: AdamW peak rate, decayed linearly to 0",
+    )
+    parser.add_argument(
+        "--max-length", type=int, default=128, help="hf: classifiers: tokens per text (cut from the left)"
+    )
+    parser.add_argument("--train-batch-size", type=int, default=16, help="hf: classifiers: texts per step")
     parser.add_argument("--format", default="auto", choices=["auto", "paired", "unpaired", "listwise"])
     parser.add_argument(
-        "--device", default=None, help="device for the embedding model (default: cuda if available)"
+        "--device",
+        default=None,
+        help="device for the embedding model or the fine-tuned classifier (default: cuda if available)",
     )
     parser.add_argument("--batch-size", type=int, default=32, help="texts per embedding forward pass")
     parser.add_argument(
@@ -162,7 +205,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     shift = commands.add_parser(
         "shift",
         help="density ratios of a target source against synthetic sources (for DoRA)",
-        description="Fit golden-vs-source classifiers on sentence embeddings and turn them into the density "
+        description="Fit golden-vs-source classifiers (on sentence embeddings, or fine-tuned) and turn them into the density "
         "ratio h = dQ_target/dP = [alpha + sum_i beta_i (1 - c_i) / (gamma_i c_i)]^-1 that the `dora` and "
         "`importance_weighted` aggregators read from the `density_ratio` column.",
     )

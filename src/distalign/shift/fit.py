@@ -1,13 +1,24 @@
-"""Fit the DoRA density ratio on feature vectors: one golden-vs-source probe per synthetic source,
-held-out metrics, calibration, and the fitted model as arrays + JSON.
+"""Fit the DoRA density ratio from golden-vs-source classifiers: held-out metrics, calibration, and the
+fitted model as arrays + JSON.
 
-:func:`fit_density_ratio` works on any features (the command embeds texts first; the tests use
-Gaussian points with a known ratio). Per synthetic source ``i``:
+The classifier is a pluggable :data:`Scorer`: given every row's source and the training mask, it fits
+whatever it fits and returns, per synthetic source ``i``, the log-odds ``z_i = log P(golden | x) /
+P(source i | x)`` on *every* row (:class:`PairScores`). :func:`logistic_scorer` fits logistic probes on
+feature vectors (:func:`fit_density_ratio`: the command embeds texts first; the tests use Gaussian
+points with a known ratio); ``distalign.shift.finetune`` fine-tunes a transformers classifier on the
+texts. Two schemes (``FitSettings.scheme``):
 
-1. the rows of the target and of source ``i`` are split (seeded, stratified by source, the same split
-   for every probe) into a training and a held-out part;
-2. a :class:`~distalign.shift.classifier.LogisticProbe` is fitted on the training part;
-3. its held-out logits give the raw metrics (accuracy, ECE, NLL, Brier, reliability bins); the
+* ``one-vs-golden``: one binary classifier per synthetic source, trained on the target's and source
+  ``i``'s training rows;
+* ``multinomial``: one softmax classifier over all sources; ``z_i = z_golden - z_i`` of its class
+  logits is the log-odds of the two-class posterior restricted to {golden, i}, so every ratio comes
+  from one model (``Q_0 / Q_i = (n_i / n_0) p_golden / p_i`` with the training class sizes).
+
+Then, per synthetic source ``i``, the same code whatever the classifier:
+
+1. the rows of every source are split once (seeded, stratified by source) into a training and a
+   held-out part; classifiers see only the training part;
+2. the held-out logits of the target's and source ``i``'s rows give the raw metrics (accuracy, ECE, NLL, Brier, reliability bins); the
    calibrator (none | temperature | isotonic) is fitted on all held-out logits, and the calibrated
    metrics are *cross-fitted* (each held-out row calibrated by a calibrator fitted on the other half),
    so they are not flattered by evaluating where the calibrator was fitted;
@@ -22,7 +33,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,12 +48,15 @@ from distalign.shift.calibration import (
     cross_fitted_probabilities,
     reliability_bins,
 )
-from distalign.shift.classifier import LogisticProbe, stratified_split
+from distalign.shift.classifier import LogisticProbe, fit_multinomial_probes, stratified_split
 from distalign.shift.ratio import density_ratio, resolve_proportions
 
 MODEL_FILE = "model.json"
 ARRAYS_FILE = "classifiers.safetensors"
 FORMAT_VERSION = 1
+ONE_VS_GOLDEN = "one-vs-golden"
+MULTINOMIAL = "multinomial"
+SCHEMES = (ONE_VS_GOLDEN, MULTINOMIAL)
 
 
 @dataclass(frozen=True)
@@ -57,8 +71,11 @@ class FitSettings:
     C: float | str = "auto"
     bins: int = 10
     min_rows: int = 8
+    scheme: str = ONE_VS_GOLDEN
 
     def __post_init__(self) -> None:
+        if self.scheme not in SCHEMES:
+            raise SetupError(f"--scheme {self.scheme!r}: valid: {', '.join(SCHEMES)}")
         if not 0 < self.heldout_fraction < 1:
             raise SetupError(f"--heldout-fraction must be in (0, 1), got {self.heldout_fraction}")
         if self.bins < 1:
@@ -78,6 +95,7 @@ class FitSettings:
             "C": self.C,
             "bins": self.bins,
             "min_rows": self.min_rows,
+            "scheme": self.scheme,
         }
 
 
@@ -107,10 +125,65 @@ def check_sources(sources: Sequence[str], settings: FitSettings) -> dict[str, fl
 
 
 @dataclass
-class SourceFit:
-    """One synthetic source's probe, calibrator, class-size ratio and held-out report."""
+class PairScores:
+    """One synthetic source's classifier output: the log-odds golden vs that source on every row."""
 
-    probe: LogisticProbe
+    logits: np.ndarray  # [N], every row of the data (train and held-out)
+    probe: LogisticProbe | None = None  # scores new features; None: a fine-tuned model scores its rows only
+    info: dict[str, Any] = field(default_factory=dict)  # added to the source's report (e.g. the probe's C)
+
+
+Scorer = Callable[[np.ndarray, np.ndarray, "FitSettings"], dict[str, PairScores]]
+"""``(sources [N] (object array), train mask [N], settings) -> {synthetic source: PairScores}``: fits
+on the training rows only, following ``settings.scheme``."""
+
+
+def class_indices(names: np.ndarray, target: str) -> tuple[np.ndarray, list[str]]:
+    """Integer classes [N] with the target as class 0 and the synthetic sources 1..k in sorted order,
+    and that order (the multinomial scheme's classes)."""
+    order = [target, *sorted(set(names.tolist()) - {target})]
+    index = {name: i for i, name in enumerate(order)}
+    return np.array([index[name] for name in names.tolist()], dtype=np.int64), order
+
+
+def logistic_scorer(features: np.ndarray) -> Scorer:
+    """Logistic probes on ``features`` [N, d] (standardised; ``C`` given or cross-validated)."""
+    x = np.asarray(features, dtype=np.float64)
+
+    def score(names: np.ndarray, train: np.ndarray, settings: FitSettings) -> dict[str, PairScores]:
+        if settings.scheme == MULTINOMIAL:
+            classes, order = class_indices(names, settings.target)
+            probes = fit_multinomial_probes(x[train], classes[train], 0, C=settings.C, seed=settings.seed)
+            pairs = {order[i]: probe for i, probe in probes.items()}
+        else:
+            pairs = {}
+            for name in sorted(set(names.tolist()) - {settings.target}):
+                rows = train & ((names == settings.target) | (names == name))
+                labels = (names[rows] == settings.target).astype(np.float64)
+                pairs[name] = LogisticProbe.fit(x[rows], labels, C=settings.C, seed=settings.seed)
+        return {name: PairScores(probe.logits(x), probe, {"C": probe.C}) for name, probe in pairs.items()}
+
+    return score
+
+
+def multiclass_metrics(pair_logits: np.ndarray, classes: np.ndarray) -> dict[str, float]:
+    """Accuracy and NLL of the softmax that the pairwise log-odds ``pair_logits`` [N, k] (``z_golden -
+    z_i``) determine, against ``classes`` [N] (0 = golden, i = the i-th column's source)."""
+    # log p_golden = -log(1 + sum_i exp(-z_i)); log p_i = log p_golden - z_i
+    negated = np.concatenate([np.zeros((len(pair_logits), 1)), -pair_logits], axis=1)
+    log_p = negated - np.logaddexp.reduce(negated, axis=1, keepdims=True)
+    return {
+        "accuracy": float((log_p.argmax(axis=1) == classes).mean()),
+        "nll": float(-log_p[np.arange(len(classes)), classes].mean()),
+    }
+
+
+@dataclass
+class SourceFit:
+    """One synthetic source's probe (None when fine-tuned), calibrator, class-size ratio and held-out
+    report."""
+
+    probe: LogisticProbe | None
     calibrator: Calibrator
     gamma: float
     report: dict[str, Any] = field(default_factory=dict)
@@ -124,6 +197,7 @@ class ShiftModel:
     proportions: dict[str, float]
     fits: dict[str, SourceFit]
     settings: FitSettings
+    report: dict[str, Any] = field(default_factory=dict)  # the scheme's own metrics (multinomial)
 
     @property
     def synthetic(self) -> list[str]:
@@ -134,10 +208,19 @@ class ShiftModel:
         return 1.0 / self.proportions[self.target]
 
     def probabilities(self, features: np.ndarray) -> np.ndarray:
-        """Calibrated ``c_i`` [N, k], columns in :attr:`synthetic` order."""
+        """Calibrated ``c_i`` [N, k] of new features, columns in :attr:`synthetic` order (logistic
+        probes only: a fine-tuned classifier's values are those of the rows it was fitted on)."""
+        probes = [self.fits[name].probe for name in self.synthetic]
+        if any(probe is None for probe in probes):
+            raise ValueError(
+                "this shift model holds no probes (a fine-tuned classifier): it scores no new rows"
+            )
+        return self.calibrated(np.stack([probe.logits(features) for probe in probes], axis=1))
+
+    def calibrated(self, logits: np.ndarray) -> np.ndarray:
+        """Calibrated ``c_i`` [N, k] from raw log-odds [N, k], both in :attr:`synthetic` order."""
         return np.stack(
-            [self.fits[name].calibrator(self.fits[name].probe.logits(features)) for name in self.synthetic],
-            axis=1,
+            [self.fits[name].calibrator(logits[:, i]) for i, name in enumerate(self.synthetic)], axis=1
         )
 
     def ratio_from_probabilities(self, probabilities: np.ndarray) -> np.ndarray:
@@ -169,13 +252,15 @@ class ShiftModel:
         for index, name in enumerate(self.synthetic):
             fit = self.fits[name]
             prefix = f"source{index}"
-            arrays |= fit.probe.arrays(prefix)
+            if fit.probe is not None:
+                arrays |= fit.probe.arrays(prefix)
             arrays[f"{prefix}.isotonic_x"] = fit.calibrator.thresholds_x
             arrays[f"{prefix}.isotonic_y"] = fit.calibrator.thresholds_y
             sources.append(
                 {
                     "name": name,
                     "arrays": prefix,
+                    "probe": None if fit.probe is None else "logistic",
                     "gamma": fit.gamma,
                     "calibration": fit.calibrator.method,
                     "inverse_temperature": fit.calibrator.inverse_temperature,
@@ -191,6 +276,7 @@ class ShiftModel:
             "proportions": self.proportions,
             "settings": self.settings.to_json(),
             "sources": sources,
+            "report": self.report,
         }
         (directory / MODEL_FILE).write_text(json.dumps(record, indent=2, allow_nan=False) + "\n")
 
@@ -211,24 +297,24 @@ class ShiftModel:
                 thresholds_x=arrays[f"{prefix}.isotonic_x"],
                 thresholds_y=arrays[f"{prefix}.isotonic_y"],
             )
-            fits[source["name"]] = SourceFit(
-                LogisticProbe.from_arrays(arrays, prefix), calibrator, source["gamma"], source["report"]
-            )
-        return cls(record["target"], record["proportions"], fits, FitSettings(**record["settings"]))
+            probe = LogisticProbe.from_arrays(arrays, prefix) if source.get("probe", "logistic") else None
+            fits[source["name"]] = SourceFit(probe, calibrator, source["gamma"], source["report"])
+        settings = FitSettings(**record["settings"])
+        return cls(record["target"], record["proportions"], fits, settings, record.get("report", {}))
 
 
 def _fit_source(
-    features: np.ndarray, labels: np.ndarray, train: np.ndarray, settings: FitSettings
+    scores: PairScores, logits: np.ndarray, labels: np.ndarray, train: np.ndarray, settings: FitSettings
 ) -> SourceFit:
-    """Fit one probe on ``train`` rows and evaluate / calibrate it on the others (labels: 1 = golden)."""
+    """Evaluate / calibrate one classifier's ``logits`` of the golden and source rows on its held-out
+    rows (``~train``; labels: 1 = golden)."""
     heldout = ~train
-    probe = LogisticProbe.fit(features[train], labels[train], C=settings.C, seed=settings.seed)
-    z_held, y_held = probe.logits(features[heldout]), labels[heldout]
+    z_held, y_held = logits[heldout], labels[heldout]
     raw = binary_metrics(Calibrator()(z_held), y_held, settings.bins)
     report: dict[str, Any] = {
         "train_rows": {"target": int(labels[train].sum()), "source": int((1 - labels[train]).sum())},
         "heldout_rows": {"target": int(y_held.sum()), "source": int((1 - y_held).sum())},
-        "C": probe.C,
+        **scores.info,
         "heldout": raw,
         "reliability": {"raw": reliability_bins(Calibrator()(z_held), y_held, settings.bins).to_json()},
     }
@@ -246,31 +332,50 @@ def _fit_source(
         report["calibrator"] = calibrator.describe()
         counts = report["heldout_rows"]
     gamma = counts["source"] / counts["target"]
-    return SourceFit(probe, calibrator, gamma, report)
+    return SourceFit(scores.probe, calibrator, gamma, report)
 
 
-def fit_density_ratio(
-    features: np.ndarray, sources: Sequence[str], settings: FitSettings
-) -> tuple[ShiftModel, np.ndarray]:
-    """Fit a :class:`ShiftModel` on ``features`` [N, d] with each row's source name.
+def fit_scored(
+    scorer: Scorer, sources: Sequence[str], settings: FitSettings
+) -> tuple[ShiftModel, np.ndarray, np.ndarray]:
+    """Split the rows, fit the classifier(s) with ``scorer`` and evaluate / calibrate every source.
 
-    Returns the model and the held-out mask [N] (rows no probe was trained on).
+    Returns the model, the held-out mask [N] (rows no classifier was trained on) and the calibrated
+    ``c_i`` of every row [N, k] (columns in ``model.synthetic`` order).
     """
     from distalign.shift.calibration import CALIBRATION_METHODS
 
     if settings.calibration not in CALIBRATION_METHODS:
         raise SetupError(f"--calibration {settings.calibration!r}: valid: {', '.join(CALIBRATION_METHODS)}")
-    x = np.asarray(features, dtype=np.float64)
     names = np.asarray(list(sources), dtype=object)
-    if x.ndim != 2 or len(x) != len(names):
-        raise ValueError(
-            f"features must be [N, d] with one source per row, got {x.shape} and {len(names)} sources"
-        )
     proportions = check_sources(list(sources), settings)
     heldout = stratified_split(names, settings.heldout_fraction, settings.seed)
+    scores = scorer(names, ~heldout, settings)
     fits = {}
-    for name in sorted(set(proportions) - {settings.target}):
+    for name in sorted(scores):
         rows = (names == settings.target) | (names == name)
         labels = (names[rows] == settings.target).astype(np.float64)
-        fits[name] = _fit_source(x[rows], labels, ~heldout[rows], settings)
-    return ShiftModel(settings.target, proportions, fits, settings), heldout
+        fits[name] = _fit_source(scores[name], scores[name].logits[rows], labels, ~heldout[rows], settings)
+    logits = np.stack([scores[name].logits for name in sorted(scores)], axis=1)
+    report: dict[str, Any] = {"scheme": settings.scheme}
+    if settings.scheme == MULTINOMIAL:
+        classes, _ = class_indices(names, settings.target)
+        report["heldout_multiclass"] = multiclass_metrics(logits[heldout], classes[heldout])
+    model = ShiftModel(settings.target, proportions, fits, settings, report)
+    return model, heldout, model.calibrated(logits)
+
+
+def fit_density_ratio(
+    features: np.ndarray, sources: Sequence[str], settings: FitSettings
+) -> tuple[ShiftModel, np.ndarray]:
+    """Fit a :class:`ShiftModel` of logistic probes on ``features`` [N, d] with each row's source name.
+
+    Returns the model and the held-out mask [N] (rows no probe was trained on).
+    """
+    x = np.asarray(features, dtype=np.float64)
+    if x.ndim != 2 or len(x) != len(sources):
+        raise ValueError(
+            f"features must be [N, d] with one source per row, got {x.shape} and {len(sources)} sources"
+        )
+    model, heldout, _ = fit_scored(logistic_scorer(x), sources, settings)
+    return model, heldout

@@ -9,13 +9,16 @@ shift/embeddings-<texts>-<encoder>/embeddings.safetensors   float32 [N, d], one 
 shift/fit-<data>-<settings>/model.json                      target, proportions, settings, and per
                                                             source: gamma, calibration, held-out report
 shift/fit-<data>-<settings>/classifiers.safetensors         probe arrays (mean, scale, coef, intercept
-                                                            and C) and isotonic thresholds, float64
+                                                            and C; none for a fine-tuned classifier)
+                                                            and isotonic thresholds, float64
 shift/fit-<data>-<settings>/rows.safetensors                calibrated c_i [N, k] and the held-out mask
 ```
 
 ``<texts>`` hashes the scored texts (row by row), ``<encoder>`` every file of the embedding model,
 ``<data>`` the texts and the per-row sources, ``<settings>`` the fit settings (target, proportions,
-calibration, split, C, bins), the encoder and the classifier kind — 16 hex digits each. Nothing is
+calibration, split, C, bins, scheme), the encoder and the classifier kind — or, for ``--classifier
+hf:MODEL``, the fine-tuned model's files (no embeddings are computed) and the fine-tuning settings —
+16 hex digits each. A fine-tuned model's weights are not kept: its values on the data's rows are. Nothing is
 pickled: arrays are safetensors, everything else JSON. A complete entry that cannot be read back (a
 truncated or edited file, arrays of the wrong shape) is removed and rebuilt.
 """
@@ -45,7 +48,21 @@ from distalign.shift.features import (
     row_texts,
     texts_fingerprint,
 )
-from distalign.shift.fit import FORMAT_VERSION, FitSettings, ShiftModel, check_sources, fit_density_ratio
+from distalign.shift.finetune import (
+    FinetuneSettings,
+    describe,
+    finetune_scorer,
+    is_finetuned,
+    resolve_model_dir,
+)
+from distalign.shift.fit import (
+    FORMAT_VERSION,
+    FitSettings,
+    ShiftModel,
+    check_sources,
+    fit_scored,
+    logistic_scorer,
+)
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -58,7 +75,8 @@ _ROWS_FILE = "rows.safetensors"
 
 @dataclass(frozen=True)
 class FeatureOptions:
-    """What is embedded, and with what (all but ``device`` / ``batch_size`` enter the cache keys)."""
+    """What is embedded, and with what, or what is fine-tuned (all but ``device`` / ``batch_size`` enter
+    the cache keys)."""
 
     response: str = "preferred"
     with_prompt: bool = True
@@ -66,6 +84,7 @@ class FeatureOptions:
     classifier: str = LOGISTIC
     device: str | None = None
     batch_size: int = 32
+    finetune: FinetuneSettings = FinetuneSettings()  # hf:MODEL classifiers only
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -83,14 +102,10 @@ class PreparedData:
 
 
 def _check_classifier(kind: str) -> None:
-    if kind == LOGISTIC:
-        return
-    if kind.startswith("hf:"):
-        raise SetupError(
-            f"--classifier {kind}: fine-tuning a Hugging Face sequence classifier is not implemented; "
-            f"use --classifier {LOGISTIC} (a logistic probe on sentence embeddings)"
-        )
-    raise SetupError(f"--classifier {kind!r}: valid: {LOGISTIC} (hf:<model> is not implemented)")
+    if is_finetuned(kind):
+        resolve_model_dir(kind)  # SetupError naming the model when there is none
+    elif kind != LOGISTIC:
+        raise SetupError(f"--classifier {kind!r}: valid: {LOGISTIC}, hf:minilm, hf:DIR or hf:ORG/NAME")
 
 
 def _row_number(loaded: Any, index: int) -> int:
@@ -177,6 +192,7 @@ class ShiftResult:
             "classifiers": {
                 name: {"gamma": fit.gamma, **fit.report} for name, fit in sorted(model.fits.items())
             },
+            "scheme": model.report,
             "density_ratio": {
                 "mean_over_mixture": mixture_mean,
                 "min": float(h.min()),
@@ -254,28 +270,35 @@ def fit_shift(
     from safetensors.numpy import load_file, save_file
 
     data = prepare(path, settings, options, format=format)
-    encoder_dir = embedding_model_dir(options.embedding_model)
-    encoder_fp = model_dir_fingerprint(encoder_dir)
+    finetuned = is_finetuned(options.classifier)
+    # The classifier's model: the fine-tuned one, or the encoder whose embeddings the probe reads.
+    model_dir = (
+        resolve_model_dir(options.classifier) if finetuned else embedding_model_dir(options.embedding_model)
+    )
+    model_fp = model_dir_fingerprint(model_dir)
     root = cache_root(cache_dir) / "shift"
     data_key = _digest(texts_fingerprint(data.texts), *data.sources)
-    fit_key = settings_key(
-        {
-            "fit": settings.to_json(),
-            "encoder": encoder_fp,
-            "classifier": options.classifier,
-            "format_version": FORMAT_VERSION,
-        }
-    )
-    entry = root / f"fit-{data_key}-{fit_key}"
+    key: dict[str, Any] = {"fit": settings.to_json(), "format_version": FORMAT_VERSION}
+    if finetuned:  # the model's files, not its name, decide the result
+        key |= {"classifier": "hf", "model": model_fp, "finetune": options.finetune.to_json()}
+    else:
+        key |= {"classifier": options.classifier, "encoder": model_fp}
+    entry = root / f"fit-{data_key}-{settings_key(key)}"
     built = False
 
     def build(staging: Path) -> None:
         nonlocal built
-        features = _embeddings(data, encoder_dir, encoder_fp, options, root, progress)
-        model, heldout = fit_density_ratio(features, data.sources, settings)
+        if finetuned:
+            scorer = finetune_scorer(
+                model_dir, data.texts, options.finetune, device=options.device, progress=progress
+            )
+        else:
+            scorer = logistic_scorer(_embeddings(data, model_dir, model_fp, options, root, progress))
+        model, heldout, probabilities = fit_scored(scorer, data.sources, settings)
         model.save(staging)
-        arrays = {"probabilities": model.probabilities(features), "heldout": heldout.astype(np.float64)}
-        save_file(arrays, staging / _ROWS_FILE)
+        save_file(
+            {"probabilities": probabilities, "heldout": heldout.astype(np.float64)}, staging / _ROWS_FILE
+        )
         built = True
 
     def load(directory: Path) -> tuple[ShiftModel, dict[str, np.ndarray]]:
@@ -288,21 +311,22 @@ def fit_shift(
 
     model, arrays = _cached(entry, build, load)
     probabilities = arrays["probabilities"]
+    text: dict[str, Any] = {"response": options.response, "with_prompt": options.with_prompt}
+    if finetuned:
+        text["finetuned"] = describe(options.classifier, model_dir, model_fp, options.finetune)
+    else:
+        text |= {
+            "embedding_model": options.embedding_model,
+            # Where the encoder lies, portably: inside its package, or the directory as the user gave it.
+            "encoder_dir": f"{MINILM_PACKAGE}/model" if options.embedding_model == MINILM else str(model_dir),
+            "encoder_fingerprint": model_fp,
+            "pooling": "mean over non-padding tokens, L2-normalised",
+        }
     provenance = {
         "data": data.loaded.path,
         "data_fingerprint": data.loaded.fingerprint,
         "proportions_from": "data" if settings.proportions is None else "given",
-        "text": {
-            "response": options.response,
-            "with_prompt": options.with_prompt,
-            "embedding_model": options.embedding_model,
-            # Where the encoder lies, portably: inside its package, or the directory as the user gave it.
-            "encoder_dir": f"{MINILM_PACKAGE}/model"
-            if options.embedding_model == MINILM
-            else str(encoder_dir),
-            "encoder_fingerprint": encoder_fp,
-            "pooling": "mean over non-padding tokens, L2-normalised",
-        },
+        "text": text,
         "classifier": options.classifier,
         "settings": settings.to_json(),
     }
