@@ -86,3 +86,36 @@ def test_the_exact_density_ratio_of_the_shifted_world_averages_one_over_the_mixt
     h = shifted.exact_ratio(pairs)
     assert float(h.mean()) == pytest.approx(1.0, abs=0.05)
     assert float(h[pairs.source == 0].mean()) > 1.0 > float(h[pairs.source != 0].mean())
+
+
+def test_the_upo_gradient_shares_equal_the_terms_switched_on_one_at_a_time():
+    """The claims script splits UPO's gradient as train.grad_shares does; checked against the plain way:
+    the loss is linear in (lambda_aux, value_weight), so a term's gradient is the loss's with the others
+    switched off. A 2-step run with shares traced is the script's smoke."""
+    upo = load("upo")
+    world = common.World.draw(0)
+    aux = upo.designer_reward(world, 0)
+    pairs = common.draw_pairs(world, 64, torch.Generator().manual_seed(1))
+    signals = {
+        upo.CHOSEN_DESIGNER: aux[pairs.context, pairs.chosen],
+        upo.REJECTED_DESIGNER: aux[pairs.context, pairs.rejected],
+    }
+    build = common.paired_stats(world, pairs, signals=signals)
+    logits = world.ref_logits + 0.3 * torch.randn(world.ref_logits.shape, dtype=common.DTYPE)
+    value = 0.2 * torch.randn(world.contexts, dtype=common.DTYPE)
+    method = common.Method("upo", {"beta": 0.1, "lambda_aux": 0.25, "normalize_weights": True})
+
+    def gradient(**switches) -> torch.Tensor:
+        leaves = [logits.clone().requires_grad_(True), value.clone().requires_grad_(True)]
+        objective = common.Method("upo", {**method.loss_options, **switches}).objective()
+        loss = objective(build(torch.log_softmax(leaves[0], -1), leaves[1])).loss
+        return torch.cat([g.flatten() for g in torch.autograd.grad(loss, leaves)])
+
+    preference = gradient(lambda_aux=0.0, value_weight=0.0)
+    parts = [preference, gradient(value_weight=0.0) - preference, gradient(lambda_aux=0.0) - preference]
+    norms = [float(g.norm()) for g in parts]
+    shares = upo.gradient_shares(method, build, logits, value)
+    assert list(shares) == upo.SHARES
+    assert list(shares.values()) == pytest.approx([n / sum(norms) for n in norms], rel=1e-9)
+    traced = upo.run(0, method, shares=True, steps=2)
+    assert sum(traced["grad_share"].values()) == pytest.approx(1.0)

@@ -16,12 +16,16 @@ size for every method), at beta = 0.1:
 and is scored exactly on the two objectives: the preference win rate against pi_ref (Bradley-Terry on
 r*) and the designer gain E_pi[r_aux] - E_ref[r_aux]. Reported, paired over seeds: the hypervolume of
 each front above (gain 0, win rate 0.5), and each method's win rate at matched designer gains
-(interpolated along its front). For UPO, the share of the gradient norm from each term (preference,
-auxiliary, value), averaged over steps: the logged loss values cannot be compared (L_aux has a floor
-of about mean(w) x the likelihood's entropy), the gradients can.
+(interpolated along its front). Every method trains the same 400 full-batch Adam steps. For UPO, the
+share of the gradient norm from each term (upo/preference, upo/aux, upo/value), averaged over steps,
+split by the library's own mechanism (what ``train.grad_shares`` logs; distalign/train/grad_shares.py):
+the logged loss values cannot be compared (L_aux has a floor of about mean(w) x the likelihood's
+entropy), the gradients can.
 
-    python benchmarks/claims/upo.py               # 10 seeds, about 3 minutes on 2 cores
-Results are kept in OUT/results.jsonl (default runs/claims/upo): a rerun continues where it stopped.
+    python benchmarks/claims/upo.py               # 10 seeds, 400 steps
+    python benchmarks/claims/upo.py --seeds 1 --steps 2 --out /tmp/upo_smoke    # a smoke test
+Results are kept in OUT/results.jsonl (default runs/claims/upo), keyed by method, options, steps and
+seed: a rerun continues where it stopped.
 """
 
 from __future__ import annotations
@@ -50,9 +54,11 @@ from common import (  # noqa: E402
 )
 
 from distalign.losses.upo import CHOSEN_DESIGNER, REJECTED_DESIGNER  # noqa: E402
+from distalign.train.coupling import detach_stats, linear_surrogate  # noqa: E402
+from distalign.train.grad_shares import grad_share_metric, part_coefficients  # noqa: E402
 
 PAIRS = 480
-STEPS = 150
+STEPS = 400  # 150 in the first run of this comparison (docs/claims.md): UPO's fronts had not settled
 BETA = 0.1
 CONFLICT = -0.5
 METHODS: dict[str, list[Method]] = {
@@ -75,36 +81,26 @@ def designer_reward(world: World, seed: int) -> torch.Tensor:
     return CONFLICT * world.reward + math.sqrt(1 - CONFLICT**2) * noise
 
 
-def gradient_shares(
-    world, method: Method, build, logits: torch.Tensor, value: torch.Tensor
-) -> dict[str, float]:
-    """Norm of each term's gradient over the sum of the three norms, at the current parameters:
-    L = L_pref + lambda L_aux + w_V L_V is linear in (lambda, w_V), so each term's gradient is the
-    gradient of the loss with the other two switched off."""
-    options = method.loss_options
+SHARES = [grad_share_metric(part) for part in ("upo/preference", "upo/aux", "upo/value")]
 
-    def gradient(**switches) -> torch.Tensor:
-        leaf_logits = logits.detach().clone().requires_grad_(True)
-        leaf_value = value.detach().clone().requires_grad_(True)
-        objective = Method(method.loss, {**options, **switches}).objective()
-        loss = objective(build(torch.log_softmax(leaf_logits, -1), leaf_value)).loss
-        grads = torch.autograd.grad(loss, [leaf_logits, leaf_value], allow_unused=True)
-        return torch.cat(
-            [
-                (g if g is not None else torch.zeros_like(p)).flatten()
-                for g, p in zip(grads, [leaf_logits, leaf_value])
-            ]
+
+def gradient_shares(method: Method, build, logits: torch.Tensor, value: torch.Tensor) -> dict[str, float]:
+    """Norm of each term's gradient (logits and value table) over the sum of the three norms, at the
+    current parameters, split as ``train.grad_shares`` splits a run's: the objective's terms linearised
+    on the batch's statistics, one backward per term."""
+    leaves = [logits.detach().clone().requires_grad_(True), value.detach().clone().requires_grad_(True)]
+    stats = build(torch.log_softmax(leaves[0], -1), leaves[1])
+    norms = {}
+    for part, fields in part_coefficients(method.objective(), detach_stats(stats)).items():
+        grads = torch.autograd.grad(
+            linear_surrogate(stats, fields, 0), leaves, retain_graph=True, allow_unused=True
         )
-
-    preference = gradient(lambda_aux=0.0, value_weight=0.0)
-    auxiliary = gradient(value_weight=0.0) - preference
-    value_term = gradient(lambda_aux=0.0) - preference
-    norms = {"preference": preference.norm(), "auxiliary": auxiliary.norm(), "value": value_term.norm()}
+        norms[part] = math.sqrt(sum(float(g.square().sum()) for g in grads if g is not None))
     total = sum(norms.values())
-    return {name: float(norm / total) for name, norm in norms.items()}
+    return {grad_share_metric(part): norm / total for part, norm in norms.items()}
 
 
-def run(seed: int, method: Method, shares: bool = False) -> dict:
+def run(seed: int, method: Method, shares: bool = False, steps: int = STEPS) -> dict:
     world = World.draw(seed)
     aux = designer_reward(world, seed)
     generator = torch.Generator().manual_seed(10_000 + seed)
@@ -119,12 +115,12 @@ def run(seed: int, method: Method, shares: bool = False) -> dict:
         # Re-run the same training, reading the parameters at every step through a wrapped builder.
         def tracking(logp, value):
             if value is not None:
-                trace.append(gradient_shares(world, method, build, logp.detach(), value))
+                trace.append(gradient_shares(method, build, logp.detach(), value))
             return build(logp, value)
 
-        logp = train(world, method, tracking, steps=STEPS)
+        logp = train(world, method, tracking, steps=steps)
     else:
-        logp = train(world, method, build, steps=STEPS)
+        logp = train(world, method, build, steps=steps)
     exact = evaluate(world, logp)
     designer_gain = float(((logp.exp() - world.ref_logp.exp()) * aux).sum(-1).mean())
     result = {"win_rate": exact["win_rate"], "designer_gain": designer_gain, "kl": exact["kl"]}
@@ -160,6 +156,7 @@ def main() -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--seeds", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=STEPS, help="Adam steps of every method")
     parser.add_argument("--out", type=Path, default=Path("runs/claims/upo"))
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -170,7 +167,10 @@ def main() -> int:
     for name, grid in METHODS.items():
         for seed in seeds:
             records = [
-                results.get_or_run(f"{name}|{m.describe()}|{seed}", lambda m=m, s=seed: run(s, m))
+                results.get_or_run(
+                    f"{name}|{m.describe()}|steps={args.steps}|{seed}",
+                    lambda m=m, s=seed: run(s, m, steps=args.steps),
+                )
                 for m in grid
             ]
             fronts[name, seed] = [(r["designer_gain"], r["win_rate"]) for r in records]
@@ -210,16 +210,14 @@ def main() -> int:
         for method in METHODS[name]:
             traced = [
                 results.get_or_run(
-                    f"shares|{name}|{method.describe()}|{s}", lambda m=method, s=s: run(s, m, shares=True)
+                    f"shares|{name}|{method.describe()}|steps={args.steps}|{s}",
+                    lambda m=method, s=s: run(s, m, shares=True, steps=args.steps),
                 )
                 for s in seeds[:3]
             ]
-            share = {
-                k: mean_interval([t["grad_share"][k] for t in traced]).mean
-                for k in ("preference", "auxiliary", "value")
-            }
+            share = {k: mean_interval([t["grad_share"][k] for t in traced]).mean for k in SHARES}
             share_rows.append([name, method.loss_options["lambda_aux"], *(f"{share[k]:.3f}" for k in share)])
-    shares = markdown_table(["method", "lambda_aux", "preference", "auxiliary", "value"], share_rows)
+    shares = markdown_table(["method", "lambda_aux", *SHARES], share_rows)
     print(
         volumes,
         "\n",
@@ -228,7 +226,7 @@ def main() -> int:
         shares,
         sep="\n",
     )
-    print(f"\n{len(seeds)} seeds, {PAIRS} pairs, {STEPS} Adam steps; r_aux = {CONFLICT} r* + noise; "
+    print(f"\n{len(seeds)} seeds, {PAIRS} pairs, {args.steps} Adam steps; r_aux = {CONFLICT} r* + noise; "
           f"{time.perf_counter() - started:.0f} s")  # fmt: skip
     (args.out / "summary.md").write_text("\n\n".join([volumes, comparisons, shares]) + "\n")
     return 0
