@@ -43,3 +43,13 @@ def test_the_report_draws_the_shares_of_a_run_that_logged_them(tmp_path, two_run
     assert text.count("<h3>Gradient share per loss term</h3>") == 1
     assert (tmp_path / "report_files" / f"{logged.name}_grad_shares.png").exists()
     assert not (tmp_path / "report_files" / f"{dpo.name}_grad_shares.png").exists()
+    assert "per loss term, per run" not in text  # one run with shares: nothing to compare
+
+
+def test_runs_that_logged_shares_are_compared_side_by_side(tmp_path, two_runs):
+    one, other = (logged_shares(run) for run in two_runs)
+    page = write_report([one, other], tmp_path / "report.html")
+    text = page.read_text()
+    assert text.count("<h3>Gradient share per loss term, per run</h3>") == 1
+    assert text.count("<h3>Gradient share per loss term</h3>") == 2  # and step by step in each run's section
+    assert imread(tmp_path / "report_files" / "grad_shares.png").shape[1] > 400

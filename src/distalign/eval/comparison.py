@@ -16,7 +16,14 @@ from distalign.eval.page import escape, estimate_cell
 from distalign.eval.page import image as _image
 from distalign.eval.page import table as _table
 from distalign.eval.pareto import has_designer_scores, pareto_rows, shared_designer_reference
-from distalign.eval.plots import plot_gold_rewards, plot_quantile_curves, plot_win_rates
+from distalign.eval.plots import (
+    GRAD_SHARE_NOTE,
+    grad_shares_by_step,
+    plot_gold_rewards,
+    plot_grad_share_comparison,
+    plot_quantile_curves,
+    plot_win_rates,
+)
 from distalign.stats.metrics import Estimate, EvalResult
 
 if TYPE_CHECKING:
@@ -73,8 +80,11 @@ def comparison_section(runs: Sequence[RunSummary], assets: Path, colors: dict[st
         rows.insert(0, base + _reference_diversity(runs))
     parts = ["<h2>Comparison</h2>", f'<div class="wide">{_table(headers, rows)}</div>']
     evaluated = [(r.name, r.eval) for r in runs if r.eval is not None and "policy" in r.eval.gold_reward]
+    shares = _grad_share_section(runs, assets)
     if not evaluated:
-        return "".join(parts) + '<p class="muted">No run has eval/eval.json: no comparison plots.</p>'
+        return (
+            "".join(parts) + '<p class="muted">No run has eval/eval.json: no comparison plots.</p>' + shares
+        )
     parts.append('<div class="plots">')  # side by side where the page is wide enough
     quantiles = _comparison_quantiles(evaluated, reference is not None)
     if quantiles is not None:
@@ -111,7 +121,24 @@ def comparison_section(runs: Sequence[RunSummary], assets: Path, colors: dict[st
     parts.append("</div>")
     if any(has_designer_scores(ev) for _, ev in evaluated):
         parts.append(_designer_section(runs, assets, colors))
-    return "".join(parts)
+    return "".join(parts) + shares
+
+
+def _grad_share_section(runs: Sequence[RunSummary], assets: Path) -> str:
+    """Runs that logged gradient shares (train.grad_shares), side by side: each term's mean share."""
+    means = {}
+    for run in runs:
+        steps, shares = grad_shares_by_step(run.metrics)
+        if len(steps):
+            means[run.name] = {term: float(values.mean()) for term, values in shares.items()}
+    if len(means) < 2:
+        return ""
+    png = plot_grad_share_comparison(means, assets / "grad_shares.png")
+    return (
+        "<h3>Gradient share per loss term, per run</h3>"
+        f"<p>{GRAD_SHARE_NOTE} Here each bar is a run's mean over its logged steps; each run's section "
+        "shows them step by step.</p>" + _image(png, "gradient-norm share per loss term, per run")
+    )
 
 
 def _designer_section(runs: Sequence[RunSummary], assets: Path, colors: dict[str, str]) -> str:

@@ -165,6 +165,14 @@ def plot_training_curves(
 
 GRAD_SHARE_PREFIX = "grad_share_"
 
+#: How to read the gradient-share plots (the report prints it above them).
+GRAD_SHARE_NOTE = (
+    "Each band is one term's share of the step's gradient norm, ||g_k|| / sum_j ||g_j|| over the trainable "
+    "parameters (the bands add up to 1), on the logged steps (train.grad_shares). Unlike the terms' loss "
+    "values, which have different scales and floors, these compare: the widest band is the term that "
+    "moves the parameters most. A term whose weight is 0 has share 0. See docs/upo.md."
+)
+
 
 def grad_share_keys(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     """Metric keys of per-term gradient-norm shares (``upo/grad_share_aux``, ``grad_share_sft``, ...;
@@ -173,35 +181,67 @@ def grad_share_keys(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     return [k for k in keys if k.rpartition("/")[2].startswith(GRAD_SHARE_PREFIX)]
 
 
+def grad_shares_by_step(rows: Sequence[Mapping[str, Any]]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """``(steps, {term: shares})`` over the logged steps that carry every share (the term is the key's
+    part after ``grad_share_``); empty when none does."""
+    keys = grad_share_keys(rows)
+    logged = [row for row in rows if keys and all(_is_number(row.get(k)) for k in keys)]
+    steps = np.array([row.get("step", i) for i, row in enumerate(logged)], dtype=np.float64)
+    return steps, {k.rpartition(GRAD_SHARE_PREFIX)[2]: np.array([row[k] for row in logged]) for k in keys}
+
+
+def _share_legend(ax) -> None:
+    handles, names = ax.get_legend_handles_labels()  # listed top band first, as they are stacked
+    ax.legend(handles[::-1], names[::-1], loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8)
+
+
 def plot_grad_shares(
     rows: Sequence[Mapping[str, Any]], output: str | Path, *, title: str = ""
 ) -> Path | None:
     """Each loss term's share of the gradient norm per logged step, stacked (the bands sum to 1): one
     band per key of :func:`grad_share_keys`, the legend outside the axes. ``None`` if no step has them."""
-    keys = grad_share_keys(rows)
-    logged = [row for row in rows if keys and all(_is_number(row.get(k)) for k in keys)]
-    if not logged:
+    steps, shares = grad_shares_by_step(rows)
+    if not len(steps):
         return None
-    steps = np.array([row.get("step", i) for i, row in enumerate(logged)], dtype=np.float64)
-    shares = np.array([[row[k] for row in logged] for k in keys])
-    labels = [k.rpartition(GRAD_SHARE_PREFIX)[2] for k in keys]
-    colors = [f"C{i}" for i in range(len(keys))]
+    colors = [f"C{i}" for i in range(len(shares))]
     fig = Figure(figsize=(7.5, 3.4))
     ax = fig.add_subplot(1, 1, 1)
     if len(steps) > 1:
-        ax.stackplot(steps, shares, labels=labels, colors=colors, alpha=0.85)
+        ax.stackplot(steps, list(shares.values()), labels=list(shares), colors=colors, alpha=0.85)
         ax.set_xlim(steps[0], steps[-1])
     else:  # one logged step: a stacked bar (an area needs two)
-        bottoms = np.concatenate([[0.0], np.cumsum(shares[:-1, 0])])
-        for share, bottom, label, color in zip(shares[:, 0], bottoms, labels, colors):
-            ax.bar(steps[0], share, bottom=bottom, width=0.6, label=label, color=color, alpha=0.85)
+        bottom = 0.0
+        for (label, share), color in zip(shares.items(), colors):
+            ax.bar(steps[0], share[0], bottom=bottom, width=0.6, label=label, color=color, alpha=0.85)
+            bottom += share[0]
     ax.set_ylim(0.0, 1.0)
     ax.set_xlabel("step")
     ax.set_ylabel("share of the gradient norm")
     ax.set_title(title or "Gradient-norm share per loss term", fontsize=10)
-    handles, names = ax.get_legend_handles_labels()  # listed top band first, as they are stacked
-    ax.legend(handles[::-1], names[::-1], loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8)
+    _share_legend(ax)
     ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return save_figure(fig, output)
+
+
+def plot_grad_share_comparison(shares: Mapping[str, Mapping[str, float]], output: str | Path) -> Path:
+    """One horizontal stacked bar per run: each term's share of the gradient norm, averaged over the run's
+    logged steps (``shares[run][term]``; a term a run lacks counts 0)."""
+    runs = list(shares)
+    terms = list(dict.fromkeys(term for run in runs for term in shares[run]))
+    fig = Figure(figsize=(7.5, 1.4 + 0.4 * len(runs)))
+    ax = fig.add_subplot(1, 1, 1)
+    left = np.zeros(len(runs))
+    for index, term in enumerate(terms):
+        widths = np.array([shares[run].get(term, 0.0) for run in runs])
+        ax.barh(runs, widths, left=left, color=f"C{index}", alpha=0.85, label=term)
+        left += widths
+    ax.set_xlim(0.0, 1.0)
+    ax.invert_yaxis()  # the first run on top, as in the tables
+    ax.set_xlabel("share of the gradient norm, mean over logged steps")
+    ax.set_title("Gradient-norm share per loss term", fontsize=10)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8)
+    ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     return save_figure(fig, output)
 

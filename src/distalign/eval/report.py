@@ -30,6 +30,7 @@ from distalign.eval.page import CSS
 from distalign.eval.page import image as _image
 from distalign.eval.page import table as _table
 from distalign.eval.plots import (
+    GRAD_SHARE_NOTE,
     REFERENCE_COLOR,
     curve_keys,
     grad_share_keys,
@@ -110,13 +111,6 @@ def _eval_tables(result: EvalResult) -> str:
 
 WEIGHT_METRIC_PREFIXES = ("weights/", "group/")
 
-
-GRAD_SHARE_NOTE = (
-    "Each band is one term's share of the step's gradient norm, ||g_k|| / sum_j ||g_j|| over the trainable "
-    "parameters (the bands add up to 1), on the logged steps (train.grad_shares). Unlike the terms' loss "
-    "values, which have different scales and floors, these compare: the widest band is the term that "
-    "moves the parameters most. A term whose weight is 0 has share 0. See docs/upo.md."
-)
 
 #: PNGs of ``distalign eval`` the report redraws in the run's colours when it has the samples.
 REDRAWN_EVAL_PNGS = frozenset({"gold_reward_quantiles.png", "gold_reward_histogram.png"})
