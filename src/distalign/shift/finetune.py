@@ -177,8 +177,10 @@ class _Tuner:
         from transformers.utils import logging as hf_logging
 
         torch.manual_seed(self.seed)  # the fresh head's initialisation
-        verbosity = hf_logging.get_verbosity()
+        verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
         hf_logging.set_verbosity_error()  # "newly initialized weights": expected, the head is new
+        if not self.progress:
+            hf_logging.disable_progress_bar()  # the "Loading weights" bar
         try:
             model = AutoModelForSequenceClassification.from_pretrained(
                 self.model_dir, num_labels=num_labels, local_files_only=True, ignore_mismatched_sizes=True
@@ -187,6 +189,8 @@ class _Tuner:
             raise SetupError(f"{self.model_dir}: cannot load a sequence classifier from it: {err}") from None
         finally:
             hf_logging.set_verbosity(verbosity)
+            if bars:
+                hf_logging.enable_progress_bar()
         model.config.pad_token_id = self.tokenizer.pad_token_id
         return model.to(self.device)
 
