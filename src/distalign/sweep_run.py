@@ -83,7 +83,7 @@ def _newest_mtime(path: Path) -> int:
 
 def is_trained(run_dir: Path) -> bool:
     """``final/`` holds a saved model or LoRA adapter (written atomically at the end of training)."""
-    from distalign.models.loading import saved_model_layout
+    from distalign.models.saved import saved_model_layout
 
     return saved_model_layout(run_dir / "final") is not None
 

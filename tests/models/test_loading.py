@@ -12,11 +12,10 @@ from distalign.models.loading import (
     LoraSettings,
     ModelLoadError,
     load_model_and_tokenizer,
-    plain_state_key,
     resolve_model_source,
-    save_final_model,
 )
 from distalign.models.logprobs import SequenceLogprobModel
+from distalign.models.saved import plain_state_key, save_final_model
 from distalign.models.tiny import build_tiny_model
 
 IDS = torch.tensor([[5, 17, 300, 42, 99, 7]])

@@ -16,13 +16,8 @@ from huggingface_hub import ModelCard
 from distalign.config import load_config
 from distalign.models import loading
 from distalign.models.gguf import SMOLLM2_GGUF_FILENAME
-from distalign.models.loading import (
-    LoraSettings,
-    apply_lora,
-    public_model_id,
-    save_final_model,
-    set_adapter_base_model,
-)
+from distalign.models.loading import LoraSettings, apply_lora, public_model_id
+from distalign.models.saved import save_final_model, set_adapter_base_model
 from distalign.models.tiny import build_tiny_model
 from distalign.stats.metrics import Estimate, EvalResult, KLEstimate
 from distalign.train.card import (

@@ -126,7 +126,8 @@ def test_the_check_sees_a_deprecated_call(monkeypatch):
 def test_loading_and_saving_print_no_transformers_progress_bars(tmp_path, capsys):
     from transformers.utils import logging as hf_logging
 
-    from distalign.models.loading import load_model_and_tokenizer, save_final_model
+    from distalign.models.loading import load_model_and_tokenizer
+    from distalign.models.saved import save_final_model
 
     hf_logging.enable_progress_bar()
     model, tokenizer = load_model_and_tokenizer("tiny")

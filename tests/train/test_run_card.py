@@ -9,7 +9,7 @@ from huggingface_hub import ModelCard
 
 from distalign.data.loading import load_rows
 from distalign.eval.run import evaluate_run
-from distalign.models import loading
+from distalign.models import loading, saved
 from distalign.stats.metrics import EvalResult
 from distalign.train import setup
 from distalign.train.card import TRAINING_RECORD
@@ -63,13 +63,13 @@ def test_a_lora_run_writes_its_adapter_config_through_the_public_base_id(run_tin
     ] == str(loading.resolve_model_source("tiny")[0])
 
     calls = []
-    original = loading.set_adapter_base_model
+    original = saved.set_adapter_base_model
 
     def spy(adapter_dir, base_model):
         calls.append(base_model)
         return original(adapter_dir, base_model)
 
-    monkeypatch.setattr(loading, "set_adapter_base_model", spy)
+    monkeypatch.setattr(saved, "set_adapter_base_model", spy)
     monkeypatch.setattr(setup, "public_model_id", lambda name: "HuggingFaceTB/SmolLM2-135M-Instruct")
     run = run_tiny(*lora, "train.micro_batch_size=4", name="public")
     adapter_config = json.loads((run / "final" / "adapter" / "adapter_config.json").read_text())
@@ -87,7 +87,7 @@ def test_a_lora_run_saved_without_merged_weights_evaluates_as_the_merged_copy_wo
     """``model.lora.save_merged=false``: final/ holds the adapter and no weights, its card says how to load
     it, and ``distalign eval`` (adapter merged into the base in memory) measures what it measures on the
     merged copy of the same training."""
-    from distalign.models.loading import saved_model_layout
+    from distalign.models.saved import saved_model_layout
     from distalign.sweep_run import is_trained
 
     lora = ("model.lora.enabled=true", "model.lora.r=2", "train.max_steps=2", "train.batch_size=4")

@@ -332,7 +332,7 @@ def load_trained_model(final: str | Path, config: RunConfig) -> tuple[Any, Any]:
     """A run's trained model (``RUN_DIR/final``) on the eval device: its saved weights, or, for a LoRA run
     saved without merged weights (``model.lora.save_merged=false``), its adapter merged into
     ``model.name`` in memory (the weights the merged copy would have held)."""
-    from distalign.models.loading import load_merged_adapter, saved_model_layout
+    from distalign.models.saved import load_merged_adapter, saved_model_layout
 
     if saved_model_layout(final) != "adapter":
         return load_eval_model(str(final), config)
@@ -366,7 +366,7 @@ def evaluate_run(
     only), and returns the path of eval.json.
     """
     from distalign.errors import SetupError
-    from distalign.models.loading import saved_model_layout
+    from distalign.models.saved import saved_model_layout
 
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():

@@ -7,7 +7,6 @@ from distalign.models.loading import (
     ModelLoadError,
     apply_lora,
     load_model_and_tokenizer,
-    save_final_model,
     unwrap_model,
 )
 from distalign.models.logprobs import SequenceLogprobModel, split_pairs
@@ -18,6 +17,7 @@ from distalign.models.reference import (
     load_reference_model,
     reference_key_parts,
 )
+from distalign.models.saved import save_final_model
 from distalign.models.tiny import build_tiny_model, tiny_model_path
 from distalign.models.token_logprobs import SequenceLogprobs, sequence_logprobs
 

@@ -13,7 +13,8 @@ from collections.abc import Iterator
 
 import torch
 
-from distalign.models.loading import is_peft_model, plain_state_key, unwrap_model
+from distalign.models.loading import is_peft_model, unwrap_model
+from distalign.models.saved import plain_state_key
 
 
 @torch.no_grad()

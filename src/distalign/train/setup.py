@@ -32,16 +32,11 @@ from distalign.losses.base import format_mismatch
 from distalign.models.compile import compile_decoder_layers
 from distalign.models.fingerprint import data_fingerprint
 from distalign.models.heads import build_heads
-from distalign.models.loading import (
-    LoraSettings,
-    load_model_and_tokenizer,
-    public_model_id,
-    save_final_model,
-    unsharded_copy,
-)
+from distalign.models.loading import LoraSettings, load_model_and_tokenizer, public_model_id
 from distalign.models.logprobs import SequenceLogprobModel
 from distalign.models.packed_logprobs import packing_layout_of
 from distalign.models.packing import packing_problem
+from distalign.models.saved import save_final_model, unsharded_copy
 from distalign.train.card import TrainingRecord, write_model_card
 from distalign.train.checkpoints import remove_stale_evaluation
 from distalign.train.engine import Engine
