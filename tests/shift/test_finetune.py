@@ -121,7 +121,9 @@ def check_recovered_ratios(model, heldout, probabilities, sources, counts) -> No
 @pytest.mark.parametrize("scheme", ["one-vs-golden", MULTINOMIAL])
 def test_finetuned_classifier_recovers_known_ratios(scheme, mixture, tiny_bert):
     sources, texts, counts = mixture
-    settings = FitSettings(target="golden", scheme=scheme)
+    # temperature scaling of the multinomial's pairwise log-odds: the same path as any classifier's
+    calibration = "temperature" if scheme == MULTINOMIAL else "none"
+    settings = FitSettings(target="golden", scheme=scheme, calibration=calibration)
     scorer = finetune_scorer(tiny_bert, texts, QUICK, progress=False)
     model, heldout, probabilities = fit_scored(scorer, sources, settings)
     assert model.synthetic == ["hype", "terse"] and heldout.sum() == 3 * 40
@@ -129,6 +131,8 @@ def test_finetuned_classifier_recovers_known_ratios(scheme, mixture, tiny_bert):
     assert all(fit.probe is None for fit in model.fits.values())  # nothing to score new rows with
     if scheme == MULTINOMIAL:
         assert model.report["heldout_multiclass"]["nll"] < 0.8 * np.log(3)  # chance: log 3
+        assert all(fit.calibrator.method == "temperature" for fit in model.fits.values())
+        assert all(fit.report["heldout_calibrated"]["nll"] < 0.35 for fit in model.fits.values())
     else:
         assert "heldout_multiclass" not in model.report
 
@@ -185,7 +189,9 @@ def test_cli_fit_with_a_finetuned_multinomial_classifier_is_cached(
     assert summary["density_ratio"]["mean_over_mixture"] == pytest.approx(1.0, abs=0.25)
     assert shift_main(argv) == 0
     assert json.loads((tmp_path / "fit" / "shift_summary.json").read_text())["from_cache"] is True
-    # Another fine-tuning setting is another cache entry.
+    # Another fine-tuning setting is another cache entry; the logistic probe's C is no setting of it.
+    assert shift_main([*argv[:-4], "--C", "0.5", *argv[-4:]]) == 0
+    assert json.loads((tmp_path / "fit" / "shift_summary.json").read_text())["from_cache"] is True
     assert shift_main([*argv[:-4], "--epochs", "1", *argv[-4:]]) == 0
     assert len([p for p in (tmp_path / "cache" / "shift").iterdir() if p.name.startswith("fit-")]) == 2
 

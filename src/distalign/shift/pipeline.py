@@ -279,7 +279,8 @@ def fit_shift(
     root = cache_root(cache_dir) / "shift"
     data_key = _digest(texts_fingerprint(data.texts), *data.sources)
     key: dict[str, Any] = {"fit": settings.to_json(), "format_version": FORMAT_VERSION}
-    if finetuned:  # the model's files, not its name, decide the result
+    if finetuned:  # the model's files, not its name, decide the result; the probe's C plays no part
+        key["fit"].pop("C")
         key |= {"classifier": "hf", "model": model_fp, "finetune": options.finetune.to_json()}
     else:
         key |= {"classifier": options.classifier, "encoder": model_fp}
