@@ -131,7 +131,8 @@ class PairScorer:
 
     def __init__(self, path: str, tokenizer) -> None:
         from distalign.data.loading import load_rows
-        from distalign.data.tokenize import TokenizationSettings, tokenize_paired
+        from distalign.data.tokenize import tokenize_paired
+        from distalign.data.tokenized import TokenizationSettings
 
         rows = load_rows(path).rows
         self.pairs, _ = tokenize_paired(

@@ -11,7 +11,7 @@ import pytest
 
 from distalign.data.check import summarize_dataset
 from distalign.data.loading import load_rows, resource_path
-from distalign.data.tokenize import TokenizationSettings
+from distalign.data.tokenized import TokenizationSettings
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from distalign.data.collate import collate_pairs, collate_prompts, collate_sequences, collate_unpaired
-from distalign.data.tokenize import TokenizedCompletion, TokenizedPair, TokenizedPrompt, tokenize_paired
+from distalign.data.tokenize import tokenize_paired
+from distalign.data.tokenized import TokenizedCompletion, TokenizedPair, TokenizedPrompt
 
 PAD = 0
 

@@ -13,7 +13,8 @@ from distalign.data.check import nothing_kept_reason
 from distalign.data.formats import DataError
 from distalign.data.loading import load_rows
 from distalign.data.readers import conversion_hint, sniff
-from distalign.data.tokenize import TokenizationSettings, apply_length_policy, encode_rows
+from distalign.data.tokenize import apply_length_policy, encode_rows
+from distalign.data.tokenized import TokenizationSettings
 from distalign.losses.base import format_mismatch
 
 PAIRS = [

@@ -10,14 +10,13 @@ from transformers import PreTrainedTokenizerFast
 
 from distalign.data.formats import DataError
 from distalign.data.tokenize import (
-    EncodedRow,
-    TokenizationSettings,
     apply_length_policy,
     render_prompt,
     tokenize_paired,
     tokenize_prompts,
     tokenize_unpaired,
 )
+from distalign.data.tokenized import EncodedRow, TokenizationSettings
 
 # A template whose generation prompt ends in a space: tokenised together, the space and the first word
 # of the reply form one pre-token ("ĠHello").

@@ -155,7 +155,8 @@ def test_data_make_writes_under_runs_data_by_default(tmp_path, monkeypatch, caps
 
 
 def test_truncation_line_names_the_count_the_limit_and_the_longest(tmp_path, capsys):
-    from distalign.data.tokenize import EncodedRow, TokenizationSettings, apply_length_policy
+    from distalign.data.tokenize import apply_length_policy
+    from distalign.data.tokenized import EncodedRow, TokenizationSettings
 
     rows = [EncodedRow(0, list(range(10)), [[1, 2]], "p"), EncodedRow(1, list(range(7)), [[1] * 9], "q")]
     _, report = apply_length_policy(rows, TokenizationSettings(max_length=12, max_prompt_length=6))

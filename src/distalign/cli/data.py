@@ -31,7 +31,7 @@ def cmd_data_check(args: argparse.Namespace) -> int:
     tokenizer = None
     settings = None
     if args.model:
-        from distalign.data.tokenize import TokenizationSettings
+        from distalign.data.tokenized import TokenizationSettings
         from distalign.models.loading import load_model_and_tokenizer
 
         _, tokenizer = load_model_and_tokenizer(args.model)

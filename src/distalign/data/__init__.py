@@ -6,17 +6,19 @@ from distalign.data.collate import collate_pairs, collate_prompts, collate_seque
 from distalign.data.formats import DataError, DataFormat, detect_format, unpair_rows, validate_row
 from distalign.data.loading import LoadedData, load_rows, resource_path
 from distalign.data.tokenize import (
+    render_prompt,
+    tokenize_listwise,
+    tokenize_paired,
+    tokenize_prompts,
+    tokenize_unpaired,
+)
+from distalign.data.tokenized import (
     TokenizationReport,
     TokenizationSettings,
     TokenizedCompletion,
     TokenizedList,
     TokenizedPair,
     TokenizedPrompt,
-    render_prompt,
-    tokenize_listwise,
-    tokenize_paired,
-    tokenize_prompts,
-    tokenize_unpaired,
 )
 
 __all__ = [

@@ -10,7 +10,8 @@ from typing import Any
 import numpy as np
 
 from distalign.data.loading import LoadedData, load_rows
-from distalign.data.tokenize import TokenizationReport, TokenizationSettings, apply_length_policy, encode_rows
+from distalign.data.tokenize import apply_length_policy, encode_rows
+from distalign.data.tokenized import TokenizationReport, TokenizationSettings
 
 _LENGTH_FIELDS = {
     "paired": ("chosen", "rejected"),

@@ -30,7 +30,7 @@ from typing import Literal
 
 import torch
 
-from distalign.data.tokenize import TokenizedCompletion, TokenizedPair, TokenizedPrompt
+from distalign.data.tokenized import TokenizedCompletion, TokenizedPair, TokenizedPrompt
 
 
 def _padded_length(longest: int, pad_to_multiple_of: int | None) -> int:

@@ -21,12 +21,8 @@ from distalign.data.designer import FittedDesigner, attach_designer, build_desig
 from distalign.data.formats import unpair_rows
 from distalign.data.loading import load_rows
 from distalign.data.signals import missing_signals, signal_table
-from distalign.data.tokenize import (
-    TokenizationSettings,
-    tokenize_listwise,
-    tokenize_paired,
-    tokenize_unpaired,
-)
+from distalign.data.tokenize import tokenize_listwise, tokenize_paired, tokenize_unpaired
+from distalign.data.tokenized import TokenizationSettings
 from distalign.errors import SetupError
 from distalign.losses.base import format_mismatch
 from distalign.models.compile import compile_decoder_layers

@@ -22,7 +22,8 @@ from distalign.config import RunConfig
 from distalign.config.online import OnlineConfig
 from distalign.data.formats import DataError
 from distalign.data.loading import load_rows
-from distalign.data.tokenize import TokenizationSettings, tokenize_prompts
+from distalign.data.tokenize import tokenize_prompts
+from distalign.data.tokenized import TokenizationSettings
 from distalign.errors import SetupError
 from distalign.models.fingerprint import data_fingerprint
 from distalign.models.loading import load_model_and_tokenizer
