@@ -231,3 +231,20 @@ def test_the_sft_term_is_a_term_of_its_own(run_tiny):
     (record,) = read_metrics(run_tiny(*args, "train.batch_size=4", "train.micro_batch_size=4", name="sft"))
     assert record["grad_share_loss"] + record["grad_share_sft"] == pytest.approx(1.0)
     assert min(record["grad_share_loss"], record["grad_share_sft"]) > 0.01
+
+
+def test_upo_kto_logs_its_shares_over_micro_batches(run_tiny):
+    """UPO on unpaired rows (KTO's batch anchor: coupled): the same shares over 1 and 2 micro-batches."""
+    args = [
+        "loss.name=upo_kto",
+        "data.path=builtin:quickstart_unpaired.jsonl",
+        BREVITY,
+        "model.dtype=float64",
+    ]
+    args += ["train.batch_size=8", "train.max_steps=1", "train.grad_shares=true"]
+    (whole,) = read_metrics(run_tiny(*args, "train.micro_batch_size=8", name="whole"))
+    (split,) = read_metrics(run_tiny(*args, "train.micro_batch_size=4", name="split"))
+    assert sum(whole[k] for k in SHARES) == pytest.approx(1.0)
+    assert min(whole[k] for k in SHARES) > 0
+    for name in SHARES:
+        assert split[name] == pytest.approx(whole[name], rel=1e-6)
