@@ -159,7 +159,7 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
         default="preferred",
         choices=["preferred", "all"],
         help="text scored per row: the preferred response (chosen / completion / best-scored), or all "
-        "responses (their embeddings averaged)",
+        "responses (their embeddings, or a fine-tuned classifier's logits, averaged)",
     )
     parser.add_argument(
         "--without-prompt", action="store_true", help="score the response alone, not prompt + response"
@@ -177,18 +177,29 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
         "hf:DIR = a local model directory, hf:ORG/NAME = a model already in the Hugging Face cache; offline)",
     )
     parser.add_argument(
-        "--epochs", type=int, default=3, help="hf: classifiers: passes over the training rows"
+        "--epochs",
+        type=int,
+        default=3,
+        help="hf: classifiers: passes over the training rows (default: %(default)s)",
     )
     parser.add_argument(
         "--learning-rate",
         type=float,
         default=1e-4,
-        help="hf: classifiers: AdamW peak rate, decayed linearly to 0",
+        help="hf: classifiers: AdamW peak rate, decayed linearly to 0 (default: %(default)s)",
     )
     parser.add_argument(
-        "--max-length", type=int, default=128, help="hf: classifiers: tokens per text (cut from the left)"
+        "--max-length",
+        type=int,
+        default=128,
+        help="hf: classifiers: tokens per text, cut from the left (default: %(default)s)",
     )
-    parser.add_argument("--train-batch-size", type=int, default=16, help="hf: classifiers: texts per step")
+    parser.add_argument(
+        "--train-batch-size",
+        type=int,
+        default=16,
+        help="hf: classifiers: texts per optimizer step (default: %(default)s)",
+    )
     parser.add_argument("--format", default="auto", choices=["auto", "paired", "unpaired", "listwise"])
     parser.add_argument(
         "--device",
