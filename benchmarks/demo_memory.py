@@ -186,7 +186,7 @@ PHASES = [
     ("distalign.eval.run", "load_trained_model", "load trained model"),
     ("distalign.eval.run", "draw_samples", _samples_label),
     ("distalign.eval.run", "score_samples", "reference scores policy samples"),
-    ("distalign.eval.run", "write_eval", "write eval/"),
+    ("distalign.eval.outcome", "write_eval", "write eval/"),
     ("distalign.eval.report", "write_report", "report"),
 ]
 

@@ -415,13 +415,8 @@ def _evaluate(runs: dict[str, Path], base, tokenizer, eval_cfg: dict[str, Any]) 
     """Reference samples are drawn once and shared: both runs are compared with the same reference draws."""
     from distalign.config import load_config
     from distalign.config.evaluation import EvalConfig
-    from distalign.eval.run import (
-        draw_reference_samples,
-        eval_prompts,
-        evaluate_models,
-        load_trained_model,
-        write_eval,
-    )
+    from distalign.eval.outcome import write_eval
+    from distalign.eval.run import draw_reference_samples, eval_prompts, evaluate_models, load_trained_model
 
     cfg = EvalConfig(**eval_cfg)
     plan = eval_prompts(cfg, tokenizer)

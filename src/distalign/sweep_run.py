@@ -176,7 +176,8 @@ def _same_tokenizer(a: Any, b: Any) -> bool:
 
 def evaluate_sweep_run(run: SweepRun, pool: ReferencePool) -> Path:
     """Evaluate ``RUN/final`` against the shared reference samples; writes ``RUN/eval/``, returns eval.json."""
-    from distalign.eval.run import evaluate_models, load_trained_model, run_designer, write_eval
+    from distalign.eval.outcome import write_eval
+    from distalign.eval.run import evaluate_models, load_trained_model, run_designer
     from distalign.train.card import refresh_model_card
 
     config, final = run.config, run.path / "final"
