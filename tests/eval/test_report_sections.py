@@ -76,7 +76,7 @@ def test_run_settings_labels(tmp_path, two_runs):
     (dpo.path / "dominance.json").unlink()
     dpo.config["data"]["limit"] = 100
     assert data_rows_label(dpo) == "≤ 100"
-    from distalign.train.card import TrainingRecord
+    from distalign.train.record import TrainingRecord
 
     (dpo.path / "final").mkdir(exist_ok=True)
     TrainingRecord("data.jsonl", "paired", 1234, "f" * 64, 20).save(dpo.path / "final")

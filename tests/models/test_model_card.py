@@ -20,13 +20,9 @@ from distalign.models.loading import LoraSettings, apply_lora, public_model_id
 from distalign.models.saved import save_final_model, set_adapter_base_model
 from distalign.models.tiny import build_tiny_model
 from distalign.stats.metrics import Estimate, EvalResult, KLEstimate
-from distalign.train.card import (
-    SMOLLM2_QUANTIZATION,
-    TRAINING_RECORD,
-    TrainingRecord,
-    build_model_card,
-    write_model_card,
-)
+from distalign.train.card import build_model_card, write_model_card
+from distalign.train.card_sections import SMOLLM2_QUANTIZATION
+from distalign.train.record import TRAINING_RECORD, TrainingRecord
 
 SMOLLM2_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 REPO = Path(__file__).resolve().parents[2]

@@ -12,7 +12,7 @@ from distalign.eval.run import evaluate_run
 from distalign.models import loading, saved
 from distalign.stats.metrics import EvalResult
 from distalign.train import setup
-from distalign.train.card import TRAINING_RECORD
+from distalign.train.record import TRAINING_RECORD
 
 TINY_EVAL = ["eval.num_prompts=4", "eval.samples_per_prompt=1", "eval.max_new_tokens=8"]
 

@@ -50,7 +50,7 @@ def steps_label(run: RunSummary) -> str:
 
 def data_rows_label(run: RunSummary) -> str:
     """Training rows as the run recorded them (see the module docstring); ``""`` when unknown."""
-    from distalign.train.card import TrainingRecord
+    from distalign.train.record import TrainingRecord
 
     try:
         record = TrainingRecord.load(run.path / "final")

@@ -33,10 +33,11 @@ from distalign.models.logprobs import SequenceLogprobModel
 from distalign.models.packed_logprobs import packing_layout_of
 from distalign.models.packing import packing_problem
 from distalign.models.saved import save_final_model, unsharded_copy
-from distalign.train.card import TrainingRecord, write_model_card
+from distalign.train.card import write_model_card
 from distalign.train.checkpoints import remove_stale_evaluation
 from distalign.train.engine import Engine
 from distalign.train.objective import BatchObjective
+from distalign.train.record import TrainingRecord
 
 
 def default_cache_dir() -> Path:

@@ -31,9 +31,9 @@ from distalign.models.reference import adapters_disabled
 from distalign.models.sampling import sample_completions, score_completions
 from distalign.online_methods import get_online_method
 from distalign.targets import LogZEstimator, WindowedMeanBaseline
-from distalign.train.card import TrainingRecord
 from distalign.train.engine import Engine
 from distalign.train.online.signal import GlobalBatch, Signal, compute_signal
+from distalign.train.record import TrainingRecord
 
 
 def stream_seed(*parts: object) -> int:
