@@ -205,11 +205,11 @@ def test_eval_of_the_tiny_model_says_it_is_a_plumbing_check():
 def test_the_demo_announces_its_time_from_the_measured_phases():
     import dataclasses
 
-    from distalign.demo import _PHASE_NAMES, MEASURED, SMOLLM2, TINY, estimate_line, estimated_seconds
+    from distalign.demo.settings import MEASURED, PHASE_NAMES, SMOLLM2, TINY, estimate_line, estimated_seconds
 
     docs = " ".join(Path("docs/demo.md").read_text().split())
     for name, seconds in MEASURED["smollm2"].phases.items():  # the numbers docs/demo.md reports
-        assert f"{_PHASE_NAMES.get(name, name)} {seconds:g} /" in docs
+        assert f"{PHASE_NAMES.get(name, name)} {seconds:g} /" in docs
     line = estimate_line(SMOLLM2)
     assert "about 8 minutes on 2 idle CPU cores" in line and "about 2.1 GB" in line
     assert "about 15 seconds" in estimate_line(TINY)
