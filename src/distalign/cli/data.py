@@ -78,6 +78,7 @@ def cmd_data_make(args: argparse.Namespace) -> int:
         seed=args.seed,
         bt_noise=args.bt_noise,
         label_noise=args.label_noise,
+        source_set=args.sources,
         split=args.split,
         max_new_tokens=args.max_new_tokens,
         batch_size=args.batch_size,
@@ -112,6 +113,13 @@ def _register_make(data_commands: argparse._SubParsersAction) -> None:
         default=0.0,
         help="--kind shift: fraction of pairs whose labels are flipped at random (default 0)",
     )
+    make.add_argument(
+        "--sources",
+        default="default",
+        choices=["default", "wide"],
+        help="--kind shift: the response sources (default: golden, hot, hype, terse; wide: golden, hot, cold, "
+        "pirate, which a classifier can tell apart; docs/robust.md)",
+    )
     make.add_argument("--k", type=int, default=4, help="completions sampled per prompt")
     make.add_argument(
         "--num-prompts", type=int, default=None, help="prompts to use (default: all of the split)"
@@ -145,7 +153,8 @@ def _register_make(data_commands: argparse._SubParsersAction) -> None:
         action="append",
         default=[],
         metavar="NAME=VALUE",
-        help="a task factory setting, e.g. objective=grade for readability (repeatable)",
+        help="a task factory setting, e.g. objective=grade for readability, pool=large for sentiment "
+        "(repeatable)",
     )
     make.set_defaults(handler=cmd_data_make)
 

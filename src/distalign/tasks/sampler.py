@@ -7,7 +7,6 @@ when asked (an instruct model sees the layout it was tuned on) and showing a pro
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -112,13 +111,15 @@ def make_task_dataset(
     model: Any = None,
     tokenizer: Any = None,
     label_noise: float = 0.0,
+    source_set: str = "default",
 ) -> Path:
     """``distalign data make``: sample from ``model_name`` (or the already loaded ``model``/``tokenizer``),
     build ``kind`` rows of task ``task_name`` and write them as JSONL with a provenance sidecar.
 
     With the chat template in use the rows are conversational, so training renders them exactly as they
-    were sampled. ``kind="shift"`` builds pairs from a mixture of response sources (``tasks/shift.py``),
-    with ``label_noise`` of them flipped. Bad settings raise :class:`~distalign.config.ConfigError` naming the option.
+    were sampled. ``kind="shift"`` builds pairs from a mixture of response sources (``tasks/shift.py``,
+    the set named ``source_set``), with ``label_noise`` of them flipped. Bad settings raise
+    :class:`~distalign.config.ConfigError` naming the option.
     """
     from distalign.errors import ConfigError
     from distalign.tasks.base import get_task
@@ -161,6 +162,7 @@ def make_task_dataset(
             max_new_tokens=max_new_tokens,
             batch_size=batch_size,
             split=split,
+            source_set=source_set,
         )
     sample_fn = None
     if kind != "prompt":
@@ -212,18 +214,23 @@ def _make_shift_dataset(
     max_new_tokens: int,
     batch_size: int,
     split: str,
+    source_set: str,
 ) -> Path:
-    """Pairs from the mixture of :data:`~distalign.tasks.shift.DEFAULT_SOURCES`, written with provenance."""
+    """Pairs from the mixture of the named source set (:data:`~distalign.tasks.shift.SOURCE_SETS`),
+    written with provenance."""
     from distalign.errors import ConfigError
     from distalign.tasks.builders import to_conversational
     from distalign.tasks.io import write_jsonl_with_provenance
-    from distalign.tasks.shift import DEFAULT_SOURCES, build_shift_dataset, source_task
+    from distalign.tasks.shift import SOURCE_SETS, build_shift_dataset, shift_provenance, source_task
 
     if not use_chat:
-        # The style sources speak through a system prompt, which only a chat template can carry.
+        # The style sources speak through a system prompt or a hidden instruction in the user turn.
         raise ConfigError("--kind shift needs a model with a chat template (e.g. --model smollm2)")
     if not 0.0 <= label_noise < 0.5:
         raise ConfigError(f"--label-noise {label_noise} must lie in [0, 0.5)")
+    if source_set not in SOURCE_SETS:
+        raise ConfigError(f"--sources {source_set!r} is not valid; choose one of {', '.join(SOURCE_SETS)}")
+    sources = SOURCE_SETS[source_set]
     samplers = {
         source.name: model_sample_fn(
             model,
@@ -236,27 +243,25 @@ def _make_shift_dataset(
             description=f"data: sampling source {source.name!r}",
             temperature=source.temperature,
         )
-        for index, source in enumerate(DEFAULT_SOURCES)
+        for index, source in enumerate(sources)
     }
     rows, counts = build_shift_dataset(
         task,
         samplers,
+        sources=sources,
         k=k,
         seed=seed,
         num_prompts=num_prompts,
         label_noise=label_noise,
         split=split,  # type: ignore[arg-type]
     )
-    provenance = {
-        "task": task.name,
-        "task_settings": task.settings,
-        "gold_reward": task.gold_reward.spec(),
-        "kind": "shift",
-        "model": model_name,
-        "sources": [dataclasses.asdict(s) for s in DEFAULT_SOURCES],
-        "sampling": {"method": "ancestral per source temperature", "max_new_tokens": max_new_tokens},
-        "seed": seed,
-        "settings": {"k": k, "num_prompts": num_prompts, "label_noise": label_noise, "split": split},
-        "counts": counts,
-    }
+    provenance = shift_provenance(
+        task,
+        sources,
+        model=model_name,
+        sampling={"method": "ancestral per source temperature", "max_new_tokens": max_new_tokens},
+        seed=seed,
+        settings={"k": k, "num_prompts": num_prompts, "label_noise": label_noise, "split": split},
+        counts=counts,
+    )
     return write_jsonl_with_provenance(to_conversational(task, rows), output, provenance)

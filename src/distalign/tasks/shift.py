@@ -32,13 +32,15 @@ from distalign.tasks.builders import SampleFn, pair_best_worst, sample_and_score
 
 @dataclass(frozen=True)
 class ShiftSource:
-    """One response source: a sampling temperature and an optional hidden system prompt (which
-    replaces the task's own while sampling)."""
+    """One response source: a sampling temperature, an optional hidden system prompt (which replaces
+    the task's own while sampling) and an optional hidden ``instruction`` (appended to the user's
+    prompt while sampling; SmolLM2-135M follows these far more often than system prompts)."""
 
     name: str
     proportion: float
     temperature: float = 1.0
     system_prompt: str | None = None
+    instruction: str | None = None
 
 
 GOLDEN = "golden"
@@ -54,6 +56,33 @@ DEFAULT_SOURCES: tuple[ShiftSource, ...] = (
 )
 
 
+#: A mixture a classifier can see (checked on SmolLM2-135M-Instruct samples): ``hot`` writes
+#: incoherent word salad; ``cold`` fluent, generic, repetitive text; ``pirate`` follows its hidden
+#: instruction in about half the samples (the rest read like golden ones, so expect its density ratio
+#: h near 1 on many rows, and cold's nearer 1 than hot's). A "Reply in French." source was left out:
+#: VADER scores most French text 0, so its k samples tie and are dropped, and the pairs that survive
+#: are the least French ones. With ``k=3``, ties are rare for these four.
+WIDE_SOURCES: tuple[ShiftSource, ...] = (
+    ShiftSource(GOLDEN, 0.25),
+    ShiftSource("hot", 0.25, temperature=1.6),
+    ShiftSource("cold", 0.25, temperature=0.3),
+    ShiftSource("pirate", 0.25, instruction="Answer like a pirate."),
+)
+
+#: Named source sets (``distalign data make --kind shift --sources NAME``).
+SOURCE_SETS: dict[str, tuple[ShiftSource, ...]] = {"default": DEFAULT_SOURCES, "wide": WIDE_SOURCES}
+
+
+@dataclass
+class InstructedTask(Task):
+    """A task whose user turns carry a hidden instruction after the prompt (what a source samples)."""
+
+    instruction: str = ""
+
+    def messages(self, prompt: str) -> list[dict[str, str]]:
+        return super().messages(f"{prompt} {self.instruction}")
+
+
 def check_sources(sources: Sequence[ShiftSource]) -> None:
     names = [s.name for s in sources]
     if GOLDEN not in names or len(set(names)) != len(names):
@@ -64,8 +93,14 @@ def check_sources(sources: Sequence[ShiftSource]) -> None:
 
 
 def source_task(task: Task, source: ShiftSource) -> Task:
-    """The task as ``source`` samples it (its hidden system prompt in place of the task's)."""
-    return dataclasses.replace(task, system_prompt=source.system_prompt) if source.system_prompt else task
+    """The task as ``source`` samples it (its hidden system prompt in place of the task's, its hidden
+    instruction after each user prompt)."""
+    if source.system_prompt:
+        task = dataclasses.replace(task, system_prompt=source.system_prompt)
+    if source.instruction:
+        fields = {f.name: getattr(task, f.name) for f in dataclasses.fields(Task)}
+        task = InstructedTask(**fields, instruction=source.instruction)
+    return task
 
 
 def assign_sources(num_prompts: int, sources: Sequence[ShiftSource], seed: int) -> list[str]:
@@ -97,22 +132,45 @@ def build_shift_dataset(
     missing = {s.name for s in sources} - set(samplers)
     if missing:
         raise ValueError(f"no sampler for source(s) {sorted(missing)}")
+    samples = {
+        source.name: sample_and_score(source_task(task, source), samplers[source.name], mine, k=k)
+        for source, mine in source_prompts(task, sources, seed=seed, num_prompts=num_prompts, split=split)
+    }
+    return pair_shift_samples(samples, label_noise=label_noise, seed=seed)
+
+
+def source_prompts(
+    task: Task,
+    sources: Sequence[ShiftSource],
+    *,
+    seed: int,
+    num_prompts: int | None,
+    split: Split = "train",
+) -> list[tuple[ShiftSource, list[str]]]:
+    """Each source with the prompts it samples (seeded choice of prompts, then of their sources)."""
     prompts = select_prompts(task, split=split, num_prompts=num_prompts, seed=seed)
     assigned = assign_sources(len(prompts), sources, seed)
+    return [(s, [p for p, name in zip(prompts, assigned) if name == s.name]) for s in sources]
+
+
+def pair_shift_samples(
+    samples: dict[str, list[dict[str, Any]]], *, label_noise: float, seed: int
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Best-vs-worst rows (tagged with their ``source`` and ``group``) from each source's listwise
+    ``samples`` (in the sources' order), labels flipped at rate ``label_noise``, and the counts."""
     rows: list[dict[str, Any]] = []
-    counts: dict[str, Any] = {"prompts": len(prompts), "ties_skipped": 0, "flipped": 0, "per_source": {}}
-    for source in sources:
-        mine = [p for p, name in zip(prompts, assigned) if name == source.name]
-        samples = sample_and_score(source_task(task, source), samplers[source.name], mine, k=k)
+    num_prompts = sum(len(listwise) for listwise in samples.values())
+    counts: dict[str, Any] = {"prompts": num_prompts, "ties_skipped": 0, "flipped": 0, "per_source": {}}
+    for name, listwise_rows in samples.items():
         kept = 0
-        for listwise in samples:
+        for listwise in listwise_rows:
             row, _ = pair_best_worst(listwise)
             if row is None:
                 counts["ties_skipped"] += 1
                 continue
-            rows.append({**row, "source": source.name, "group": source.name, "label_flipped": False})
+            rows.append({**row, "source": name, "group": name, "label_flipped": False})
             kept += 1
-        counts["per_source"][source.name] = kept
+        counts["per_source"][name] = kept
     # Noise is drawn after all sources are sampled, in a fixed row order, so a noise level changes
     # which labels flip and nothing else.
     rows = flip_labels(rows, label_noise, seed)
@@ -135,3 +193,28 @@ def flip_labels(rows: Sequence[dict[str, Any]], rate: float, seed: int) -> list[
             row["label_flipped"] = not row.get("label_flipped", False)
         out.append(row)
     return out
+
+
+def shift_provenance(
+    task: Task,
+    sources: Sequence[ShiftSource],
+    *,
+    model: str,
+    sampling: dict[str, Any],
+    seed: int,
+    settings: dict[str, Any],
+    counts: dict[str, Any],
+) -> dict[str, Any]:
+    """The provenance record of a written shift dataset (``write_jsonl_with_provenance`` adds the rest)."""
+    return {
+        "task": task.name,
+        "task_settings": task.settings,
+        "gold_reward": task.gold_reward.spec(),
+        "kind": "shift",
+        "model": model,
+        "sources": [dataclasses.asdict(s) for s in sources],
+        "sampling": sampling,
+        "seed": seed,
+        "settings": settings,
+        "counts": counts,
+    }
