@@ -8,8 +8,11 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from distalign.tasks import get_task
+from distalign.cli import main
+from distalign.errors import ConfigError
+from distalign.tasks import get_task, provenance_path
 from distalign.tasks.base import is_heldout
+from distalign.tasks.sampler import make_task_dataset
 from distalign.tasks.shift import SOURCE_SETS, WIDE_SOURCES, build_shift_dataset, source_task
 from distalign.tasks.shift_chunks import build_shift_dataset_chunked, chunk_seed
 
@@ -129,4 +132,23 @@ def test_a_work_dir_of_other_settings_is_refused(tmp_path):
             seed=6,
             num_prompts=40,
             chunk_size=4,
+        )
+
+
+def test_data_make_samples_the_wide_sources_on_the_large_pool(tmp_path):
+    # The tiny model's text scores 0 everywhere, so every prompt ties: this checks the wiring only.
+    output = tmp_path / "shift.jsonl"
+    args = ["data", "make", "sentiment", "--kind", "shift", "--sources", "wide", "--model", "tiny"]
+    args += ["--task-setting", "pool=large", "--chat-template", "on", "--num-prompts", "8", "--k", "2"]
+    assert main([*args, "--max-new-tokens", "2", "--output", str(output)]) == 0
+    provenance = json.loads(provenance_path(output).read_text())
+    assert [s["name"] for s in provenance["sources"]] == ["golden", "hot", "cold", "pirate"]
+    assert provenance["sources"][3]["instruction"] == "Answer like a pirate."
+    assert provenance["task_settings"]["pool"] == "large" and provenance["counts"]["prompts"] == 8
+
+
+def test_an_unknown_source_set_is_refused_before_loading_a_model(tmp_path):
+    with pytest.raises(ConfigError, match="--sources 'nope'"):
+        make_task_dataset(
+            "sentiment", tmp_path / "x.jsonl", model_name="/nonexistent", kind="shift", source_set="nope"
         )

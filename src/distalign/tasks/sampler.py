@@ -124,6 +124,7 @@ def make_task_dataset(
     from distalign.errors import ConfigError
     from distalign.tasks.base import get_task
     from distalign.tasks.make import KINDS, make_dataset
+    from distalign.tasks.shift import SOURCE_SETS
 
     if kind not in (*KINDS, "shift"):
         raise ConfigError(f"--kind {kind!r} is not valid; choose one of {', '.join((*KINDS, 'shift'))}")
@@ -138,6 +139,8 @@ def make_task_dataset(
         raise ConfigError(f"--k {k}: a preference pair needs at least 2 completions per prompt")
     if bt_noise is not None and bt_noise <= 0:
         raise ConfigError(f"--bt-noise {bt_noise} must be a positive temperature")
+    if source_set not in SOURCE_SETS:
+        raise ConfigError(f"--sources {source_set!r} is not valid; choose one of {', '.join(SOURCE_SETS)}")
     if model is None and kind != "prompt":
         from distalign.models.loading import load_model_and_tokenizer
 
@@ -228,8 +231,6 @@ def _make_shift_dataset(
         raise ConfigError("--kind shift needs a model with a chat template (e.g. --model smollm2)")
     if not 0.0 <= label_noise < 0.5:
         raise ConfigError(f"--label-noise {label_noise} must lie in [0, 0.5)")
-    if source_set not in SOURCE_SETS:
-        raise ConfigError(f"--sources {source_set!r} is not valid; choose one of {', '.join(SOURCE_SETS)}")
     sources = SOURCE_SETS[source_set]
     samplers = {
         source.name: model_sample_fn(

@@ -9,8 +9,10 @@ synthetic sources ``Q_i``. Here every source is the same base model sampled diff
 * ``hype``: a hidden system prompt asking for an over-the-top advertising voice;
 * ``terse``: a hidden system prompt asking for a few words only.
 
-Each training prompt is assigned one source (proportions from :data:`DEFAULT_SOURCES`, by default
-equal, so ``alpha = 1/4`` as in the paper's released configuration); the source samples ``k``
+:data:`WIDE_SOURCES` (``--sources wide``) swaps the two styles SmolLM2-135M barely shows for ones a
+classifier can see: ``cold`` (temperature 0.3) and ``pirate`` (a hidden instruction after the user's
+prompt). Each training prompt is assigned one source (proportions from the source set, equal in both,
+so ``alpha = 1/4`` as in the paper's released configuration); the source samples ``k``
 completions, the gold reward labels the best-vs-worst pair, and the row records its ``source`` (also
 as its ``group``, for group DRO). The row's prompt is always the task's plain prompt: the style instruction is a property of the generator,
 hidden from the learner, as with real synthetic data. ``label_noise`` flips that fraction of pairs
