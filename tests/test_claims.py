@@ -119,3 +119,32 @@ def test_the_upo_gradient_shares_equal_the_terms_switched_on_one_at_a_time():
     assert list(shares.values()) == pytest.approx([n / sum(norms) for n in norms], rel=1e-9)
     traced = upo.run(0, method, shares=True, steps=2)
     assert sum(traced["grad_share"].values()) == pytest.approx(1.0)
+
+
+def test_the_shift_classifier_table_reads_every_fit(tmp_path, monkeypatch):
+    """benchmarks/claims/shift_classifiers.py on a small mixture whose ``loud`` source writes in capitals
+    of another vocabulary (easy to tell from golden) and whose ``twin`` source is golden itself (not
+    separable): one row per classifier, scheme and source; the easy source is told apart far better;
+    a second call reads the cached fits back."""
+    import json
+
+    script = load("shift_classifiers")
+    rng = __import__("random").Random(0)
+    calm, loud = ["quiet", "pleasant", "fine", "gentle", "cozy"], ["explosive", "blazing", "thunder", "roar"]
+    rows = []
+    for source in ("golden", "twin", "loud") * 40:
+        words = loud if source == "loud" else calm
+        chosen = " ".join(rng.choice(words) for _ in range(8))
+        rows.append({"prompt": "Say something.", "chosen": chosen, "rejected": "no", "source": source})
+    data = tmp_path / "mixture.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    out = tmp_path / "fits"
+    monkeypatch.setattr(sys, "argv", ["x", str(data), "--out", str(out), "--classifiers", "logistic"])
+    assert script.main() == 0
+    lines = (out / "table.md").read_text().splitlines()[2:]
+    cells = {(line.split("|")[2].strip(), line.split("|")[3].strip()): line.split("|") for line in lines}
+    assert sorted(cells) == sorted((s, src) for s in script.SCHEMES for src in ("loud", "twin"))
+    for scheme in script.SCHEMES:
+        assert float(cells[(scheme, "loud")][4]) > 0.9 > float(cells[(scheme, "twin")][4])
+    assert script.main() == 0  # from the saved summaries
+    assert (out / "table.md").read_text().splitlines()[2:] == lines
