@@ -312,6 +312,26 @@ def test_config_differences_ignore_bookkeeping_and_new_fields_at_their_default()
     assert "loss.length_penalty: 0.1 -> (not set)" in config_differences(old, new)
 
 
+
+def test_a_run_saved_before_the_loop_settings_moved_resumes(tmp_path):
+    """A run directory whose config.yaml still has coupling_scope / sft_weight under ``loss`` (written
+    before they moved to ``train``) is the same run as the config that sets them under ``train``; a
+    different value is still a different run."""
+    from distalign.train.checkpoints import plan_run_dir
+
+    settings = ["train.coupling_scope=micro_batch", "train.sft_weight=0.5"]
+    config = load_config(None, [f"output_dir={tmp_path}", "loss.name=aot_paired", *settings])
+    saved = config.model_dump(mode="json")
+    for key in ("coupling_scope", "sft_weight"):
+        saved["loss"][key] = saved["train"].pop(key)
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(saved))
+    (tmp_path / "metrics.jsonl").write_text("")
+    assert plan_run_dir(config).error is None
+    other = load_config(None, [f"output_dir={tmp_path}", "loss.name=aot_paired", "train.sft_weight=0.5"])
+    error = plan_run_dir(other).error
+    assert "train.coupling_scope: micro_batch -> global" in error and "loss." not in error
+
+
 KILL_DRIVER = """
 import os, signal, sys
 from distalign.cli import main

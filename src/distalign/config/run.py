@@ -37,9 +37,11 @@ MOVED_SETTINGS = {
 }
 
 
-def move_renamed_settings(tree: Any) -> Any:
+def move_renamed_settings(tree: Any, *, warn: bool = True) -> Any:
     """``tree`` (a raw config mapping) with every setting of :data:`MOVED_SETTINGS` at its new place; a
-    setting given at both places with different values is refused. The input is not modified."""
+    setting given at both places with different values is refused. The input is not modified. ``warn``:
+    a FutureWarning per moved setting (off for a config distalign wrote itself into a run directory:
+    the user has nothing to update there)."""
     if not isinstance(tree, dict):
         return tree
     moved = {name: dict(section) if isinstance(section, dict) else section for name, section in tree.items()}
@@ -57,11 +59,12 @@ def move_renamed_settings(tree: Any) -> Any:
                 f"to {new_section}.{key}; give it there only"
             )
         new[key] = value
-        warnings.warn(
-            f"{old_section}.{key} is now {new_section}.{key}; read it from there (update the config)",
-            FutureWarning,
-            stacklevel=2,
-        )
+        if warn:
+            warnings.warn(
+                f"{old_section}.{key} is now {new_section}.{key}; read it from there (update the config)",
+                FutureWarning,
+                stacklevel=2,
+            )
     return moved
 
 

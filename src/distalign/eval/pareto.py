@@ -9,7 +9,6 @@ A run takes part when its eval.json has designer scores (``EvalResult.designer["
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -35,9 +34,7 @@ def is_plain_dpo(config: dict[str, Any] | None) -> bool:
     that sees only the preference labels (DPO on pairs relabelled by a designer reward is not it)."""
     from distalign.config.run import move_renamed_settings
 
-    with warnings.catch_warnings():  # a run saved before a setting moved: read it where it is now
-        warnings.simplefilter("ignore", FutureWarning)
-        config = move_renamed_settings(config or {})
+    config = move_renamed_settings(config or {}, warn=False)  # a run saved before a setting moved
     loss, train = config.get("loss"), config.get("train")
     sft_weight = train.get("sft_weight") if isinstance(train, dict) else None
     if not isinstance(loss, dict) or loss.get("name") != "dpo" or (sft_weight or 0) != 0:

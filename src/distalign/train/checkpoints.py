@@ -45,6 +45,7 @@ from pydantic_core import to_jsonable_python
 
 from distalign.config import RunConfig
 from distalign.config.base import resume_neutral_fields
+from distalign.config.run import move_renamed_settings
 from distalign.errors import SetupError
 
 CHECKPOINT_PREFIX = "step_"
@@ -305,6 +306,7 @@ def plan_run_dir(config: RunConfig) -> RunDirPlan:
         old = yaml.safe_load(saved.read_text())
         if not isinstance(old, dict):
             raise ValueError("not a mapping")
+        old = move_renamed_settings(old, warn=False)  # written before a setting moved: compare it there
     except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError) as err:
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         return RunDirPlan(
